@@ -1,0 +1,242 @@
+"""The HTTP API: the only module that knows `flask.request`.
+
+Routes turn JSON/HTTP into calls on the EWS client; one error handler turns
+every failure into an RFC 9457 problem; request hooks give each request an id,
+a metric sample and one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from gateway import validation
+from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
+from gateway.ews import EwsClient
+from gateway.metrics import Metrics
+
+PROBLEM_JSON = "application/problem+json"
+ACCESS_LOG = logging.getLogger("gateway.access")
+LOG = logging.getLogger("gateway")
+UNMATCHED_ROUTE = "<unmatched>"
+_CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+bp = Blueprint("gateway", __name__)
+
+
+class ServiceState:
+    """Whether this process should take traffic (it stops while draining)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
+def services() -> tuple[EwsClient, Metrics]:
+    """Return the EWS client and metrics wired into the current app."""
+    ext = current_app.extensions["gateway"]
+    return ext["ews"], ext["metrics"]
+
+
+@bp.delete("/calls/<path:call_id>")
+def disconnect_call(call_id: str) -> Response:
+    """Hang up a call."""
+    ews, _ = services()
+    result = ews.disconnect_call(validation.check_call_id(call_id), request_id=g.request_id)
+    g.ews_code = result.ews_code
+    body = {"callId": call_id, "status": "disconnected", "ewsResponseCode": result.ews_code}
+    return _json(body, 200, result.warning)
+
+
+@bp.post("/calls")
+def place_call() -> Response:
+    """Start a call that plays a voice item on a phone."""
+    ews, _ = services()
+    order = validation.parse_place_call(_json_body())
+    result = ews.play_on_phone(
+        order.item_id,
+        order.dial_string,
+        change_key=order.item_change_key,
+        request_id=g.request_id,
+    )
+    g.ews_code = result.ews_code
+    body = {"callId": result.call_id, "ewsResponseCode": result.ews_code}
+    response = _json(body, 201, result.warning)
+    response.headers["Location"] = f"/calls/{result.call_id}"
+    return response
+
+
+@bp.get("/calls/<path:call_id>")
+def get_call(call_id: str) -> Response:
+    """Show the state of a call."""
+    ews, _ = services()
+    info = ews.get_call_information(validation.check_call_id(call_id), request_id=g.request_id)
+    g.ews_code = info.ews_code
+    body: dict[str, Any] = {
+        "callId": call_id,
+        "state": info.state,
+        "connectionFailureCause": info.connection_failure_cause,
+        "ewsResponseCode": info.ews_code,
+    }
+    if info.sip_response_code is not None:
+        body["sipResponseCode"] = info.sip_response_code
+    if info.sip_response_text is not None:
+        body["sipResponseText"] = info.sip_response_text
+    return _json(body, 200, info.warning)
+
+
+@bp.get("/livez")
+def livez() -> Response:
+    """Answer while the process serves."""
+    return _json({"status": "alive"}, 200)
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    """Answer 200 while this process should take traffic, 503 while draining."""
+    if current_app.extensions["gateway"]["state"].draining:
+        return _problem_response(503, "not-ready", "Not ready", "the gateway is shutting down")
+    return _json({"status": "ready"}, 200)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Expose Prometheus metrics."""
+    _, metrics = services()
+    payload, content_type = metrics.exposition()
+    return Response(payload, 200, content_type=content_type)
+
+
+@bp.get("/openapi.yaml")
+def openapi() -> Response:
+    """Serve the OpenAPI description of this API."""
+    spec = current_app.extensions["gateway"]["openapi"]
+    return Response(spec, 200, content_type="application/yaml")
+
+
+def _json_body() -> Any:
+    if not request.is_json:
+        raise UnsupportedMediaType("send the body as application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise InvalidRequest("the body is not valid JSON")
+    return body
+
+
+def _json(body: dict[str, Any], status: int, warning: str | None = None) -> Response:
+    if warning:
+        body["warning"] = warning
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def start_request() -> None:
+    """Give the request an id and start its clock."""
+    g.started = time.perf_counter()
+    caller_id = request.headers.get("X-Request-ID", "")
+    g.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
+    g.ews_code = None
+    g.upstream_outcome = None
+    _, metrics = services()
+    metrics.in_progress.inc()
+
+
+def finish_request(response: Response) -> Response:
+    """Stamp the request id, count the request and write its log line."""
+    response.headers["X-Request-ID"] = g.request_id
+    seconds = time.perf_counter() - g.started
+    route = route_label()
+    _, metrics = services()
+    metrics.http_request(request.method, route, response.status_code, seconds)
+    ACCESS_LOG.info(
+        "request",
+        extra={
+            "requestId": g.request_id,
+            "method": request.method,
+            "route": route,
+            "status": response.status_code,
+            "durationMs": round(seconds * 1000, 2),
+            "upstreamOutcome": g.upstream_outcome or ("success" if g.ews_code else None),
+            "ewsResponseCode": g.ews_code,
+        },
+    )
+    return response
+
+
+def end_request(_error: BaseException | None) -> None:
+    """Take the request off the in-progress gauge however it ended."""
+    if "started" in g:
+        _, metrics = services()
+        metrics.in_progress.dec()
+
+
+def route_label() -> str:
+    """Return the URL rule as a bounded label: never the raw path or a call id."""
+    if request.url_rule is None:
+        return UNMATCHED_ROUTE
+    return _CONVERTER.sub(r"<\1>", request.url_rule.rule)
+
+
+def handle_gateway_error(error: GatewayError) -> Response:
+    """Render a gateway error as problem+json."""
+    g.ews_code = error.ews_code
+    g.upstream_outcome = error.outcome
+    response = _problem_response(
+        error.status, error.slug, error.title, error.detail, ews_code=error.ews_code
+    )
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response
+
+
+def handle_http_exception(error: HTTPException) -> Response:
+    """Render Werkzeug's routing and protocol errors (404, 405, 413...) as problem+json."""
+    status = error.code or 500
+    slug = (error.name or "error").lower().replace(" ", "-")
+    response = _problem_response(status, slug, error.name, error.description or error.name)
+    if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
+        response.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+    return response
+
+
+def handle_unexpected(error: Exception) -> Response:
+    """Log an unexpected failure with its traceback; the caller sees only a 500 problem."""
+    LOG.exception("unexpected error", extra={"requestId": g.get("request_id")})
+    return _problem_response(
+        500, "internal-error", "Internal error", "an unexpected error occurred"
+    )
+
+
+def _problem_response(
+    status: int, slug: str, title: str, detail: str, *, ews_code: str | None = None
+) -> Response:
+    body: dict[str, Any] = {
+        "type": f"urn:ews-gateway:problem:{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "requestId": g.get("request_id"),
+    }
+    if ews_code is not None:
+        body["ewsResponseCode"] = ews_code
+    response = jsonify(body)
+    response.status_code = status
+    response.mimetype = PROBLEM_JSON
+    return response
+
+
+def register(app: Flask) -> None:
+    """Attach the routes, hooks and error handlers to an app."""
+    app.register_blueprint(bp)
+    app.before_request(start_request)
+    app.after_request(finish_request)
+    app.teardown_request(end_request)
+    app.register_error_handler(GatewayError, handle_gateway_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)

@@ -1,0 +1,66 @@
+"""The app factory: the only place where the gateway's parts are wired together."""
+
+from __future__ import annotations
+
+import base64
+from importlib import resources
+
+from flask import Flask
+from prometheus_client import CollectorRegistry
+
+from gateway import __version__, api
+from gateway.config import Config
+from gateway.ews import EwsClient
+from gateway.metrics import Metrics
+from gateway.transport import ExchangeTransport
+
+# POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
+MAX_BODY_BYTES = 16 * 1024
+
+
+def create_app(
+    config: Config,
+    *,
+    ews: EwsClient | None = None,
+    registry: CollectorRegistry | None = None,
+    state: api.ServiceState | None = None,
+) -> Flask:
+    """Build the gateway's Flask app from validated configuration."""
+    app = Flask("gateway")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # An EWS id may contain "//"; merging slashes would change the id.
+    app.url_map.merge_slashes = False
+    metrics = Metrics(__version__, registry, multiprocess_dir=config.metrics_dir)
+    if ews is None:
+        ews = EwsClient(
+            build_transport(config), server_version=config.ews_server_version, observer=metrics
+        )
+    app.extensions["gateway"] = {
+        "ews": ews,
+        "metrics": metrics,
+        "state": state or api.ServiceState(),
+        "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
+    }
+    api.register(app)
+    return app
+
+
+def build_transport(config: Config) -> ExchangeTransport:
+    """Build the HTTP transport to Exchange with the configured credentials."""
+    return ExchangeTransport(
+        config.ews_url,
+        timeout_s=config.ews_timeout_s,
+        verify_tls=config.ews_verify_tls,
+        ca_bundle=config.ews_ca_bundle,
+        authorization=_upstream_authorization(config),
+        pool_size=config.threads or 16,
+    )
+
+
+def _upstream_authorization(config: Config) -> str | None:
+    if config.ews_auth == "basic":
+        pair = f"{config.ews_username}:{config.ews_password}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+    if config.ews_auth == "bearer":
+        return f"Bearer {config.ews_bearer_token}"
+    return None

@@ -1,0 +1,134 @@
+"""The `ews-gateway` command: serve, demo and simulator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+
+from gateway.config import Config, ConfigError
+from gateway.serving import serve
+from gateway.simulator import serve_forever
+
+DEMO_BIND = "127.0.0.1:8080"
+SIMULATOR_BIND = "127.0.0.1:8081"
+SIMULATOR_START_TIMEOUT_S = 10.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as error:
+        print(f"ews-gateway: configuration error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ews-gateway", description="JSON/HTTP gateway to Exchange Unified Messaging calls."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the gateway in production (gunicorn)")
+    serve.set_defaults(run=_serve)
+    demo = commands.add_parser("demo", help="run the gateway against the built-in EWS simulator")
+    demo.set_defaults(run=_demo)
+    simulator = commands.add_parser("simulator", help="run the EWS simulator alone")
+    simulator.add_argument("--bind", default=SIMULATOR_BIND, help="HOST:PORT (default %(default)s)")
+    simulator.add_argument("--latency-ms", type=int, default=0, help="delay every EWS answer")
+    simulator.add_argument(
+        "--step-seconds", type=float, default=1.0, help="time between call state changes"
+    )
+    simulator.add_argument(
+        "--schema-dir", default=None, help="validate requests against the EWS schema in this folder"
+    )
+    simulator.set_defaults(run=_simulator)
+    return parser
+
+
+def _serve(_args: argparse.Namespace) -> int:
+    serve(Config.from_env(os.environ))
+    return 0
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    serve_forever(
+        bind=args.bind,
+        latency_ms=args.latency_ms,
+        step_seconds=args.step_seconds,
+        schema_dir=args.schema_dir,
+    )
+    return 0
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    port = _free_loopback_port()
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "simulator", "--bind", f"127.0.0.1:{port}"]
+    )
+    try:
+        ews_url = f"http://127.0.0.1:{port}/EWS/Exchange.asmx"
+        _wait_until_up(f"http://127.0.0.1:{port}/simulator/health", simulator)
+        environ = {
+            **os.environ,
+            "EWS_URL": ews_url,
+            "GATEWAY_AUTH": "none",
+            "GATEWAY_BIND": os.environ.get("GATEWAY_BIND", DEMO_BIND),
+        }
+        config = Config.from_env(environ)
+        _print_demo_banner(config.bind, ews_url)
+        serve(config)
+    finally:
+        simulator.terminate()
+        simulator.wait(timeout=10)
+    return 0
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + SIMULATOR_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("ews-gateway: the EWS simulator exited during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback URL we built
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("ews-gateway: the EWS simulator did not start in time")
+
+
+def _print_demo_banner(bind: str, ews_url: str) -> None:
+    base = f"http://{bind}"
+    print(
+        f"""
+==========================================================================
+  DEMO MODE: the gateway is talking to the built-in EWS SIMULATOR at
+  {ews_url}
+  No real Exchange server is involved and no phone will ring.
+  Caller authentication is OFF (GATEWAY_AUTH=none).
+==========================================================================
+Try it:
+  curl -si -X POST {base}/calls -H 'Content-Type: application/json' \\
+       -d '{{"itemId": "AAMkADemoVoiceMail", "dialString": "+15551234567"}}'
+  curl -si {base}/calls/<callId from the answer>
+  curl -si -X DELETE {base}/calls/<callId>
+  curl -s {base}/metrics | grep ews_gateway_
+""",
+        file=sys.stderr,
+        flush=True,
+    )

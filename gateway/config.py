@@ -1,0 +1,167 @@
+"""Configuration: the only module that reads the environment.
+
+`Config.from_env(os.environ)` validates everything once at start-up and
+raises `ConfigError` with one line naming the variable at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway.wire import EXCHANGE_VERSIONS
+
+EWS_AUTH_MODES = ("none", "basic", "bearer")
+GATEWAY_AUTH_MODES = ("none", "apikey")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated gateway settings."""
+
+    ews_url: str
+    gateway_auth: str
+    ews_server_version: str = "Exchange2010"
+    ews_timeout_s: float = 10.0
+    ews_auth: str = "none"
+    ews_username: str = ""
+    ews_password: str = field(default="", repr=False)
+    ews_bearer_token: str = field(default="", repr=False)
+    ews_verify_tls: bool = True
+    ews_ca_bundle: str | None = None
+    api_keys_file: str | None = None
+    bind: str = "0.0.0.0:8080"
+    workers: int | None = None
+    threads: int | None = None
+    log_level: str = "info"
+    metrics_dir: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """Build and validate a Config from environment variables."""
+        env = _Env(environ)
+        config = cls(
+            ews_url=env.url("EWS_URL"),
+            gateway_auth=env.choice("GATEWAY_AUTH", GATEWAY_AUTH_MODES, default=None),
+            ews_server_version=env.choice(
+                "EWS_SERVER_VERSION", sorted(EXCHANGE_VERSIONS), default="Exchange2010"
+            ),
+            ews_timeout_s=env.number("EWS_TIMEOUT_SECONDS", default=10.0, low=0.1, high=300.0),
+            ews_auth=env.choice("EWS_AUTH", EWS_AUTH_MODES, default="none"),
+            ews_username=env.text("EWS_USERNAME"),
+            ews_password=env.secret("EWS_PASSWORD"),
+            ews_bearer_token=env.secret("EWS_BEARER_TOKEN"),
+            ews_verify_tls=env.flag("EWS_VERIFY_TLS", default=True),
+            ews_ca_bundle=env.path("EWS_CA_BUNDLE"),
+            api_keys_file=env.path("GATEWAY_API_KEYS_FILE"),
+            bind=env.text("GATEWAY_BIND") or cls.bind,
+            workers=env.count("GATEWAY_WORKERS"),
+            threads=env.count("GATEWAY_THREADS"),
+            log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
+            metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
+        )
+        config.check_consistency()
+        return config
+
+    def check_consistency(self) -> None:
+        """Reject combinations of settings that cannot work together."""
+        if self.ews_auth == "basic" and not (self.ews_username and self.ews_password):
+            raise ConfigError("EWS_AUTH=basic needs EWS_USERNAME and EWS_PASSWORD")
+        if self.ews_auth == "bearer" and not self.ews_bearer_token:
+            raise ConfigError("EWS_AUTH=bearer needs EWS_BEARER_TOKEN (or EWS_BEARER_TOKEN_FILE)")
+        if self.gateway_auth == "apikey" and not self.api_keys_file:
+            raise ConfigError("GATEWAY_AUTH=apikey needs GATEWAY_API_KEYS_FILE")
+
+
+class _Env:
+    """Typed readers over an environment mapping; each error names its variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str:
+        return self._environ.get(name, "").strip()
+
+    def url(self, name: str) -> str:
+        value = self.text(name)
+        if not value:
+            raise ConfigError(
+                f"{name} is required, e.g. https://mail.example.com/EWS/Exchange.asmx"
+            )
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{name} must be an http:// or https:// URL, got {value!r}")
+        if parts.username or parts.password:
+            raise ConfigError(f"{name} must not carry credentials; use EWS_USERNAME/EWS_PASSWORD")
+        return value
+
+    def choice(self, name: str, options: Sequence[str], *, default: str | None) -> str:
+        value = self.text(name) or default
+        if value is None:
+            raise ConfigError(f"{name} is required: one of {', '.join(options)}")
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+        return value
+
+    def number(self, name: str, *, default: float, low: float, high: float) -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
+        return value
+
+    def count(self, name: str) -> int | None:
+        raw = self.text(name)
+        if not raw:
+            return None
+        if not raw.isdigit() or not 1 <= int(raw) <= 256:
+            raise ConfigError(f"{name} must be a whole number from 1 to 256, got {raw!r}")
+        return int(raw)
+
+    def flag(self, name: str, *, default: bool) -> bool:
+        raw = self.text(name).lower()
+        if not raw:
+            return default
+        if raw in TRUE_WORDS:
+            return True
+        if raw in FALSE_WORDS:
+            return False
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+    def path(self, name: str) -> str | None:
+        value = self.text(name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{name} names {value!r}, which is not a readable file")
+        return value or None
+
+    def secret(self, name: str) -> str:
+        """Read NAME, or the file named by NAME_FILE (the usual way to mount secrets)."""
+        file_name = self.text(f"{name}_FILE")
+        if self._environ.get(name) and file_name:
+            raise ConfigError(f"set {name} or {name}_FILE, not both")
+        if not file_name:
+            return self._environ.get(name, "")
+        try:
+            return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {file_name!r} ({exc.strerror})") from None
+
+
+def load() -> Config:
+    """Build the Config from this process's environment."""
+    return Config.from_env(os.environ)

@@ -1,0 +1,194 @@
+"""The gateway's errors, and the contract's table from Exchange's codes to them.
+
+Every failure a caller or Exchange can cause is one of these. The SOAP layer
+raises them; one Flask error handler renders them as problem+json using the
+class attributes, so each class *is* a row of the contract's mapping table.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    """A failure the caller gets as an RFC 9457 problem with a precise status."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        ews_code: str | None = None,
+        retry_after_s: int | None = None,
+        warning: str | None = None,
+        outcome: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+        self.ews_code = ews_code
+        self.retry_after_s = retry_after_s
+        self.warning = warning
+
+
+# Caller-side problems: Exchange is never contacted.
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    slug = "invalid-request"
+    title = "Invalid request"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    slug = "payload-too-large"
+    title = "Payload too large"
+
+
+# What Exchange said, by ResponseCode.
+
+
+class CallNotFound(GatewayError):
+    status = 404
+    slug = "call-not-found"
+    title = "Phone call not found"
+
+
+class MailboxNotFound(GatewayError):
+    status = 404
+    slug = "mailbox-not-found"
+    title = "Mailbox not found"
+
+
+class EwsAccessDenied(GatewayError):
+    status = 403
+    slug = "access-denied"
+    title = "Exchange denied access"
+
+
+class EwsUnprocessable(GatewayError):
+    status = 422
+    slug = "cannot-place-call"
+    title = "Exchange cannot do this for the mailbox or item"
+
+
+class EwsBusy(GatewayError):
+    status = 503
+    slug = "exchange-busy"
+    title = "Exchange is throttling requests"
+
+
+class EwsUnavailable(GatewayError):
+    status = 503
+    slug = "exchange-unavailable"
+    title = "Exchange is temporarily unavailable"
+
+
+class EwsUnexpectedError(GatewayError):
+    status = 502
+    slug = "exchange-error"
+    title = "Exchange reported an error"
+
+
+# What went wrong on the way to Exchange.
+
+
+class UpstreamAuthFailed(GatewayError):
+    status = 502
+    slug = "upstream-authentication-failed"
+    title = "The gateway could not authenticate to Exchange"
+
+
+class UpstreamBadResponse(GatewayError):
+    status = 502
+    slug = "bad-upstream-response"
+    title = "Exchange sent an answer the gateway cannot read"
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+    slug = "upstream-unreachable"
+    title = "Exchange could not be reached"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    slug = "upstream-timeout"
+    title = "Exchange did not answer in time"
+
+
+# Exchange's MessageText is passed on, but bounded: a caller needs the gist, not a dump.
+MAX_MESSAGE_CHARS = 300
+
+# Seconds a caller is told to wait when Exchange throttles without saying how long.
+DEFAULT_RETRY_AFTER_S = 5
+
+ERROR_BY_RESPONSE_CODE: dict[str, type[GatewayError]] = {
+    "ErrorInvalidPhoneCallId": CallNotFound,
+    "ErrorAccessDenied": EwsAccessDenied,
+    "ErrorImpersonateUserDenied": EwsAccessDenied,
+    "ErrorImpersonationDenied": EwsAccessDenied,
+    "ErrorImpersonationFailed": EwsAccessDenied,
+    "ErrorNonExistentMailbox": MailboxNotFound,
+    "ErrorInvalidSmtpAddress": MailboxNotFound,
+    "ErrorUserNotUnifiedMessagingEnabled": EwsUnprocessable,
+    "ErrorUnifiedMessagingDialPlanNotFound": EwsUnprocessable,
+    "ErrorInvalidPhoneNumber": EwsUnprocessable,
+    "ErrorPhoneNumberNotDialable": EwsUnprocessable,
+    "ErrorItemNotFound": EwsUnprocessable,
+    "ErrorServerBusy": EwsBusy,
+    "ErrorExceededConnectionCount": EwsBusy,
+    "ErrorTooManyObjectsOpened": EwsBusy,
+    "ErrorUnifiedMessagingServerNotFound": EwsUnavailable,
+    "ErrorUMServerUnavailable": EwsUnavailable,
+    "ErrorUnifiedMessagingRequestFailed": EwsUnavailable,
+    "ErrorInternalServerTransientError": EwsUnavailable,
+    "ErrorMailboxStoreUnavailable": EwsUnavailable,
+    "ErrorADUnavailable": EwsUnavailable,
+    "ErrorConnectionFailed": EwsUnavailable,
+}
+
+# Codes reported by name in metrics; any other is "Other", keeping label sets bounded.
+KNOWN_RESPONSE_CODES = frozenset({"NoError", "ErrorSchemaValidation", *ERROR_BY_RESPONSE_CODE})
+
+
+def error_for_response_code(
+    code: str, message: str, *, outcome: str, back_off_ms: int | None = None
+) -> GatewayError:
+    """Translate an EWS ResponseCode into the gateway error the contract maps it to."""
+    error_class = ERROR_BY_RESPONSE_CODE.get(code, EwsUnexpectedError)
+    retry_after_s = None
+    if error_class is EwsBusy:
+        retry_after_s = DEFAULT_RETRY_AFTER_S
+        if back_off_ms is not None:
+            retry_after_s = max(1, -(-back_off_ms // 1000))
+    message = message[:MAX_MESSAGE_CHARS]
+    detail = f"Exchange answered {code}: {message}" if message else f"Exchange answered {code}"
+    return error_class(detail, ews_code=code, retry_after_s=retry_after_s, outcome=outcome)
+
+
+def metric_code(code: str | None) -> str:
+    """Return the code as a bounded metric label value."""
+    return code if code in KNOWN_RESPONSE_CODES else "Other"

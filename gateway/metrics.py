@@ -1,0 +1,110 @@
+"""Prometheus metrics: the only module that knows prometheus-client.
+
+Under gunicorn, `serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory
+so every worker writes its samples there and any worker's /metrics sums them
+all; without it (tests, a single process) the app's own registry is used.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+from gateway.errors import metric_code
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The contract's metrics, registered on one registry."""
+
+    def __init__(
+        self,
+        version: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        multiprocess_dir: str | None = None,
+    ) -> None:
+        # The *_created series double the output and no dashboard uses them.
+        disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._multiprocess_dir = multiprocess_dir
+        self.http_requests = Counter(
+            "ews_gateway_http_requests",
+            "HTTP requests answered, by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "ews_gateway_http_request_duration_seconds",
+            "Time to answer an HTTP request.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "ews_gateway_http_requests_in_progress",
+            "HTTP requests being answered now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_requests = Counter(
+            "ews_gateway_upstream_requests",
+            "Calls to Exchange, by operation and outcome.",
+            ["operation", "outcome"],
+            registry=self.registry,
+        )
+        self.upstream_duration = Histogram(
+            "ews_gateway_upstream_request_duration_seconds",
+            "Time Exchange took to answer.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.upstream_codes = Counter(
+            "ews_gateway_upstream_response_codes",
+            "EWS ResponseCodes received, by operation.",
+            ["operation", "code"],
+            registry=self.registry,
+        )
+        build_info = Gauge(
+            "ews_gateway_build_info",
+            "The running gateway's version.",
+            ["version"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        build_info.labels(version=version).set(1)
+
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Record one answered HTTP request."""
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_duration.labels(method, route).observe(seconds)
+
+    def upstream_call(self, operation: str, outcome: str, code: str | None, seconds: float) -> None:
+        """Record one call to Exchange."""
+        self.upstream_requests.labels(operation, outcome).inc()
+        self.upstream_duration.labels(operation).observe(seconds)
+        if code is not None:
+            self.upstream_codes.labels(operation, metric_code(code)).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """Render the text exposition (summed over workers in multiprocess mode)."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=self._multiprocess_dir)
+        return generate_latest(combined), CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges; its counters stay in the sum."""
+    multiprocess.mark_process_dead(pid)

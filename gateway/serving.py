@@ -1,0 +1,140 @@
+"""Production serving: gunicorn, configured by the gateway itself.
+
+`ews-gateway serve` runs this; each setting carries the reason for its value.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from gateway import metrics
+from gateway.api import ServiceState
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.logs import configure_logging
+
+RAM_DISK = Path("/dev/shm")  # noqa: S108 - only for heartbeat and metric files
+# Threads per worker: requests mostly wait on Exchange, so a worker holds many at once.
+DEFAULT_THREADS = 32
+# Seconds between EWS_TIMEOUT_SECONDS and gunicorn's worker timeout: an upstream
+# timeout is always answered (504) before gunicorn would kill the worker.
+WORKER_TIMEOUT_MARGIN_S = 20
+# Above the idle timeouts of common load balancers (nginx 60 s, AWS ALB 60 s), so
+# the balancer, not the gateway, closes idle connections and never races a reuse.
+KEEPALIVE_S = 75
+
+
+def default_workers() -> int:
+    """One worker per core (at least two, so one crash never stops service)."""
+    return max(2, os.cpu_count() or 1)
+
+
+def gunicorn_options(config: Config) -> dict[str, Any]:
+    """Return gunicorn settings derived from the gateway's configuration."""
+    options: dict[str, Any] = {
+        "bind": [config.bind],
+        # gthread: a thread per in-flight request, so waiting on Exchange does not block others.
+        "worker_class": "gthread",
+        "workers": config.workers or default_workers(),
+        "threads": config.threads or DEFAULT_THREADS,
+        "timeout": int(config.ews_timeout_s) + WORKER_TIMEOUT_MARGIN_S,
+        # In-flight calls may still be waiting on Exchange: give them the upstream timeout.
+        "graceful_timeout": int(config.ews_timeout_s) + 5,
+        "keepalive": KEEPALIVE_S,
+        # Recycle workers now and then to bound slow leaks; jitter avoids all at once.
+        "max_requests": 20000,
+        "max_requests_jitter": 2000,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": config.log_level,
+        "logconfig_dict": _gunicorn_log_config(config.log_level),
+        "proc_name": "ews-gateway",
+        "child_exit": _mark_worker_dead,
+        "post_worker_init": _drain_on_sigterm,
+    }
+    if RAM_DISK.is_dir():
+        # Heartbeat files on disk can stall a worker when the disk is slow.
+        options["worker_tmp_dir"] = str(RAM_DISK)
+    return options
+
+
+class GatewayServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn application that builds the gateway in each worker."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self.state = ServiceState()
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_options(self._config).items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return create_app(self._config, state=self.state)
+
+
+def serve(config: Config) -> None:
+    """Run the gateway under gunicorn until it is told to stop."""
+    configure_logging(config.log_level)
+    metrics_dir = _fresh_metrics_dir(config.metrics_dir)
+    # prometheus-client reads this in every worker to share samples through files.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    GatewayServer(replace(config, metrics_dir=metrics_dir)).run()
+
+
+def _fresh_metrics_dir(configured: str | None) -> str:
+    """Return an empty directory for multiprocess metrics, wiping any old samples."""
+    if configured is None:
+        parent = RAM_DISK if RAM_DISK.is_dir() else None
+        return tempfile.mkdtemp(prefix="ews-gateway-metrics-", dir=parent)
+    path = Path(configured)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return str(path)
+
+
+def _mark_worker_dead(_server: Any, worker: Any) -> None:
+    metrics.mark_worker_dead(worker.pid)
+
+
+def _drain_on_sigterm(worker: Any) -> None:
+    """Turn /readyz to 503 the moment a worker is told to stop, then stop as usual."""
+    state: ServiceState = worker.app.state
+    stop_worker = signal.getsignal(signal.SIGTERM)
+
+    def drain(signum: int, frame: FrameType | None) -> None:
+        state.draining = True
+        if callable(stop_worker):
+            stop_worker(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain)
+
+
+def _gunicorn_log_config(level: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "gateway.logs.json_formatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": level.upper(), "handlers": [], "propagate": True},
+        },
+    }

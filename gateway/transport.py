@@ -1,0 +1,138 @@
+"""HTTP to Exchange: the only module that opens connections upstream.
+
+One urllib3 connection pool per process, shared by all threads. Redirects are
+never followed (Exchange redirects to an HTML error page), nothing is retried
+here, and answers are read with a size cap so a hostile body cannot exhaust
+memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    MaxRetryError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+
+# EWS answers for the phone-call operations are a few kilobytes; anything far
+# larger is not a real answer.
+MAX_REPLY_BYTES = 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class UpstreamReply:
+    """An HTTP answer from Exchange, fully read."""
+
+    status: int
+    content_type: str
+    retry_after: str | None
+    location: str | None
+    body: bytes
+
+
+class ExchangeTransport:
+    """POST SOAP envelopes to one Exchange endpoint over a pooled connection."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        verify_tls: bool = True,
+        ca_bundle: str | None = None,
+        authorization: str | None = None,
+        pool_size: int = 16,
+    ) -> None:
+        parts = urlsplit(url)
+        self._path = parts.path + (f"?{parts.query}" if parts.query else "") or "/"
+        self._timeout_s = timeout_s
+        self._authorization = authorization
+        tls_options: dict[str, object] = {}
+        if parts.scheme == "https":
+            tls_options = {"cert_reqs": "CERT_REQUIRED" if verify_tls else "CERT_NONE"}
+            if ca_bundle:
+                tls_options["ca_certs"] = ca_bundle
+        # block=False: a burst beyond pool_size opens extra connections instead of queueing.
+        self._pool = urllib3.connection_from_url(
+            url, maxsize=pool_size, block=False, retries=False, **tls_options
+        )
+
+    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
+        """Send one request and return the whole answer, or raise a GatewayError."""
+        deadline = time.monotonic() + self._timeout_s
+        all_headers = {**headers, "User-Agent": "ews-call-gateway"}
+        if self._authorization:
+            all_headers["Authorization"] = self._authorization
+        try:
+            response = self._pool.urlopen(
+                "POST",
+                self._path,
+                body=body,
+                headers=all_headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                timeout=urllib3.Timeout(total=self._timeout_s),
+            )
+        except MaxRetryError as exc:
+            raise _translate(exc.reason or exc) from None
+        except HTTPError as exc:
+            raise _translate(exc) from None
+        try:
+            payload = _read_capped(response, deadline)
+        except HTTPError as exc:
+            response.close()
+            raise _translate(exc) from None
+        return UpstreamReply(
+            status=response.status,
+            content_type=response.headers.get("Content-Type", ""),
+            retry_after=response.headers.get("Retry-After"),
+            location=response.headers.get("Location"),
+            body=payload,
+        )
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._pool.close()
+
+
+def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := response.read(READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            response.close()
+            raise UpstreamBadResponse(
+                f"Exchange's answer exceeded {MAX_REPLY_BYTES} bytes", outcome="invalid_response"
+            )
+        if time.monotonic() > deadline:
+            response.close()
+            raise UpstreamTimeout("Exchange did not finish its answer in time", outcome="timeout")
+        chunks.append(chunk)
+    response.release_conn()
+    return b"".join(chunks)
+
+
+def _translate(exc: BaseException) -> GatewayError:
+    """Turn a urllib3 failure into the gateway error the contract maps it to."""
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+        return UpstreamTimeout("Exchange did not answer in time", outcome="timeout")
+    if isinstance(exc, SSLError):
+        return UpstreamUnreachable(
+            "The TLS connection to Exchange failed", outcome="connection_error"
+        )
+    return UpstreamUnreachable(
+        f"Exchange could not be reached ({type(exc).__name__})", outcome="connection_error"
+    )

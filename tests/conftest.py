@@ -1,0 +1,27 @@
+"""Fixtures shared by every test: sockets are off unless a test says it needs them."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+
+class NetworkBlocked(RuntimeError):
+    """Raised when a unit test tries to open a socket."""
+
+
+@pytest.fixture(autouse=True)
+def _block_network(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Forbid sockets in unit tests; tests marked `network` may use loopback."""
+    if request.node.get_closest_marker("network") is None:
+
+        def refuse(*_args: Any, **_kwargs: Any) -> None:
+            raise NetworkBlocked("unit tests must not open sockets; mark the test `network`")
+
+        monkeypatch.setattr(socket.socket, "connect", refuse)
+        monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+        monkeypatch.setattr(socket.socket, "bind", refuse)
+    yield
