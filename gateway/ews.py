@@ -25,10 +25,17 @@ from gateway.errors import (
     UpstreamBadResponse,
     error_for_response_code,
 )
-from gateway.transport import ExchangeTransport, UpstreamReply
+from gateway.transport import UpstreamReply
 
 WSDL_FILE = "wsdl/um.wsdl"
 CONTENT_TYPE = "text/xml; charset=utf-8"
+
+
+class Transport(Protocol):
+    """Sends one envelope to Exchange (gateway.transport.ExchangeTransport in production)."""
+
+    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
+        """Return Exchange's whole answer, or raise a GatewayError."""
 
 
 class UpstreamObserver(Protocol):
@@ -72,7 +79,7 @@ class EwsClient:
 
     def __init__(
         self,
-        transport: ExchangeTransport,
+        transport: Transport,
         *,
         server_version: str,
         observer: UpstreamObserver | None = None,
