@@ -25,6 +25,10 @@ PROBLEM_JSON = "application/problem+json"
 ACCESS_LOG = logging.getLogger("gateway.access")
 LOG = logging.getLogger("gateway")
 UNMATCHED_ROUTE = "<unmatched>"
+# Probes, scrapers and the spec answer without caller credentials.
+PUBLIC_ENDPOINTS = frozenset(
+    {"gateway.livez", "gateway.readyz", "gateway.metrics", "gateway.openapi"}
+)
 _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 bp = Blueprint("gateway", __name__)
@@ -145,6 +149,8 @@ def start_request() -> None:
     g.upstream_outcome = None
     _, metrics = services()
     metrics.in_progress.inc()
+    if request.url_rule is not None and request.endpoint not in PUBLIC_ENDPOINTS:
+        current_app.extensions["gateway"]["callers"].authenticate(request.headers)
 
 
 def finish_request(response: Response) -> Response:
@@ -192,6 +198,9 @@ def handle_gateway_error(error: GatewayError) -> Response:
     )
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
+    challenge = current_app.extensions["gateway"]["callers"].challenge
+    if error.status == 401 and challenge:
+        response.headers["WWW-Authenticate"] = challenge
     return response
 
 

@@ -9,6 +9,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from gateway import __version__, api
+from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.ews import EwsClient
 from gateway.metrics import Metrics
@@ -39,6 +40,7 @@ def create_app(
         "ews": ews,
         "metrics": metrics,
         "state": state or api.ServiceState(),
+        "callers": build_authenticator(config),
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
     }
     api.register(app)

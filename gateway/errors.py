@@ -43,6 +43,12 @@ class InvalidRequest(GatewayError):
     title = "Invalid request"
 
 
+class Unauthenticated(GatewayError):
+    status = 401
+    slug = "unauthenticated"
+    title = "Missing or invalid credentials"
+
+
 class RouteNotFound(GatewayError):
     status = 404
     slug = "not-found"

@@ -7,13 +7,13 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-RENAMED_FIELDS = {"asctime": "time", "levelname": "level", "name": "logger"}
+LOG_FORMAT = "%(levelname)s %(name)s %(message)s"
+RENAMED_FIELDS = {"levelname": "level", "name": "logger"}
 
 
 def json_formatter() -> logging.Formatter:
     """Return the formatter every handler of the gateway uses."""
-    return JsonFormatter(LOG_FORMAT, rename_fields=RENAMED_FIELDS, timestamp=False)
+    return JsonFormatter(LOG_FORMAT, rename_fields=RENAMED_FIELDS, timestamp="time")
 
 
 def configure_logging(level: str) -> None:

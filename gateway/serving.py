@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from gateway.app import create_app
 from gateway.config import Config
 from gateway.logs import configure_logging
 
+LOG = logging.getLogger("gateway")
 RAM_DISK = Path("/dev/shm")  # noqa: S108 - only for heartbeat and metric files
 # Threads per worker: requests mostly wait on Exchange, so a worker holds many at once.
 DEFAULT_THREADS = 32
@@ -78,6 +80,9 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in gunicorn_options(self._config).items():
             self.cfg.set(key, value)
+        if "control_socket_disable" in self.cfg.settings:
+            # One shared control socket path would collide between instances on a host.
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Any:
         return create_app(self._config, state=self.state)
@@ -86,6 +91,10 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 def serve(config: Config) -> None:
     """Run the gateway under gunicorn until it is told to stop."""
     configure_logging(config.log_level)
+    if config.gateway_auth == "none":
+        LOG.warning(
+            "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
+        )
     metrics_dir = _fresh_metrics_dir(config.metrics_dir)
     # prometheus-client reads this in every worker to share samples through files.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

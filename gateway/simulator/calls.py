@@ -98,7 +98,9 @@ class _Call:
     def phase_at(self, now: float, step_seconds: float) -> Phase:
         if self.hung_up is not None:
             return self.hung_up
-        reached = [p for p in self.timeline if self.started_at + p.after_steps * step_seconds <= now]
+        reached = [
+            p for p in self.timeline if self.started_at + p.after_steps * step_seconds <= now
+        ]
         return reached[-1] if reached else self.timeline[0]
 
     def ended_at(self, step_seconds: float) -> float | None:

@@ -10,6 +10,7 @@ from gateway import wire
 from gateway.simulator.calls import Phase
 
 SUCCESS, WARNING, ERROR = "Success", "Warning", "Error"
+XML_DECLARATION = b'<?xml version="1.0" encoding="utf-8"?>'
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 SERVER_VERSION_INFO = {
     "MajorVersion": "15",
@@ -105,4 +106,5 @@ def _text_child(
 
 
 def _serialize(envelope: etree._Element) -> bytes:
-    return etree.tostring(envelope, xml_declaration=True, encoding="utf-8")
+    # Exchange writes the declaration with double quotes and no line break after it.
+    return XML_DECLARATION + etree.tostring(envelope, encoding="utf-8", xml_declaration=False)

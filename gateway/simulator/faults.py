@@ -108,7 +108,7 @@ def parse_rule(raw: object, where: str) -> FaultRule:
     if not isinstance(raw, dict):
         raise InvalidFaultRule(f"{where} must be a JSON object")
     kind = raw.get("kind")
-    if kind not in _KIND_PARAMS:
+    if not isinstance(kind, str) or kind not in _KIND_PARAMS:
         raise InvalidFaultRule(f"{where}.kind must be one of {', '.join(KINDS)}, not {kind!r}")
     specs = _KIND_PARAMS[kind]
     unknown = sorted(set(raw) - _COMMON_FIELDS - set(specs))
@@ -145,7 +145,9 @@ def _operation(value: object, where: str) -> str | None:
     )
 
 
-def _params(raw: dict[str, object], specs: Mapping[str, _Param], where: str) -> dict[str, int | str]:
+def _params(
+    raw: dict[str, object], specs: Mapping[str, _Param], where: str
+) -> dict[str, int | str]:
     params: dict[str, int | str] = {}
     for name, spec in specs.items():
         value = raw.get(name, spec.default)

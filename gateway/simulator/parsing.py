@@ -17,7 +17,8 @@ _REQUEST_SERVER_VERSION = f"{{{wire.TYPES_NS}}}RequestServerVersion"
 _EXCHANGE_IMPERSONATION = f"{{{wire.TYPES_NS}}}ExchangeImpersonation"
 _CONNECTING_SID = f"{{{wire.TYPES_NS}}}ConnectingSID"
 _MAILBOX_IDENTIFIERS = frozenset(
-    f"{{{wire.TYPES_NS}}}{name}" for name in ("PrimarySmtpAddress", "SmtpAddress", "PrincipalName", "SID")
+    f"{{{wire.TYPES_NS}}}{name}"
+    for name in ("PrimarySmtpAddress", "SmtpAddress", "PrincipalName", "SID")
 )
 _OPERATION_CHILDREN = {
     wire.PLAY_ON_PHONE: ("ItemId", "DialString"),
@@ -69,8 +70,7 @@ def _parse_xml(body: bytes) -> etree._Element:
         root = etree.fromstring(body, parser)
     except etree.XMLSyntaxError as error:
         raise RequestRejected(f"The request is not well-formed XML: {error}") from None
-    docinfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None:
+    if root.getroottree().docinfo.internalDTD is not None:
         raise RequestRejected("The request has a DOCTYPE; DTDs are not allowed in EWS requests.")
     return root
 
@@ -79,7 +79,9 @@ def _split_envelope(envelope: etree._Element) -> tuple[list[etree._Element], etr
     if envelope.tag != _ENVELOPE:
         if etree.QName(envelope).namespace == SOAP12_ENV_NS:
             raise RequestRejected("SOAP 1.2 envelopes are not accepted; send a SOAP 1.1 envelope.")
-        raise RequestRejected(f"The request is not a SOAP 1.1 envelope: the root is {envelope.tag}.")
+        raise RequestRejected(
+            f"The request is not a SOAP 1.1 envelope: the root is {envelope.tag}."
+        )
     parts = _element_children(envelope)
     tags = [part.tag for part in parts]
     if tags not in ([_BODY], [_HEADER, _BODY]):
@@ -188,14 +190,18 @@ def _expected_children(element: etree._Element, operation: str) -> dict[str, etr
                 f"expected m:{local_name}, that is {wanted}."
             )
     if len(children) > len(expected):
-        raise RequestRejected(f"{operation}: the element {children[len(expected)].tag} is not expected.")
-    return {local_name: child for local_name, child in zip(expected, children, strict=False)}
+        raise RequestRejected(
+            f"{operation}: the element {children[len(expected)].tag} is not expected."
+        )
+    return dict(zip(expected, children, strict=True))
 
 
 def _required_id(element: etree._Element) -> str:
     value = element.get("Id")
     if value is None:
-        raise RequestRejected(f"m:{etree.QName(element).localname} lacks the required Id attribute.")
+        raise RequestRejected(
+            f"m:{etree.QName(element).localname} lacks the required Id attribute."
+        )
     return value
 
 

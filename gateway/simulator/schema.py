@@ -36,10 +36,11 @@ class EwsSchema:
     def first_error(self, element: etree._Element) -> str | None:
         """Return the validator's first complaint about the element, or None if it is valid."""
         with self._lock:
-            if self._schema.validate(element):
-                return None
-            error = self._schema.error_log[0]
-            return f"line {error.line}: {error.message}"
+            try:
+                self._schema.assertValid(element)
+            except etree.DocumentInvalid as invalid:
+                return str(invalid)
+            return None
 
 
 def _wrapper_xsd(folder: Path) -> bytes:
@@ -62,4 +63,3 @@ def _wrapper_xsd(folder: Path) -> bytes:
             schemaLocation=(folder / file_name).as_uri(),
         )
     return etree.tostring(schema)
-

@@ -1,0 +1,113 @@
+"""The fake Exchange: answer EWS requests from the call book, misbehaving as the rules say."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from gateway import wire
+from gateway.simulator.bad_answers import bad_answer
+from gateway.simulator.calls import CallBook, is_dialable
+from gateway.simulator.envelopes import (
+    ERROR,
+    SUCCESS,
+    WARNING,
+    OperationResult,
+    operation_response,
+    soap_fault,
+)
+from gateway.simulator.faults import FaultBook
+from gateway.simulator.journal import RecordedRequest, RequestJournal
+from gateway.simulator.outcomes import Outcome, Reply
+from gateway.simulator.parsing import EwsRequest, RequestRejected, read_request
+from gateway.simulator.schema import EwsSchema
+
+# Frontend developers get "item not found" by asking for an item whose id starts with this.
+MISSING_ITEM_PREFIX = "missing"
+
+UNKNOWN_CALL = OperationResult(
+    ERROR, wire.ERROR_INVALID_PHONE_CALL_ID, "The phone call ID is not valid."
+)
+MISSING_ITEM = OperationResult(
+    ERROR, wire.ERROR_ITEM_NOT_FOUND, "The specified object was not found in the store."
+)
+UNDIALABLE = OperationResult(
+    ERROR, wire.ERROR_INVALID_PHONE_NUMBER, "The phone number is not a valid dial string."
+)
+
+
+class FakeExchange:
+    """Answer the three Unified Messaging operations like Exchange's EWS endpoint."""
+
+    def __init__(
+        self,
+        *,
+        calls: CallBook,
+        faults: FaultBook,
+        journal: RequestJournal,
+        schema: EwsSchema | None = None,
+        latency_ms: int = 0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if latency_ms < 0:
+            raise ValueError(f"latency_ms must not be negative, not {latency_ms!r}")
+        self.calls = calls
+        self.faults = faults
+        self.journal = journal
+        self._schema = schema
+        self._latency_s = latency_ms / 1000
+        self._sleep = sleep
+        self._operations: dict[str, Callable[[EwsRequest], OperationResult]] = {
+            wire.PLAY_ON_PHONE: self._play_on_phone,
+            wire.GET_PHONE_CALL_INFORMATION: self._get_phone_call_information,
+            wire.DISCONNECT_PHONE_CALL: self._disconnect_phone_call,
+        }
+
+    def answer(self, body: bytes, soap_action: str | None, request_id: str | None) -> Outcome:
+        """Record the request, then answer it or misbehave as the first firing rule says."""
+        if self._latency_s:
+            self._sleep(self._latency_s)
+        try:
+            request = read_request(body, soap_action, self._schema)
+        except RequestRejected as rejected:
+            self.journal.record(
+                RecordedRequest(rejected.operation, request_id, None, soap_action, body)
+            )
+            return Reply(500, soap_fault(wire.ERROR_SCHEMA_VALIDATION, rejected.message))
+        self.journal.record(
+            RecordedRequest(request.operation, request_id, request.mailbox, soap_action, body)
+        )
+        fired = self.faults.pick(request.operation)
+        if fired is None:
+            return self._perform(request)
+        if fired.rule.kind == "latency":
+            self._sleep((fired.rule.number("ms") or 0) / 1000)
+            return self._perform(request)
+        if fired.rule.kind == "warning":
+            return self._perform(request, warning=fired.rule.text("message"))
+        return bad_answer(fired, request.operation)
+
+    def _perform(self, request: EwsRequest, warning: str | None = None) -> Reply:
+        result = self._operations[request.operation](request)
+        if warning is not None and result.response_class == SUCCESS:
+            result = replace(result, response_class=WARNING, message_text=warning)
+        return Reply(200, operation_response(request.operation, result))
+
+    def _play_on_phone(self, request: EwsRequest) -> OperationResult:
+        item_id = request.item_id or ""
+        if not item_id or item_id.startswith(MISSING_ITEM_PREFIX):
+            return MISSING_ITEM
+        dial_string = request.dial_string or ""
+        if not is_dialable(dial_string):
+            return UNDIALABLE
+        call = self.calls.place(request.mailbox, dial_string)
+        return OperationResult(phone_call_id=call.call_id)
+
+    def _get_phone_call_information(self, request: EwsRequest) -> OperationResult:
+        call = self.calls.look_up(request.mailbox, request.phone_call_id or "")
+        return UNKNOWN_CALL if call is None else OperationResult(phase=call.phase)
+
+    def _disconnect_phone_call(self, request: EwsRequest) -> OperationResult:
+        call = self.calls.hang_up(request.mailbox, request.phone_call_id or "")
+        return UNKNOWN_CALL if call is None else OperationResult()

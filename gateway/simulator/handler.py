@@ -1,0 +1,189 @@
+"""The simulator's HTTP layer: Exchange's /EWS/Exchange.asmx plus the /simulator/ control API."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import struct
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
+from urllib.parse import urlsplit
+
+from gateway import wire
+from gateway.simulator.control import (
+    CONTROL_PREFIX,
+    handle_control,
+    json_reply,
+    method_not_allowed,
+    not_found,
+)
+from gateway.simulator.exchange import FakeExchange
+from gateway.simulator.outcomes import ConnectionReset, Outcome, Reply, Silence, StreamedReply
+
+SERVER_HEADER = "EwsCallGatewaySimulator/0.1"
+IDLE_CONNECTION_TIMEOUT_S = 120.0
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+class _UnreadableBody(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HttpServer(ThreadingHTTPServer):
+    """A threading HTTP server that hands every request to one FakeExchange."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], family: int, exchange: FakeExchange) -> None:
+        self.address_family = family
+        self.exchange = exchange
+        super().__init__(address, EwsRequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind asks DNS for our own name, which can stall for seconds.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Clients that hang up mid-answer are routine here (timeouts, hang and huge rules).
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+class EwsRequestHandler(BaseHTTPRequestHandler):
+    """Serve one keep-alive connection: EWS SOAP on EWS_PATH, JSON under /simulator/."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_CONNECTION_TIMEOUT_S
+    # Headers and body go out in separate writes; Nagle would hold the body back ~40 ms.
+    disable_nagle_algorithm = True
+
+    def version_string(self) -> str:
+        """Name the simulator in the Server header, so no one mistakes it for IIS."""
+        return SERVER_HEADER
+
+    def do_GET(self) -> None:
+        """Route a GET."""
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        """Route a POST."""
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        """Route a PUT."""
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        """Route a DELETE."""
+        self._route("DELETE")
+
+    def do_PATCH(self) -> None:
+        """Route a PATCH (always the wrong method, but answered as such)."""
+        self._route("PATCH")
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Stay quiet: a line per request would drown the CLI's banner and test output."""
+
+    @property
+    def _exchange(self) -> FakeExchange:
+        return cast(HttpServer, self.server).exchange
+
+    def _route(self, method: str) -> None:
+        path = urlsplit(self.path).path
+        try:
+            body = self._read_body()
+        except _UnreadableBody as error:
+            self.close_connection = True
+            self._send(json_reply(error.status, {"error": str(error)}))
+            return
+        if path.casefold() == wire.EWS_PATH.casefold():
+            if method != "POST":
+                self._send(method_not_allowed(method, path, ["POST"]))
+                return
+            soap_action, request_id = (
+                self.headers.get("SOAPAction"),
+                self.headers.get("X-Request-ID"),
+            )
+            self._carry_out(self._exchange.answer(body, soap_action, request_id))
+        elif path.startswith(CONTROL_PREFIX):
+            self._send(handle_control(self._exchange, method, path, body))
+        else:
+            self._send(not_found(path))
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").strip().lower() == "chunked":
+            return self._read_chunked_body()
+        length_text = self.headers.get("Content-Length", "0").strip()
+        if not (length_text.isascii() and length_text.isdigit()):
+            raise _UnreadableBody(400, f"bad Content-Length {length_text!r}")
+        return self.rfile.read(_within_limit(int(length_text), 0))
+
+    def _read_chunked_body(self) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            size_line = self.rfile.readline(1024).split(b";")[0].strip()
+            try:
+                size = int(size_line, 16)
+            except ValueError:
+                raise _UnreadableBody(400, "bad chunk size in a chunked body") from None
+            if size == 0:
+                while self.rfile.readline(1024).strip():
+                    pass  # Trailer fields carry nothing the simulator needs.
+                return b"".join(chunks)
+            chunks.append(self.rfile.read(_within_limit(size, sum(map(len, chunks)))))
+            self.rfile.readline(1024)
+
+    def _carry_out(self, outcome: Outcome) -> None:
+        match outcome:
+            case Reply():
+                self._send(outcome)
+            case StreamedReply():
+                self._stream(outcome)
+            case Silence():
+                outcome.released.wait(outcome.wait_seconds)
+                self.close_connection = True
+            case ConnectionReset():
+                self._reset_connection()
+
+    def _send(self, reply: Reply) -> None:
+        self._send_head(reply.status, reply.content_type, len(reply.body), reply.headers)
+        self.wfile.write(reply.body)
+
+    def _stream(self, reply: StreamedReply) -> None:
+        self._send_head(reply.status, reply.content_type, reply.length)
+        for chunk in reply.chunks():
+            self.wfile.write(chunk)
+
+    def _send_head(
+        self,
+        status: int,
+        content_type: str | None,
+        length: int,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.send_response(status)
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _reset_connection(self) -> None:
+        # Linger 0 turns close() into a RST instead of an orderly FIN.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
+
+def _within_limit(size: int, already_read: int) -> int:
+    if already_read + size > MAX_REQUEST_BYTES:
+        raise _UnreadableBody(413, f"request bodies are limited to {MAX_REQUEST_BYTES} bytes")
+    return size
