@@ -12,13 +12,15 @@ import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
 
 from gateway import validation
 from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
-from gateway.ews import EwsClient
+from gateway.ews import PhoneCalls
 from gateway.metrics import Metrics
 
 PROBLEM_JSON = "application/problem+json"
@@ -34,6 +36,13 @@ _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 bp = Blueprint("gateway", __name__)
 
 
+class CallIdConverter(BaseConverter):
+    """Match any call id, even empty or with slashes, so validation answers 400, not 404."""
+
+    regex = r"[\s\S]*"
+    part_isolating = False
+
+
 class ServiceState:
     """Whether this process should take traffic (it stops while draining)."""
 
@@ -41,13 +50,13 @@ class ServiceState:
         self.draining = False
 
 
-def services() -> tuple[EwsClient, Metrics]:
+def services() -> tuple[PhoneCalls, Metrics]:
     """Return the EWS client and metrics wired into the current app."""
     ext = current_app.extensions["gateway"]
     return ext["ews"], ext["metrics"]
 
 
-@bp.delete("/calls/<path:call_id>")
+@bp.delete("/calls/<call_id:call_id>")
 def disconnect_call(call_id: str) -> Response:
     """Hang up a call."""
     ews, _ = services()
@@ -71,11 +80,11 @@ def place_call() -> Response:
     g.ews_code = result.ews_code
     body = {"callId": result.call_id, "ewsResponseCode": result.ews_code}
     response = _json(body, 201, result.warning)
-    response.headers["Location"] = f"/calls/{result.call_id}"
+    response.headers["Location"] = "/calls/" + quote(result.call_id, safe="")
     return response
 
 
-@bp.get("/calls/<path:call_id>")
+@bp.get("/calls/<call_id:call_id>")
 def get_call(call_id: str) -> Response:
     """Show the state of a call."""
     ews, _ = services()
@@ -242,6 +251,7 @@ def _problem_response(
 
 def register(app: Flask) -> None:
     """Attach the routes, hooks and error handlers to an app."""
+    app.url_map.converters["call_id"] = CallIdConverter
     app.register_blueprint(bp)
     app.before_request(start_request)
     app.after_request(finish_request)

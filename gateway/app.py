@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from gateway import __version__, api
 from gateway.callers import build_authenticator
 from gateway.config import Config
-from gateway.ews import EwsClient
+from gateway.ews import EwsClient, PhoneCalls
 from gateway.metrics import Metrics
 from gateway.transport import ExchangeTransport
 
@@ -22,7 +22,7 @@ MAX_BODY_BYTES = 16 * 1024
 def create_app(
     config: Config,
     *,
-    ews: EwsClient | None = None,
+    ews: PhoneCalls | None = None,
     registry: CollectorRegistry | None = None,
     state: api.ServiceState | None = None,
 ) -> Flask:

@@ -100,7 +100,8 @@ class _Env:
             )
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{name} must be an http:// or https:// URL, got {value!r}")
+            # The value is not repeated: a mistyped URL may carry a password.
+            raise ConfigError(f"{name} must be an http:// or https:// URL with a host")
         if parts.username or parts.password:
             raise ConfigError(f"{name} must not carry credentials; use EWS_USERNAME/EWS_PASSWORD")
         return value
@@ -129,7 +130,7 @@ class _Env:
         raw = self.text(name)
         if not raw:
             return None
-        if not raw.isdigit() or not 1 <= int(raw) <= 256:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 256:
             raise ConfigError(f"{name} must be a whole number from 1 to 256, got {raw!r}")
         return int(raw)
 

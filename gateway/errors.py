@@ -49,28 +49,10 @@ class Unauthenticated(GatewayError):
     title = "Missing or invalid credentials"
 
 
-class RouteNotFound(GatewayError):
-    status = 404
-    slug = "not-found"
-    title = "Not found"
-
-
-class MethodNotAllowed(GatewayError):
-    status = 405
-    slug = "method-not-allowed"
-    title = "Method not allowed"
-
-
 class UnsupportedMediaType(GatewayError):
     status = 415
     slug = "unsupported-media-type"
     title = "Unsupported media type"
-
-
-class PayloadTooLarge(GatewayError):
-    status = 413
-    slug = "payload-too-large"
-    title = "Payload too large"
 
 
 # What Exchange said, by ResponseCode.

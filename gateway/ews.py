@@ -8,10 +8,10 @@ network) and returns plain dataclasses or raises the gateway's own errors.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import zeep
 from lxml import etree
@@ -74,6 +74,31 @@ class CallInformation:
     warning: str | None = None
 
 
+class PhoneCalls(Protocol):
+    """The phone-call operations the HTTP layer needs (EwsClient, or a fake in tests)."""
+
+    def disconnect_call(
+        self, call_id: str, *, request_id: str, mailbox: str | None = None
+    ) -> Disconnected:
+        """Hang up a call."""
+
+    def play_on_phone(
+        self,
+        item_id: str,
+        dial_string: str,
+        *,
+        request_id: str,
+        change_key: str | None = None,
+        mailbox: str | None = None,
+    ) -> PlacedCall:
+        """Start a call."""
+
+    def get_call_information(
+        self, call_id: str, *, request_id: str, mailbox: str | None = None
+    ) -> CallInformation:
+        """Read the state of a call."""
+
+
 class EwsClient:
     """Call the Unified Messaging operations of one Exchange server."""
 
@@ -98,10 +123,8 @@ class EwsClient:
         self, call_id: str, *, request_id: str, mailbox: str | None = None
     ) -> Disconnected:
         """Hang up a call (DisconnectPhoneCall)."""
-        answer = self._invoke(
-            wire.DISCONNECT_PHONE_CALL, {"PhoneCallId": {"Id": call_id}}, request_id, mailbox
-        )
-        return Disconnected(ews_code=answer.code, warning=answer.warning)
+        body = {"PhoneCallId": {"Id": call_id}}
+        return self._invoke(wire.DISCONNECT_PHONE_CALL, body, request_id, mailbox, _disconnected)
 
     def play_on_phone(
         self,
@@ -114,34 +137,15 @@ class EwsClient:
     ) -> PlacedCall:
         """Dial a phone and play a voice item to it (PlayOnPhone)."""
         body = {"ItemId": {"Id": item_id, "ChangeKey": change_key}, "DialString": dial_string}
-        answer = self._invoke(wire.PLAY_ON_PHONE, body, request_id, mailbox)
-        phone_call_id = answer.body["PhoneCallId"]
-        if phone_call_id is None or not phone_call_id["Id"]:
-            raise UpstreamBadResponse(
-                "Exchange accepted PlayOnPhone but returned no PhoneCallId",
-                outcome="invalid_response",
-            )
-        return PlacedCall(call_id=phone_call_id["Id"], ews_code=answer.code, warning=answer.warning)
+        return self._invoke(wire.PLAY_ON_PHONE, body, request_id, mailbox, _placed_call)
 
     def get_call_information(
         self, call_id: str, *, request_id: str, mailbox: str | None = None
     ) -> CallInformation:
         """Read the state of a call (GetPhoneCallInformation)."""
-        answer = self._invoke(
-            wire.GET_PHONE_CALL_INFORMATION, {"PhoneCallId": {"Id": call_id}}, request_id, mailbox
-        )
-        info = answer.body["PhoneCallInformation"]
-        if info is None:
-            raise UpstreamBadResponse(
-                "Exchange answered without PhoneCallInformation", outcome="invalid_response"
-            )
-        return CallInformation(
-            state=info["PhoneCallState"],
-            connection_failure_cause=info["ConnectionFailureCause"],
-            sip_response_code=info["SIPResponseCode"],
-            sip_response_text=info["SIPResponseText"],
-            ews_code=answer.code,
-            warning=answer.warning,
+        body = {"PhoneCallId": {"Id": call_id}}
+        return self._invoke(
+            wire.GET_PHONE_CALL_INFORMATION, body, request_id, mailbox, _call_information
         )
 
     def build_envelope(
@@ -157,8 +161,14 @@ class EwsClient:
         return bytes(etree.tostring(envelope, xml_declaration=True, encoding="utf-8"))
 
     def _invoke(
-        self, operation: str, body: Mapping[str, Any], request_id: str, mailbox: str | None
-    ) -> _Answer:
+        self,
+        operation: str,
+        body: Mapping[str, Any],
+        request_id: str,
+        mailbox: str | None,
+        read_result: Callable[[_Answer], ResultT],
+    ) -> ResultT:
+        """Send one operation and read its result; every outcome is observed once."""
         envelope = self.build_envelope(operation, body, mailbox)
         headers = {
             "Content-Type": CONTENT_TYPE,
@@ -168,11 +178,12 @@ class EwsClient:
         started = time.perf_counter()
         try:
             answer = self._read_reply(operation, self._transport.post(envelope, headers))
+            result = read_result(answer)
         except GatewayError as error:
             self._observe(operation, error.outcome or "invalid_response", error.ews_code, started)
             raise
         self._observe(operation, "success", answer.code, started)
-        return answer
+        return result
 
     def _observe(self, operation: str, outcome: str, code: str | None, started: float) -> None:
         if self._observer is not None:
@@ -185,6 +196,11 @@ class EwsClient:
         fault = envelope.find(f"{{{wire.SOAP_ENV_NS}}}Body/{{{wire.SOAP_ENV_NS}}}Fault")
         if fault is not None:
             raise _fault_error(fault)
+        expected = f"{{{wire.MESSAGES_NS}}}{operation}Response"
+        if envelope.find(f"{{{wire.SOAP_ENV_NS}}}Body/{expected}") is None:
+            raise UpstreamBadResponse(
+                f"Exchange's answer holds no {operation}Response", outcome="invalid_response"
+            )
         if reply.status != 200:
             raise EwsUnavailable(
                 f"Exchange answered HTTP {reply.status} without a SOAP fault", outcome="http_error"
@@ -206,6 +222,38 @@ class _Answer:
     warning: str | None
 
 
+ResultT = TypeVar("ResultT")
+
+
+def _disconnected(answer: _Answer) -> Disconnected:
+    return Disconnected(ews_code=answer.code, warning=answer.warning)
+
+
+def _placed_call(answer: _Answer) -> PlacedCall:
+    phone_call_id = answer.body["PhoneCallId"]
+    if phone_call_id is None or not phone_call_id["Id"]:
+        raise UpstreamBadResponse(
+            "Exchange accepted PlayOnPhone but returned no PhoneCallId", outcome="invalid_response"
+        )
+    return PlacedCall(call_id=phone_call_id["Id"], ews_code=answer.code, warning=answer.warning)
+
+
+def _call_information(answer: _Answer) -> CallInformation:
+    info = answer.body["PhoneCallInformation"]
+    if info is None:
+        raise UpstreamBadResponse(
+            "Exchange answered without PhoneCallInformation", outcome="invalid_response"
+        )
+    return CallInformation(
+        state=info["PhoneCallState"],
+        connection_failure_cause=info["ConnectionFailureCause"],
+        sip_response_code=info["SIPResponseCode"],
+        sip_response_text=info["SIPResponseText"],
+        ews_code=answer.code,
+        warning=answer.warning,
+    )
+
+
 def _raise_for_http_status(reply: UpstreamReply) -> None:
     """Map the HTTP statuses that carry no SOAP answer at all."""
     status = reply.status
@@ -216,7 +264,8 @@ def _raise_for_http_status(reply: UpstreamReply) -> None:
         )
     if status in (401, 403):
         raise UpstreamAuthFailed(
-            f"Exchange refused the gateway's service credentials (HTTP {status})",
+            "Upstream authentication failed: Exchange refused the gateway's credentials "
+            f"(HTTP {status})",
             outcome="http_error",
         )
     if status == 503:

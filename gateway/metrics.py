@@ -7,6 +7,8 @@ all; without it (tests, a single process) the app's own registry is used.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,6 +18,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
+    values,
 )
 
 from gateway.errors import metric_code
@@ -108,3 +111,11 @@ class Metrics:
 def mark_worker_dead(pid: int) -> None:
     """Drop a dead worker's live gauges; its counters stay in the sum."""
     multiprocess.mark_process_dead(pid)
+
+
+def share_across_processes(directory: str) -> None:
+    """Make every metric built from now on (in this process and its forks) write to DIRECTORY."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    # prometheus-client picks its value store when first imported; pick again now that
+    # the directory is known (no metric exists yet: workers build theirs after forking).
+    values.ValueClass = values.get_value_class()

@@ -96,8 +96,7 @@ def serve(config: Config) -> None:
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
         )
     metrics_dir = _fresh_metrics_dir(config.metrics_dir)
-    # prometheus-client reads this in every worker to share samples through files.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    metrics.share_across_processes(metrics_dir)
     GatewayServer(replace(config, metrics_dir=metrics_dir)).run()
 
 

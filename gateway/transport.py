@@ -18,6 +18,7 @@ from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
     MaxRetryError,
+    NewConnectionError,
     ReadTimeoutError,
     SSLError,
 )
@@ -127,6 +128,11 @@ def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
 
 def _translate(exc: BaseException) -> GatewayError:
     """Turn a urllib3 failure into the gateway error the contract maps it to."""
+    # NewConnectionError (refused, DNS) subclasses ConnectTimeoutError: test it first.
+    if isinstance(exc, NewConnectionError):
+        return UpstreamUnreachable(
+            f"Exchange could not be reached ({type(exc).__name__})", outcome="connection_error"
+        )
     if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
         return UpstreamTimeout("Exchange did not answer in time", outcome="timeout")
     if isinstance(exc, SSLError):

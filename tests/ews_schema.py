@@ -60,7 +60,9 @@ def _wrapper_xsd() -> bytes:
     )
     schema = etree.Element(f"{{{_XS_NS}}}schema", nsmap={"xs": _XS_NS})
     for namespace, location in imports:
-        etree.SubElement(schema, f"{{{_XS_NS}}}import", namespace=namespace, schemaLocation=location)
+        etree.SubElement(
+            schema, f"{{{_XS_NS}}}import", namespace=namespace, schemaLocation=location
+        )
     return etree.tostring(schema)
 
 

@@ -21,7 +21,9 @@ class FakeEws:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def disconnect_call(self, call_id: str, *, request_id: str, mailbox: str | None = None) -> Disconnected:
+    def disconnect_call(
+        self, call_id: str, *, request_id: str, mailbox: str | None = None
+    ) -> Disconnected:
         self.calls.append(call_id)
         return Disconnected(ews_code="NoError")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,16 @@ def test_every_status_the_mapping_table_can_produce_is_documented_for_each_call_
     spec = load_spec()
     statuses = {str(error.status) for error in ERROR_BY_RESPONSE_CODE.values()}
     statuses |= {"400", "502", "504"}
-    for path, method in [("/calls/{callId}", "get"), ("/calls/{callId}", "delete"), ("/calls", "post")]:
+    for path, method in [
+        ("/calls/{callId}", "get"),
+        ("/calls/{callId}", "delete"),
+        ("/calls", "post"),
+    ]:
         documented = set(spec["paths"][path][method]["responses"])
         assert statuses <= documented, (path, method, statuses - documented)
 
 
 def test_the_package_serves_the_same_spec_as_the_repository() -> None:
-    from importlib import resources
-
     packaged = resources.files("gateway").joinpath("openapi.yaml").read_bytes()
     assert packaged == SPEC_PATH.read_bytes()
 

@@ -24,6 +24,7 @@ from gateway.simulator.outcomes import ConnectionReset, Outcome, Reply, Silence,
 SERVER_HEADER = "EwsCallGatewaySimulator/0.1"
 IDLE_CONNECTION_TIMEOUT_S = 120.0
 MAX_REQUEST_BYTES = 1024 * 1024
+MAX_DISCARDED_BYTES = 16 * MAX_REQUEST_BYTES
 
 
 class _UnreadableBody(Exception):
@@ -36,6 +37,8 @@ class HttpServer(ThreadingHTTPServer):
     """A threading HTTP server that hands every request to one FakeExchange."""
 
     daemon_threads = True
+    # The default backlog of 5 drops connections when a benchmark opens many at once.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], family: int, exchange: FakeExchange) -> None:
         self.address_family = family
@@ -105,10 +108,8 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             if method != "POST":
                 self._send(method_not_allowed(method, path, ["POST"]))
                 return
-            soap_action, request_id = (
-                self.headers.get("SOAPAction"),
-                self.headers.get("X-Request-ID"),
-            )
+            soap_action = self.headers.get("SOAPAction")
+            request_id = self.headers.get("X-Request-ID")
             self._carry_out(self._exchange.answer(body, soap_action, request_id))
         elif path.startswith(CONTROL_PREFIX):
             self._send(handle_control(self._exchange, method, path, body))
@@ -121,7 +122,16 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         length_text = self.headers.get("Content-Length", "0").strip()
         if not (length_text.isascii() and length_text.isdigit()):
             raise _UnreadableBody(400, f"bad Content-Length {length_text!r}")
-        return self.rfile.read(_within_limit(int(length_text), 0))
+        length = int(length_text)
+        if length > MAX_REQUEST_BYTES:
+            self._discard(length)
+        return self.rfile.read(_within_limit(length, 0))
+
+    def _discard(self, length: int) -> None:
+        # Reading what the client sends lets it receive the 413 instead of a reset.
+        remaining = length if length <= MAX_DISCARDED_BYTES else 0
+        while remaining > 0 and (piece := self.rfile.read(min(remaining, 64 * 1024))):
+            remaining -= len(piece)
 
     def _read_chunked_body(self) -> bytes:
         chunks: list[bytes] = []

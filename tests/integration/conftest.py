@@ -47,8 +47,13 @@ class Response:
         return json.loads(self.body)
 
 
-def http(method: str, url: str, body: Any = None, headers: Mapping[str, str] | None = None,
-         timeout: float = 30.0) -> Response:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Response:
     """Send one request and return the answer, whatever its status."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
@@ -83,8 +88,11 @@ class Server:
                 self.process.wait()
 
 
-def start(args: list[str], env: Mapping[str, str], health_url: str, log_path: Path) -> Server:
-    """Start `python -m gateway ARGS` and wait until HEALTH_URL answers 200."""
+def start(
+    args: list[str], env: Mapping[str, str], base_url: str, health_path: str, log_path: Path
+) -> Server:
+    """Start `python -m gateway ARGS` and wait until BASE_URL + HEALTH_PATH answers 200."""
+    health_url = base_url + health_path
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args],
@@ -92,7 +100,7 @@ def start(args: list[str], env: Mapping[str, str], health_url: str, log_path: Pa
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = Server(process, health_url.rsplit("/", 1)[0], log_path)
+    server = Server(process, base_url, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -114,7 +122,8 @@ def simulator(tmp_path: Path) -> Iterator[Server]:
     args = ["simulator", "--bind", f"127.0.0.1:{port}", "--step-seconds", "0.2"]
     if schema_available():
         args += ["--schema-dir", str(SCHEMA_DIR)]
-    server = start(args, {}, f"http://127.0.0.1:{port}/simulator/health", tmp_path / "sim.log")
+    base_url = f"http://127.0.0.1:{port}"
+    server = start(args, {}, base_url, "/simulator/health", tmp_path / "sim.log")
     yield server
     server.stop()
 
@@ -136,7 +145,8 @@ def gateway(simulator: Server, tmp_path: Path) -> Iterator[Server]:
     """`ews-gateway serve` (gunicorn, two workers) wired to the simulator."""
     port = free_port()
     env = gateway_env(simulator, port)
-    server = start(["serve"], env, f"http://127.0.0.1:{port}/readyz", tmp_path / "gateway.log")
+    base_url = f"http://127.0.0.1:{port}"
+    server = start(["serve"], env, base_url, "/readyz", tmp_path / "gateway.log")
     yield server
     server.stop()
 

@@ -1,0 +1,736 @@
+"""The HTTP API, driven through Flask's test client with a fake EWS client behind it."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import quote
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from prometheus_client import CollectorRegistry
+from werkzeug.test import TestResponse
+
+from gateway import __version__, api, errors
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.ews import CallInformation, Disconnected, EwsClient, PlacedCall
+
+PROBLEM_FIELDS = {"type", "title", "status", "detail", "requestId"}
+PRINTABLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
+
+
+@dataclass
+class Call:
+    """One call the API made on the fake Exchange."""
+
+    operation: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class FakeExchange:
+    """Stands in for EwsClient: records calls, answers as configured or raises `error`."""
+
+    disconnected: Disconnected = field(default_factory=lambda: Disconnected(ews_code="NoError"))
+    placed: PlacedCall = field(
+        default_factory=lambda: PlacedCall(call_id="call-1", ews_code="NoError")
+    )
+    information: CallInformation = field(
+        default_factory=lambda: CallInformation(
+            state="Connected",
+            connection_failure_cause="None",
+            sip_response_code=None,
+            sip_response_text=None,
+            ews_code="NoError",
+        )
+    )
+    error: Exception | None = None
+    calls: list[Call] = field(default_factory=list)
+
+    def disconnect_call(
+        self, call_id: str, *, request_id: str, mailbox: str | None = None
+    ) -> Disconnected:
+        self._record("disconnect_call", call_id=call_id, request_id=request_id, mailbox=mailbox)
+        return self.disconnected
+
+    def play_on_phone(
+        self,
+        item_id: str,
+        dial_string: str,
+        *,
+        request_id: str,
+        change_key: str | None = None,
+        mailbox: str | None = None,
+    ) -> PlacedCall:
+        self._record(
+            "play_on_phone",
+            item_id=item_id,
+            dial_string=dial_string,
+            request_id=request_id,
+            change_key=change_key,
+            mailbox=mailbox,
+        )
+        return self.placed
+
+    def get_call_information(
+        self, call_id: str, *, request_id: str, mailbox: str | None = None
+    ) -> CallInformation:
+        self._record(
+            "get_call_information", call_id=call_id, request_id=request_id, mailbox=mailbox
+        )
+        return self.information
+
+    def _record(self, operation: str, **arguments: Any) -> None:
+        self.calls.append(Call(operation, arguments))
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def last(self) -> Call:
+        assert self.calls, "Exchange was never called"
+        return self.calls[-1]
+
+
+def build_app(fake: FakeExchange, state: api.ServiceState | None = None) -> Flask:
+    config = Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
+    return create_app(config, ews=cast(EwsClient, fake), registry=CollectorRegistry(), state=state)
+
+
+@pytest.fixture
+def fake() -> FakeExchange:
+    return FakeExchange()
+
+
+@pytest.fixture
+def state() -> api.ServiceState:
+    return api.ServiceState()
+
+
+@pytest.fixture
+def client(fake: FakeExchange, state: api.ServiceState) -> FlaskClient:
+    return build_app(fake, state).test_client()
+
+
+def assert_problem(response: TestResponse, status: int) -> dict[str, Any]:
+    """Check the response is an RFC 9457 problem with this status and return its body."""
+    assert response.status_code == status
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json()
+    assert body.keys() >= PROBLEM_FIELDS
+    assert body["status"] == status
+    assert body["requestId"] == response.headers["X-Request-ID"]
+    assert "Traceback" not in response.text
+    return cast(dict[str, Any], body)
+
+
+def place(client: FlaskClient, body: Any) -> TestResponse:
+    return client.post("/calls", json=body)
+
+
+def call_path(call_id: str) -> str:
+    return "/calls/" + quote(call_id, safe="")
+
+
+# DELETE /calls/{callId}
+
+
+def test_hanging_up_a_call_answers_200_disconnected_and_passes_the_id_to_exchange(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    response = client.delete("/calls/call-42")
+
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "callId": "call-42",
+        "status": "disconnected",
+        "ewsResponseCode": "NoError",
+    }
+    assert fake.last.operation == "disconnect_call"
+    assert fake.last.arguments["call_id"] == "call-42"
+
+
+def test_a_warning_from_exchange_on_hang_up_is_passed_on_as_warning(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.disconnected = Disconnected(ews_code="NoError", warning="the call already ended")
+
+    response = client.delete("/calls/call-42")
+
+    assert response.status_code == 200
+    assert response.get_json()["warning"] == "the call already ended"
+
+
+def test_a_plain_success_has_no_warning_field(client: FlaskClient) -> None:
+    assert "warning" not in client.delete("/calls/call-42").get_json()
+
+
+# POST /calls
+
+
+def test_placing_a_call_answers_201_with_the_location_and_id_of_the_new_call(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.placed = PlacedCall(call_id="new-call-7", ews_code="NoError")
+
+    response = place(client, {"itemId": "item-1", "dialString": "+15551234567"})
+
+    assert response.status_code == 201
+    assert response.headers["Location"] == "/calls/new-call-7"
+    assert response.get_json()["callId"] == "new-call-7"
+    assert fake.last.operation == "play_on_phone"
+    assert fake.last.arguments["item_id"] == "item-1"
+    assert fake.last.arguments["dial_string"] == "+15551234567"
+    assert fake.last.arguments["change_key"] is None
+
+
+def test_an_item_change_key_is_passed_to_exchange(client: FlaskClient, fake: FakeExchange) -> None:
+    body = {"itemId": "item-1", "itemChangeKey": "CQAAABYA", "dialString": "100"}
+
+    assert place(client, body).status_code == 201
+    assert fake.last.arguments["change_key"] == "CQAAABYA"
+
+
+def test_the_location_of_a_placed_call_leads_back_to_the_same_call_id(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    # Exchange's ids are opaque: a '%', '?' or '#' in one must not change where Location points.
+    fake.placed = PlacedCall(call_id="a%41b?c#d", ews_code="NoError")
+
+    location = place(client, {"itemId": "item-1", "dialString": "100"}).headers["Location"]
+    client.get(location)
+
+    assert fake.last.operation == "get_call_information"
+    assert fake.last.arguments["call_id"] == "a%41b?c#d"
+
+
+@pytest.mark.parametrize("dial_string", ["+15551234567", "*86#", "sip:alice@example.com"])
+def test_a_valid_dial_string_reaches_exchange_unchanged(
+    client: FlaskClient, fake: FakeExchange, dial_string: str
+) -> None:
+    assert place(client, {"itemId": "item-1", "dialString": dial_string}).status_code == 201
+    assert fake.last.arguments["dial_string"] == dial_string
+
+
+def test_a_body_that_is_not_json_is_400_and_exchange_is_not_contacted(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    response = client.post("/calls", data="{itemId: nope", content_type="application/json")
+
+    assert_problem(response, 400)
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_sent_without_a_json_content_type_is_415(
+    client: FlaskClient, fake: FakeExchange, content_type: str | None
+) -> None:
+    response = client.post(
+        "/calls", data='{"itemId": "item-1", "dialString": "100"}', content_type=content_type
+    )
+
+    assert_problem(response, 415)
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("body", [[], ["itemId"], "item-1", 42, True])
+def test_a_json_body_that_is_not_an_object_is_400(
+    client: FlaskClient, fake: FakeExchange, body: Any
+) -> None:
+    problem = assert_problem(place(client, body), 400)
+
+    assert "object" in problem["detail"]
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field_at_fault"),
+    [
+        ({"dialString": "100"}, "itemId"),
+        ({"itemId": "", "dialString": "100"}, "itemId"),
+        ({"itemId": None, "dialString": "100"}, "itemId"),
+        ({"itemId": 12, "dialString": "100"}, "itemId"),
+        ({"itemId": ["item-1"], "dialString": "100"}, "itemId"),
+        ({"itemId": "x" * 1025, "dialString": "100"}, "itemId"),
+        ({"itemId": "item 1", "dialString": "100"}, "itemId"),
+        ({"itemId": "item-1", "itemChangeKey": "", "dialString": "100"}, "itemChangeKey"),
+        ({"itemId": "item-1", "itemChangeKey": 7, "dialString": "100"}, "itemChangeKey"),
+        ({"itemId": "item-1", "itemChangeKey": "c k", "dialString": "100"}, "itemChangeKey"),
+        ({"itemId": "item-1", "itemChangeKey": "k" * 513, "dialString": "100"}, "itemChangeKey"),
+        ({"itemId": "item-1"}, "dialString"),
+        ({"itemId": "item-1", "dialString": 15551234567}, "dialString"),
+        ({"itemId": "item-1", "dialString": "12 34"}, "dialString"),
+        ({"itemId": "item-1", "dialString": "abc"}, "dialString"),
+        ({"itemId": "item-1", "dialString": ""}, "dialString"),
+        ({"itemId": "item-1", "dialString": "1" * 33}, "dialString"),
+        ({"itemId": "item-1", "dialString": "100", "callerId": "me"}, "callerId"),
+    ],
+)
+def test_an_invalid_field_is_400_naming_the_field_and_exchange_is_not_contacted(
+    client: FlaskClient, fake: FakeExchange, body: dict[str, Any], field_at_fault: str
+) -> None:
+    problem = assert_problem(place(client, body), 400)
+
+    assert field_at_fault in problem["detail"]
+    assert fake.calls == []
+
+
+# GET /calls/{callId}
+
+
+def test_call_information_has_state_and_failure_cause_and_no_sip_fields_when_absent(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    response = client.get("/calls/call-42")
+
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["callId"] == "call-42"
+    assert body["state"] == "Connected"
+    assert body["connectionFailureCause"] == "None"
+    assert "sipResponseCode" not in body
+    assert "sipResponseText" not in body
+    assert fake.last.operation == "get_call_information"
+    assert fake.last.arguments["call_id"] == "call-42"
+
+
+def test_call_information_includes_the_sip_response_when_exchange_gave_one(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.information = CallInformation(
+        state="Disconnected",
+        connection_failure_cause="UserBusy",
+        sip_response_code=486,
+        sip_response_text="Busy Here",
+        ews_code="NoError",
+    )
+
+    body = client.get("/calls/call-42").get_json()
+
+    assert body["state"] == "Disconnected"
+    assert body["connectionFailureCause"] == "UserBusy"
+    assert body["sipResponseCode"] == 486
+    assert body["sipResponseText"] == "Busy Here"
+
+
+# Gateway errors as problem+json
+
+STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
+    errors.GatewayError: 500,
+    errors.InvalidRequest: 400,
+    errors.Unauthenticated: 401,
+    errors.UnsupportedMediaType: 415,
+    errors.CallNotFound: 404,
+    errors.MailboxNotFound: 404,
+    errors.EwsAccessDenied: 403,
+    errors.EwsUnprocessable: 422,
+    errors.EwsBusy: 503,
+    errors.EwsUnavailable: 503,
+    errors.EwsUnexpectedError: 502,
+    errors.UpstreamAuthFailed: 502,
+    errors.UpstreamBadResponse: 502,
+    errors.UpstreamUnreachable: 502,
+    errors.UpstreamTimeout: 504,
+}
+
+
+def test_every_gateway_error_class_has_an_expected_status_here() -> None:
+    assert set(errors.GatewayError.__subclasses__()) | {errors.GatewayError} == set(STATUS_BY_ERROR)
+
+
+@pytest.mark.parametrize(
+    ("error_class", "status"), STATUS_BY_ERROR.items(), ids=lambda v: getattr(v, "__name__", v)
+)
+def test_a_gateway_error_becomes_a_problem_with_its_status(
+    client: FlaskClient, fake: FakeExchange, error_class: type[errors.GatewayError], status: int
+) -> None:
+    fake.error = error_class("what went wrong", ews_code="ErrorSomething")
+
+    problem = assert_problem(client.delete("/calls/call-42"), status)
+
+    assert problem["detail"] == "what went wrong"
+    assert problem["title"] == error_class.title
+    assert problem["type"].endswith(error_class.slug)
+    assert problem["ewsResponseCode"] == "ErrorSomething"
+
+
+def test_a_problem_without_an_exchange_code_has_no_ews_response_code(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.error = errors.UpstreamTimeout("Exchange did not answer in time")
+
+    problem = assert_problem(client.get("/calls/call-42"), 504)
+
+    assert "ewsResponseCode" not in problem
+
+
+def test_exchange_throttling_tells_the_caller_when_to_retry(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.error = errors.EwsBusy("busy", ews_code="ErrorServerBusy", retry_after_s=7)
+
+    response = client.delete("/calls/call-42")
+
+    assert_problem(response, 503)
+    assert response.headers["Retry-After"] == "7"
+
+
+def test_a_back_off_from_exchange_is_rounded_up_to_whole_seconds_of_retry_after(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.error = errors.error_for_response_code(
+        "ErrorServerBusy", "slow down", outcome="ews_error", back_off_ms=2100
+    )
+
+    response = client.delete("/calls/call-42")
+
+    assert_problem(response, 503)
+    assert response.headers["Retry-After"] == "3"
+
+
+def test_an_error_without_retry_after_sends_no_retry_after_header(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.error = errors.EwsUnavailable("the UM server is down")
+
+    assert "Retry-After" not in client.delete("/calls/call-42").headers
+
+
+def test_an_unexpected_exception_is_a_500_problem_that_hides_the_exception(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    fake.error = RuntimeError("secret-internal-state at 0xdeadbeef")
+
+    response = client.post("/calls", json={"itemId": "item-1", "dialString": "100"})
+
+    assert_problem(response, 500)
+    assert "secret-internal-state" not in response.text
+    assert "RuntimeError" not in response.text
+
+
+# Call id rules
+
+
+@pytest.mark.parametrize(
+    "call_id",
+    ["x", "~" * 512, PRINTABLE_ASCII, "AAMkADk0+NzI/ZTQ=="],
+    ids=["1-char", "512-chars", "all-printable", "base64"],
+)
+@pytest.mark.parametrize("method", ["DELETE", "GET"])
+def test_a_call_id_of_printable_ascii_up_to_512_chars_reaches_exchange(
+    client: FlaskClient, fake: FakeExchange, method: str, call_id: str
+) -> None:
+    response = client.open(call_path(call_id), method=method)
+
+    assert response.status_code == 200
+    assert response.get_json()["callId"] == call_id
+    assert fake.last.arguments["call_id"] == call_id
+
+
+@pytest.mark.parametrize(
+    "encoded_id",
+    [
+        "x" * 513,
+        "a%20b",
+        "a%09b",
+        "a%0Ab",
+        "a%0D%0Ab",
+        "a%00b",
+        "a%1Fb",
+        "a%7Fb",
+        "%C3%A9",
+        "caf%C3%A9",
+        "%E2%80%8B",
+        "%FF",
+    ],
+)
+@pytest.mark.parametrize("method", ["DELETE", "GET"])
+def test_a_call_id_outside_printable_ascii_or_too_long_is_400_and_exchange_is_not_contacted(
+    client: FlaskClient, fake: FakeExchange, method: str, encoded_id: str
+) -> None:
+    problem = assert_problem(client.open(f"/calls/{encoded_id}", method=method), 400)
+
+    assert "callId" in problem["detail"]
+    assert fake.calls == []
+
+
+def test_a_call_id_with_a_space_is_400_and_exchange_is_not_contacted(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    assert_problem(client.delete("/calls/call%2042"), 400)
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("method", ["DELETE", "GET"])
+def test_an_empty_call_id_is_400_and_exchange_is_not_contacted(
+    client: FlaskClient, fake: FakeExchange, method: str
+) -> None:
+    assert_problem(client.open("/calls/", method=method), 400)
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    "call_id",
+    ["a/b", "a//b", "ends/", 'a"b', "a<b>", "a&b", "a'b", "a%b", "%41", "a?b#c", "/starts"],
+)
+@pytest.mark.parametrize("method", ["DELETE", "GET"])
+def test_a_call_id_with_url_or_xml_special_characters_reaches_exchange_unchanged(
+    client: FlaskClient, fake: FakeExchange, method: str, call_id: str
+) -> None:
+    response = client.open(call_path(call_id), method=method)
+
+    assert response.status_code == 200
+    assert response.get_json()["callId"] == call_id
+    assert fake.last.arguments["call_id"] == call_id
+
+
+# X-Request-ID
+
+
+def test_a_sane_caller_request_id_is_echoed_and_sent_to_exchange(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    response = client.delete("/calls/call-42", headers={"X-Request-ID": "abc-123"})
+
+    assert response.headers["X-Request-ID"] == "abc-123"
+    assert fake.last.arguments["request_id"] == "abc-123"
+
+
+@pytest.mark.parametrize("caller_id", ["r" * 129, "abc 123", "abc<script>", "", "abc\t1"])
+def test_an_insane_caller_request_id_is_replaced_by_a_fresh_one(
+    client: FlaskClient, fake: FakeExchange, caller_id: str
+) -> None:
+    response = client.delete("/calls/call-42", headers={"X-Request-ID": caller_id})
+
+    fresh_id = response.headers["X-Request-ID"]
+    assert fresh_id
+    assert fresh_id != caller_id
+    assert fake.last.arguments["request_id"] == fresh_id
+
+
+def test_requests_without_an_id_get_different_ids(client: FlaskClient) -> None:
+    first = client.get("/livez").headers["X-Request-ID"]
+    second = client.get("/livez").headers["X-Request-ID"]
+
+    assert first
+    assert first != second
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/livez", 200),
+        ("DELETE", "/calls/call-42", 200),
+        ("GET", "/no/such/route", 404),
+        ("PUT", "/calls/call-42", 405),
+        ("DELETE", "/calls/bad%20id", 400),
+        ("POST", "/calls", 415),
+    ],
+)
+def test_every_response_carries_the_request_id(
+    client: FlaskClient, method: str, path: str, status: int
+) -> None:
+    response = client.open(path, method=method, headers={"X-Request-ID": "trace-77"})
+
+    assert response.status_code == status
+    assert response.headers["X-Request-ID"] == "trace-77"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/no/such/route", 404), ("PUT", "/calls/x", 405), ("GET", "/calls/a%20b", 400)],
+)
+def test_a_problem_body_carries_the_same_request_id_as_the_header(
+    client: FlaskClient, method: str, path: str, status: int
+) -> None:
+    for headers in ({}, {"X-Request-ID": "trace-78"}, {"X-Request-ID": "not sane"}):
+        response = client.open(path, method=method, headers=headers)
+        problem = assert_problem(response, status)
+        assert problem["requestId"] == response.headers["X-Request-ID"]
+
+
+# Operational routes
+
+
+def test_livez_answers_200(client: FlaskClient) -> None:
+    assert client.get("/livez").status_code == 200
+
+
+def test_readyz_answers_200_while_serving(client: FlaskClient) -> None:
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_is_a_503_problem_while_draining(
+    client: FlaskClient, state: api.ServiceState
+) -> None:
+    state.draining = True
+
+    assert_problem(client.get("/readyz"), 503)
+    assert client.get("/livez").status_code == 200
+
+
+def test_the_openapi_spec_is_served_as_yaml(client: FlaskClient) -> None:
+    response = client.get("/openapi.yaml")
+
+    assert response.status_code == 200
+    assert response.mimetype == "application/yaml"
+    assert response.text.startswith("openapi:")
+    if importlib.util.find_spec("yaml") is None:
+        return
+    spec = importlib.import_module("yaml").safe_load(response.text)
+    assert str(spec["openapi"]).startswith("3.1")
+    assert "/calls/{callId}" in spec["paths"]
+
+
+def test_an_unknown_route_is_a_404_problem(client: FlaskClient) -> None:
+    assert_problem(client.get("/no/such/route"), 404)
+
+
+def test_an_unsupported_method_is_a_405_problem_listing_the_allowed_ones(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    response = client.put("/calls/x")
+
+    assert_problem(response, 405)
+    allowed = {method.strip() for method in response.headers["Allow"].split(",")}
+    assert {"GET", "DELETE"} <= allowed
+    assert "PUT" not in allowed
+    assert fake.calls == []
+
+
+def test_a_body_over_16_kib_is_a_413_problem_and_exchange_is_not_contacted(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    body = {"itemId": "item-1", "dialString": "100", "padding": "x" * (16 * 1024)}
+
+    assert_problem(place(client, body), 413)
+    assert fake.calls == []
+
+
+# Metrics
+
+
+def scrape(client: FlaskClient) -> str:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+def test_requests_are_counted_by_method_route_and_status(client: FlaskClient) -> None:
+    client.delete("/calls/call-42")
+    client.delete("/calls/bad%20id")
+
+    text = scrape(client)
+
+    assert (
+        'ews_gateway_http_requests_total{method="DELETE",route="/calls/<call_id>",status="200"} 1.0'
+        in text
+    )
+    assert (
+        'ews_gateway_http_requests_total{method="DELETE",route="/calls/<call_id>",status="400"} 1.0'
+        in text
+    )
+
+
+def test_request_durations_are_a_histogram_by_method_and_route(client: FlaskClient) -> None:
+    client.get("/calls/call-42")
+
+    text = scrape(client)
+
+    assert (
+        'ews_gateway_http_request_duration_seconds_count{method="GET",route="/calls/<call_id>"} 1.0'
+        in text
+    )
+    assert (
+        'ews_gateway_http_request_duration_seconds_bucket{le="+Inf",method="GET",'
+        'route="/calls/<call_id>"} 1.0' in text
+    )
+
+
+def test_no_request_stays_in_progress_after_it_is_answered(fake: FakeExchange) -> None:
+    registry = CollectorRegistry()
+    config = Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
+    client = create_app(config, ews=cast(EwsClient, fake), registry=registry).test_client()
+    client.delete("/calls/call-42")
+    client.get("/calls/bad%20id")
+    client.get("/no/such/route")
+    client.post("/calls", json={"itemId": "item-1", "dialString": "100", "x": "y" * 20000})
+    fake.error = RuntimeError("boom")
+    client.delete("/calls/call-42")
+
+    assert registry.get_sample_value("ews_gateway_http_requests_in_progress") == 0.0
+
+
+def test_the_build_version_is_exposed(client: FlaskClient) -> None:
+    assert f'ews_gateway_build_info{{version="{__version__}"}} 1.0' in scrape(client)
+
+
+def test_no_call_id_or_raw_path_ever_appears_in_the_metrics(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    client.delete("/calls/secret-call-id-1")
+    client.get("/calls/secret-call-id-2")
+    client.get("/calls/secret%20call%20id%203")
+    client.put("/calls/secret-call-id-4")
+    client.get("/secret-route-5")
+    fake.error = errors.CallNotFound("no such call", ews_code="ErrorInvalidPhoneCallId")
+    client.delete("/calls/secret-call-id-6")
+
+    assert "secret" not in scrape(client)
+
+
+def test_unknown_routes_are_labelled_unmatched(client: FlaskClient) -> None:
+    client.get("/wp-admin/setup.php")
+
+    text = scrape(client)
+
+    assert 'ews_gateway_http_requests_total{method="GET",route="<unmatched>",status="404"} 1.0' in (
+        text
+    )
+    assert "wp-admin" not in text
+
+
+# Access log
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "gateway.access"]
+
+
+def test_each_request_writes_one_access_log_record_with_its_facts(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+
+    response = client.delete("/calls/call-42", headers={"X-Request-ID": "log-1"})
+
+    [record] = access_records(caplog)
+    assert response.headers["X-Request-ID"] == "log-1"
+    assert record.__dict__["requestId"] == "log-1"
+    assert record.__dict__["method"] == "DELETE"
+    assert record.__dict__["route"] == "/calls/<call_id>"
+    assert record.__dict__["status"] == 200
+    assert isinstance(record.__dict__["durationMs"], float)
+    assert record.__dict__["durationMs"] >= 0
+
+
+def test_failed_and_unmatched_requests_are_logged_too(
+    client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    fake.error = errors.EwsAccessDenied("denied", ews_code="ErrorAccessDenied")
+
+    first = client.get("/calls/call-42")
+    second = client.get("/nowhere")
+
+    records = access_records(caplog)
+    assert [r.__dict__["status"] for r in records] == [403, 404]
+    assert [r.__dict__["route"] for r in records] == ["/calls/<call_id>", "<unmatched>"]
+    assert [r.__dict__["requestId"] for r in records] == [
+        first.headers["X-Request-ID"],
+        second.headers["X-Request-ID"],
+    ]

@@ -1,0 +1,287 @@
+"""Config.from_env: defaults, and one clear error naming the variable for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Config, ConfigError
+
+EWS_URL = "https://mail.example.com/EWS/Exchange.asmx"
+MINIMAL = {"EWS_URL": EWS_URL, "GATEWAY_AUTH": "none"}
+
+
+def from_env(**overrides: str) -> Config:
+    return Config.from_env({**MINIMAL, **overrides})
+
+
+def config_error(environ: dict[str, str]) -> str:
+    """Return the message of the ConfigError this environment raises."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ)
+    return str(caught.value)
+
+
+def rejects(**overrides: str) -> str:
+    return config_error({**MINIMAL, **overrides})
+
+
+def secret_file(tmp_path: Path, content: str, name: str = "secret") -> str:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+def test_defaults_apply_when_only_the_required_variables_are_set() -> None:
+    config = from_env()
+
+    assert config.ews_url == EWS_URL
+    assert config.gateway_auth == "none"
+    assert config.ews_server_version == "Exchange2010"
+    assert config.ews_timeout_s == 10.0
+    assert config.ews_auth == "none"
+    assert config.ews_verify_tls is True
+    assert config.ews_ca_bundle is None
+    assert config.bind == "0.0.0.0:8080"
+    assert config.workers is None
+    assert config.threads is None
+    assert config.log_level == "info"
+
+
+def test_the_config_is_frozen() -> None:
+    config = from_env()
+
+    with pytest.raises(AttributeError):
+        config.ews_url = "https://elsewhere.example.com/"  # type: ignore[misc]
+
+
+# EWS_URL
+
+
+@pytest.mark.parametrize("environ", [{"GATEWAY_AUTH": "none"}, {**MINIMAL, "EWS_URL": "  "}])
+def test_ews_url_is_required(environ: dict[str, str]) -> None:
+    assert "EWS_URL" in config_error(environ)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://mail.example.com/EWS/Exchange.asmx", "mail.example.com/EWS", "https://", "file:///x"],
+)
+def test_ews_url_must_be_http_or_https(url: str) -> None:
+    assert "EWS_URL" in rejects(EWS_URL=url)
+
+
+@pytest.mark.parametrize("url", ["http://mail.example.com/EWS", "https://10.0.0.5:8443/EWS/x"])
+def test_an_http_or_https_ews_url_is_accepted(url: str) -> None:
+    assert from_env(EWS_URL=url).ews_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://svc:hunter2@mail.example.com/EWS/Exchange.asmx",
+        "https://:hunter2@mail.example.com/EWS/Exchange.asmx",
+        "https://svc@mail.example.com/EWS/Exchange.asmx",
+    ],
+)
+def test_ews_url_must_not_carry_credentials(url: str) -> None:
+    message = rejects(EWS_URL=url)
+
+    assert "EWS_URL" in message
+    assert "hunter2" not in message
+
+
+def test_a_rejected_ews_url_never_repeats_an_embedded_password() -> None:
+    # A typo in the scheme must not put the password into start-up logs.
+    message = rejects(EWS_URL="htps://svc:hunter2@mail.example.com/EWS/Exchange.asmx")
+
+    assert "EWS_URL" in message
+    assert "hunter2" not in message
+
+
+# GATEWAY_AUTH
+
+
+def test_gateway_auth_is_required() -> None:
+    assert "GATEWAY_AUTH" in config_error({"EWS_URL": EWS_URL})
+
+
+@pytest.mark.parametrize("value", ["open", "off", "basic", "NONE", "yes"])
+def test_gateway_auth_is_limited_to_the_allowed_values(value: str) -> None:
+    assert "GATEWAY_AUTH" in rejects(GATEWAY_AUTH=value)
+
+
+def test_gateway_auth_apikey_is_accepted_with_a_keys_file(tmp_path: Path) -> None:
+    keys = secret_file(tmp_path, "0" * 64 + "\n", name="keys")
+
+    config = from_env(GATEWAY_AUTH="apikey", GATEWAY_API_KEYS_FILE=keys)
+
+    assert config.gateway_auth == "apikey"
+    assert config.api_keys_file == keys
+
+
+def test_gateway_auth_apikey_needs_a_keys_file() -> None:
+    assert "GATEWAY_API_KEYS_FILE" in rejects(GATEWAY_AUTH="apikey")
+
+
+# EWS_SERVER_VERSION
+
+
+@pytest.mark.parametrize("version", ["Exchange2016", "Exchange2013_SP1", "Exchange2010_SP2"])
+def test_a_version_from_exchange_version_type_is_accepted(version: str) -> None:
+    assert from_env(EWS_SERVER_VERSION=version).ews_server_version == version
+
+
+@pytest.mark.parametrize("version", ["Exchange2019", "exchange2010", "2010", "Exchange2010x"])
+def test_a_version_outside_exchange_version_type_is_rejected(version: str) -> None:
+    assert "EWS_SERVER_VERSION" in rejects(EWS_SERVER_VERSION=version)
+
+
+# EWS_TIMEOUT_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"), [("2.5", 2.5), ("30", 30.0), ("0.1", 0.1), ("300", 300.0)]
+)
+def test_the_timeout_is_read_as_seconds(raw: str, seconds: float) -> None:
+    assert from_env(EWS_TIMEOUT_SECONDS=raw).ews_timeout_s == seconds
+
+
+@pytest.mark.parametrize("raw", ["ten", "10s", "0", "-1", "0.05", "301", "nan", "inf"])
+def test_a_timeout_that_is_not_a_sane_number_is_rejected(raw: str) -> None:
+    assert "EWS_TIMEOUT_SECONDS" in rejects(EWS_TIMEOUT_SECONDS=raw)
+
+
+# GATEWAY_WORKERS, GATEWAY_THREADS
+
+
+@pytest.mark.parametrize("variable", ["GATEWAY_WORKERS", "GATEWAY_THREADS"])
+def test_workers_and_threads_are_whole_numbers(variable: str) -> None:
+    config = from_env(**{variable: "4"})
+
+    assert (config.workers if variable == "GATEWAY_WORKERS" else config.threads) == 4
+
+
+@pytest.mark.parametrize("variable", ["GATEWAY_WORKERS", "GATEWAY_THREADS"])
+@pytest.mark.parametrize("raw", ["0", "-2", "2.5", "four", "1e2", "257", "\u00b2"])
+def test_workers_and_threads_that_are_not_whole_numbers_are_rejected_naming_the_variable(
+    variable: str, raw: str
+) -> None:
+    assert variable in rejects(**{variable: raw})
+
+
+# EWS_VERIFY_TLS
+
+
+@pytest.mark.parametrize("raw", ["true", "TRUE", "1", "yes", "on"])
+def test_verify_tls_accepts_true_words(raw: str) -> None:
+    assert from_env(EWS_VERIFY_TLS=raw).ews_verify_tls is True
+
+
+@pytest.mark.parametrize("raw", ["false", "False", "0", "no", "off"])
+def test_verify_tls_accepts_false_words(raw: str) -> None:
+    assert from_env(EWS_VERIFY_TLS=raw).ews_verify_tls is False
+
+
+@pytest.mark.parametrize("raw", ["maybe", "disabled", "2"])
+def test_verify_tls_rejects_other_words(raw: str) -> None:
+    assert "EWS_VERIFY_TLS" in rejects(EWS_VERIFY_TLS=raw)
+
+
+# EWS_CA_BUNDLE
+
+
+def test_an_existing_ca_bundle_is_accepted(tmp_path: Path) -> None:
+    bundle = secret_file(tmp_path, "-----BEGIN CERTIFICATE-----\n", name="ca.pem")
+
+    assert from_env(EWS_CA_BUNDLE=bundle).ews_ca_bundle == bundle
+
+
+def test_a_missing_ca_bundle_is_rejected(tmp_path: Path) -> None:
+    assert "EWS_CA_BUNDLE" in rejects(EWS_CA_BUNDLE=str(tmp_path / "absent.pem"))
+
+
+def test_a_directory_is_not_a_ca_bundle(tmp_path: Path) -> None:
+    assert "EWS_CA_BUNDLE" in rejects(EWS_CA_BUNDLE=str(tmp_path))
+
+
+# Secrets and EWS_AUTH
+
+
+def test_the_password_is_read_from_its_file_without_the_trailing_newline(tmp_path: Path) -> None:
+    password_file = secret_file(tmp_path, "s3cret pass\n")
+
+    config = from_env(EWS_AUTH="basic", EWS_USERNAME="svc", EWS_PASSWORD_FILE=password_file)
+
+    assert config.ews_password == "s3cret pass"
+
+
+def test_the_bearer_token_is_read_from_its_file(tmp_path: Path) -> None:
+    token_file = secret_file(tmp_path, "eyJ.token.sig\r\n")
+
+    config = from_env(EWS_AUTH="bearer", EWS_BEARER_TOKEN_FILE=token_file)
+
+    assert config.ews_bearer_token == "eyJ.token.sig"
+
+
+def test_a_secret_and_its_file_together_are_an_error(tmp_path: Path) -> None:
+    password_file = secret_file(tmp_path, "from-file\n")
+
+    message = rejects(
+        EWS_AUTH="basic",
+        EWS_USERNAME="svc",
+        EWS_PASSWORD="from-env",
+        EWS_PASSWORD_FILE=password_file,
+    )
+
+    assert "EWS_PASSWORD" in message
+    assert "from-env" not in message
+    assert "from-file" not in message
+
+
+def test_an_unreadable_secret_file_is_an_error_naming_the_variable(tmp_path: Path) -> None:
+    message = rejects(
+        EWS_AUTH="basic", EWS_USERNAME="svc", EWS_PASSWORD_FILE=str(tmp_path / "absent")
+    )
+
+    assert "EWS_PASSWORD_FILE" in message
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [{}, {"EWS_USERNAME": "svc"}, {"EWS_PASSWORD": "pw"}, {"EWS_USERNAME": "", "EWS_PASSWORD": ""}],
+)
+def test_basic_auth_without_username_and_password_is_rejected(credentials: dict[str, str]) -> None:
+    message = rejects(EWS_AUTH="basic", **credentials)
+
+    assert "EWS_USERNAME" in message
+    assert "EWS_PASSWORD" in message
+
+
+def test_basic_auth_accepts_a_domain_user() -> None:
+    config = from_env(EWS_AUTH="basic", EWS_USERNAME="CORP\\svc-ews", EWS_PASSWORD="pw")
+
+    assert config.ews_username == "CORP\\svc-ews"
+
+
+def test_bearer_auth_without_a_token_is_rejected() -> None:
+    assert "EWS_BEARER_TOKEN" in rejects(EWS_AUTH="bearer")
+
+
+@pytest.mark.parametrize("value", ["kerberos", "Basic", "digest"])
+def test_ews_auth_is_limited_to_the_allowed_values(value: str) -> None:
+    assert "EWS_AUTH" in rejects(EWS_AUTH=value)
+
+
+def test_the_log_level_is_limited_to_the_allowed_values() -> None:
+    assert "GATEWAY_LOG_LEVEL" in rejects(GATEWAY_LOG_LEVEL="verbose")
+
+
+def test_secrets_never_appear_in_the_repr(tmp_path: Path) -> None:
+    basic = from_env(EWS_AUTH="basic", EWS_USERNAME="svc", EWS_PASSWORD="hunter2-password")
+    bearer = from_env(EWS_AUTH="bearer", EWS_BEARER_TOKEN="eyJ-secret-token")
+
+    assert "hunter2-password" not in repr(basic)
+    assert "eyJ-secret-token" not in repr(bearer)
+    assert "svc" in repr(basic)
