@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from gateway import validation
+from gateway.callers import ANONYMOUS
 from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
 from gateway.ews import PhoneCalls
 from gateway.metrics import Metrics
@@ -60,7 +61,9 @@ def services() -> tuple[PhoneCalls, Metrics]:
 def disconnect_call(call_id: str) -> Response:
     """Hang up a call."""
     ews, _ = services()
-    result = ews.disconnect_call(validation.check_call_id(call_id), request_id=g.request_id)
+    result = ews.disconnect_call(
+        validation.check_call_id(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
+    )
     g.ews_code = result.ews_code
     body = {"callId": call_id, "status": "disconnected", "ewsResponseCode": result.ews_code}
     return _json(body, 200, result.warning)
@@ -76,6 +79,7 @@ def place_call() -> Response:
         order.dial_string,
         change_key=order.item_change_key,
         request_id=g.request_id,
+        mailbox=g.caller.mailbox,
     )
     g.ews_code = result.ews_code
     body = {"callId": result.call_id, "ewsResponseCode": result.ews_code}
@@ -88,7 +92,9 @@ def place_call() -> Response:
 def get_call(call_id: str) -> Response:
     """Show the state of a call."""
     ews, _ = services()
-    info = ews.get_call_information(validation.check_call_id(call_id), request_id=g.request_id)
+    info = ews.get_call_information(
+        validation.check_call_id(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
+    )
     g.ews_code = info.ews_code
     body: dict[str, Any] = {
         "callId": call_id,
@@ -158,8 +164,9 @@ def start_request() -> None:
     g.upstream_outcome = None
     _, metrics = services()
     metrics.in_progress.inc()
+    g.caller = ANONYMOUS
     if request.url_rule is not None and request.endpoint not in PUBLIC_ENDPOINTS:
-        current_app.extensions["gateway"]["callers"].authenticate(request.headers)
+        g.caller = current_app.extensions["gateway"]["callers"].authenticate(request.headers)
 
 
 def finish_request(response: Response) -> Response:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import re
 from importlib import resources
 
 from flask import Flask
+from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
 from gateway import __version__, api
@@ -44,7 +46,23 @@ def create_app(
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
     }
     api.register(app)
+    if config.cors_origins:
+        allow_browsers(app, config.cors_origins)
     return app
+
+
+def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
+    """Answer CORS preflights and add CORS headers for exactly these origins."""
+    CORS(
+        app,
+        # Compiled patterns are matched whole; a plain string may be taken for a regex.
+        origins=[re.compile(re.escape(origin) + r"\Z", re.IGNORECASE) for origin in origins],
+        methods=["GET", "POST", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-API-Key"],
+        expose_headers=["Location", "Retry-After", "X-Request-ID"],
+        max_age=600,
+        vary_header=True,
+    )
 
 
 def build_transport(config: Config) -> ExchangeTransport:

@@ -1,29 +1,55 @@
-"""Who is calling: caller authentication, decided by GATEWAY_AUTH."""
+"""Who is calling: caller authentication (GATEWAY_AUTH) and the mailbox a caller acts as."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
+import threading
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.config import Config, ConfigError
-from gateway.errors import Unauthenticated
+from gateway.errors import Forbidden, KeysUnavailable, Unauthenticated
 
+LOG = logging.getLogger("gateway")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Only asymmetric algorithms: a public key must never be usable as an HMAC secret.
+RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+ASYMMETRIC_ALGORITHMS = frozenset({*RSA_ALGORITHMS, *EC_ALGORITHMS.values(), "EdDSA"})
+CLOCK_SKEW_S = 30
+MAX_MAILBOX_CHARS = 320
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller; `mailbox` is set when calls run as the caller's own mailbox."""
+
+    subject: str | None = None
+    mailbox: str | None = None
+
+
+ANONYMOUS = Caller()
 
 
 class Authenticator(Protocol):
-    """Checks a request's headers; raises Unauthenticated when they do not identify a caller."""
+    """Checks a request's headers and says who is calling."""
 
     @property
     def challenge(self) -> str | None:
         """The WWW-Authenticate value sent with a 401, if any."""
 
-    def authenticate(self, headers: Mapping[str, str]) -> None:
-        """Accept the caller or raise Unauthenticated."""
+    def authenticate(self, headers: Mapping[str, str]) -> Caller:
+        """Return the caller or raise Unauthenticated / Forbidden."""
 
 
 class OpenGateway:
@@ -31,8 +57,9 @@ class OpenGateway:
 
     challenge: str | None = None
 
-    def authenticate(self, headers: Mapping[str, str]) -> None:
+    def authenticate(self, headers: Mapping[str, str]) -> Caller:
         """Accept every caller."""
+        return ANONYMOUS
 
 
 class ApiKeys:
@@ -60,7 +87,7 @@ class ApiKeys:
             raise ConfigError("GATEWAY_API_KEYS_FILE holds no key digests")
         return cls(frozenset(digests))
 
-    def authenticate(self, headers: Mapping[str, str]) -> None:
+    def authenticate(self, headers: Mapping[str, str]) -> Caller:
         """Accept the caller if its key's digest matches, comparing in constant time."""
         key = headers.get("X-API-Key", "")
         if not key:
@@ -72,6 +99,145 @@ class ApiKeys:
             matched |= hmac.compare_digest(presented, digest)
         if not matched:
             raise Unauthenticated("the API key is not valid")
+        return ANONYMOUS
+
+
+class KeySource(Protocol):
+    """Finds the public key (and the algorithms it fits) that should have signed a token."""
+
+    def key_for(self, token: str) -> tuple[Any, list[str]]:
+        """Return (key, algorithms) or raise Unauthenticated / KeysUnavailable."""
+
+
+class StaticKey:
+    """One PEM public key (GATEWAY_JWT_PUBLIC_KEY)."""
+
+    def __init__(self, pem: str) -> None:
+        try:
+            self._key = load_pem_public_key(pem.encode("ascii"))
+        except ValueError:
+            raise ConfigError("GATEWAY_JWT_PUBLIC_KEY is not a PEM public key") from None
+        self._algorithms = _algorithms_for(self._key)
+
+    def key_for(self, token: str) -> tuple[Any, list[str]]:
+        """Return the configured key and the algorithms its type allows."""
+        return self._key, self._algorithms
+
+
+def _algorithms_for(key: object) -> list[str]:
+    if isinstance(key, rsa.RSAPublicKey):
+        return list(RSA_ALGORITHMS)
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in EC_ALGORITHMS:
+        return [EC_ALGORITHMS[key.curve.name]]
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return ["EdDSA"]
+    raise ConfigError("GATEWAY_JWT_PUBLIC_KEY must be an RSA, EC (P-256/384/521) or Ed25519 key")
+
+
+class JwksKeys:
+    """Keys from a JWKS URL, cached; refetched when stale or for an unknown `kid`, at most
+    once per `min_refresh_s` so forged `kid`s cannot hammer the identity provider."""
+
+    def __init__(self, url: str, *, ttl_s: float = 300, min_refresh_s: float = 30) -> None:
+        self._client = jwt.PyJWKClient(url, cache_keys=False, cache_jwk_set=False, timeout=5)
+        self._ttl_s = ttl_s
+        self._min_refresh_s = min_refresh_s
+        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._fetched_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def key_for(self, token: str) -> tuple[Any, list[str]]:
+        """Return the key named by the token's `kid`, fetching the key set if needed."""
+        kid = _unverified_kid(token)
+        with self._lock:
+            age = time.monotonic() - self._fetched_at
+            if age > self._ttl_s or (kid not in self._keys and age > self._min_refresh_s):
+                self._refresh()
+            jwk = self._keys.get(kid)
+        if jwk is None:
+            raise Unauthenticated("the token's signing key is not known")
+        return jwk.key, [jwk.algorithm_name]
+
+    def _refresh(self) -> None:
+        try:
+            jwk_set = self._client.get_jwk_set(refresh=True)
+        except jwt.PyJWKClientError as error:
+            if not self._keys:
+                raise KeysUnavailable("the token signing keys cannot be fetched now") from None
+            LOG.warning("JWKS refresh failed; keeping the cached keys", extra={"error": str(error)})
+            self._fetched_at = time.monotonic()
+            return
+        keys = {
+            jwk.key_id: jwk for jwk in jwk_set.keys if jwk.algorithm_name in ASYMMETRIC_ALGORITHMS
+        }
+        if len(keys) == 1:
+            # A lone key also serves tokens that name no kid.
+            keys[None] = next(iter(keys.values()))
+        self._keys = keys
+        self._fetched_at = time.monotonic()
+
+
+def _unverified_kid(token: str) -> str | None:
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError:
+        raise Unauthenticated("the bearer token is not a JWT") from None
+    return kid if isinstance(kid, str) else None
+
+
+class JwtBearer:
+    """GATEWAY_AUTH=jwt: bearer tokens checked for signature, exp, nbf, iss and aud."""
+
+    challenge: str | None = 'Bearer realm="ews-gateway"'
+
+    def __init__(
+        self,
+        keys: KeySource,
+        *,
+        issuer: str,
+        audience: str,
+        mailbox_claim: str | None = None,
+    ) -> None:
+        self._keys = keys
+        self._issuer = issuer
+        self._audience = audience
+        self._mailbox_claim = mailbox_claim
+
+    def authenticate(self, headers: Mapping[str, str]) -> Caller:
+        """Verify the bearer token and return its subject (and mailbox when acting as the user)."""
+        scheme, _, token = headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("send a bearer token in the Authorization header")
+        key, algorithms = self._keys.key_for(token)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=CLOCK_SKEW_S,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.PyJWTError as error:
+            raise Unauthenticated(f"the bearer token is not valid: {error}") from None
+        subject = claims.get("sub") if isinstance(claims.get("sub"), str) else None
+        if self._mailbox_claim is None:
+            return Caller(subject=subject)
+        return Caller(subject=subject, mailbox=self._mailbox(claims))
+
+    def _mailbox(self, claims: Mapping[str, Any]) -> str:
+        mailbox = claims.get(self._mailbox_claim or "")
+        if (
+            not isinstance(mailbox, str)
+            or not 3 <= len(mailbox) <= MAX_MAILBOX_CHARS
+            or mailbox.count("@") != 1
+            or not mailbox.isprintable()
+            or any(char.isspace() for char in mailbox)
+        ):
+            raise Forbidden(f"the token's {self._mailbox_claim!r} claim names no mailbox")
+        return mailbox
 
 
 def build_authenticator(config: Config) -> Authenticator:
@@ -79,4 +245,19 @@ def build_authenticator(config: Config) -> Authenticator:
     if config.gateway_auth == "apikey":
         assert config.api_keys_file is not None
         return ApiKeys.from_file(config.api_keys_file)
+    if config.gateway_auth == "jwt":
+        assert config.jwt_issuer is not None
+        assert config.jwt_audience is not None
+        keys: KeySource = (
+            JwksKeys(config.jwt_jwks_url)
+            if config.jwt_jwks_url
+            else StaticKey(config.jwt_public_key or "")
+        )
+        mailbox_claim = config.jwt_mailbox_claim if config.ews_impersonation == "token" else None
+        return JwtBearer(
+            keys,
+            issuer=config.jwt_issuer,
+            audience=config.jwt_audience,
+            mailbox_claim=mailbox_claim,
+        )
     return OpenGateway()

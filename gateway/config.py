@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 
 from gateway.wire import EXCHANGE_VERSIONS
 
-EWS_AUTH_MODES = ("none", "basic", "bearer")
-GATEWAY_AUTH_MODES = ("none", "apikey")
+EWS_AUTH_MODES = ("none", "basic", "ntlm", "bearer")
+GATEWAY_AUTH_MODES = ("none", "apikey", "jwt")
+IMPERSONATION_MODES = ("none", "token")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -40,6 +41,13 @@ class Config:
     ews_verify_tls: bool = True
     ews_ca_bundle: str | None = None
     api_keys_file: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_public_key: str | None = field(default=None, repr=False)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_mailbox_claim: str = "email"
+    ews_impersonation: str = "none"
+    cors_origins: tuple[str, ...] = ()
     bind: str = "0.0.0.0:8080"
     workers: int | None = None
     threads: int | None = None
@@ -64,6 +72,13 @@ class Config:
             ews_verify_tls=env.flag("EWS_VERIFY_TLS", default=True),
             ews_ca_bundle=env.path("EWS_CA_BUNDLE"),
             api_keys_file=env.path("GATEWAY_API_KEYS_FILE"),
+            jwt_jwks_url=env.url("GATEWAY_JWT_JWKS_URL", required=False) or None,
+            jwt_public_key=env.secret("GATEWAY_JWT_PUBLIC_KEY") or None,
+            jwt_issuer=env.text("GATEWAY_JWT_ISSUER") or None,
+            jwt_audience=env.text("GATEWAY_JWT_AUDIENCE") or None,
+            jwt_mailbox_claim=env.text("GATEWAY_JWT_MAILBOX_CLAIM") or "email",
+            ews_impersonation=env.choice("EWS_IMPERSONATION", IMPERSONATION_MODES, default="none"),
+            cors_origins=env.origins("GATEWAY_CORS_ORIGINS"),
             bind=env.text("GATEWAY_BIND") or cls.bind,
             workers=env.count("GATEWAY_WORKERS"),
             threads=env.count("GATEWAY_THREADS"),
@@ -79,8 +94,27 @@ class Config:
             raise ConfigError("EWS_AUTH=basic needs EWS_USERNAME and EWS_PASSWORD")
         if self.ews_auth == "bearer" and not self.ews_bearer_token:
             raise ConfigError("EWS_AUTH=bearer needs EWS_BEARER_TOKEN (or EWS_BEARER_TOKEN_FILE)")
+        if self.ews_auth == "ntlm" and not (self.ews_username and self.ews_password):
+            raise ConfigError("EWS_AUTH=ntlm needs EWS_USERNAME and EWS_PASSWORD")
         if self.gateway_auth == "apikey" and not self.api_keys_file:
             raise ConfigError("GATEWAY_AUTH=apikey needs GATEWAY_API_KEYS_FILE")
+        if self.gateway_auth == "jwt":
+            self._check_jwt()
+        if self.ews_impersonation == "token" and self.gateway_auth != "jwt":
+            raise ConfigError(
+                "EWS_IMPERSONATION=token needs GATEWAY_AUTH=jwt (the mailbox comes from the token)"
+            )
+
+    def _check_jwt(self) -> None:
+        if bool(self.jwt_jwks_url) == bool(self.jwt_public_key):
+            raise ConfigError(
+                "GATEWAY_AUTH=jwt needs exactly one of GATEWAY_JWT_JWKS_URL or "
+                "GATEWAY_JWT_PUBLIC_KEY (or GATEWAY_JWT_PUBLIC_KEY_FILE)"
+            )
+        if not self.jwt_issuer:
+            raise ConfigError("GATEWAY_AUTH=jwt needs GATEWAY_JWT_ISSUER")
+        if not self.jwt_audience:
+            raise ConfigError("GATEWAY_AUTH=jwt needs GATEWAY_JWT_AUDIENCE")
 
 
 class _Env:
@@ -92,8 +126,10 @@ class _Env:
     def text(self, name: str) -> str:
         return self._environ.get(name, "").strip()
 
-    def url(self, name: str) -> str:
+    def url(self, name: str, *, required: bool = True) -> str:
         value = self.text(name)
+        if not value and not required:
+            return ""
         if not value:
             raise ConfigError(
                 f"{name} is required, e.g. https://mail.example.com/EWS/Exchange.asmx"
@@ -149,6 +185,17 @@ class _Env:
         if value and not Path(value).is_file():
             raise ConfigError(f"{name} names {value!r}, which is not a readable file")
         return value or None
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Read a comma-separated list of exact origins such as https://app.example.com."""
+        origins = tuple(item.strip() for item in self.text(name).split(",") if item.strip())
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+                raise ConfigError(
+                    f"{name}: {origin!r} is not an origin like https://app.example.com"
+                )
+        return origins
 
     def secret(self, name: str) -> str:
         """Read NAME, or the file named by NAME_FILE (the usual way to mount secrets)."""

@@ -49,6 +49,18 @@ class Unauthenticated(GatewayError):
     title = "Missing or invalid credentials"
 
 
+class Forbidden(GatewayError):
+    status = 403
+    slug = "forbidden"
+    title = "Not allowed"
+
+
+class KeysUnavailable(GatewayError):
+    status = 503
+    slug = "keys-unavailable"
+    title = "Caller credentials cannot be checked right now"
+
+
 class UnsupportedMediaType(GatewayError):
     status = 415
     slug = "unsupported-media-type"

@@ -324,6 +324,8 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.InvalidRequest: 400,
     errors.Unauthenticated: 401,
     errors.UnsupportedMediaType: 415,
+    errors.Forbidden: 403,
+    errors.KeysUnavailable: 503,
     errors.CallNotFound: 404,
     errors.MailboxNotFound: 404,
     errors.EwsAccessDenied: 403,
