@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from gateway import __version__, api
 from gateway.callers import build_authenticator
 from gateway.config import Config
-from gateway.ews import EwsClient, PhoneCalls
+from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.metrics import Metrics
-from gateway.transport import ExchangeTransport
+from gateway.transport import ExchangeTransport, NtlmTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
 MAX_BODY_BYTES = 16 * 1024
@@ -65,8 +65,17 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
     )
 
 
-def build_transport(config: Config) -> ExchangeTransport:
+def build_transport(config: Config) -> Transport:
     """Build the HTTP transport to Exchange with the configured credentials."""
+    if config.ews_auth == "ntlm":
+        return NtlmTransport(
+            config.ews_url,
+            timeout_s=config.ews_timeout_s,
+            username=config.ews_username,
+            password=config.ews_password,
+            verify_tls=config.ews_verify_tls,
+            ca_bundle=config.ews_ca_bundle,
+        )
     return ExchangeTransport(
         config.ews_url,
         timeout_s=config.ews_timeout_s,

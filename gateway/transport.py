@@ -8,12 +8,16 @@ memory.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from requests_ntlm import HttpNtlmAuth
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
@@ -108,6 +112,84 @@ class ExchangeTransport:
         self._pool.close()
 
 
+class NtlmTransport:
+    """POST SOAP envelopes to Exchange with NTLM (EWS_AUTH=ntlm).
+
+    NTLM authenticates a connection, not a request. Each thread therefore gets
+    its own session holding a single connection, so a handshake can never be
+    split across connections and no thread can use another's authenticated one.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        username: str,
+        password: str,
+        verify_tls: bool = True,
+        ca_bundle: str | None = None,
+    ) -> None:
+        self._url = url
+        self._timeout_s = timeout_s
+        self._auth = HttpNtlmAuth(username, password)
+        self._verify: bool | str = ca_bundle or verify_tls
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+
+    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
+        """Send one request (with the NTLM handshake when needed) and return the whole answer."""
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            response = self._session().post(
+                self._url,
+                data=body,
+                headers={**headers, "User-Agent": "ews-call-gateway"},
+                timeout=self._timeout_s,
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.Timeout:
+            raise UpstreamTimeout("Exchange did not answer in time", outcome="timeout") from None
+        except requests.RequestException as exc:
+            raise _translate(exc) from None
+        try:
+            payload = _read_capped(response.raw, deadline)
+        except HTTPError as exc:
+            response.close()
+            raise _translate(exc) from None
+        return UpstreamReply(
+            status=response.status_code,
+            content_type=response.headers.get("Content-Type", ""),
+            retry_after=response.headers.get("Retry-After"),
+            location=response.headers.get("Location"),
+            body=payload,
+        )
+
+    def close(self) -> None:
+        """Close every thread's session."""
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.auth = self._auth
+            session.verify = self._verify
+            session.trust_env = False  # no proxies or .netrc credentials from the environment
+            single_connection = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            session.mount("http://", single_connection)
+            session.mount("https://", single_connection)
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
+
+
 def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -127,7 +209,7 @@ def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
 
 
 def _translate(exc: BaseException) -> GatewayError:
-    """Turn a urllib3 failure into the gateway error the contract maps it to."""
+    """Turn a urllib3 or requests failure into the gateway error the contract maps it to."""
     # NewConnectionError (refused, DNS) subclasses ConnectTimeoutError: test it first.
     if isinstance(exc, NewConnectionError):
         return UpstreamUnreachable(
@@ -135,7 +217,7 @@ def _translate(exc: BaseException) -> GatewayError:
         )
     if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
         return UpstreamTimeout("Exchange did not answer in time", outcome="timeout")
-    if isinstance(exc, SSLError):
+    if isinstance(exc, SSLError | requests.exceptions.SSLError):
         return UpstreamUnreachable(
             "The TLS connection to Exchange failed", outcome="connection_error"
         )
