@@ -15,6 +15,7 @@ from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.metrics import Metrics
+from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.transport import ExchangeTransport, NtlmTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
@@ -36,7 +37,10 @@ def create_app(
     metrics = Metrics(__version__, registry, multiprocess_dir=config.metrics_dir)
     if ews is None:
         ews = EwsClient(
-            build_transport(config), server_version=config.ews_server_version, observer=metrics
+            build_transport(config),
+            server_version=config.ews_server_version,
+            observer=metrics,
+            policy=build_policy(config, metrics),
         )
     app.extensions["gateway"] = {
         "ews": ews,
@@ -65,6 +69,18 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
     )
 
 
+def build_policy(config: Config, metrics: Metrics) -> UpstreamPolicy:
+    """Bound calls to Exchange: deadline, one retry, circuit breaker, bulkhead."""
+    return UpstreamPolicy(
+        timeout_s=config.ews_timeout_s,
+        max_retry_back_off_s=config.retry_max_back_off_s,
+        breaker=CircuitBreaker(
+            config.breaker_failures, config.breaker_cooldown_s, on_change=metrics.circuit_changed
+        ),
+        bulkhead=Bulkhead(config.upstream_slots),
+    )
+
+
 def build_transport(config: Config) -> Transport:
     """Build the HTTP transport to Exchange with the configured credentials."""
     if config.ews_auth == "ntlm":
@@ -82,7 +98,7 @@ def build_transport(config: Config) -> Transport:
         verify_tls=config.ews_verify_tls,
         ca_bundle=config.ews_ca_bundle,
         authorization=_upstream_authorization(config),
-        pool_size=config.threads or 16,
+        pool_size=config.upstream_slots,
     )
 
 

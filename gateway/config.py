@@ -18,6 +18,9 @@ EWS_AUTH_MODES = ("none", "basic", "ntlm", "bearer")
 GATEWAY_AUTH_MODES = ("none", "apikey", "jwt")
 IMPERSONATION_MODES = ("none", "token")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Threads per gunicorn worker, and how many of them never wait on Exchange.
+DEFAULT_THREADS = 32
+RESERVED_THREADS = 4
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -53,6 +56,20 @@ class Config:
     threads: int | None = None
     log_level: str = "info"
     metrics_dir: str | None = None
+    max_in_flight: int | None = None
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+    retry_max_back_off_s: float = 2.0
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self.threads or DEFAULT_THREADS
+
+    @property
+    def upstream_slots(self) -> int:
+        """Calls to Exchange one worker may have in flight; the rest answer 503 at once."""
+        # Keep threads free for probes and /metrics even when every call hangs.
+        return self.max_in_flight or max(1, self.threads_per_worker - RESERVED_THREADS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -84,6 +101,14 @@ class Config:
             threads=env.count("GATEWAY_THREADS"),
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
+            max_in_flight=env.count("EWS_MAX_IN_FLIGHT"),
+            breaker_failures=env.count("EWS_BREAKER_FAILURES") or 5,
+            breaker_cooldown_s=env.number(
+                "EWS_BREAKER_COOLDOWN_SECONDS", default=30.0, low=1.0, high=3600.0
+            ),
+            retry_max_back_off_s=env.number(
+                "EWS_RETRY_MAX_BACKOFF_SECONDS", default=2.0, low=0.0, high=60.0
+            ),
         )
         config.check_consistency()
         return config
@@ -100,6 +125,10 @@ class Config:
             raise ConfigError("GATEWAY_AUTH=apikey needs GATEWAY_API_KEYS_FILE")
         if self.gateway_auth == "jwt":
             self._check_jwt()
+        if self.max_in_flight is not None and self.max_in_flight >= self.threads_per_worker:
+            raise ConfigError(
+                "EWS_MAX_IN_FLIGHT must be below GATEWAY_THREADS so probes always find a thread"
+            )
         if self.ews_impersonation == "token" and self.gateway_auth != "jwt":
             raise ConfigError(
                 "EWS_IMPERSONATION=token needs GATEWAY_AUTH=jwt (the mailbox comes from the token)"

@@ -25,9 +25,12 @@ class GatewayError(Exception):
         retry_after_s: int | None = None,
         warning: str | None = None,
         outcome: str | None = None,
+        back_off_s: float | None = None,
     ) -> None:
         super().__init__(detail)
         self.outcome = outcome
+        # Exchange's own wait hint, to the millisecond (retry_after_s is it rounded up).
+        self.back_off_s = back_off_s
         self.detail = detail
         self.ews_code = ews_code
         self.retry_after_s = retry_after_s
@@ -115,6 +118,18 @@ class EwsUnexpectedError(GatewayError):
 # What went wrong on the way to Exchange.
 
 
+class CircuitOpen(GatewayError):
+    status = 503
+    slug = "exchange-circuit-open"
+    title = "Exchange is failing; calls are paused"
+
+
+class GatewayOverloaded(GatewayError):
+    status = 503
+    slug = "gateway-overloaded"
+    title = "Too many calls to Exchange are in flight"
+
+
 class UpstreamAuthFailed(GatewayError):
     status = 502
     slug = "upstream-authentication-failed"
@@ -180,13 +195,16 @@ def error_for_response_code(
     """Translate an EWS ResponseCode into the gateway error the contract maps it to."""
     error_class = ERROR_BY_RESPONSE_CODE.get(code, EwsUnexpectedError)
     retry_after_s = None
+    back_off_s = back_off_ms / 1000 if back_off_ms is not None else None
     if error_class is EwsBusy:
         retry_after_s = DEFAULT_RETRY_AFTER_S
         if back_off_ms is not None:
             retry_after_s = max(1, -(-back_off_ms // 1000))
     message = message[:MAX_MESSAGE_CHARS]
     detail = f"Exchange answered {code}: {message}" if message else f"Exchange answered {code}"
-    return error_class(detail, ews_code=code, retry_after_s=retry_after_s, outcome=outcome)
+    return error_class(
+        detail, ews_code=code, retry_after_s=retry_after_s, outcome=outcome, back_off_s=back_off_s
+    )
 
 
 def metric_code(code: str | None) -> str:

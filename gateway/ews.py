@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
+import tenacity
 import zeep
 from lxml import etree
 from zeep.exceptions import Error as ZeepError
@@ -25,6 +26,7 @@ from gateway.errors import (
     UpstreamBadResponse,
     error_for_response_code,
 )
+from gateway.resilience import UpstreamPolicy
 from gateway.transport import UpstreamReply
 
 WSDL_FILE = "wsdl/um.wsdl"
@@ -34,8 +36,10 @@ CONTENT_TYPE = "text/xml; charset=utf-8"
 class Transport(Protocol):
     """Sends one envelope to Exchange (gateway.transport.ExchangeTransport in production)."""
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
-        """Return Exchange's whole answer, or raise a GatewayError."""
+    def post(
+        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+    ) -> UpstreamReply:
+        """Return Exchange's whole answer by the deadline (monotonic), or raise a GatewayError."""
 
 
 class UpstreamObserver(Protocol):
@@ -108,6 +112,7 @@ class EwsClient:
         *,
         server_version: str,
         observer: UpstreamObserver | None = None,
+        policy: UpstreamPolicy | None = None,
     ) -> None:
         wsdl = resources.files("gateway").joinpath(WSDL_FILE)
         with resources.as_file(wsdl) as wsdl_path:
@@ -118,6 +123,7 @@ class EwsClient:
         self._transport = transport
         self._server_version = server_version
         self._observer = observer
+        self._policy = policy or UpstreamPolicy()
 
     def disconnect_call(
         self, call_id: str, *, request_id: str, mailbox: str | None = None
@@ -175,9 +181,34 @@ class EwsClient:
             "SOAPAction": f'"{wire.soap_action(operation)}"',
             "X-Request-ID": request_id,
         }
+        deadline = time.monotonic() + self._policy.timeout_s
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(2),
+            retry=tenacity.retry_if_exception(
+                lambda error: self._policy.may_retry(operation, error, deadline)
+            ),
+            wait=_exchange_back_off,
+            reraise=True,
+        )
+        result: ResultT = retrying(
+            self._attempt, operation, envelope, headers, deadline, read_result
+        )
+        return result
+
+    def _attempt(
+        self,
+        operation: str,
+        envelope: bytes,
+        headers: Mapping[str, str],
+        deadline: float,
+        read_result: Callable[[_Answer], ResultT],
+    ) -> ResultT:
+        """Make one call to Exchange and read its result; every outcome is observed once."""
         started = time.perf_counter()
         try:
-            answer = self._read_reply(operation, self._transport.post(envelope, headers))
+            with self._policy.guard():
+                reply = self._transport.post(envelope, headers, deadline=deadline)
+            answer = self._read_reply(operation, reply)
             result = read_result(answer)
         except GatewayError as error:
             self._observe(operation, error.outcome or "invalid_response", error.ews_code, started)
@@ -225,6 +256,14 @@ class _Answer:
 ResultT = TypeVar("ResultT")
 
 
+def _exchange_back_off(retry_state: tenacity.RetryCallState) -> float:
+    """Wait as long as Exchange asked before the one retry."""
+    assert retry_state.outcome is not None
+    error = retry_state.outcome.exception()
+    back_off_s = getattr(error, "back_off_s", None)
+    return float(back_off_s) if back_off_s is not None else 0.0
+
+
 def _disconnected(answer: _Answer) -> Disconnected:
     return Disconnected(ews_code=answer.code, warning=answer.warning)
 
@@ -269,9 +308,11 @@ def _raise_for_http_status(reply: UpstreamReply) -> None:
             outcome="http_error",
         )
     if status == 503:
+        retry_after_s = _retry_after_seconds(reply.retry_after)
         raise EwsUnavailable(
             "Exchange answered HTTP 503 Service Unavailable",
-            retry_after_s=_retry_after_seconds(reply.retry_after),
+            retry_after_s=retry_after_s,
+            back_off_s=retry_after_s,
             outcome="http_error",
         )
     if status not in (200, 500):

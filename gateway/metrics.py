@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from gateway.errors import metric_code
+from gateway.resilience import BreakerState
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -78,6 +79,13 @@ class Metrics:
             ["operation", "code"],
             registry=self.registry,
         )
+        self.circuit_open = Gauge(
+            "ews_gateway_upstream_circuit_open",
+            "1 while the circuit breaker to Exchange is open (in any live worker).",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.circuit_open.set(0)
         build_info = Gauge(
             "ews_gateway_build_info",
             "The running gateway's version.",
@@ -98,6 +106,10 @@ class Metrics:
         self.upstream_duration.labels(operation).observe(seconds)
         if code is not None:
             self.upstream_codes.labels(operation, metric_code(code)).inc()
+
+    def circuit_changed(self, state: BreakerState) -> None:
+        """Show the circuit breaker's state (half-open counts as open)."""
+        self.circuit_open.set(0 if state is BreakerState.CLOSED else 1)
 
     def exposition(self) -> tuple[bytes, str]:
         """Render the text exposition (summed over workers in multiprocess mode)."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
-import signal
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from gateway import metrics
 from gateway.api import ServiceState
@@ -25,8 +26,6 @@ from gateway.logs import configure_logging
 
 LOG = logging.getLogger("gateway")
 RAM_DISK = Path("/dev/shm")  # noqa: S108 - only for heartbeat and metric files
-# Threads per worker: requests mostly wait on Exchange, so a worker holds many at once.
-DEFAULT_THREADS = 32
 # Seconds between EWS_TIMEOUT_SECONDS and gunicorn's worker timeout: an upstream
 # timeout is always answered (504) before gunicorn would kill the worker.
 WORKER_TIMEOUT_MARGIN_S = 20
@@ -45,9 +44,10 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": [config.bind],
         # gthread: a thread per in-flight request, so waiting on Exchange does not block others.
-        "worker_class": "gthread",
+        "worker_class": DrainingThreadWorker,
         "workers": config.workers or default_workers(),
-        "threads": config.threads or DEFAULT_THREADS,
+        # Requests mostly wait on Exchange, so a worker holds many at once.
+        "threads": config.threads_per_worker,
         "timeout": int(config.ews_timeout_s) + WORKER_TIMEOUT_MARGIN_S,
         # In-flight calls may still be waiting on Exchange: give them the upstream timeout.
         "graceful_timeout": int(config.ews_timeout_s) + 5,
@@ -61,12 +61,39 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "logconfig_dict": _gunicorn_log_config(config.log_level),
         "proc_name": "ews-gateway",
         "child_exit": _mark_worker_dead,
-        "post_worker_init": _drain_on_sigterm,
     }
     if RAM_DISK.is_dir():
         # Heartbeat files on disk can stall a worker when the disk is slow.
         options["worker_tmp_dir"] = str(RAM_DISK)
     return options
+
+
+class DrainingThreadWorker(ThreadWorker):  # type: ignore[misc]
+    """gthread worker that, told to stop, serves every connection it was sent, then refuses more.
+
+    gunicorn's own gthread worker stops accepting at once but keeps its listening sockets open
+    until its last request ends, so a client that connects meanwhile completes the handshake,
+    sends its request and is then reset: a load balancer cannot tell whether a reset POST ran.
+    This worker first accepts what the kernel already queued, then closes its listeners, so once
+    every process of the instance has done so new connections are refused, which a balancer
+    retries elsewhere, whatever the method.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # /readyz answers 503 from now on, also on connections that are already open.
+        self.app.state.draining = True
+        super().handle_exit(sig, frame)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        if enabled or self.alive:
+            super().set_accept_enabled(enabled)
+            return
+        # The main loop has ended (SIGTERM, max_requests, lost master): drain, then stop listening.
+        super().set_accept_enabled(False)
+        for listener in self.sockets:
+            while _has_waiting_connection(listener):
+                self.accept(listener)
+            listener.close()
 
 
 class GatewayServer(BaseApplication):  # type: ignore[misc]
@@ -116,17 +143,10 @@ def _mark_worker_dead(_server: Any, worker: Any) -> None:
     metrics.mark_worker_dead(worker.pid)
 
 
-def _drain_on_sigterm(worker: Any) -> None:
-    """Turn /readyz to 503 the moment a worker is told to stop, then stop as usual."""
-    state: ServiceState = worker.app.state
-    stop_worker = signal.getsignal(signal.SIGTERM)
-
-    def drain(signum: int, frame: FrameType | None) -> None:
-        state.draining = True
-        if callable(stop_worker):
-            stop_worker(signum, frame)
-
-    signal.signal(signal.SIGTERM, drain)
+def _has_waiting_connection(listener: Any) -> bool:
+    poll = select.poll()
+    poll.register(listener, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def _gunicorn_log_config(level: str) -> dict[str, Any]:

@@ -73,9 +73,12 @@ class ExchangeTransport:
             url, maxsize=pool_size, block=False, retries=False, **tls_options
         )
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
-        """Send one request and return the whole answer, or raise a GatewayError."""
-        deadline = time.monotonic() + self._timeout_s
+    def post(
+        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+    ) -> UpstreamReply:
+        """Send one request and return the whole answer by the deadline, or raise a GatewayError."""
+        remaining_s = _remaining(deadline, self._timeout_s)
+        deadline = time.monotonic() + remaining_s
         all_headers = {**headers, "User-Agent": "ews-call-gateway"}
         if self._authorization:
             all_headers["Authorization"] = self._authorization
@@ -88,7 +91,7 @@ class ExchangeTransport:
                 redirect=False,
                 retries=False,
                 preload_content=False,
-                timeout=urllib3.Timeout(total=self._timeout_s),
+                timeout=urllib3.Timeout(connect=remaining_s, read=remaining_s),
             )
         except MaxRetryError as exc:
             raise _translate(exc.reason or exc) from None
@@ -138,15 +141,18 @@ class NtlmTransport:
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
+    def post(
+        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+    ) -> UpstreamReply:
         """Send one request (with the NTLM handshake when needed) and return the whole answer."""
-        deadline = time.monotonic() + self._timeout_s
+        remaining_s = _remaining(deadline, self._timeout_s)
+        deadline = time.monotonic() + remaining_s
         try:
             response = self._session().post(
                 self._url,
                 data=body,
                 headers={**headers, "User-Agent": "ews-call-gateway"},
-                timeout=self._timeout_s,
+                timeout=remaining_s,
                 allow_redirects=False,
                 stream=True,
             )
@@ -188,6 +194,16 @@ class NtlmTransport:
             with self._sessions_lock:
                 self._sessions.append(session)
         return session
+
+
+def _remaining(deadline: float | None, timeout_s: float) -> float:
+    """Seconds left for this call: the request's deadline, never more than the timeout."""
+    if deadline is None:
+        return timeout_s
+    remaining_s = min(timeout_s, deadline - time.monotonic())
+    if remaining_s <= 0:
+        raise UpstreamTimeout("no time was left to ask Exchange", outcome="timeout")
+    return remaining_s
 
 
 def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:

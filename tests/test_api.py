@@ -326,6 +326,8 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.UnsupportedMediaType: 415,
     errors.Forbidden: 403,
     errors.KeysUnavailable: 503,
+    errors.CircuitOpen: 503,
+    errors.GatewayOverloaded: 503,
     errors.CallNotFound: 404,
     errors.MailboxNotFound: 404,
     errors.EwsAccessDenied: 403,

@@ -43,7 +43,9 @@ class RecordingTransport:
 
     bodies: list[bytes] = field(default_factory=list)
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
+    def post(
+        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+    ) -> UpstreamReply:
         self.bodies.append(body)
         return UpstreamReply(
             status=200,

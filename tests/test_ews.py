@@ -107,7 +107,9 @@ class RecordedExchange:
     location: str | None = None
     sent: list[SentRequest] = field(default_factory=list)
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> UpstreamReply:
+    def post(
+        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+    ) -> UpstreamReply:
         self.sent.append(SentRequest(body, dict(headers)))
         if schema_available():
             assert_envelope_valid(body)
