@@ -97,18 +97,7 @@ class ExchangeTransport:
             raise _translate(exc.reason or exc) from None
         except HTTPError as exc:
             raise _translate(exc) from None
-        try:
-            payload = _read_capped(response, deadline)
-        except HTTPError as exc:
-            response.close()
-            raise _translate(exc) from None
-        return UpstreamReply(
-            status=response.status,
-            content_type=response.headers.get("Content-Type", ""),
-            retry_after=response.headers.get("Retry-After"),
-            location=response.headers.get("Location"),
-            body=payload,
-        )
+        return _read_reply(response, deadline)
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -160,18 +149,7 @@ class NtlmTransport:
             raise UpstreamTimeout("Exchange did not answer in time", outcome="timeout") from None
         except requests.RequestException as exc:
             raise _translate(exc) from None
-        try:
-            payload = _read_capped(response.raw, deadline)
-        except HTTPError as exc:
-            response.close()
-            raise _translate(exc) from None
-        return UpstreamReply(
-            status=response.status_code,
-            content_type=response.headers.get("Content-Type", ""),
-            retry_after=response.headers.get("Retry-After"),
-            location=response.headers.get("Location"),
-            body=payload,
-        )
+        return _read_reply(response.raw, deadline)
 
     def close(self) -> None:
         """Close every thread's session."""
@@ -204,6 +182,22 @@ def _remaining(deadline: float | None, timeout_s: float) -> float:
     if remaining_s <= 0:
         raise UpstreamTimeout("no time was left to ask Exchange", outcome="timeout")
     return remaining_s
+
+
+def _read_reply(response: urllib3.BaseHTTPResponse, deadline: float) -> UpstreamReply:
+    """Read the whole answer (capped in size and time) into an UpstreamReply."""
+    try:
+        payload = _read_capped(response, deadline)
+    except HTTPError as exc:
+        response.close()
+        raise _translate(exc) from None
+    return UpstreamReply(
+        status=response.status,
+        content_type=response.headers.get("Content-Type", ""),
+        retry_after=response.headers.get("Retry-After"),
+        location=response.headers.get("Location"),
+        body=payload,
+    )
 
 
 def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
