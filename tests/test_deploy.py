@@ -1,0 +1,695 @@
+"""Deployment files: the image, Kubernetes manifests, Prometheus rules and the dashboard.
+
+No container engine or cluster runs here, so each file is kept true by the tools
+that check it offline (hadolint, kubernetes-validate, kustomize, promtool), by
+the same install steps the image runs, and by comparing every metric name the
+rules and dashboard query with a real scrape. A test whose tool is missing
+skips and names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.callers import build_authenticator
+from gateway.config import Config
+from gateway.errors import ERROR_BY_RESPONSE_CODE, EwsBusy, metric_code
+from gateway.serving import gunicorn_options
+from tests.integration.conftest import free_port, gateway_env, http, start
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+KUBERNETES = DEPLOY / "kubernetes"
+PROMETHEUS = DEPLOY / "prometheus"
+RULE_FILES = sorted(PROMETHEUS.glob("*.yaml"))
+RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*.test.yaml"))
+RUNBOOK = PROMETHEUS / "RUNBOOK.md"
+DASHBOARD = DEPLOY / "grafana" / "ews-gateway.json"
+
+# The oldest Kubernetes minor the manifests must fit; the newest schema at hand is checked too.
+OLDEST_KUBERNETES = "1.29"
+# Custom resources: no schema offline, so their fields are checked by hand below.
+CUSTOM_KINDS = frozenset({"ServiceMonitor"})
+# Sample values for the dashboard's variables, to hand its queries to promtool.
+DASHBOARD_SAMPLES = {
+    "__rate_interval": "5m",
+    "job": "ews-gateway",
+    "instance": ".*",
+    "workers": "2",
+    "threads": "32",
+}
+# A metric that Prometheus itself writes for every target.
+SCRAPE_SERIES = frozenset({"up"})
+TOOL_TIMEOUT_S = 300
+
+_IDENTIFIER = re.compile(r"(?<![\w:.$])[A-Za-z_:][\w:]*")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_VARIABLE = re.compile(r"\$(\w+)")
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def tool(name: str) -> str | None:
+    """Find a command beside this interpreter (tools installed in the venv) or on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
+def require_tool(name: str) -> str:
+    path = tool(name)
+    if path is None:
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def run(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion, its output captured for the assertion message."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+    )
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    command = " ".join(map(str, result.args))
+    return f"{command} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+
+
+def yaml_documents(text: str) -> list[dict[str, Any]]:
+    return [document for document in yaml.safe_load_all(text) if document]
+
+
+def kustomization() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(
+        (KUBERNETES / "kustomization.yaml").read_text(encoding="utf-8")
+    )
+    return data
+
+
+def listed_manifests() -> list[Path]:
+    return [KUBERNETES / name for name in kustomization()["resources"]]
+
+
+def manifests() -> list[dict[str, Any]]:
+    """Every Kubernetes object of the files the kustomization lists."""
+    return [
+        doc
+        for path in listed_manifests()
+        for doc in yaml_documents(path.read_text(encoding="utf-8"))
+    ]
+
+
+def manifest(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        doc
+        for doc in manifests()
+        if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_template() -> dict[str, Any]:
+    template: dict[str, Any] = manifest("Deployment")["spec"]["template"]
+    return template
+
+
+def gateway_container() -> dict[str, Any]:
+    containers = pod_template()["spec"]["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def container_env() -> dict[str, str]:
+    return {item["name"]: item["value"] for item in gateway_container().get("env", [])}
+
+
+def configmap_data() -> dict[str, str]:
+    data: dict[str, str] = manifest("ConfigMap", "ews-gateway")["data"]
+    return data
+
+
+def schema_versions(validator: Any) -> list[str]:
+    """The Kubernetes minor versions kubernetes-validate has schemas for, oldest first."""
+    minors = {tuple(map(int, v.split(".")[:2])) for v in validator.utils.all_versions()}
+    return [f"{major}.{minor}" for major, minor in sorted(minors)]
+
+
+def kustomize_command() -> list[str] | None:
+    if kustomize := tool("kustomize"):
+        return [kustomize, "build", str(KUBERNETES)]
+    if kubectl := tool("kubectl"):
+        return [kubectl, "kustomize", str(KUBERNETES)]
+    return None
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    instructions = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            keyword, _, arguments = line.strip().partition(" ")
+            instructions.append((keyword.upper(), " ".join(arguments.split())))
+    return instructions
+
+
+def dockerfile(keyword: str) -> list[str]:
+    return [arguments for found, arguments in dockerfile_instructions() if found == keyword]
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def readme_variables() -> set[str]:
+    """The variables named in the first column of README's configuration table."""
+    rows = re.findall(r"^\| (.+?) \|", readme_section("Configuration"), re.MULTILINE)
+    return {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row)}
+
+
+def contract_series() -> set[str]:
+    """The series names the README's metrics table promises (histograms as their three series)."""
+    series = set()
+    for name, kind in re.findall(
+        r"^\| `(ews_gateway_\w+)` \| (\w+) \|", readme_section("Metrics"), re.MULTILINE
+    ):
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        series |= {name + suffix for suffix in suffixes}
+    return series
+
+
+def rules() -> list[dict[str, Any]]:
+    return [
+        rule
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def alerts() -> list[dict[str, Any]]:
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def recorded_series() -> set[str]:
+    return {rule["record"] for rule in rules() if "record" in rule}
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return data
+
+
+def dashboard_panels(panels: list[dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+    """Every panel, including those inside collapsed rows."""
+    for panel in dashboard()["panels"] if panels is None else panels:
+        yield panel
+        yield from dashboard_panels(panel.get("panels", []))
+
+
+def dashboard_queries() -> list[str]:
+    return [target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])]
+
+
+def dashboard_variable_queries() -> list[str]:
+    return [
+        variable["definition"]
+        for variable in dashboard()["templating"]["list"]
+        if variable["type"] == "query"
+    ]
+
+
+def queried_series(expression: str) -> set[str]:
+    """Metric and recorded-series names in a PromQL expression (not functions or labels)."""
+    code = _STRING.sub('""', expression)
+    return {
+        name
+        for name in _IDENTIFIER.findall(code)
+        if name.startswith("ews_gateway_") or ":" in name or name in SCRAPE_SERIES
+    }
+
+
+def all_queries() -> list[str]:
+    return [rule["expr"] for rule in rules()] + dashboard_queries() + dashboard_variable_queries()
+
+
+# --- container image ---------------------------------------------------------------------
+
+
+def test_hadolint_accepts_the_dockerfile() -> None:
+    result = run([require_tool("hadolint"), "--no-color", str(DOCKERFILE)])
+    assert result.returncode == 0, output(result)
+
+
+def test_both_image_stages_use_the_same_pinned_slim_python() -> None:
+    """The venv built in the first stage runs on the second stage's interpreter."""
+    images = {arguments.split()[0] for arguments in dockerfile("FROM")}
+    assert len(dockerfile("FROM")) == 2
+    assert len(images) == 1, images
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", images.pop())
+
+
+def test_the_image_serves_as_the_pods_user_on_the_pods_port() -> None:
+    entrypoint = json.loads(dockerfile("ENTRYPOINT")[-1])
+    command = json.loads(dockerfile("CMD")[-1])
+    assert entrypoint + command == ["ews-gateway", "serve"]
+    assert entrypoint + gateway_container()["args"] == ["ews-gateway", "serve"]
+    user, _, group = dockerfile("USER")[-1].partition(":")
+    pod_security = pod_template()["spec"]["securityContext"]
+    assert (int(user), int(group)) == (pod_security["runAsUser"], pod_security["runAsGroup"])
+    [port] = gateway_container()["ports"]
+    assert dockerfile("EXPOSE") == [str(port["containerPort"])]
+    [healthcheck] = dockerfile("HEALTHCHECK")
+    assert "/livez" in healthcheck
+    assert "urllib" in healthcheck
+
+
+INSPECT_INSTALLED = """
+import json
+from importlib import resources
+import gateway, gateway.simulator
+root = resources.files("gateway")
+print(json.dumps({
+    "package": gateway.__file__,
+    "wsdl": str(root.joinpath("wsdl", "um.wsdl")),
+    "openapi": str(root.joinpath("openapi.yaml")),
+    "simulator": gateway.simulator.__file__,
+}))
+"""
+
+
+def build_context_copy(destination: Path) -> Path:
+    """Copy what the Dockerfile's build stage copies, as `docker build` would send it."""
+    destination.mkdir()
+    for arguments in dockerfile("COPY"):
+        if arguments.startswith("--from"):
+            continue
+        for source in arguments.split()[:-1]:
+            path = REPO / source.rstrip("/")
+            if path.is_dir():
+                ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+                shutil.copytree(path, destination / path.name, symlinks=True, ignore=ignore)
+            else:
+                shutil.copy2(path, destination / path.name)
+    return destination
+
+
+def test_the_wheel_installs_into_a_fresh_venv_with_its_package_data(tmp_path: Path) -> None:
+    """The image's install steps: a wheel, a new venv, pip install, pip check (needs PyPI)."""
+    source = build_context_copy(tmp_path / "context")
+    wheels = tmp_path / "wheels"
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(source)])
+    assert built.returncode == 0, output(built)
+    [wheel] = wheels.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        # gateway/openapi.yaml is a symlink in the repository: the wheel must hold the file.
+        assert archive.read("gateway/openapi.yaml") == (REPO / "openapi.yaml").read_bytes()
+        assert "gateway/wsdl/um.wsdl" in archive.namelist()
+
+    venv = tmp_path / "venv"
+    python = str(venv / "bin" / "python")
+    for step in (
+        [sys.executable, "-m", "venv", str(venv)],
+        [python, "-m", "pip", "install", "--disable-pip-version-check", str(wheel)],
+        [python, "-m", "pip", "check"],
+        [python, "-m", "pip", "uninstall", "--yes", "pip", "setuptools"],
+    ):
+        result = run(step, cwd=tmp_path)
+        assert result.returncode == 0, output(result)
+
+    help_text = run([str(venv / "bin" / "ews-gateway"), "--help"], cwd=tmp_path)
+    assert help_text.returncode == 0, output(help_text)
+    assert "serve" in help_text.stdout
+    inspected = run([python, "-c", INSPECT_INSTALLED], cwd=tmp_path)
+    assert inspected.returncode == 0, output(inspected)
+    installed = json.loads(inspected.stdout)
+    assert Path(installed["package"]).is_relative_to(venv)
+    assert Path(installed["wsdl"]).is_file()
+    openapi = Path(installed["openapi"])
+    assert not openapi.is_symlink()
+    assert openapi.read_bytes() == (REPO / "openapi.yaml").read_bytes()
+    assert Path(installed["simulator"]).is_relative_to(venv)
+
+
+# --- Kubernetes --------------------------------------------------------------------------
+
+
+def test_the_kustomization_lists_every_manifest_in_its_folder() -> None:
+    on_disk = {
+        path.relative_to(KUBERNETES).as_posix()
+        for pattern in ("*.yaml", "*.yml")
+        for path in KUBERNETES.rglob(pattern)
+    } - {"kustomization.yaml"}
+    assert sorted(kustomization()["resources"]) == sorted(on_disk)
+
+
+@pytest.mark.parametrize("kubernetes", [OLDEST_KUBERNETES, "newest"])
+def test_every_manifest_fits_the_kubernetes_schema(kubernetes: str) -> None:
+    validator = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed"
+    )
+    known = schema_versions(validator)
+    version = known[-1] if kubernetes == "newest" else kubernetes
+    assert version in known, (
+        f"kubernetes-validate has no {version} schemas: raise OLDEST_KUBERNETES"
+    )
+    command = kustomize_command()
+    if command is None:
+        documents = manifests()
+    else:
+        rendered = run(command)
+        assert rendered.returncode == 0, output(rendered)
+        documents = yaml_documents(rendered.stdout)
+    failures = []
+    for document in documents:
+        if document["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            validator.validate(document, version, strict=True)
+        except validator.ValidationError as error:
+            where = f"{document['kind']} {document['metadata']['name']} at {error.json_path}"
+            failures.append(f"{where}: {error.message}")
+    assert not failures, "\n".join(failures)
+
+
+def test_kustomize_renders_every_listed_object_with_the_released_image() -> None:
+    command = kustomize_command()
+    if command is None:
+        pytest.skip("kustomize not installed (nor kubectl, which embeds it)")
+    rendered = run(command)
+    assert rendered.returncode == 0, output(rendered)
+    documents = yaml_documents(rendered.stdout)
+    names = sorted((doc["kind"], doc["metadata"]["name"]) for doc in documents)
+    assert names == sorted((doc["kind"], doc["metadata"]["name"]) for doc in manifests())
+    [deployment] = [doc for doc in documents if doc["kind"] == "Deployment"]
+    [image] = {c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]}
+    [override] = kustomization()["images"]
+    assert image == f"{override['newName']}:{override['newTag']}"
+
+
+def test_the_service_monitor_scrapes_the_services_metrics_port() -> None:
+    monitor = manifest("ServiceMonitor")
+    service = manifest("Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    port_names = {port["name"] for port in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+
+
+def test_service_autoscaler_and_disruption_budget_select_the_gateway_pods() -> None:
+    deployment = manifest("Deployment")
+    pod_labels = pod_template()["metadata"]["labels"].items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels
+    assert manifest("Service")["spec"]["selector"].items() <= pod_labels
+    assert manifest("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pod_labels
+    target = manifest("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert manifest("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
+    # The autoscaler owns the replica count; an apply must not reset it.
+    assert "replicas" not in deployment["spec"]
+
+
+def test_the_service_and_scrape_annotations_use_the_served_port() -> None:
+    [port] = gateway_container()["ports"]
+    [service_port] = manifest("Service")["spec"]["ports"]
+    assert service_port["targetPort"] == port["name"]
+    bind_port = configmap_data()["GATEWAY_BIND"].rsplit(":", 1)[1]
+    assert int(bind_port) == port["containerPort"]
+    annotations = pod_template()["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == bind_port
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_probes_ask_readyz_for_traffic_and_livez_for_life() -> None:
+    container = gateway_container()
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+
+
+def test_the_grace_period_outlasts_the_prestop_pause_and_the_gateway_drain() -> None:
+    config = Config(
+        ews_url="https://mail.example.com/EWS/Exchange.asmx",
+        gateway_auth="none",
+        ews_timeout_s=float(configmap_data()["EWS_TIMEOUT_SECONDS"]),
+    )
+    drain_s = gunicorn_options(config)["graceful_timeout"]
+    command = gateway_container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop_s = int(command[1])
+    assert pre_stop_s >= 5
+    assert pod_template()["spec"]["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+
+
+def test_the_pod_runs_unprivileged_on_a_read_only_root() -> None:
+    pod_security = pod_template()["spec"]["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    assert pod_security["runAsUser"] > 0
+    security = gateway_container()["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+
+
+def test_metric_files_and_tmp_live_in_memory_volumes() -> None:
+    """`serve` deletes and recreates PROMETHEUS_MULTIPROC_DIR, so it cannot be a mount point."""
+    volumes = {volume["name"]: volume for volume in pod_template()["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in gateway_container()["volumeMounts"]}
+    metrics_dir = Path(container_env()["PROMETHEUS_MULTIPROC_DIR"])
+    [holder] = [path for path in mounts if metrics_dir.is_relative_to(path)]
+    assert metrics_dir != Path(holder)
+    assert mounts[holder]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in mounts["/tmp"]
+
+
+def test_the_pod_has_resources_for_the_workers_it_sets() -> None:
+    """Inside a container the default worker count follows the node's cores, not the limit."""
+    resources = gateway_container()["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= resources[kind].keys()
+    assert int(configmap_data()["GATEWAY_WORKERS"]) >= 2
+
+
+def test_envfrom_names_the_configmap_and_the_credentials_secret() -> None:
+    sources = gateway_container()["envFrom"]
+    assert {"configMapRef": {"name": "ews-gateway"}} in sources
+    assert {"secretRef": {"name": "ews-gateway-credentials"}} in sources
+
+
+def example_environment(root: Path) -> dict[str, str]:
+    """The container's environment, with its Secret and ConfigMap volumes written under ROOT."""
+    environment = {**configmap_data(), **container_env()}
+    for source in gateway_container()["envFrom"]:
+        if "secretRef" in source:
+            environment.update(manifest("Secret", source["secretRef"]["name"])["stringData"])
+    volumes = {volume["name"]: volume for volume in pod_template()["spec"]["volumes"]}
+    for mount in gateway_container()["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        kind, key = ("Secret", "secretName") if "secret" in volume else ("ConfigMap", "name")
+        spec = volume.get("secret") or volume.get("configMap")
+        if spec is None or spec.get("optional"):
+            continue  # an emptyDir, or a source the example leaves to the operator
+        resource = manifest(kind, spec[key])
+        files = resource.get("stringData") or resource.get("data") or {}
+        directory = root / mount["mountPath"].lstrip("/")
+        directory.mkdir(parents=True)
+        for name, content in files.items():
+            (directory / name).write_text(content, encoding="utf-8")
+        for variable, value in environment.items():
+            if value.startswith(mount["mountPath"] + "/"):
+                environment[variable] = str(directory) + value[len(mount["mountPath"]) :]
+    return environment
+
+
+def test_the_example_configuration_is_one_the_gateway_accepts(tmp_path: Path) -> None:
+    config = Config.from_env(example_environment(tmp_path))
+    build_authenticator(config)
+    assert config.workers == int(configmap_data()["GATEWAY_WORKERS"])
+
+
+def test_the_examples_mention_every_variable_of_the_readme() -> None:
+    """Set, or described in a comment next to the values, for every configuration variable."""
+    text = "".join(
+        (KUBERNETES / name).read_text(encoding="utf-8")
+        for name in ("configmap.yaml", "secret.yaml", "deployment.yaml")
+    )
+    missing = {name for name in readme_variables() if not re.search(rf"\b{name}\b", text)}
+    assert not missing
+
+
+def test_the_examples_set_only_variables_the_readme_documents() -> None:
+    known = readme_variables() | {f"{name}_FILE" for name in readme_variables()}
+    credentials = manifest("Secret", "ews-gateway-credentials")["stringData"]
+    assert not (configmap_data().keys() | credentials.keys() | container_env().keys()) - known
+
+
+# --- Prometheus rules --------------------------------------------------------------------
+
+
+def test_promtool_accepts_the_rules() -> None:
+    result = run([require_tool("promtool"), "check", "rules", *map(str, RULE_FILES)])
+    assert result.returncode == 0, output(result)
+
+
+def test_promtool_rule_tests_pass() -> None:
+    result = run([require_tool("promtool"), "test", "rules", *map(str, RULE_TESTS)], PROMETHEUS)
+    assert result.returncode == 0, output(result)
+
+
+def test_every_alert_has_a_firing_and_a_quiet_rule_test() -> None:
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for path in RULE_TESTS:
+        for case in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {alert["alert"] for alert in alerts()}
+    assert not names - firing, "alerts never tested firing"
+    assert not names - quiet, "alerts never tested quiet"
+
+
+def test_every_alert_says_what_why_and_where_its_runbook_is() -> None:
+    headings = set(re.findall(r"^## (\w+)$", RUNBOOK.read_text(encoding="utf-8"), re.MULTILINE))
+    for alert in alerts():
+        annotations = alert["annotations"]
+        assert annotations["summary"]
+        assert annotations["description"]
+        assert annotations["runbook"] == f"deploy/prometheus/RUNBOOK.md#{alert['alert'].lower()}"
+        assert alert["alert"] in headings
+        assert alert["labels"]["severity"] in ("critical", "warning")
+
+
+def test_throttling_is_exactly_the_codes_the_gateway_answers_503_retry_after() -> None:
+    busy = {code for code, error in ERROR_BY_RESPONSE_CODE.items() if error is EwsBusy}
+    for query in [rule["expr"] for rule in rules()] + dashboard_queries():
+        for alternatives in re.findall(r'code=~"([^"]+)"', query):
+            codes = set(alternatives.split("|"))
+            assert codes == busy
+            # Only known codes keep their name in the metric; others become "Other".
+            assert {metric_code(code) for code in codes} == codes
+
+
+def test_rules_and_dashboard_query_only_the_contracts_metrics() -> None:
+    allowed = contract_series() | SCRAPE_SERIES | recorded_series()
+    for query in all_queries():
+        unknown = queried_series(query) - allowed
+        assert not unknown, f"{sorted(unknown)} in {query}"
+
+
+# --- Grafana dashboard -------------------------------------------------------------------
+
+
+def test_the_dashboard_is_importable_json() -> None:
+    board = dashboard()
+    assert board["uid"]
+    assert board["title"]
+    assert 36 <= board["schemaVersion"] <= 41
+    ids = [panel["id"] for panel in dashboard_panels()]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard_panels():
+        assert {"h", "w", "x", "y"} <= panel["gridPos"].keys()
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+    assert all(panel["targets"] for panel in dashboard_panels() if panel["type"] != "row")
+
+
+def test_every_dashboard_variable_used_is_defined() -> None:
+    defined = {variable["name"] for variable in dashboard()["templating"]["list"]}
+    used = {name for query in all_queries() for name in _VARIABLE.findall(query)}
+    assert used - {"__rate_interval"} <= defined
+    assert used <= DASHBOARD_SAMPLES.keys()
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    queries = [
+        _VARIABLE.sub(lambda match: DASHBOARD_SAMPLES[match[1]], query)
+        for query in dashboard_queries()
+    ]
+    rules_file = tmp_path / "dashboard.rules.yaml"
+    records = [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]
+    rules = {"groups": [{"name": "dashboard", "rules": records}]}
+    rules_file.write_text(yaml.safe_dump(rules), encoding="utf-8")
+    result = run([promtool, "check", "rules", str(rules_file)])
+    assert result.returncode == 0, output(result)
+
+
+# --- against a real scrape ---------------------------------------------------------------
+
+
+@pytest.mark.network
+def test_every_metric_queried_is_in_a_real_scrape(tmp_path: Path) -> None:
+    """Serve against the simulator, use every route once, and scrape what Prometheus would."""
+    simulator_port, gateway_port = free_port(), free_port()
+    simulator = start(
+        ["simulator", "--bind", f"127.0.0.1:{simulator_port}"],
+        {},
+        f"http://127.0.0.1:{simulator_port}",
+        "/simulator/health",
+        tmp_path / "simulator.log",
+    )
+    try:
+        gateway = start(
+            ["serve"],
+            gateway_env(simulator, gateway_port),
+            f"http://127.0.0.1:{gateway_port}",
+            "/readyz",
+            tmp_path / "gateway.log",
+        )
+        try:
+            base = gateway.url
+            placed = http("POST", f"{base}/calls", {"itemId": "AAMkX", "dialString": "+15551234"})
+            assert placed.status == 201, placed.body
+            call = f"{base}/calls/{quote(placed.json()['callId'], safe='')}"
+            assert http("GET", call).status == 200
+            assert http("DELETE", call).status == 200
+            for path in ("/livez", "/readyz", "/openapi.yaml"):
+                assert http("GET", base + path).status == 200
+            scrape = http("GET", f"{base}/metrics")
+        finally:
+            gateway.stop()
+    finally:
+        simulator.stop()
+
+    assert scrape.status == 200
+    samples = [
+        sample
+        for family in text_string_to_metric_families(scrape.body.decode())
+        for sample in family.samples
+    ]
+    scraped = {sample.name for sample in samples}
+    for query in all_queries():
+        missing = {name for name in queried_series(query) if ":" not in name} - scraped
+        assert not missing - SCRAPE_SERIES, f"{sorted(missing)} not scraped; query: {query}"
+    routes = {sample.labels["route"] for sample in samples if "route" in sample.labels}
+    assert {route for route in routes if re.fullmatch("/calls.*", route)} == {
+        "/calls",
+        "/calls/<call_id>",
+    }
