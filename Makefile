@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys; print(hashlib.sha1(open("pyproject.toml","rb").read()).hexdigest()[:12])')
 
-.PHONY: demo test lint unit integration clean
+.PHONY: demo test lint unit integration soak clean
 
 demo: $(STAMP)
 	$(BIN)/ews-gateway demo
@@ -22,6 +22,9 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
+
+soak: $(STAMP)
+	$(BIN)/python -m tests.integration.soak --seconds 60
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

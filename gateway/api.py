@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
 from gateway import validation
-from gateway.callers import ANONYMOUS
+from gateway.callers import ANONYMOUS, Caller
 from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
 from gateway.ews import PhoneCalls
 from gateway.metrics import Metrics
@@ -141,7 +141,10 @@ def openapi() -> Response:
 def _json_body() -> Any:
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # deep nesting: a few kilobytes can exhaust the parser's stack
+        body = None
     if body is None:
         raise InvalidRequest("the body is not valid JSON")
     return body
@@ -164,9 +167,21 @@ def start_request() -> None:
     g.upstream_outcome = None
     _, metrics = services()
     metrics.in_progress.inc()
-    g.caller = ANONYMOUS
-    if request.url_rule is not None and request.endpoint not in PUBLIC_ENDPOINTS:
-        g.caller = current_app.extensions["gateway"]["callers"].authenticate(request.headers)
+    g.caller = ANONYMOUS  # until authenticated, should authentication fail
+    g.caller = _authenticate()
+
+
+def _authenticate() -> Caller:
+    """Return who is calling; probes, the spec and CORS preflights need no credentials."""
+    # A browser's preflight (OPTIONS) carries no credentials and never reaches Exchange.
+    if (
+        request.method == "OPTIONS"
+        or request.url_rule is None
+        or request.endpoint in PUBLIC_ENDPOINTS
+    ):
+        return ANONYMOUS
+    caller: Caller = current_app.extensions["gateway"]["callers"].authenticate(request.headers)
+    return caller
 
 
 def finish_request(response: Response) -> Response:

@@ -161,7 +161,7 @@ class JwksKeys:
     def _refresh(self) -> None:
         try:
             jwk_set = self._client.get_jwk_set(refresh=True)
-        except jwt.PyJWKClientError as error:
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError, ValueError) as error:
             if not self._keys:
                 raise KeysUnavailable("the token signing keys cannot be fetched now") from None
             LOG.warning("JWKS refresh failed; keeping the cached keys", extra={"error": str(error)})
@@ -233,6 +233,8 @@ class JwtBearer:
             not isinstance(mailbox, str)
             or not 3 <= len(mailbox) <= MAX_MAILBOX_CHARS
             or mailbox.count("@") != 1
+            or mailbox.startswith("@")
+            or mailbox.endswith("@")
             or not mailbox.isprintable()
             or any(char.isspace() for char in mailbox)
         ):

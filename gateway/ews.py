@@ -22,6 +22,7 @@ from gateway import wire
 from gateway.errors import (
     EwsUnavailable,
     GatewayError,
+    GatewayOverloaded,
     UpstreamAuthFailed,
     UpstreamBadResponse,
     error_for_response_code,
@@ -190,9 +191,15 @@ class EwsClient:
             wait=_exchange_back_off,
             reraise=True,
         )
-        result: ResultT = retrying(
-            self._attempt, operation, envelope, headers, deadline, read_result
-        )
+        started = time.perf_counter()
+        try:
+            with self._policy.call_slot():
+                result: ResultT = retrying(
+                    self._attempt, operation, envelope, headers, deadline, read_result
+                )
+        except GatewayOverloaded as error:
+            self._observe(operation, error.outcome or "rejected", None, started)
+            raise
         return result
 
     def _attempt(

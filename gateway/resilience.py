@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 
@@ -149,20 +149,23 @@ class UpstreamPolicy:
             and time.monotonic() + back_off_s + MIN_ATTEMPT_S < deadline
         )
 
+    def call_slot(self) -> AbstractContextManager[None]:
+        """Hold a bulkhead slot for a whole call, back-off and retry included."""
+        return self.bulkhead.slot() if self.bulkhead else nullcontext()
+
     @contextmanager
     def guard(self) -> Iterator[None]:
-        """Run one call to Exchange inside the bulkhead and the circuit breaker."""
-        with self.bulkhead.slot() if self.bulkhead else nullcontext():
-            if self.breaker is None:
-                yield
-                return
-            self.breaker.before_call()
-            try:
-                yield
-            except (UpstreamTimeout, UpstreamUnreachable):
-                self.breaker.record_failure()
-                raise
-            except BaseException:
-                self.breaker.record_success()
-                raise
+        """Run one attempt inside the circuit breaker."""
+        if self.breaker is None:
+            yield
+            return
+        self.breaker.before_call()
+        try:
+            yield
+        except (UpstreamTimeout, UpstreamUnreachable):
+            self.breaker.record_failure()
+            raise
+        except BaseException:
             self.breaker.record_success()
+            raise
+        self.breaker.record_success()

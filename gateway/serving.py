@@ -10,6 +10,7 @@ import os
 import select
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
@@ -21,6 +22,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from gateway import metrics
 from gateway.api import ServiceState
 from gateway.app import create_app
+from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.logs import configure_logging
 
@@ -29,14 +31,22 @@ RAM_DISK = Path("/dev/shm")  # noqa: S108 - only for heartbeat and metric files
 # Seconds between EWS_TIMEOUT_SECONDS and gunicorn's worker timeout: an upstream
 # timeout is always answered (504) before gunicorn would kill the worker.
 WORKER_TIMEOUT_MARGIN_S = 20
+# Seconds a stopping worker adds to EWS_TIMEOUT_SECONDS for its last answers to be written.
+GRACEFUL_MARGIN_S = 5
 # Above the idle timeouts of common load balancers (nginx 60 s, AWS ALB 60 s), so
 # the balancer, not the gateway, closes idle connections and never races a reuse.
 KEEPALIVE_S = 75
+# Recycle a worker after about this many requests to bound slow leaks; the jitter
+# keeps the workers of an instance from restarting all at once.
+MAX_REQUESTS = 20_000
+MAX_REQUESTS_JITTER = 2_000
 
 
 def default_workers() -> int:
-    """One worker per core (at least two, so one crash never stops service)."""
-    return max(2, os.cpu_count() or 1)
+    """One worker per usable core (at least two, so one crash never stops service)."""
+    # The affinity mask, not os.cpu_count(), is what a CPU-pinned container may use.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(2, cores or 1)
 
 
 def gunicorn_options(config: Config) -> dict[str, Any]:
@@ -45,16 +55,20 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "bind": [config.bind],
         # gthread: a thread per in-flight request, so waiting on Exchange does not block others.
         "worker_class": DrainingThreadWorker,
+        # Processes for the CPU work (XML, JSON); a crashed one is replaced, the others serve on.
         "workers": config.workers or default_workers(),
         # Requests mostly wait on Exchange, so a worker holds many at once.
         "threads": config.threads_per_worker,
+        # Above the upstream deadline: a slow Exchange gets a 504, never a killed worker.
         "timeout": int(config.ews_timeout_s) + WORKER_TIMEOUT_MARGIN_S,
-        # In-flight calls may still be waiting on Exchange: give them the upstream timeout.
-        "graceful_timeout": int(config.ews_timeout_s) + 5,
+        # On SIGTERM, calls already waiting on Exchange get their whole deadline to finish.
+        "graceful_timeout": int(config.ews_timeout_s) + GRACEFUL_MARGIN_S,
+        # Longer than the balancer's idle timeout, so the balancer closes idle connections first.
         "keepalive": KEEPALIVE_S,
-        # Recycle workers now and then to bound slow leaks; jitter avoids all at once.
-        "max_requests": 20000,
-        "max_requests_jitter": 2000,
+        # Bound slow leaks; the jitter staggers the restarts.
+        "max_requests": MAX_REQUESTS,
+        "max_requests_jitter": MAX_REQUESTS_JITTER,
+        # The app writes its own JSON access line with the request id; gunicorn's would repeat it.
         "accesslog": None,
         "errorlog": "-",
         "loglevel": config.log_level,
@@ -99,8 +113,9 @@ class DrainingThreadWorker(ThreadWorker):  # type: ignore[misc]
 class GatewayServer(BaseApplication):  # type: ignore[misc]
     """gunicorn application that builds the gateway in each worker."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, scratch_dir: str | None = None) -> None:
         self._config = config
+        self._scratch_dir = scratch_dir
         self.state = ServiceState()
         super().__init__()
 
@@ -110,6 +125,9 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         if "control_socket_disable" in self.cfg.settings:
             # One shared control socket path would collide between instances on a host.
             self.cfg.set("control_socket_disable", True)
+        if self._scratch_dir is not None:
+            # Only the master runs on_exit: workers exiting must not remove their siblings' samples.
+            self.cfg.set("on_exit", _remover(self._scratch_dir))
 
     def load(self) -> Any:
         return create_app(self._config, state=self.state)
@@ -118,13 +136,17 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 def serve(config: Config) -> None:
     """Run the gateway under gunicorn until it is told to stop."""
     configure_logging(config.log_level)
+    # Fail here, with one line, rather than in every worker after the port is bound.
+    build_authenticator(config)
     if config.gateway_auth == "none":
         LOG.warning(
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
         )
     metrics_dir = _fresh_metrics_dir(config.metrics_dir)
     metrics.share_across_processes(metrics_dir)
-    GatewayServer(replace(config, metrics_dir=metrics_dir)).run()
+    # A directory serve made itself is removed at exit; a configured one is left for inspection.
+    scratch_dir = metrics_dir if config.metrics_dir is None else None
+    GatewayServer(replace(config, metrics_dir=metrics_dir), scratch_dir=scratch_dir).run()
 
 
 def _fresh_metrics_dir(configured: str | None) -> str:
@@ -141,6 +163,13 @@ def _fresh_metrics_dir(configured: str | None) -> str:
 
 def _mark_worker_dead(_server: Any, worker: Any) -> None:
     metrics.mark_worker_dead(worker.pid)
+
+
+def _remover(directory: str) -> Callable[[Any], None]:
+    def remove(_server: Any) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    return remove
 
 
 def _has_waiting_connection(listener: Any) -> bool:

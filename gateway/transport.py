@@ -201,21 +201,35 @@ def _read_reply(response: urllib3.BaseHTTPResponse, deadline: float) -> Upstream
 
 
 def _read_capped(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    """Read the body by the deadline and within the size cap, however slowly it trickles in."""
     chunks: list[bytes] = []
     size = 0
-    while chunk := response.read(READ_CHUNK_BYTES):
+    while True:
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            response.close()
+            raise UpstreamTimeout("Exchange did not finish its answer in time", outcome="timeout")
+        _wait_at_most(response, remaining_s)
+        # read1 returns what has arrived; read(n) would wait for n bytes or the end.
+        chunk = response.read1(READ_CHUNK_BYTES)
+        if not chunk:
+            break
         size += len(chunk)
         if size > MAX_REPLY_BYTES:
             response.close()
             raise UpstreamBadResponse(
                 f"Exchange's answer exceeded {MAX_REPLY_BYTES} bytes", outcome="invalid_response"
             )
-        if time.monotonic() > deadline:
-            response.close()
-            raise UpstreamTimeout("Exchange did not finish its answer in time", outcome="timeout")
         chunks.append(chunk)
     response.release_conn()
     return b"".join(chunks)
+
+
+def _wait_at_most(response: urllib3.BaseHTTPResponse, seconds: float) -> None:
+    """Bound the next socket read by the time left before the deadline."""
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 def _translate(exc: BaseException) -> GatewayError:

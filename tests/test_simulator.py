@@ -482,7 +482,7 @@ def test_every_request_is_recorded_byte_for_byte(ews: Ews) -> None:
     ews.http.post(
         ews.server.ews_url,
         data=body.encode("utf-8"),
-        headers={"X-Request-ID": "req-42", "SOAPAction": action},
+        headers={"X-Request-ID": "req-42", "SOAPAction": action, "Authorization": "Basic c3ZjOng="},
     )
     assert ews.control("GET", "requests").json() == [
         {
@@ -491,6 +491,7 @@ def test_every_request_is_recorded_byte_for_byte(ews: Ews) -> None:
             "mailbox": "carol@example.com",
             "soapAction": action,
             "body": body,
+            "authorization": "Basic c3ZjOng=",
         }
     ]
 

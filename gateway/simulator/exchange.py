@@ -64,7 +64,13 @@ class FakeExchange:
             wire.DISCONNECT_PHONE_CALL: self._disconnect_phone_call,
         }
 
-    def answer(self, body: bytes, soap_action: str | None, request_id: str | None) -> Outcome:
+    def answer(
+        self,
+        body: bytes,
+        soap_action: str | None,
+        request_id: str | None,
+        authorization: str | None = None,
+    ) -> Outcome:
         """Record the request, then answer it or misbehave as the first firing rule says."""
         if self._latency_s:
             self._sleep(self._latency_s)
@@ -72,11 +78,15 @@ class FakeExchange:
             request = read_request(body, soap_action, self._schema)
         except RequestRejected as rejected:
             self.journal.record(
-                RecordedRequest(rejected.operation, request_id, None, soap_action, body)
+                RecordedRequest(
+                    rejected.operation, request_id, None, soap_action, body, authorization
+                )
             )
             return Reply(500, soap_fault(wire.ERROR_SCHEMA_VALIDATION, rejected.message))
         self.journal.record(
-            RecordedRequest(request.operation, request_id, request.mailbox, soap_action, body)
+            RecordedRequest(
+                request.operation, request_id, request.mailbox, soap_action, body, authorization
+            )
         )
         fired = self.faults.pick(request.operation)
         if fired is None:

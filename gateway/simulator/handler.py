@@ -110,7 +110,8 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
                 return
             soap_action = self.headers.get("SOAPAction")
             request_id = self.headers.get("X-Request-ID")
-            self._carry_out(self._exchange.answer(body, soap_action, request_id))
+            authorization = self.headers.get("Authorization")
+            self._carry_out(self._exchange.answer(body, soap_action, request_id, authorization))
         elif path.startswith(CONTROL_PREFIX):
             self._send(handle_control(self._exchange, method, path, body))
         else:

@@ -18,6 +18,8 @@ class RecordedRequest:
     mailbox: str | None
     soap_action: str | None
     body: bytes
+    # Recorded so tests can check the credentials a gateway sent; this is a test double.
+    authorization: str | None = None
 
     def as_json(self) -> dict[str, object]:
         """Describe the request as the control API shows it."""
@@ -27,6 +29,7 @@ class RecordedRequest:
             "mailbox": self.mailbox,
             "soapAction": self.soap_action,
             "body": self.body.decode("utf-8", errors="replace"),
+            "authorization": self.authorization,
         }
 
 

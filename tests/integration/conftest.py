@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,29 @@ class Server:
 
 
 def start(
-    args: list[str], env: Mapping[str, str], base_url: str, health_path: str, log_path: Path
+    args: list[str],
+    env: Mapping[str, str],
+    base_url: str,
+    health_path: str,
+    log_path: Path,
+    *,
+    stdout_path: Path | None = None,
 ) -> Server:
-    """Start `python -m gateway ARGS` and wait until BASE_URL + HEALTH_PATH answers 200."""
+    """Start `python -m gateway ARGS` and wait until BASE_URL + HEALTH_PATH answers 200.
+
+    Both streams go to LOG_PATH, unless STDOUT_PATH takes stdout apart.
+    """
     health_url = base_url + health_path
-    with log_path.open("wb") as log:
+    with log_path.open("wb") as log, ExitStack() as streams:
+        if stdout_path is None:
+            stdout, stderr = log, subprocess.STDOUT
+        else:
+            stdout, stderr = streams.enter_context(stdout_path.open("wb")), log
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", *args],
             env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=stdout,
+            stderr=stderr,
         )
     server = Server(process, base_url, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
