@@ -1,0 +1,80 @@
+"""gunicorn settings: the values keep the order and sizes the README promises."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gunicorn.workers.gthread import ThreadWorker
+
+from gateway.config import Config
+from gateway.serving import GatewayServer, gunicorn_options
+
+BASE_ENV = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
+# nginx's proxy_read_timeout and keepalive_timeout, and AWS ALB's idle timeout, default to 60 s.
+TYPICAL_BALANCER_TIMEOUT_S = 60
+
+
+def options(**env: str) -> dict[str, Any]:
+    return gunicorn_options(Config.from_env({**BASE_ENV, **env}))
+
+
+def test_workers_are_gthread_so_a_wait_on_exchange_blocks_no_other_request() -> None:
+    assert issubclass(options()["worker_class"], ThreadWorker)
+
+
+def test_by_default_exchange_deadline_lies_inside_worker_timeout_inside_balancer_timeout() -> None:
+    assert 10 < options()["timeout"] < TYPICAL_BALANCER_TIMEOUT_S
+
+
+@pytest.mark.parametrize("seconds", ["0.1", "0.9", "1", "10", "10.9", "59.5", "300"])
+def test_calls_get_their_whole_deadline_before_a_worker_is_killed_or_stopped(seconds: str) -> None:
+    settings = options(EWS_TIMEOUT_SECONDS=seconds)
+    assert float(seconds) < settings["timeout"]
+    assert float(seconds) < settings["graceful_timeout"]
+
+
+def test_keep_alive_outlasts_balancer_idle_timeouts_so_the_balancer_closes_first() -> None:
+    assert options()["keepalive"] > TYPICAL_BALANCER_TIMEOUT_S
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this machine")
+def test_worker_heartbeat_files_live_on_the_ram_disk() -> None:
+    assert options()["worker_tmp_dir"] == "/dev/shm"
+
+
+def test_workers_are_recycled_with_jitter_so_not_all_at_once() -> None:
+    settings = options()
+    assert 0 < settings["max_requests_jitter"] < settings["max_requests"]
+
+
+def test_sizing_defaults_to_one_worker_per_usable_core_and_32_threads() -> None:
+    settings = options()
+    usable = (
+        os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    )
+    assert settings["workers"] == max(2, len(usable))
+    assert settings["threads"] == 32
+
+
+def test_sizing_follows_gateway_workers_and_gateway_threads() -> None:
+    settings = options(GATEWAY_WORKERS="3", GATEWAY_THREADS="7")
+    assert (settings["workers"], settings["threads"]) == (3, 7)
+
+
+def test_gunicorn_logs_json_to_stderr_and_leaves_access_lines_to_the_gateway() -> None:
+    settings = options()
+    assert settings["accesslog"] is None
+    assert settings["errorlog"] == "-"
+    assert settings["logconfig_dict"]["formatters"]["json"]["()"] == "gateway.logs.json_formatter"
+
+
+def test_the_master_removes_the_metrics_directory_serve_made_when_it_exits(tmp_path: Path) -> None:
+    scratch = tmp_path / "ews-gateway-metrics"
+    scratch.mkdir()
+    (scratch / "counter_1234.db").write_bytes(b"\0" * 8)
+    server = GatewayServer(Config.from_env(BASE_ENV), scratch_dir=str(scratch))
+    server.cfg.on_exit(server)
+    assert not scratch.exists()
