@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys; print(hashlib.sha1(open("pyproject.toml","rb").read()).hexdigest()[:12])')
 
-.PHONY: demo test lint unit integration soak clean
+.PHONY: demo test lint unit integration soak benchmark benchmark-quick clean
 
 demo: $(STAMP)
 	$(BIN)/ews-gateway demo
@@ -25,6 +25,13 @@ integration: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m tests.integration.soak --seconds 60
+
+# The gateway against a hand-written Flask + requests baseline (see benchmarks/README.md).
+benchmark: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+benchmark-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,0 +1,68 @@
+"""The benchmark harness: a quick run measures the gateway and the baseline and reports both."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_RUN_TIMEOUT_S = 600
+
+
+def quick_run(tmp_path: Path, *options: str) -> tuple[str, dict[str, Any]]:
+    """Run `python -m benchmarks.run --quick`; return its report and its raw results."""
+    raw_path = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", str(raw_path), *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout, json.loads(raw_path.read_text())
+
+
+def fast_upstream_loads(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every load run against the zero-latency upstream (scenarios 1 and 3)."""
+    loads: list[dict[str, Any]] = []
+    for runs in [*raw["throughput"].values(), *raw["low_load"].values()]:
+        loads += runs
+    return loads
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param((), id="wrk-and-nginx-where-installed"),
+        pytest.param(("--generator=python", "--upstream=simulator"), id="python-only"),
+    ],
+)
+def test_a_quick_run_reports_both_systems_in_every_scenario_without_errors(
+    tmp_path: Path, options: tuple[str, ...]
+) -> None:
+    """Against the fast upstream every request succeeds; against the slow one, every one is
+    answered (how many are 2xx there is a measurement the report shows, like the timings)."""
+    report, raw = quick_run(tmp_path, *options)
+
+    for heading in ("## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## Targets"):
+        assert heading in report
+    assert report.count("| gateway |") == 3  # throughput, slow Exchange, low load
+    assert report.count("| baseline |") == 3
+    assert "| upstream direct |" in report
+    assert set(raw["throughput"]) == set(raw["slow"]) == {"gateway", "baseline"}
+    loads = fast_upstream_loads(raw)
+    assert all(load["requests"] > 0 for load in loads)
+    assert [load for load in loads if load["non2xx"] or load["socket_errors"]] == []
+    slow = list(raw["slow"].values())
+    assert all(load["requests"] > 0 and load["socket_errors"] == 0 for load in slow)
+    assert raw["memory"]["requests"] >= raw["plan"]["memory_requests"]
+    assert raw["memory"]["errors"] == 0
+    assert len(raw["memory"]["after_mb"]) == 2
