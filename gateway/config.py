@@ -19,7 +19,7 @@ GATEWAY_AUTH_MODES = ("none", "apikey", "jwt")
 IMPERSONATION_MODES = ("none", "token")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Threads per gunicorn worker, and how many of them never wait on Exchange.
-DEFAULT_THREADS = 32
+DEFAULT_THREADS = 64
 RESERVED_THREADS = 4
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

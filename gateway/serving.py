@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
 from gateway import metrics
@@ -71,6 +72,7 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         # The app writes its own JSON access line with the request id; gunicorn's would repeat it.
         "accesslog": None,
         "errorlog": "-",
+        "logger_class": GatewayLogger,
         "loglevel": config.log_level,
         "logconfig_dict": _gunicorn_log_config(config.log_level),
         "proc_name": "ews-gateway",
@@ -108,6 +110,13 @@ class DrainingThreadWorker(ThreadWorker):  # type: ignore[misc]
             while _has_waiting_connection(listener):
                 self.accept(listener)
             listener.close()
+
+
+class GatewayLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger without its access log: the gateway writes one line per request."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        """Skip gunicorn's access line (it would be built on every request, then dropped)."""
 
 
 class GatewayServer(BaseApplication):  # type: ignore[misc]

@@ -50,13 +50,13 @@ def test_workers_are_recycled_with_jitter_so_not_all_at_once() -> None:
     assert 0 < settings["max_requests_jitter"] < settings["max_requests"]
 
 
-def test_sizing_defaults_to_one_worker_per_usable_core_and_32_threads() -> None:
+def test_sizing_defaults_to_one_worker_per_usable_core_and_64_threads() -> None:
     settings = options()
     usable = (
         os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     )
     assert settings["workers"] == max(2, len(usable))
-    assert settings["threads"] == 32
+    assert settings["threads"] == 64
 
 
 def test_sizing_follows_gateway_workers_and_gateway_threads() -> None:
