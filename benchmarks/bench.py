@@ -21,6 +21,7 @@ from benchmarks.processes import (
     rss_mb,
     start_service,
 )
+from gateway.config import DEFAULT_THREADS
 
 GATEWAY, BASELINE = "gateway", "baseline"
 WORKERS = 2
@@ -37,7 +38,7 @@ class Plan:
     slow_s: int
     low_load_s: int
     memory_requests: int
-    threads: int = 32
+    threads: int = DEFAULT_THREADS  # what `serve` uses unless told otherwise
     connections: int = 16
     slow_connections: int = 64
     slow_latency_ms: int = 100
