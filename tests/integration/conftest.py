@@ -31,6 +31,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.network)
 
 
+def worker_pids(master_pid: int) -> list[int]:
+    """Return the pids whose parent is MASTER_PID: a gunicorn master's workers."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name is in parentheses and may hold spaces: fields follow the last ")".
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == master_pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ from statistics import mean
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from tests.integration.conftest import Server, free_port, gateway_env, http, start
+from tests.integration.conftest import Server, free_port, gateway_env, http, start, worker_pids
 from tests.integration.witness import NO_FAULT, read_witness, rule_label
 
 PROBLEM_JSON = "application/problem+json"
@@ -434,7 +434,7 @@ class _RssSampler:
             return
         while True:
             now = time.monotonic()
-            for pid in _children(self._master_pid):
+            for pid in worker_pids(self._master_pid):
                 rss = _rss_kb(pid)
                 if rss is not None:
                     self.samples.setdefault(pid, []).append((now, rss))
@@ -457,19 +457,6 @@ class _RssSampler:
             tail = [kb for t, kb in samples if t >= last_t - quarter]
             growth[pid] = mean(tail) / mean(head) - 1
         return growth
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # The command name is in parentheses and may hold spaces: split after it.
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
 
 
 def _rss_kb(pid: int) -> int | None:

@@ -31,6 +31,7 @@ from tests.integration.conftest import (
     set_faults,
     simulator_requests,
     start,
+    worker_pids,
 )
 
 PROBLEM_JSON = "application/problem+json"
@@ -201,23 +202,6 @@ def test_an_external_entity_naming_a_local_file_is_a_502_without_its_content(
 
     assert_problem(answer, 502)
     assert "root:" not in answer.body.decode()
-
-
-def worker_pids(master_pid: int) -> list[int]:
-    """Return the pids of the processes whose parent is master_pid."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name in parentheses may hold spaces; the parent pid follows it.
-        parent = int(stat.rpartition(")")[2].split()[1])
-        if parent == master_pid:
-            children.append(int(entry.name))
-    return children
 
 
 def peak_rss_kib(pid: int) -> int:

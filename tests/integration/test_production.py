@@ -33,6 +33,7 @@ from tests.integration.conftest import (
     set_faults,
     simulator_requests,
     start,
+    worker_pids,
 )
 
 T = TypeVar("T")
@@ -86,22 +87,9 @@ def gateways(simulator: Server, tmp_path: Path) -> Iterator[Callable[..., Server
         server.stop()
 
 
-def worker_pids(master: subprocess.Popen[bytes]) -> set[int]:
-    """Return the pids of the gunicorn master's children: its workers."""
-    workers = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            after_name = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        if int(after_name[1]) == master.pid:
-            workers.add(int(stat.parent.name))
-    return workers
-
-
 def booted_workers(gateway: Server, count: int, dead: int | None = None) -> set[int] | None:
     """Return the workers once there are COUNT of them and DEAD is gone."""
-    pids = worker_pids(gateway.process)
+    pids = set(worker_pids(gateway.process.pid))
     return pids if len(pids) == count and dead not in pids else None
 
 
