@@ -167,7 +167,6 @@ def start_request() -> None:
     g.upstream_outcome = None
     _, metrics = services()
     metrics.in_progress.inc()
-    g.caller = ANONYMOUS  # until authenticated, should authentication fail
     g.caller = _authenticate()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -165,28 +164,26 @@ def test_metrics_count_every_request_exactly_across_workers(gateway: Server) -> 
     assert "unknown" not in text
 
 
-def test_serve_without_ews_url_fails_at_once_naming_it(tmp_path: Path) -> None:
-    result = subprocess.run(
+def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `serve` with only ENV (and PATH) set, expecting it to refuse to start."""
+    return subprocess.run(
         [sys.executable, "-m", "gateway", "serve"],
-        env={"PATH": "/usr/bin:/bin", "GATEWAY_AUTH": "none"},
+        env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_serve_without_ews_url_fails_at_once_naming_it() -> None:
+    result = run_serve({"GATEWAY_AUTH": "none"})
     assert result.returncode == 2
     assert "EWS_URL" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_serve_refuses_to_start_until_gateway_auth_is_chosen(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve"],
-        env={"PATH": "/usr/bin:/bin", "EWS_URL": "https://mail.example.com/EWS/Exchange.asmx"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+def test_serve_refuses_to_start_until_gateway_auth_is_chosen() -> None:
+    result = run_serve({"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx"})
     assert result.returncode == 2
     assert "GATEWAY_AUTH" in result.stderr
