@@ -7,6 +7,7 @@ a metric sample and one log line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -16,10 +17,10 @@ from urllib.parse import quote
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.routing import BaseConverter
+from werkzeug.routing import BaseConverter, Rule
 
 from gateway import validation
-from gateway.callers import ANONYMOUS, Caller
+from gateway.callers import ANONYMOUS
 from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
 from gateway.ews import PhoneCalls
 from gateway.metrics import Metrics
@@ -159,47 +160,44 @@ def _json(body: dict[str, Any], status: int, warning: str | None = None) -> Resp
 
 
 def start_request() -> None:
-    """Give the request an id and start its clock."""
-    g.started = time.perf_counter()
+    """Give the request an id, start its clock and find out who is calling."""
+    # Each use of the g proxy costs a context lookup: take the object once.
+    state = g._get_current_object()
+    state.started = time.perf_counter()
     caller_id = request.headers.get("X-Request-ID", "")
-    g.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
-    g.ews_code = None
-    g.upstream_outcome = None
-    _, metrics = services()
-    metrics.in_progress.inc()
-    g.caller = _authenticate()
-
-
-def _authenticate() -> Caller:
-    """Return who is calling; probes, the spec and CORS preflights need no credentials."""
-    # A browser's preflight (OPTIONS) carries no credentials and never reaches Exchange.
-    if (
+    state.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
+    state.ews_code = None
+    state.upstream_outcome = None
+    gateway = current_app.extensions["gateway"]
+    gateway["metrics"].in_progress.inc()
+    state.caller = ANONYMOUS
+    # Probes, the spec and CORS preflights (which carry no credentials) answer to anyone.
+    if not (
         request.method == "OPTIONS"
         or request.url_rule is None
         or request.endpoint in PUBLIC_ENDPOINTS
     ):
-        return ANONYMOUS
-    caller: Caller = current_app.extensions["gateway"]["callers"].authenticate(request.headers)
-    return caller
+        state.caller = gateway["callers"].authenticate(request.headers)
 
 
 def finish_request(response: Response) -> Response:
     """Stamp the request id, count the request and write its log line."""
-    response.headers["X-Request-ID"] = g.request_id
-    seconds = time.perf_counter() - g.started
-    route = route_label()
-    _, metrics = services()
+    state = g._get_current_object()
+    response.headers["X-Request-ID"] = state.request_id
+    seconds = time.perf_counter() - state.started
+    route = route_label(request.url_rule)
+    metrics: Metrics = current_app.extensions["gateway"]["metrics"]
     metrics.http_request(request.method, route, response.status_code, seconds)
     ACCESS_LOG.info(
         "request",
         extra={
-            "requestId": g.request_id,
+            "requestId": state.request_id,
             "method": request.method,
             "route": route,
             "status": response.status_code,
             "durationMs": round(seconds * 1000, 2),
-            "upstreamOutcome": g.upstream_outcome or ("success" if g.ews_code else None),
-            "ewsResponseCode": g.ews_code,
+            "upstreamOutcome": state.upstream_outcome or ("success" if state.ews_code else None),
+            "ewsResponseCode": state.ews_code,
         },
     )
     return response
@@ -212,11 +210,14 @@ def end_request(_error: BaseException | None) -> None:
         metrics.in_progress.dec()
 
 
-def route_label() -> str:
+@functools.cache
+def _label_of_rule(rule: str) -> str:
+    return _CONVERTER.sub(r"<\1>", rule)
+
+
+def route_label(rule: Rule | None) -> str:
     """Return the URL rule as a bounded label: never the raw path or a call id."""
-    if request.url_rule is None:
-        return UNMATCHED_ROUTE
-    return _CONVERTER.sub(r"<\1>", request.url_rule.rule)
+    return UNMATCHED_ROUTE if rule is None else _label_of_rule(rule.rule)
 
 
 def handle_gateway_error(error: GatewayError) -> Response:
