@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
 from gateway.transport import MAX_REPLY_BYTES, ExchangeTransport, UpstreamReply
@@ -45,6 +55,16 @@ class _ExchangeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as IIS does
     server: FakeExchange
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.open_connections += 1
+
+    def finish(self) -> None:
+        with self.server.lock:
+            self.server.open_connections -= 1
+        super().finish()
+
     def _record_and_answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.server.received.append(
@@ -67,10 +87,14 @@ class _ExchangeHandler(BaseHTTPRequestHandler):
 class FakeExchange(ThreadingHTTPServer):
     """An HTTP server on loopback that records each request and gives one canned answer."""
 
+    request_queue_size = 64  # a burst of concurrent connections must not overflow the backlog
+
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _ExchangeHandler)
         self.answer = Answer()
         self.received: list[ReceivedRequest] = []
+        self.lock = threading.Lock()
+        self.open_connections = 0
 
     @property
     def url(self) -> str:
@@ -114,6 +138,83 @@ class RawServer:
             connection.close()
 
 
+class TlsExchange(FakeExchange):
+    """FakeExchange behind TLS, presenting the given certificate."""
+
+    def __init__(self, certificate: Certificate) -> None:
+        super().__init__()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate.cert_path, certificate.key_path)
+        # The handshake runs on accept; a client that rejects it is dropped there.
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server_port}{EWS_PATH}"
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert_path: Path
+    key_path: Path
+
+
+def self_signed_certificate(directory: Path, names: list[x509.GeneralName]) -> Certificate:
+    """Write a self-signed certificate (its own CA) for the given names, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Exchange")])
+    now = datetime.datetime.now(datetime.UTC)
+    public_key = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    certificate = Certificate(directory / "exchange.pem", directory / "exchange.key")
+    certificate.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    certificate.key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificate
+
+
+def http_answer(body: bytes = ANSWER) -> bytes:
+    """A 200 answer carrying the body on a connection kept alive."""
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/xml; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
 def read_request(connection: socket.socket) -> bytes:
     """Read one HTTP request (headers and Content-Length body) from a raw connection."""
     data = b""
@@ -150,6 +251,39 @@ def exchange() -> Iterator[FakeExchange]:
     server.shutdown()
     thread.join()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def exchange_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    names: list[x509.GeneralName] = [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.DNSName("localhost"),
+    ]
+    return self_signed_certificate(tmp_path_factory.mktemp("exchange-tls"), names)
+
+
+@pytest.fixture(scope="module")
+def misnamed_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    names: list[x509.GeneralName] = [x509.DNSName("exchange.example.test")]
+    return self_signed_certificate(tmp_path_factory.mktemp("misnamed-tls"), names)
+
+
+@pytest.fixture
+def tls_exchanges() -> Iterator[Callable[[Certificate], TlsExchange]]:
+    started: list[tuple[TlsExchange, threading.Thread]] = []
+
+    def start(certificate: Certificate) -> TlsExchange:
+        server = TlsExchange(certificate)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.shutdown()
+        thread.join()
+        server.server_close()
 
 
 @pytest.fixture
@@ -248,6 +382,18 @@ def test_two_sequential_posts_reuse_one_connection(
 
 
 @pytest.mark.network
+def test_after_an_answer_that_closes_its_connection_the_next_post_opens_a_new_one(
+    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+) -> None:
+    exchange.answer = Answer(headers={"Content-Type": SOAP_XML, "Connection": "close"})
+    transport = transports(exchange.url)
+    first = transport.post(ENVELOPE, REQUEST_HEADERS)
+    second = transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert first.body == second.body == ANSWER
+    assert exchange.received[0].peer != exchange.received[1].peer
+
+
+@pytest.mark.network
 def test_an_answer_of_exactly_the_size_limit_is_accepted(
     exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
 ) -> None:
@@ -323,3 +469,232 @@ def test_a_connection_closed_without_an_answer_is_unreachable(
     with pytest.raises(UpstreamUnreachable) as raised:
         transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
+
+
+# Keep-alive connections: stale ones, the close race, retries
+
+
+@pytest.mark.network
+def test_an_idle_connection_the_server_closed_is_replaced_by_a_new_one(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    closed = threading.Event()
+
+    def answer_then_close(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(http_answer())
+        connection.close()
+        closed.set()
+
+    server = raw_servers(answer_then_close)
+    transport = transports(server.url)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert closed.wait(5)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert len(server.connections) == 2
+
+
+@pytest.mark.network
+def test_an_idle_connection_holding_unasked_bytes_is_not_reused(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    first_answer_read, sent_unasked = threading.Event(), threading.Event()
+
+    def answer_then_time_out_while_idle(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(http_answer())
+        if not sent_unasked.is_set() and first_answer_read.wait(5):
+            # Taken for the next request's answer, this would turn it into a 408.
+            connection.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+            sent_unasked.set()
+
+    server = raw_servers(answer_then_time_out_while_idle)
+    transport = transports(server.url)
+    transport.post(ENVELOPE, REQUEST_HEADERS)
+    first_answer_read.set()
+    assert sent_unasked.wait(5)
+    reply = transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert (reply.status, reply.body) == (200, ANSWER)
+    assert len(server.connections) == 2
+
+
+@pytest.mark.network
+def test_a_reused_connection_dropped_before_any_answer_is_retried_once_on_a_new_one(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    requests: list[bytes] = []
+
+    def answer_then_drop_the_second(connection: socket.socket) -> None:
+        requests.append(read_request(connection))
+        connection.sendall(http_answer())
+        if len(requests) == 1:
+            # Exchange closing an idle connection just as the next request arrives.
+            requests.append(read_request(connection))
+            connection.close()
+
+    server = raw_servers(answer_then_drop_the_second)
+    transport = transports(server.url)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert (len(requests), len(server.connections)) == (3, 2)
+
+
+@pytest.mark.network
+def test_a_new_connection_dropped_before_any_answer_is_not_retried(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    server = raw_servers(hang_up)
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
+    assert raised.value.outcome == "connection_error"
+    assert len(server.connections) == 1
+
+
+@pytest.mark.network
+def test_a_reused_connection_dropped_mid_answer_is_not_retried(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def answer_then_break_off(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(http_answer())
+        read_request(connection)
+        connection.sendall(http_answer()[:-10])
+        connection.close()
+
+    server = raw_servers(answer_then_break_off)
+    transport = transports(server.url)
+    transport.post(ENVELOPE, REQUEST_HEADERS)
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert raised.value.outcome == "connection_error"
+    assert len(server.connections) == 1
+
+
+@pytest.mark.network
+def test_an_answer_cut_short_of_its_content_length_is_unreachable_not_short(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def break_off(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(http_answer()[:-10])
+        connection.close()
+
+    server = raw_servers(break_off)
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
+    assert raised.value.outcome == "connection_error"
+
+
+# The deadline
+
+
+@pytest.mark.network
+def test_a_body_trickling_in_slower_than_the_deadline_times_out_at_the_deadline(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    body_bytes = 200
+
+    def drip(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % body_bytes)
+        for _ in range(body_bytes):
+            # Each byte comes well within any per-read timeout; the whole never does.
+            time.sleep(0.05)
+            try:
+                connection.sendall(b" ")
+            except OSError:
+                return  # the transport gave up and closed
+
+    server = raw_servers(drip)
+    transport = transports(server.url, timeout_s=5.0)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout) as raised:
+        transport.post(ENVELOPE, REQUEST_HEADERS, deadline=started + 0.5)
+    assert raised.value.outcome == "timeout"
+    assert time.monotonic() - started < 2.0
+
+
+# Many threads at once
+
+
+@pytest.mark.network
+def test_concurrent_posts_all_succeed_and_at_most_pool_size_connections_stay_open(
+    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+) -> None:
+    pool_size, threads, posts_each = 4, 24, 10
+    transport = transports(exchange.url, pool_size=pool_size)
+
+    def post_several(_: int) -> list[bytes]:
+        return [transport.post(ENVELOPE, REQUEST_HEADERS).body for _ in range(posts_each)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        bodies = [body for batch in pool.map(post_several, range(threads)) for body in batch]
+    assert bodies == [ANSWER] * threads * posts_each
+    # Connections beyond the idle limit are closed by the transport; the server sees them go.
+    give_up = time.monotonic() + 5
+    while exchange.open_connections > pool_size and time.monotonic() < give_up:
+        time.sleep(0.01)
+    assert 1 <= exchange.open_connections <= pool_size
+
+
+# TLS
+
+
+@pytest.mark.network
+def test_a_certificate_no_trusted_ca_signed_is_rejected(
+    exchange_certificate: Certificate,
+    tls_exchanges: Callable[[Certificate], TlsExchange],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    server = tls_exchanges(exchange_certificate)
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
+    assert (raised.value.detail, raised.value.outcome) == (
+        "The TLS connection to Exchange failed",
+        "connection_error",
+    )
+    assert server.received == []
+
+
+@pytest.mark.network
+def test_a_certificate_from_the_configured_ca_bundle_is_accepted_and_reused(
+    exchange_certificate: Certificate,
+    tls_exchanges: Callable[[Certificate], TlsExchange],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    server = tls_exchanges(exchange_certificate)
+    transport = transports(server.url, ca_bundle=str(exchange_certificate.cert_path))
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert server.received[0].peer == server.received[1].peer
+
+
+@pytest.mark.network
+def test_a_trusted_certificate_for_another_name_is_rejected(
+    misnamed_certificate: Certificate,
+    tls_exchanges: Callable[[Certificate], TlsExchange],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    server = tls_exchanges(misnamed_certificate)
+    transport = transports(server.url, ca_bundle=str(misnamed_certificate.cert_path))
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert raised.value.detail == "The TLS connection to Exchange failed"
+
+
+@pytest.mark.network
+def test_with_verification_off_any_certificate_is_accepted(
+    misnamed_certificate: Certificate,
+    tls_exchanges: Callable[[Certificate], TlsExchange],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    server = tls_exchanges(misnamed_certificate)
+    transport = transports(server.url, verify_tls=False)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
