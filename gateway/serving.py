@@ -151,6 +151,11 @@ def serve(config: Config) -> None:
         LOG.warning(
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
         )
+    if config.ews_url.lower().startswith("https:") and not config.ews_verify_tls:
+        LOG.warning(
+            "EWS_VERIFY_TLS=false: Exchange's certificate is not checked, so anyone on the "
+            "path can read the service credentials"
+        )
     metrics_dir = _fresh_metrics_dir(config.metrics_dir)
     metrics.share_across_processes(metrics_dir)
     # A directory serve made itself is removed at exit; a configured one is left for inspection.

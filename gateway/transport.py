@@ -9,7 +9,7 @@ Redirects are never followed (Exchange redirects to an HTML error page), and
 answers are read with a size cap so a hostile body cannot exhaust memory. One
 deadline bounds connecting, sending, waiting for the answer and reading its
 body, however slowly the body trickles in. The one retry is a fresh connection
-when Exchange dropped a reused one as the request went out.
+when a reused one turns out closed before the request could be written.
 
 NtlmTransport uses requests and requests-ntlm, which run the handshake.
 """
@@ -46,8 +46,8 @@ from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, U
 MAX_REPLY_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 
-# How a reused connection fails when Exchange closed it as idle just as the request
-# went out (http.client's RemoteDisconnected is a ConnectionResetError).
+# How writing to a reused connection fails when Exchange closed it as idle just
+# before the request went out.
 _STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError)
 
 
@@ -100,16 +100,11 @@ class ExchangeTransport:
         deadline = time.monotonic() + _remaining(deadline, self._timeout_s)
         request_headers = {**headers, **self._own_headers, "Content-Length": str(len(body))}
         try:
-            reused = self._take_idle()
-            if reused is not None:
-                try:
-                    return self._exchange(reused, body, request_headers, deadline)
-                except _STALE_CONNECTION_ERRORS:
-                    # No byte of an answer came back, so Exchange most likely closed the
-                    # idle connection before reading the request. A server that acted on
-                    # it and then dropped the connection would see it twice.
-                    pass
-            return self._exchange(self._connect(deadline), body, request_headers, deadline)
+            connection = self._send_on_idle(body, request_headers, deadline)
+            if connection is None:
+                connection = self._connect(deadline)
+                self._send(connection, body, request_headers, deadline)
+            return self._receive(connection, deadline)
         except (OSError, HTTPException) as exc:
             raise _translate(exc) from None
 
@@ -156,28 +151,49 @@ class ExchangeTransport:
             raise
         return connection
 
-    def _exchange(
-        self, connection: HTTPConnection, body: bytes, headers: Mapping[str, str], deadline: float
-    ) -> UpstreamReply:
-        """Send the request and read the whole answer; any failure closes the connection.
-
-        Failures before the answer starts are raised as they are, so that post can
-        tell a stale connection; later ones are already GatewayErrors.
-        """
-        # The response reads from this socket even after a closing answer detaches it.
-        sock = connection.sock
+    def _send_on_idle(
+        self, body: bytes, headers: Mapping[str, str], deadline: float
+    ) -> HTTPConnection | None:
+        """Send on a reused connection; None if Exchange closed it before the request went out."""
+        connection = self._take_idle()
+        if connection is None:
+            return None
         try:
-            response = _send(connection, self._path, body, headers, deadline)
+            self._send(connection, body, headers, deadline)
+        except _STALE_CONNECTION_ERRORS:
+            # Nothing reached Exchange, so sending again on a new connection is safe, even
+            # for PlayOnPhone. A connection dropped after the request went out is not
+            # retried: Exchange may have acted on the request (and dialled).
+            return None
+        return connection
+
+    def _send(
+        self, connection: HTTPConnection, body: bytes, headers: Mapping[str, str], deadline: float
+    ) -> None:
+        """Write the request in the time left; a failure closes the connection."""
+        try:
+            connection.sock.settimeout(_time_left(deadline))
+            connection.putrequest("POST", self._path)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.endheaders(body)
         except BaseException:
             connection.close()
             raise
+
+    def _receive(self, connection: HTTPConnection, deadline: float) -> UpstreamReply:
+        """Read the whole answer by the deadline; any failure closes the connection."""
+        # The response reads from this socket even after a closing answer detaches it.
+        sock = connection.sock
+        response: HTTPResponse | None = None
         try:
+            sock.settimeout(_time_left(deadline))
+            response = connection.getresponse()
             payload = _read_whole(response, sock, deadline)
-        except BaseException as exc:
-            response.close()
+        except BaseException:
+            if response is not None:
+                response.close()
             connection.close()
-            if isinstance(exc, OSError | HTTPException):
-                raise _translate(exc) from None
             raise
         response.close()
         if response.will_close:
@@ -306,24 +322,6 @@ def _is_dropped(connection: HTTPConnection) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
-
-
-def _send(
-    connection: HTTPConnection,
-    path: str,
-    body: bytes,
-    headers: Mapping[str, str],
-    deadline: float,
-) -> HTTPResponse:
-    """Write the request and read the answer's status and headers, bounded by the deadline."""
-    sock = connection.sock
-    sock.settimeout(_time_left(deadline))
-    connection.putrequest("POST", path)
-    for name, value in headers.items():
-        connection.putheader(name, value)
-    connection.endheaders(body)
-    sock.settimeout(_time_left(deadline))
-    return connection.getresponse()
 
 
 def _read_whole(response: HTTPResponse, sock: socket.socket, deadline: float) -> bytes:

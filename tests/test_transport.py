@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -521,7 +522,35 @@ def test_an_idle_connection_holding_unasked_bytes_is_not_reused(
 
 
 @pytest.mark.network
-def test_a_reused_connection_dropped_before_any_answer_is_retried_once_on_a_new_one(
+def test_a_reused_connection_reset_before_the_request_went_out_is_retried_on_a_new_one(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    requests: list[bytes] = []
+    reset = threading.Event()
+
+    def answer_then_reset_the_first(connection: socket.socket) -> None:
+        requests.append(read_request(connection))
+        connection.sendall(http_answer())
+        if len(requests) == 1:
+            # An abortive close: the client's next write fails with a reset.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+            reset.set()
+
+    server = raw_servers(answer_then_reset_the_first)
+    transport = transports(server.url)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert reset.wait(5)
+    # The reset lands between the check before reuse and the write.
+    monkeypatch.setattr("gateway.transport._is_dropped", lambda _connection: False)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert (len(requests), len(server.connections)) == (2, 2)
+
+
+@pytest.mark.network
+def test_a_reused_connection_dropped_after_the_request_went_out_is_not_retried(
     raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
     transports: Callable[..., ExchangeTransport],
 ) -> None:
@@ -530,16 +559,17 @@ def test_a_reused_connection_dropped_before_any_answer_is_retried_once_on_a_new_
     def answer_then_drop_the_second(connection: socket.socket) -> None:
         requests.append(read_request(connection))
         connection.sendall(http_answer())
-        if len(requests) == 1:
-            # Exchange closing an idle connection just as the next request arrives.
-            requests.append(read_request(connection))
-            connection.close()
+        # Exchange may have acted on this one (and dialled) before the connection dropped.
+        requests.append(read_request(connection))
+        connection.close()
 
     server = raw_servers(answer_then_drop_the_second)
     transport = transports(server.url)
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
-    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
-    assert (len(requests), len(server.connections)) == (3, 2)
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert raised.value.outcome == "connection_error"
+    assert (len(requests), len(server.connections)) == (2, 1)
 
 
 @pytest.mark.network

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -12,9 +14,12 @@ import pytest
 from tests.ews_schema import assert_envelope_valid, schema_available
 from tests.integration.conftest import (
     Server,
+    free_port,
+    gateway_env,
     http,
     set_faults,
     simulator_requests,
+    start,
 )
 
 PROBLEM_JSON = "application/problem+json"
@@ -162,6 +167,24 @@ def test_metrics_count_every_request_exactly_across_workers(gateway: Server) -> 
     assert sample(text, requests) == 40
     assert sample(text, upstream) == 40
     assert "unknown" not in text
+
+
+def test_serve_warns_at_start_when_callers_or_exchange_go_unchecked(
+    simulator: Server, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = gateway_env(simulator, port, EWS_VERIFY_TLS="false")
+    env["EWS_URL"] = "https://exchange.invalid/EWS/Exchange.asmx"
+    server = start(["serve"], env, f"http://127.0.0.1:{port}", "/readyz", tmp_path / "gw.log")
+    server.stop()
+
+    warnings = [
+        entry["message"]
+        for entry in map(json.loads, server.log().splitlines())
+        if entry.get("level") == "WARNING"
+    ]
+    assert any(message.startswith("GATEWAY_AUTH=none") for message in warnings)
+    assert any(message.startswith("EWS_VERIFY_TLS=false") for message in warnings)
 
 
 def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
