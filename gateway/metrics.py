@@ -24,6 +24,11 @@ from prometheus_client import (
 from gateway.errors import metric_code
 from gateway.resilience import BreakerState
 
+# Any other method is labelled OTHER_METHOD, so callers cannot mint new series.
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+OTHER_METHOD = "other"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -41,6 +46,11 @@ class Metrics:
         disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         self._multiprocess_dir = multiprocess_dir
+        # Labelled series by label values: labels() takes a lock and checks its arguments.
+        self._http_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._upstream_series: dict[
+            tuple[str, str, str | None], tuple[Counter, Histogram, Counter | None]
+        ] = {}
         self.http_requests = Counter(
             "ews_gateway_http_requests",
             "HTTP requests answered, by route and status.",
@@ -97,15 +107,30 @@ class Metrics:
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Record one answered HTTP request."""
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_duration.labels(method, route).observe(seconds)
+        key = (method if method in STANDARD_METHODS else OTHER_METHOD, route, status)
+        series = self._http_series.get(key)
+        if series is None:
+            series = self._http_series[key] = (
+                self.http_requests.labels(key[0], route, str(status)),
+                self.http_duration.labels(key[0], route),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def upstream_call(self, operation: str, outcome: str, code: str | None, seconds: float) -> None:
         """Record one call to Exchange."""
-        self.upstream_requests.labels(operation, outcome).inc()
-        self.upstream_duration.labels(operation).observe(seconds)
-        if code is not None:
-            self.upstream_codes.labels(operation, metric_code(code)).inc()
+        key = (operation, outcome, None if code is None else metric_code(code))
+        series = self._upstream_series.get(key)
+        if series is None:
+            series = self._upstream_series[key] = (
+                self.upstream_requests.labels(operation, outcome),
+                self.upstream_duration.labels(operation),
+                None if key[2] is None else self.upstream_codes.labels(operation, key[2]),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
+        if series[2] is not None:
+            series[2].inc()
 
     def circuit_changed(self, state: BreakerState) -> None:
         """Show the circuit breaker's state (half-open counts as open)."""

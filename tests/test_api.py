@@ -687,6 +687,19 @@ def test_no_call_id_or_raw_path_ever_appears_in_the_metrics(
     assert "secret" not in scrape(client)
 
 
+def test_a_nonstandard_method_is_counted_as_other_so_callers_cannot_mint_series(
+    client: FlaskClient,
+) -> None:
+    for method in ("BREW", "WHEN", "PROPFIND"):
+        assert client.open("/calls/abc", method=method).status_code == 405
+
+    text = scrape(client)
+
+    assert 'method="other",route="<unmatched>",status="405"} 3.0' in text
+    assert "BREW" not in text
+    assert "PROPFIND" not in text
+
+
 def test_unknown_routes_are_labelled_unmatched(client: FlaskClient) -> None:
     client.get("/wp-admin/setup.php")
 
