@@ -38,9 +38,12 @@ GRACEFUL_MARGIN_S = 5
 # the balancer, not the gateway, closes idle connections and never races a reuse.
 KEEPALIVE_S = 75
 # Recycle a worker after about this many requests to bound slow leaks; the jitter
-# keeps the workers of an instance from restarting all at once.
-MAX_REQUESTS = 20_000
-MAX_REQUESTS_JITTER = 2_000
+# keeps the workers of an instance from restarting all at once. A busy worker
+# answers some 1,000 requests a second and a restart costs about half a second
+# of CPU, so the bound is high; a worker's memory is flat over 100,000 requests
+# (benchmarks/RESULTS.md).
+MAX_REQUESTS = 250_000
+MAX_REQUESTS_JITTER = 25_000
 
 
 def default_workers() -> int:
