@@ -45,6 +45,8 @@ from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, U
 # larger is not a real answer.
 MAX_REPLY_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
+# How far a step may outlast the deadline rather than re-arm the socket's timeout.
+TIMEOUT_SLACK_S = 0.005
 
 # How writing to a reused connection fails when Exchange closed it as idle just
 # before the request went out.
@@ -172,7 +174,7 @@ class ExchangeTransport:
     ) -> None:
         """Write the request in the time left; a failure closes the connection."""
         try:
-            connection.sock.settimeout(_time_left(deadline))
+            _arm(connection.sock, _time_left(deadline))
             connection.putrequest("POST", self._path)
             for name, value in headers.items():
                 connection.putheader(name, value)
@@ -187,7 +189,7 @@ class ExchangeTransport:
         sock = connection.sock
         response: HTTPResponse | None = None
         try:
-            sock.settimeout(_time_left(deadline))
+            _arm(sock, _time_left(deadline))
             response = connection.getresponse()
             payload = _read_whole(response, sock, deadline)
         except BaseException:
@@ -301,6 +303,16 @@ def _time_left(deadline: float) -> float:
     return remaining_s
 
 
+def _arm(sock: socket.socket, seconds: float) -> None:
+    """Bound the next blocking step on sock to about this many seconds."""
+    # Setting a timeout is a system call that lets other threads take the GIL; most
+    # steps of a call start within microseconds of the last, so the timeout set
+    # then still holds to within TIMEOUT_SLACK_S.
+    armed = sock.gettimeout()
+    if armed is None or abs(armed - seconds) > TIMEOUT_SLACK_S:
+        sock.settimeout(seconds)
+
+
 def _tls_context(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext:
     """Build the TLS settings: Exchange's certificate and name checked, or nothing checked."""
     if verify_tls:
@@ -363,7 +375,7 @@ def _read_capped(response: _Body, sock: socket.socket | None, deadline: float) -
         if remaining_s <= 0:
             raise UpstreamTimeout("Exchange did not finish its answer in time", outcome="timeout")
         if sock is not None:
-            sock.settimeout(remaining_s)
+            _arm(sock, remaining_s)
         # read1 returns what has arrived; read(n) would wait for n bytes or the end.
         chunk = response.read1(READ_CHUNK_BYTES)
         if not chunk:

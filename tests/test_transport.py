@@ -383,6 +383,28 @@ def test_two_sequential_posts_reuse_one_connection(
 
 
 @pytest.mark.network
+def test_a_connection_reused_after_a_nearly_spent_deadline_gets_the_next_calls_full_time(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def answer_at_once_then_slowly(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(http_answer())
+        read_request(connection)
+        time.sleep(0.5)
+        connection.sendall(http_answer())
+
+    server = raw_servers(answer_at_once_then_slowly)
+    transport = transports(server.url, timeout_s=5.0)
+    transport.post(ENVELOPE, REQUEST_HEADERS, deadline=time.monotonic() + 0.2)
+
+    reply = transport.post(ENVELOPE, REQUEST_HEADERS)
+
+    assert reply.body == ANSWER
+    assert len(server.connections) == 1
+
+
+@pytest.mark.network
 def test_after_an_answer_that_closes_its_connection_the_next_post_opens_a_new_one(
     exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
 ) -> None:
