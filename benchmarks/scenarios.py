@@ -35,7 +35,7 @@ PLACE_CALL = b'{"itemId": "AAMkADemoVoiceMail", "dialString": "+15551234567"}'
 # The memory run stops here even if it has not reached its count.
 MEMORY_TIME_CAP_S = 300
 
-FULL = Plan(warmup_s=3, round_s=10, rounds=3, slow_s=10, low_load_s=5, memory_requests=100_000)
+FULL = Plan(warmup_s=3, round_s=10, rounds=5, slow_s=10, low_load_s=5, memory_requests=100_000)
 QUICK = Plan(warmup_s=1, round_s=2, rounds=1, slow_s=2, low_load_s=1, memory_requests=2_000)
 
 
@@ -59,7 +59,7 @@ class Results:
     upstream: str
     generator: str
     throughput: dict[str, list[LoadResult]] = field(default_factory=dict)
-    slow: dict[str, LoadResult] = field(default_factory=dict)
+    slow: dict[str, list[LoadResult]] = field(default_factory=dict)
     low_load: dict[str, list[LoadResult]] = field(default_factory=dict)
     memory: Memory | None = None
     gateway_ready_s: list[float] = field(default_factory=list)
@@ -101,15 +101,7 @@ def zero_latency(
         name: Load(service.url, "DELETE", _call_path(call_id), plan.connections, plan.round_s)
         for name, service in targets.items()
     }
-    for load in loads.values():
-        bench.load(replace(load, duration_s=plan.warmup_s))
-    measured: dict[str, list[LoadResult]] = {name: [] for name in loads}
-    for round_number in range(plan.rounds):
-        # ABBA order, so that a trend in background load does not favour either side.
-        order = list(loads) if round_number % 2 == 0 else list(reversed(loads))
-        for name in order:
-            measured[name].append(bench.load(loads[name], targets[name]))
-    return measured
+    return _alternating_rounds(bench, targets, loads)
 
 
 def low_load(
@@ -134,29 +126,42 @@ def low_load(
     return measured
 
 
-def slow_exchange(bench: Bench, results: Results) -> dict[str, LoadResult]:
+def slow_exchange(bench: Bench, results: Results) -> dict[str, list[LoadResult]]:
     """Throughput at `slow_connections` against the simulator answering after `slow_latency_ms`."""
     simulator = bench.start_upstream(bench.plan.slow_latency_ms)
     ews_url = simulator.url + upstream.EWS_PATH
-    gateway = bench.start_gateway(ews_url)
+    gateway, baseline = bench.start_gateway(ews_url), bench.start_baseline(ews_url)
     results.gateway_ready_s.append(gateway.ready_s)
+    results.baseline_ready_s.append(baseline.ready_s)
     # Hanging up twice succeeds twice in the simulator: one call serves every request.
     call_id = place_call(gateway)
-    measured = {GATEWAY: _slow_load(bench, gateway, call_id)}
+    plan = bench.plan
+    targets = {GATEWAY: gateway, BASELINE: baseline}
+    loads = {
+        name: Load(service.url, "DELETE", _call_path(call_id), plan.slow_connections, plan.slow_s)
+        for name, service in targets.items()
+    }
+    measured = _alternating_rounds(bench, targets, loads)
     bench.stop(gateway)
-    baseline = bench.start_baseline(ews_url)
-    results.baseline_ready_s.append(baseline.ready_s)
-    measured[BASELINE] = _slow_load(bench, baseline, call_id)
     bench.stop(baseline)
     bench.stop(simulator)
     return measured
 
 
-def _slow_load(bench: Bench, service: Service, call_id: str) -> LoadResult:
+def _alternating_rounds(
+    bench: Bench, targets: dict[str, Service], loads: dict[str, Load]
+) -> dict[str, list[LoadResult]]:
+    """Warm every target up, then measure `rounds` rounds of each in ABBA order."""
     plan = bench.plan
-    load = Load(service.url, "DELETE", _call_path(call_id), plan.slow_connections, plan.slow_s)
-    bench.load(replace(load, duration_s=plan.warmup_s))
-    return bench.load(load, service)
+    for load in loads.values():
+        bench.load(replace(load, duration_s=plan.warmup_s))
+    measured: dict[str, list[LoadResult]] = {name: [] for name in loads}
+    for round_number in range(plan.rounds):
+        # ABBA order, so that a trend in background load does not favour either side.
+        order = list(loads) if round_number % 2 == 0 else list(reversed(loads))
+        for name in order:
+            measured[name].append(bench.load(loads[name], targets[name]))
+    return measured
 
 
 def memory(bench: Bench, ews_url: str, call_id: str, results: Results) -> Memory:
