@@ -15,8 +15,9 @@ from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.metrics import Metrics
+from gateway.ntlm import NtlmTransport
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
-from gateway.transport import ExchangeTransport, NtlmTransport
+from gateway.transport import ExchangeTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
 MAX_BODY_BYTES = 16 * 1024

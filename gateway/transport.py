@@ -11,7 +11,7 @@ deadline bounds connecting, sending, waiting for the answer and reading its
 body, however slowly the body trickles in. The one retry is a fresh connection
 when a reused one turns out closed before the request could be written.
 
-NtlmTransport uses requests and requests-ntlm, which run the handshake.
+gateway.ntlm reuses the deadline, size cap and error translation for NTLM.
 """
 
 from __future__ import annotations
@@ -26,18 +26,6 @@ from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection, IncompleteRead
 from typing import Protocol
 from urllib.parse import urlsplit
-
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from requests_ntlm import HttpNtlmAuth
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ReadTimeoutError,
-    SSLError,
-)
 
 from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
 
@@ -99,7 +87,7 @@ class ExchangeTransport:
         self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
     ) -> UpstreamReply:
         """Send one request and return the whole answer by the deadline, or raise a GatewayError."""
-        deadline = time.monotonic() + _remaining(deadline, self._timeout_s)
+        deadline = time.monotonic() + seconds_left(deadline, self._timeout_s)
         request_headers = {**headers, **self._own_headers, "Content-Length": str(len(body))}
         try:
             connection = self._send_on_idle(body, request_headers, deadline)
@@ -107,8 +95,10 @@ class ExchangeTransport:
                 connection = self._connect(deadline)
                 self._send(connection, body, request_headers, deadline)
             return self._receive(connection, deadline)
-        except (OSError, HTTPException) as exc:
-            raise _translate(exc) from None
+        except HTTPException as exc:
+            raise unreachable(exc) from None
+        except OSError as exc:
+            raise translate_os_error(exc) from None
 
     def close(self) -> None:
         """Close every idle connection; connections in use are closed when their call ends."""
@@ -174,7 +164,7 @@ class ExchangeTransport:
     ) -> None:
         """Write the request in the time left; a failure closes the connection."""
         try:
-            _arm(connection.sock, _time_left(deadline))
+            arm_timeout(connection.sock, _time_left(deadline))
             connection.putrequest("POST", self._path)
             for name, value in headers.items():
                 connection.putheader(name, value)
@@ -189,7 +179,7 @@ class ExchangeTransport:
         sock = connection.sock
         response: HTTPResponse | None = None
         try:
-            _arm(sock, _time_left(deadline))
+            arm_timeout(sock, _time_left(deadline))
             response = connection.getresponse()
             payload = _read_whole(response, sock, deadline)
         except BaseException:
@@ -211,81 +201,11 @@ class ExchangeTransport:
         )
 
 
-class NtlmTransport:
-    """POST SOAP envelopes to Exchange with NTLM (EWS_AUTH=ntlm).
-
-    NTLM authenticates a connection, not a request. Each thread therefore gets
-    its own session holding a single connection, so a handshake can never be
-    split across connections and no thread can use another's authenticated one.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout_s: float,
-        username: str,
-        password: str,
-        verify_tls: bool = True,
-        ca_bundle: str | None = None,
-    ) -> None:
-        self._url = url
-        self._timeout_s = timeout_s
-        self._auth = HttpNtlmAuth(username, password)
-        self._verify: bool | str = ca_bundle or verify_tls
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._sessions_lock = threading.Lock()
-
-    def post(
-        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
-    ) -> UpstreamReply:
-        """Send one request (with the NTLM handshake when needed) and return the whole answer."""
-        remaining_s = _remaining(deadline, self._timeout_s)
-        deadline = time.monotonic() + remaining_s
-        try:
-            response = self._session().post(
-                self._url,
-                data=body,
-                headers={**headers, "User-Agent": "ews-call-gateway"},
-                timeout=remaining_s,
-                allow_redirects=False,
-                stream=True,
-            )
-        except requests.Timeout:
-            raise UpstreamTimeout("Exchange did not answer in time", outcome="timeout") from None
-        except requests.RequestException as exc:
-            raise _translate(exc) from None
-        return _read_reply(response.raw, deadline)
-
-    def close(self) -> None:
-        """Close every thread's session."""
-        with self._sessions_lock:
-            for session in self._sessions:
-                session.close()
-            self._sessions.clear()
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.auth = self._auth
-            session.verify = self._verify
-            session.trust_env = False  # no proxies or .netrc credentials from the environment
-            single_connection = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
-            session.mount("http://", single_connection)
-            session.mount("https://", single_connection)
-            self._local.session = session
-            with self._sessions_lock:
-                self._sessions.append(session)
-        return session
-
-
 class _Body(Protocol):
     def read1(self, size: int, /) -> bytes: ...
 
 
-def _remaining(deadline: float | None, timeout_s: float) -> float:
+def seconds_left(deadline: float | None, timeout_s: float) -> float:
     """Seconds left for this call: the request's deadline, never more than the timeout."""
     if deadline is None:
         return timeout_s
@@ -299,11 +219,11 @@ def _time_left(deadline: float) -> float:
     """Seconds until the deadline, to bound the next blocking step."""
     remaining_s = deadline - time.monotonic()
     if remaining_s <= 0:
-        raise UpstreamTimeout("Exchange did not answer in time", outcome="timeout")
+        raise timed_out()
     return remaining_s
 
 
-def _arm(sock: socket.socket, seconds: float) -> None:
+def arm_timeout(sock: socket.socket, seconds: float) -> None:
     """Bound the next blocking step on sock to about this many seconds."""
     # Setting a timeout is a system call that lets other threads take the GIL; most
     # steps of a call start within microseconds of the last, so the timeout set
@@ -338,35 +258,14 @@ def _is_dropped(connection: HTTPConnection) -> bool:
 
 def _read_whole(response: HTTPResponse, sock: socket.socket, deadline: float) -> bytes:
     """Read the body to its end; an answer cut short of its Content-Length is an error."""
-    payload = _read_capped(response, sock, deadline)
+    payload = read_capped(response, sock, deadline)
     # http.client's read1 returns b"" rather than raising when the peer closes early.
     if response.length:
         raise IncompleteRead(payload, response.length)
     return payload
 
 
-def _read_reply(response: urllib3.BaseHTTPResponse, deadline: float) -> UpstreamReply:
-    """Read a whole urllib3 answer (capped in size and time) into an UpstreamReply."""
-    sock = getattr(getattr(response, "connection", None), "sock", None)
-    try:
-        payload = _read_capped(response, sock, deadline)
-    except HTTPError as exc:
-        response.close()
-        raise _translate(exc) from None
-    except GatewayError:
-        response.close()
-        raise
-    response.release_conn()
-    return UpstreamReply(
-        status=response.status,
-        content_type=response.headers.get("Content-Type", ""),
-        retry_after=response.headers.get("Retry-After"),
-        location=response.headers.get("Location"),
-        body=payload,
-    )
-
-
-def _read_capped(response: _Body, sock: socket.socket | None, deadline: float) -> bytes:
+def read_capped(response: _Body, sock: socket.socket | None, deadline: float) -> bytes:
     """Read the body by the deadline and within the size cap, however slowly it trickles in."""
     chunks: list[bytes] = []
     size = 0
@@ -375,7 +274,7 @@ def _read_capped(response: _Body, sock: socket.socket | None, deadline: float) -
         if remaining_s <= 0:
             raise UpstreamTimeout("Exchange did not finish its answer in time", outcome="timeout")
         if sock is not None:
-            _arm(sock, remaining_s)
+            arm_timeout(sock, remaining_s)
         # read1 returns what has arrived; read(n) would wait for n bytes or the end.
         chunk = response.read1(READ_CHUNK_BYTES)
         if not chunk:
@@ -388,22 +287,26 @@ def _read_capped(response: _Body, sock: socket.socket | None, deadline: float) -
         chunks.append(chunk)
 
 
-def _translate(exc: BaseException) -> GatewayError:
-    """Turn a socket, TLS, HTTP, urllib3 or requests failure into the gateway error for it."""
-    # urllib3's NewConnectionError (refused, DNS) subclasses ConnectTimeoutError: test it first.
-    if isinstance(exc, NewConnectionError):
-        return _unreachable(exc)
-    if isinstance(exc, TimeoutError | ConnectTimeoutError | ReadTimeoutError):
-        return UpstreamTimeout("Exchange did not answer in time", outcome="timeout")
-    if isinstance(exc, ssl.SSLError | SSLError | requests.exceptions.SSLError):
-        return UpstreamUnreachable(
-            "The TLS connection to Exchange failed", outcome="connection_error"
-        )
-    return _unreachable(exc)
+def translate_os_error(exc: OSError) -> GatewayError:
+    """Turn a socket or TLS failure into the gateway error for it."""
+    if isinstance(exc, TimeoutError):
+        return timed_out()
+    if isinstance(exc, ssl.SSLError):
+        return tls_failed()
+    return unreachable(exc)
 
 
-def _unreachable(exc: BaseException) -> UpstreamUnreachable:
-    # The class name only: messages can quote the request, headers included.
+def timed_out() -> UpstreamTimeout:
+    return UpstreamTimeout("Exchange did not answer in time", outcome="timeout")
+
+
+def tls_failed() -> UpstreamUnreachable:
+    return UpstreamUnreachable("The TLS connection to Exchange failed", outcome="connection_error")
+
+
+def unreachable(exc: BaseException) -> UpstreamUnreachable:
+    """Say Exchange could not be reached, naming only the failure's class."""
+    # Messages can quote the request, headers included.
     return UpstreamUnreachable(
         f"Exchange could not be reached ({type(exc).__name__})", outcome="connection_error"
     )

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import spnego
 
-from gateway.transport import NtlmTransport, UpstreamReply
+from gateway.ntlm import NtlmTransport
+from gateway.transport import UpstreamReply
 
 pytestmark = pytest.mark.network
 
