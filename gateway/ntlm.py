@@ -6,6 +6,7 @@ the other transport does: one deadline for the whole answer and a size cap.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
@@ -23,10 +24,12 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout
 from gateway.transport import (
+    MAX_REPLY_BYTES,
+    READ_CHUNK_BYTES,
     UpstreamReply,
-    read_capped,
+    arm_timeout,
     seconds_left,
     timed_out,
     tls_failed,
@@ -108,7 +111,7 @@ def _read_reply(response: urllib3.BaseHTTPResponse, deadline: float) -> Upstream
     """Read a whole urllib3 answer (capped in size and time) into an UpstreamReply."""
     sock = getattr(getattr(response, "connection", None), "sock", None)
     try:
-        payload = read_capped(response, sock, deadline)
+        payload = _read_capped(response, sock, deadline)
     except HTTPError as exc:
         response.close()
         raise _translate(exc) from None
@@ -123,6 +126,30 @@ def _read_reply(response: urllib3.BaseHTTPResponse, deadline: float) -> Upstream
         location=response.headers.get("Location"),
         body=payload,
     )
+
+
+def _read_capped(
+    response: urllib3.BaseHTTPResponse, sock: socket.socket | None, deadline: float
+) -> bytes:
+    """Read the body by the deadline and within the size cap, however slowly it trickles in."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            raise UpstreamTimeout("Exchange did not finish its answer in time", outcome="timeout")
+        if sock is not None:
+            arm_timeout(sock, remaining_s)
+        # read1 returns what has arrived; read(n) would wait for n bytes or the end.
+        chunk = response.read1(READ_CHUNK_BYTES)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise UpstreamBadResponse(
+                f"Exchange's answer exceeded {MAX_REPLY_BYTES} bytes", outcome="invalid_response"
+            )
+        chunks.append(chunk)
 
 
 def _translate(exc: Exception) -> GatewayError:

@@ -750,3 +750,147 @@ def test_with_verification_off_any_certificate_is_accepted(
     server = tls_exchanges(misnamed_certificate)
     transport = transports(server.url, verify_tls=False)
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+
+
+# Exchange's HTTP, read strictly
+
+
+@pytest.mark.network
+def test_the_request_names_the_host_and_length_and_leaves_in_one_write(
+    exchange: FakeExchange,
+    transports: Callable[..., ExchangeTransport],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes: list[bytes] = []
+    send_all = socket.socket.sendall
+
+    def record(sock: socket.socket, data: bytes, *args: Any) -> None:
+        if sock.getpeername()[1] == exchange.server_port:  # the server's writes aside
+            writes.append(bytes(data))
+        send_all(sock, data, *args)
+
+    monkeypatch.setattr(socket.socket, "sendall", record)
+    transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
+    [request] = exchange.received
+    assert request.headers["Host"] == f"127.0.0.1:{exchange.server_port}"
+    assert request.headers["Content-Length"] == str(len(ENVELOPE))
+    assert request.headers["User-Agent"] == "ews-call-gateway"
+    assert len(writes) == 1
+    assert writes[0].endswith(b"\r\n\r\n" + ENVELOPE)
+
+
+def test_a_header_that_could_split_the_request_is_refused_before_connecting(
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    # Sockets are blocked here: reaching for one would fail with another error.
+    transport = transports(f"http://127.0.0.1:9{EWS_PATH}")
+    with pytest.raises(ValueError, match="X-Request-ID"):
+        transport.post(ENVELOPE, {**REQUEST_HEADERS, "X-Request-ID": "req-7\r\nX-Injected: 1"})
+
+
+def test_an_authorization_that_cannot_be_sent_is_refused_when_the_transport_is_built() -> None:
+    with pytest.raises(ValueError, match="Authorization"):
+        ExchangeTransport(f"http://127.0.0.1:9{EWS_PATH}", timeout_s=1, authorization="Basic a\nb")
+
+
+@pytest.mark.network
+def test_a_chunked_answer_is_read_whole_and_its_connection_reused(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def answer_chunked_twice(connection: socket.socket) -> None:
+        for _ in range(2):
+            read_request(connection)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/xml; charset=utf-8\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n%x;part=2\r\n%s\r\n0\r\n\r\n"
+                % (10, ANSWER[:10], len(ANSWER) - 10, ANSWER[10:])
+            )
+
+    server = raw_servers(answer_chunked_twice)
+    transport = transports(server.url)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert len(server.connections) == 1
+
+
+@pytest.mark.network
+def test_an_answer_followed_by_unasked_bytes_is_returned_but_its_connection_not_reused(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def answer_with_more(connection: socket.socket) -> None:
+        read_request(connection)
+        # Taken for the next request's answer, the 408 would turn it into an error.
+        unasked = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+        connection.sendall(http_answer() + unasked)
+
+    server = raw_servers(answer_with_more)
+    transport = transports(server.url)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    reply = transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert (reply.status, reply.body) == (200, ANSWER)
+    assert len(server.connections) == 2
+
+
+@pytest.mark.network
+def test_an_answer_without_a_length_is_read_until_the_close_and_not_reused(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def answer_until_close(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/xml\r\n\r\n" + ANSWER)
+        connection.close()
+
+    server = raw_servers(answer_until_close)
+    transport = transports(server.url)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert len(server.connections) == 2
+
+
+@pytest.mark.network
+def test_an_interim_continue_is_skipped_for_the_answer(
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def continue_then_answer(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        time.sleep(0.05)
+        connection.sendall(http_answer())
+
+    server = raw_servers(continue_then_answer)
+    reply = transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
+    assert (reply.status, reply.body) == (200, ANSWER)
+
+
+INVALID_ANSWERS = {
+    "both lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "folded header": b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+    "no status line": b"<html><body>Internal Server Error</body></html>",
+}
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("invalid", INVALID_ANSWERS.values(), ids=INVALID_ANSWERS.keys())
+def test_an_invalid_answer_is_a_bad_response_and_its_connection_is_not_reused(
+    invalid: bytes,
+    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
+    transports: Callable[..., ExchangeTransport],
+) -> None:
+    def invalid_first(connection: socket.socket) -> None:
+        read_request(connection)
+        # The connection stays open: the transport must not wait on it, nor reuse it.
+        connection.sendall(http_answer() if server.connections[1:] else invalid)
+
+    server = raw_servers(invalid_first)
+    transport = transports(server.url)
+    with pytest.raises(UpstreamBadResponse) as raised:
+        transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert (raised.value.status, raised.value.outcome) == (502, "invalid_response")
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert len(server.connections) == 2
