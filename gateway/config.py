@@ -7,12 +7,16 @@ raises `ConfigError` with one line naming the variable at fault.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.wire import EXCHANGE_VERSIONS
+
+# RFC 6750's b64token: what an Authorization: Bearer header can carry.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 EWS_AUTH_MODES = ("none", "basic", "ntlm", "bearer")
 GATEWAY_AUTH_MODES = ("none", "apikey", "jwt")
@@ -119,6 +123,9 @@ class Config:
             raise ConfigError("EWS_AUTH=basic needs EWS_USERNAME and EWS_PASSWORD")
         if self.ews_auth == "bearer" and not self.ews_bearer_token:
             raise ConfigError("EWS_AUTH=bearer needs EWS_BEARER_TOKEN (or EWS_BEARER_TOKEN_FILE)")
+        if self.ews_auth == "bearer" and BEARER_TOKEN.fullmatch(self.ews_bearer_token) is None:
+            # The value itself never goes into the message: it is a credential.
+            raise ConfigError("EWS_BEARER_TOKEN holds characters a bearer token cannot have")
         if self.ews_auth == "ntlm" and not (self.ews_username and self.ews_password):
             raise ConfigError("EWS_AUTH=ntlm needs EWS_USERNAME and EWS_PASSWORD")
         if self.gateway_auth == "apikey" and not self.api_keys_file:

@@ -269,6 +269,14 @@ def test_bearer_auth_without_a_token_is_rejected() -> None:
     assert "EWS_BEARER_TOKEN" in rejects(EWS_AUTH="bearer")
 
 
+@pytest.mark.parametrize("token", ["two\nlines", "has space", "tab\there", "caf\u00e9"])
+def test_a_bearer_token_that_could_not_be_sent_is_rejected_without_echoing_it(token: str) -> None:
+    message = rejects(EWS_AUTH="bearer", EWS_BEARER_TOKEN=token)
+
+    assert "EWS_BEARER_TOKEN" in message
+    assert token not in message
+
+
 @pytest.mark.parametrize("value", ["kerberos", "Basic", "digest"])
 def test_ews_auth_is_limited_to_the_allowed_values(value: str) -> None:
     assert "EWS_AUTH" in rejects(EWS_AUTH=value)
