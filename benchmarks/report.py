@@ -102,7 +102,10 @@ def _throughput_table(results: Results) -> str:
 def _slow_table(results: Results) -> str:
     bound = _slow_bound(results)
     rows = []
-    for name, runs in results.slow.items():
+    for name in (GATEWAY, BASELINE, UPSTREAM):
+        runs = results.slow.get(name, [])
+        if not runs:
+            continue
         summary = _summary(runs, rate=_ok_rate)
         rows.append(
             [

@@ -109,8 +109,7 @@ def low_load(
 ) -> dict[str, list[LoadResult]]:
     """Latency on one connection: through the gateway, the baseline, and to the upstream."""
     plan = bench.plan
-    escaped_id = escape(call_id, {'"': "&quot;"})
-    body = upstream.DISCONNECT_REQUEST.format(call_id=escaped_id).encode()
+    body = _disconnect_envelope(call_id)
     loads = {
         UPSTREAM: Load(fast_upstream.url, "POST", upstream.EWS_PATH, 1, plan.low_load_s, body),
         **{
@@ -136,11 +135,21 @@ def slow_exchange(bench: Bench, results: Results) -> dict[str, list[LoadResult]]
     # Hanging up twice succeeds twice in the simulator: one call serves every request.
     call_id = place_call(gateway)
     plan = bench.plan
-    targets = {GATEWAY: gateway, BASELINE: baseline}
+    targets = {GATEWAY: gateway, BASELINE: baseline, UPSTREAM: simulator}
     loads = {
         name: Load(service.url, "DELETE", _call_path(call_id), plan.slow_connections, plan.slow_s)
         for name, service in targets.items()
+        if name != UPSTREAM
     }
+    # The simulator asked directly: the ceiling its own latency and CPU leave.
+    loads[UPSTREAM] = Load(
+        simulator.url,
+        "POST",
+        upstream.EWS_PATH,
+        plan.slow_connections,
+        plan.slow_s,
+        _disconnect_envelope(call_id),
+    )
     measured = _alternating_rounds(bench, targets, loads)
     bench.stop(gateway)
     bench.stop(baseline)
@@ -200,6 +209,11 @@ def place_call(gateway: Service) -> str:
 def median(values: list[float]) -> float:
     """Return the median, 0 for no values."""
     return statistics.median(values) if values else 0.0
+
+
+def _disconnect_envelope(call_id: str) -> bytes:
+    """The DisconnectPhoneCall envelope for a call, as a client of Exchange would send it."""
+    return upstream.DISCONNECT_REQUEST.format(call_id=escape(call_id, {'"': "&quot;"})).encode()
 
 
 def _call_path(call_id: str) -> str:
