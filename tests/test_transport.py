@@ -287,8 +287,13 @@ def tls_exchanges() -> Iterator[Callable[[Certificate], TlsExchange]]:
         server.server_close()
 
 
+# Start a raw TCP server that runs a function on each connection; build transports.
+RawServers = Callable[[Callable[[socket.socket], None]], RawServer]
+Transports = Callable[..., ExchangeTransport]
+
+
 @pytest.fixture
-def raw_servers() -> Iterator[Callable[[Callable[[socket.socket], None]], RawServer]]:
+def raw_servers() -> Iterator[RawServers]:
     servers: list[RawServer] = []
 
     def start(on_connection: Callable[[socket.socket], None]) -> RawServer:
@@ -301,7 +306,7 @@ def raw_servers() -> Iterator[Callable[[Callable[[socket.socket], None]], RawSer
 
 
 @pytest.fixture
-def transports() -> Iterator[Callable[..., ExchangeTransport]]:
+def transports() -> Iterator[Transports]:
     """Build transports that are closed before the servers they talk to."""
     opened: list[ExchangeTransport] = []
 
@@ -315,9 +320,7 @@ def transports() -> Iterator[Callable[..., ExchangeTransport]]:
 
 
 @pytest.mark.network
-def test_a_normal_answer_is_returned_whole(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
-) -> None:
+def test_a_normal_answer_is_returned_whole(exchange: FakeExchange, transports: Transports) -> None:
     reply = transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     assert reply == UpstreamReply(
         status=200, content_type=SOAP_XML, retry_after=None, location=None, body=ANSWER
@@ -326,7 +329,7 @@ def test_a_normal_answer_is_returned_whole(
 
 @pytest.mark.network
 def test_the_envelope_and_headers_reach_exchange_as_given(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     [request] = exchange.received
@@ -337,7 +340,7 @@ def test_the_envelope_and_headers_reach_exchange_as_given(
 
 @pytest.mark.network
 def test_the_configured_authorization_header_is_sent(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     transport = transports(exchange.url, authorization="Basic c3ZjLWdhdGV3YXk6c2VjcmV0")
     transport.post(ENVELOPE, REQUEST_HEADERS)
@@ -347,7 +350,7 @@ def test_the_configured_authorization_header_is_sent(
 
 @pytest.mark.network
 def test_an_error_status_is_returned_with_its_retry_after(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     exchange.answer = Answer(503, {"Content-Type": "text/html", "Retry-After": "120"}, b"busy")
     reply = transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
@@ -361,7 +364,7 @@ def test_an_error_status_is_returned_with_its_retry_after(
 
 @pytest.mark.network
 def test_a_redirect_is_returned_not_followed(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     location = f"http://127.0.0.1:{exchange.server_port}/owa/auth/errorfe.aspx?httpCode=500"
     exchange.answer = Answer(302, {"Content-Type": "text/html", "Location": location}, b"moved")
@@ -372,7 +375,7 @@ def test_a_redirect_is_returned_not_followed(
 
 @pytest.mark.network
 def test_two_sequential_posts_reuse_one_connection(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     transport = transports(exchange.url)
     first = transport.post(ENVELOPE, REQUEST_HEADERS)
@@ -384,8 +387,8 @@ def test_two_sequential_posts_reuse_one_connection(
 
 @pytest.mark.network
 def test_a_connection_reused_after_a_nearly_spent_deadline_gets_the_next_calls_full_time(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def answer_at_once_then_slowly(connection: socket.socket) -> None:
         read_request(connection)
@@ -406,7 +409,7 @@ def test_a_connection_reused_after_a_nearly_spent_deadline_gets_the_next_calls_f
 
 @pytest.mark.network
 def test_after_an_answer_that_closes_its_connection_the_next_post_opens_a_new_one(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     exchange.answer = Answer(headers={"Content-Type": SOAP_XML, "Connection": "close"})
     transport = transports(exchange.url)
@@ -418,7 +421,7 @@ def test_after_an_answer_that_closes_its_connection_the_next_post_opens_a_new_on
 
 @pytest.mark.network
 def test_an_answer_of_exactly_the_size_limit_is_accepted(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     exchange.answer = Answer(body=b"x" * MAX_REPLY_BYTES)
     reply = transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
@@ -427,7 +430,7 @@ def test_an_answer_of_exactly_the_size_limit_is_accepted(
 
 @pytest.mark.network
 def test_an_answer_larger_than_the_limit_is_refused(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     exchange.answer = Answer(body=b"x" * (MAX_REPLY_BYTES + 1))
     with pytest.raises(UpstreamBadResponse) as raised:
@@ -437,7 +440,7 @@ def test_an_answer_larger_than_the_limit_is_refused(
 
 @pytest.mark.network
 def test_after_an_oversized_answer_the_next_post_still_works(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     transport = transports(exchange.url)
     exchange.answer = Answer(body=b"x" * (MAX_REPLY_BYTES + 1))
@@ -449,7 +452,7 @@ def test_after_an_oversized_answer_the_next_post_still_works(
 
 @pytest.mark.network
 def test_a_refused_connection_is_unreachable_not_a_timeout(
-    transports: Callable[..., ExchangeTransport],
+    transports: Transports,
 ) -> None:
     # A bound socket that does not listen: the kernel refuses connections to it.
     with socket.socket() as closed_port:
@@ -461,7 +464,7 @@ def test_a_refused_connection_is_unreachable_not_a_timeout(
 
 
 def test_a_name_that_does_not_resolve_is_unreachable(
-    monkeypatch: pytest.MonkeyPatch, transports: Callable[..., ExchangeTransport]
+    monkeypatch: pytest.MonkeyPatch, transports: Transports
 ) -> None:
     def no_such_name(*_args: Any, **_kwargs: Any) -> Any:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -474,8 +477,8 @@ def test_a_name_that_does_not_resolve_is_unreachable(
 
 @pytest.mark.network
 def test_a_server_that_never_answers_times_out(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     server = raw_servers(hold_open)
     with pytest.raises(UpstreamTimeout) as raised:
@@ -485,8 +488,8 @@ def test_a_server_that_never_answers_times_out(
 
 @pytest.mark.network
 def test_a_connection_closed_without_an_answer_is_unreachable(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     server = raw_servers(hang_up)
     with pytest.raises(UpstreamUnreachable) as raised:
@@ -499,8 +502,8 @@ def test_a_connection_closed_without_an_answer_is_unreachable(
 
 @pytest.mark.network
 def test_an_idle_connection_the_server_closed_is_replaced_by_a_new_one(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     closed = threading.Event()
 
@@ -520,8 +523,8 @@ def test_an_idle_connection_the_server_closed_is_replaced_by_a_new_one(
 
 @pytest.mark.network
 def test_an_idle_connection_holding_unasked_bytes_is_not_reused(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     first_answer_read, sent_unasked = threading.Event(), threading.Event()
 
@@ -545,8 +548,8 @@ def test_an_idle_connection_holding_unasked_bytes_is_not_reused(
 
 @pytest.mark.network
 def test_a_reused_connection_reset_before_the_request_went_out_is_retried_on_a_new_one(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     requests: list[bytes] = []
@@ -573,8 +576,8 @@ def test_a_reused_connection_reset_before_the_request_went_out_is_retried_on_a_n
 
 @pytest.mark.network
 def test_a_reused_connection_dropped_after_the_request_went_out_is_not_retried(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     requests: list[bytes] = []
 
@@ -596,8 +599,8 @@ def test_a_reused_connection_dropped_after_the_request_went_out_is_not_retried(
 
 @pytest.mark.network
 def test_a_new_connection_dropped_before_any_answer_is_not_retried(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     server = raw_servers(hang_up)
     with pytest.raises(UpstreamUnreachable) as raised:
@@ -608,8 +611,8 @@ def test_a_new_connection_dropped_before_any_answer_is_not_retried(
 
 @pytest.mark.network
 def test_a_reused_connection_dropped_mid_answer_is_not_retried(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def answer_then_break_off(connection: socket.socket) -> None:
         read_request(connection)
@@ -629,8 +632,8 @@ def test_a_reused_connection_dropped_mid_answer_is_not_retried(
 
 @pytest.mark.network
 def test_an_answer_cut_short_of_its_content_length_is_unreachable_not_short(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def break_off(connection: socket.socket) -> None:
         read_request(connection)
@@ -648,8 +651,8 @@ def test_an_answer_cut_short_of_its_content_length_is_unreachable_not_short(
 
 @pytest.mark.network
 def test_a_body_trickling_in_slower_than_the_deadline_times_out_at_the_deadline(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     body_bytes = 200
 
@@ -678,7 +681,7 @@ def test_a_body_trickling_in_slower_than_the_deadline_times_out_at_the_deadline(
 
 @pytest.mark.network
 def test_concurrent_posts_all_succeed_and_at_most_pool_size_connections_stay_open(
-    exchange: FakeExchange, transports: Callable[..., ExchangeTransport]
+    exchange: FakeExchange, transports: Transports
 ) -> None:
     pool_size, threads, posts_each = 4, 24, 10
     transport = transports(exchange.url, pool_size=pool_size)
@@ -703,7 +706,7 @@ def test_concurrent_posts_all_succeed_and_at_most_pool_size_connections_stay_ope
 def test_a_certificate_no_trusted_ca_signed_is_rejected(
     exchange_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Callable[..., ExchangeTransport],
+    transports: Transports,
 ) -> None:
     server = tls_exchanges(exchange_certificate)
     with pytest.raises(UpstreamUnreachable) as raised:
@@ -719,7 +722,7 @@ def test_a_certificate_no_trusted_ca_signed_is_rejected(
 def test_a_certificate_from_the_configured_ca_bundle_is_accepted_and_reused(
     exchange_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Callable[..., ExchangeTransport],
+    transports: Transports,
 ) -> None:
     server = tls_exchanges(exchange_certificate)
     transport = transports(server.url, ca_bundle=str(exchange_certificate.cert_path))
@@ -732,7 +735,7 @@ def test_a_certificate_from_the_configured_ca_bundle_is_accepted_and_reused(
 def test_a_trusted_certificate_for_another_name_is_rejected(
     misnamed_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Callable[..., ExchangeTransport],
+    transports: Transports,
 ) -> None:
     server = tls_exchanges(misnamed_certificate)
     transport = transports(server.url, ca_bundle=str(misnamed_certificate.cert_path))
@@ -745,7 +748,7 @@ def test_a_trusted_certificate_for_another_name_is_rejected(
 def test_with_verification_off_any_certificate_is_accepted(
     misnamed_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Callable[..., ExchangeTransport],
+    transports: Transports,
 ) -> None:
     server = tls_exchanges(misnamed_certificate)
     transport = transports(server.url, verify_tls=False)
@@ -758,7 +761,7 @@ def test_with_verification_off_any_certificate_is_accepted(
 @pytest.mark.network
 def test_the_request_names_the_host_and_length_and_leaves_in_one_write(
     exchange: FakeExchange,
-    transports: Callable[..., ExchangeTransport],
+    transports: Transports,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     writes: list[bytes] = []
@@ -780,7 +783,7 @@ def test_the_request_names_the_host_and_length_and_leaves_in_one_write(
 
 
 def test_a_header_that_could_split_the_request_is_refused_before_connecting(
-    transports: Callable[..., ExchangeTransport],
+    transports: Transports,
 ) -> None:
     # Sockets are blocked here: reaching for one would fail with another error.
     transport = transports(f"http://127.0.0.1:9{EWS_PATH}")
@@ -795,8 +798,8 @@ def test_an_authorization_that_cannot_be_sent_is_refused_when_the_transport_is_b
 
 @pytest.mark.network
 def test_a_chunked_answer_is_read_whole_and_its_connection_reused(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def answer_chunked_twice(connection: socket.socket) -> None:
         for _ in range(2):
@@ -817,8 +820,8 @@ def test_a_chunked_answer_is_read_whole_and_its_connection_reused(
 
 @pytest.mark.network
 def test_an_answer_followed_by_unasked_bytes_is_returned_but_its_connection_not_reused(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def answer_with_more(connection: socket.socket) -> None:
         read_request(connection)
@@ -836,8 +839,8 @@ def test_an_answer_followed_by_unasked_bytes_is_returned_but_its_connection_not_
 
 @pytest.mark.network
 def test_an_answer_without_a_length_is_read_until_the_close_and_not_reused(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def answer_until_close(connection: socket.socket) -> None:
         read_request(connection)
@@ -853,8 +856,8 @@ def test_an_answer_without_a_length_is_read_until_the_close_and_not_reused(
 
 @pytest.mark.network
 def test_an_interim_continue_is_skipped_for_the_answer(
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def continue_then_answer(connection: socket.socket) -> None:
         read_request(connection)
@@ -879,8 +882,8 @@ INVALID_ANSWERS = {
 @pytest.mark.parametrize("invalid", INVALID_ANSWERS.values(), ids=INVALID_ANSWERS.keys())
 def test_an_invalid_answer_is_a_bad_response_and_its_connection_is_not_reused(
     invalid: bytes,
-    raw_servers: Callable[[Callable[[socket.socket], None]], RawServer],
-    transports: Callable[..., ExchangeTransport],
+    raw_servers: RawServers,
+    transports: Transports,
 ) -> None:
     def invalid_first(connection: socket.socket) -> None:
         read_request(connection)
