@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     simulator = commands.add_parser("simulator", help="run the EWS simulator alone")
     simulator.add_argument("--bind", default=SIMULATOR_BIND, help="HOST:PORT (default %(default)s)")
-    simulator.add_argument("--latency-ms", type=int, default=0, help="delay every EWS answer")
+    simulator.add_argument(
+        "--latency-ms",
+        type=int,
+        default=0,
+        help="answer every EWS request this long after it arrived",
+    )
     simulator.add_argument(
         "--step-seconds", type=float, default=1.0, help="time between call state changes"
     )

@@ -22,6 +22,11 @@ import requests
 from lxml import etree
 
 from gateway.simulator import SimulatorServer, parse_bind, start_in_thread
+from gateway.simulator.calls import CallBook
+from gateway.simulator.exchange import FakeExchange
+from gateway.simulator.faults import FaultBook
+from gateway.simulator.journal import RequestJournal
+from gateway.simulator.outcomes import Reply
 from gateway.simulator.schema import EwsSchema
 
 pytestmark = pytest.mark.network
@@ -873,6 +878,29 @@ def test_latency_ms_delays_every_ews_answer(http: requests.Session) -> None:
         ews.post(play_on_phone())
         ews.post(disconnect("x"))
         assert time.monotonic() - started >= 0.2
+
+
+@pytest.mark.parametrize(
+    ("answered_after_s", "held_for_s"), [(0.0, [0.1]), (0.03, [0.07]), (0.1, []), (0.25, [])]
+)
+def test_latency_counts_from_the_request_s_arrival_so_answering_takes_part_of_it(
+    answered_after_s: float, held_for_s: list[float]
+) -> None:
+    arrived = 50.0
+    held: list[float] = []
+    exchange = FakeExchange(
+        calls=CallBook(),
+        faults=FaultBook(),
+        journal=RequestJournal(),
+        latency_ms=100,
+        sleep=held.append,
+        # Only read once the answer is ready: reading and answering took ANSWERED_AFTER_S.
+        clock=lambda: arrived + answered_after_s,
+    )
+    outcome = exchange.answer(envelope(play_on_phone()).encode(), None, "r1", received_at=arrived)
+    assert isinstance(outcome, Reply)
+    assert outcome.status == 200
+    assert held == pytest.approx(held_for_s)
 
 
 def test_urls_name_the_bound_port_and_the_ews_path(simulator: SimulatorServer) -> None:

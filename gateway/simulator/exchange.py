@@ -49,6 +49,7 @@ class FakeExchange:
         schema: EwsSchema | None = None,
         latency_ms: int = 0,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if latency_ms < 0:
             raise ValueError(f"latency_ms must not be negative, not {latency_ms!r}")
@@ -58,6 +59,7 @@ class FakeExchange:
         self._schema = schema
         self._latency_s = latency_ms / 1000
         self._sleep = sleep
+        self._clock = clock
         self._operations: dict[str, Callable[[EwsRequest], OperationResult]] = {
             wire.PLAY_ON_PHONE: self._play_on_phone,
             wire.GET_PHONE_CALL_INFORMATION: self._get_phone_call_information,
@@ -70,10 +72,27 @@ class FakeExchange:
         soap_action: str | None,
         request_id: str | None,
         authorization: str | None = None,
+        received_at: float | None = None,
     ) -> Outcome:
-        """Record the request, then answer it or misbehave as the first firing rule says."""
-        if self._latency_s:
-            self._sleep(self._latency_s)
+        """Record the request, then answer it or misbehave as the first firing rule says.
+
+        With a latency, the answer is held until that long after RECEIVED_AT (the moment
+        the request arrived, by the `clock`; now if not given): reading and answering the
+        request take part of the latency rather than adding to it, as with a real server.
+        """
+        due = (self._clock() if received_at is None else received_at) + self._latency_s
+        outcome = self._answer_now(body, soap_action, request_id, authorization)
+        if self._latency_s and (left := due - self._clock()) > 0:
+            self._sleep(left)
+        return outcome
+
+    def _answer_now(
+        self,
+        body: bytes,
+        soap_action: str | None,
+        request_id: str | None,
+        authorization: str | None,
+    ) -> Outcome:
         try:
             request = read_request(body, soap_action, self._schema)
         except RequestRejected as rejected:

@@ -6,6 +6,7 @@ import socket
 import socketserver
 import struct
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import cast
 from urllib.parse import urlsplit
@@ -65,6 +66,11 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
     # Headers and body go out in separate writes; Nagle would hold the body back ~40 ms.
     disable_nagle_algorithm = True
 
+    def parse_request(self) -> bool:
+        """Note when the request arrived (its first line is in), then read its head."""
+        self._received_at = time.monotonic()
+        return super().parse_request()
+
     def version_string(self) -> str:
         """Name the simulator in the Server header, so no one mistakes it for IIS."""
         return SERVER_HEADER
@@ -111,7 +117,11 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             soap_action = self.headers.get("SOAPAction")
             request_id = self.headers.get("X-Request-ID")
             authorization = self.headers.get("Authorization")
-            self._carry_out(self._exchange.answer(body, soap_action, request_id, authorization))
+            self._carry_out(
+                self._exchange.answer(
+                    body, soap_action, request_id, authorization, self._received_at
+                )
+            )
         elif path.startswith(CONTROL_PREFIX):
             self._send(handle_control(self._exchange, method, path, body))
         else:

@@ -369,6 +369,69 @@ def test_readyz_turns_503_on_an_open_connection_while_a_slow_request_drains(
     assert gateway.process.wait(timeout=30) == 0
 
 
+def ask_readyz(connection: HTTPConnection, request_id: str) -> str | None:
+    """GET /readyz on CONNECTION; return the request id echoed by a 200 answer."""
+    connection.request("GET", "/readyz", headers={"X-Request-ID": request_id})
+    answer = connection.getresponse()
+    answer.read()
+    return answer.getheader("X-Request-ID") if answer.status == 200 else None
+
+
+def test_a_kept_alive_connection_is_served_whether_its_next_request_comes_at_once_or_later(
+    gateways: Callable[..., Server],
+) -> None:
+    """The thread that answered may serve the next request itself; a later one takes the poller."""
+    gateway = gateways("gateway", GATEWAY_WORKERS="1")
+    connection = HTTPConnection("127.0.0.1", port_of(gateway), timeout=10)
+    try:
+        echoed = []
+        for number, pause_s in enumerate([0, 0, 0.05, 0, 0, 0.3, 0]):
+            time.sleep(pause_s)
+            echoed.append(ask_readyz(connection, f"request-{number}"))
+            if number == 0:
+                first_socket = connection.sock
+            assert connection.sock is first_socket, "the connection was kept alive throughout"
+    finally:
+        connection.close()
+    assert echoed == [f"request-{number}" for number in range(7)]
+
+
+def test_a_connection_with_requests_queued_up_does_not_keep_the_only_thread_from_others(
+    gateways: Callable[..., Server],
+) -> None:
+    """With one thread, a new connection is answered while a busy one still has most to go."""
+    gateway = gateways("gateway", GATEWAY_WORKERS="1", GATEWAY_THREADS="1")
+    pipelined = 2000
+    busy = socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=30)
+    received = bytearray()
+
+    def answers() -> int:
+        return received.count(b"HTTP/1.1 200 ")
+
+    def read_answers() -> None:
+        while answers() < pipelined and (data := busy.recv(65536)):
+            received.extend(data)
+
+    # Every request is on the socket before most are answered: the thread never waits for one.
+    request = b"GET /readyz HTTP/1.1\r\nHost: gateway\r\nX-Request-ID: busy\r\n\r\n"
+    sender = threading.Thread(target=busy.sendall, args=(request * pipelined,))
+    reader = threading.Thread(target=read_answers)
+    sender.start()
+    reader.start()
+    other = HTTPConnection("127.0.0.1", port_of(gateway), timeout=30)
+    try:
+        wait_until(lambda: answers() >= 10, "the busy connection's first answers")
+        assert ask_readyz(other, "other") == "other"
+        assert answers() < pipelined / 2, "the busy connection had most of its requests to go"
+        wait_until(lambda: answers() == pipelined, "every request of the busy connection")
+    finally:
+        other.close()
+        sender.join(timeout=30)
+        busy.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout=30)
+        busy.close()
+
+
 def test_serve_writes_json_lines_only_with_one_access_line_per_request(
     gateways: Callable[..., Server], tmp_path: Path
 ) -> None:

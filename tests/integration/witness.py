@@ -80,9 +80,10 @@ class WitnessedExchange(FakeExchange):
         soap_action: str | None,
         request_id: str | None,
         authorization: str | None = None,
+        received_at: float | None = None,
     ) -> Outcome:
         self._book.forget_pick()
-        outcome = super().answer(body, soap_action, request_id, authorization)
+        outcome = super().answer(body, soap_action, request_id, authorization, received_at)
         line = f"{request_id}\t{_label(self._book.last_pick())}\t{time.time():.6f}\n"
         with self._lock:
             self._witness.write(line)
