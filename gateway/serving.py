@@ -130,12 +130,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         return keep_alive
 
     def _next_request_is_here(self, conn: Any) -> bool:
-        # TLS may hold a read record the socket no longer shows; such connections take the poller.
-        if not self.alive or self._waiting_for_thread or self.cfg.is_ssl:
+        if not self.alive or self._waiting_for_thread:
             return False
-        poll = select.poll()
-        poll.register(conn.sock, select.POLLIN)
-        return bool(poll.poll(NEXT_REQUEST_WAIT_S * 1000))
+        return _readable_within(conn.sock, NEXT_REQUEST_WAIT_S)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # /readyz answers 503 from now on, also on connections that are already open.
@@ -149,7 +146,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         # The main loop has ended (SIGTERM, max_requests, lost master): drain, then stop listening.
         super().set_accept_enabled(False)
         for listener in self.sockets:
-            while _has_waiting_connection(listener):
+            while _readable_within(listener, 0):
                 self.accept(listener)
             listener.close()
 
@@ -228,10 +225,11 @@ def _remover(directory: str) -> Callable[[Any], None]:
     return remove
 
 
-def _has_waiting_connection(listener: Any) -> bool:
+def _readable_within(sock: Any, seconds: float) -> bool:
+    """Whether SOCK has something to read (a request, or a connection to accept) in time."""
     poll = select.poll()
-    poll.register(listener, select.POLLIN)
-    return bool(poll.poll(0))
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(seconds * 1000))
 
 
 def _gunicorn_log_config(level: str) -> dict[str, Any]:
