@@ -10,6 +10,7 @@ import socket
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 
 import requests
@@ -19,6 +20,7 @@ from requests_ntlm import HttpNtlmAuth
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
+    InsecureRequestWarning,
     NewConnectionError,
     ReadTimeoutError,
     SSLError,
@@ -59,6 +61,9 @@ class NtlmTransport:
         self._timeout_s = timeout_s
         self._auth = HttpNtlmAuth(username, password)
         self._verify: bool | str = ca_bundle or verify_tls
+        if not self._verify:
+            # `serve` warned once at start, as a JSON line; urllib3 would add a plain-text one.
+            warnings.filterwarnings("ignore", category=InsecureRequestWarning)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.ews import Transport
+from gateway.ntlm import NtlmTransport
 from gateway.transport import MAX_REPLY_BYTES, ExchangeTransport, UpstreamReply
 
 EWS_PATH = "/EWS/Exchange.asmx"
@@ -319,9 +321,34 @@ def transports() -> Iterator[Transports]:
         transport.close()
 
 
+# Either transport the gateway builds (EWS_AUTH=ntlm or not), for what both must do alike.
+AnyTransports = Callable[..., Transport]
+
+
+@pytest.fixture(params=["pooled", "ntlm"])
+def any_transports(request: pytest.FixtureRequest) -> Iterator[AnyTransports]:
+    """Build transports of one kind, closed before the servers they talk to."""
+    opened: list[ExchangeTransport | NtlmTransport] = []
+
+    def open_transport(url: str, **options: Any) -> Transport:
+        options = {"timeout_s": 5.0, **options}
+        if request.param == "ntlm":
+            # Servers that ask for no authentication get none: NTLM starts at a 401.
+            opened.append(NtlmTransport(url, username="CORP\\svc", password="pw", **options))
+        else:
+            opened.append(ExchangeTransport(url, **options))
+        return opened[-1]
+
+    yield open_transport
+    for transport in opened:
+        transport.close()
+
+
 @pytest.mark.network
-def test_a_normal_answer_is_returned_whole(exchange: FakeExchange, transports: Transports) -> None:
-    reply = transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
+def test_a_normal_answer_is_returned_whole(
+    exchange: FakeExchange, any_transports: AnyTransports
+) -> None:
+    reply = any_transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     assert reply == UpstreamReply(
         status=200, content_type=SOAP_XML, retry_after=None, location=None, body=ANSWER
     )
@@ -350,10 +377,10 @@ def test_the_configured_authorization_header_is_sent(
 
 @pytest.mark.network
 def test_an_error_status_is_returned_with_its_retry_after(
-    exchange: FakeExchange, transports: Transports
+    exchange: FakeExchange, any_transports: AnyTransports
 ) -> None:
     exchange.answer = Answer(503, {"Content-Type": "text/html", "Retry-After": "120"}, b"busy")
-    reply = transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
+    reply = any_transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (reply.status, reply.content_type, reply.retry_after, reply.body) == (
         503,
         "text/html",
@@ -364,11 +391,11 @@ def test_an_error_status_is_returned_with_its_retry_after(
 
 @pytest.mark.network
 def test_a_redirect_is_returned_not_followed(
-    exchange: FakeExchange, transports: Transports
+    exchange: FakeExchange, any_transports: AnyTransports
 ) -> None:
     location = f"http://127.0.0.1:{exchange.server_port}/owa/auth/errorfe.aspx?httpCode=500"
     exchange.answer = Answer(302, {"Content-Type": "text/html", "Location": location}, b"moved")
-    reply = transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
+    reply = any_transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (reply.status, reply.location) == (302, location)
     assert [request.path for request in exchange.received] == [EWS_PATH]
 
@@ -421,20 +448,20 @@ def test_after_an_answer_that_closes_its_connection_the_next_post_opens_a_new_on
 
 @pytest.mark.network
 def test_an_answer_of_exactly_the_size_limit_is_accepted(
-    exchange: FakeExchange, transports: Transports
+    exchange: FakeExchange, any_transports: AnyTransports
 ) -> None:
     exchange.answer = Answer(body=b"x" * MAX_REPLY_BYTES)
-    reply = transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
+    reply = any_transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     assert len(reply.body) == MAX_REPLY_BYTES
 
 
 @pytest.mark.network
 def test_an_answer_larger_than_the_limit_is_refused(
-    exchange: FakeExchange, transports: Transports
+    exchange: FakeExchange, any_transports: AnyTransports
 ) -> None:
     exchange.answer = Answer(body=b"x" * (MAX_REPLY_BYTES + 1))
     with pytest.raises(UpstreamBadResponse) as raised:
-        transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
+        any_transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "invalid_response")
 
 
@@ -452,14 +479,14 @@ def test_after_an_oversized_answer_the_next_post_still_works(
 
 @pytest.mark.network
 def test_a_refused_connection_is_unreachable_not_a_timeout(
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     # A bound socket that does not listen: the kernel refuses connections to it.
     with socket.socket() as closed_port:
         closed_port.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed_port.getsockname()[1]}{EWS_PATH}"
         with pytest.raises(UpstreamUnreachable) as raised:
-            transports(url).post(ENVELOPE, REQUEST_HEADERS)
+            any_transports(url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
 
 
@@ -478,22 +505,22 @@ def test_a_name_that_does_not_resolve_is_unreachable(
 @pytest.mark.network
 def test_a_server_that_never_answers_times_out(
     raw_servers: RawServers,
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     server = raw_servers(hold_open)
     with pytest.raises(UpstreamTimeout) as raised:
-        transports(server.url, timeout_s=0.3).post(ENVELOPE, REQUEST_HEADERS)
+        any_transports(server.url, timeout_s=0.3).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (504, "timeout")
 
 
 @pytest.mark.network
 def test_a_connection_closed_without_an_answer_is_unreachable(
     raw_servers: RawServers,
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     server = raw_servers(hang_up)
     with pytest.raises(UpstreamUnreachable) as raised:
-        transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
+        any_transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
 
 
@@ -652,7 +679,7 @@ def test_an_answer_cut_short_of_its_content_length_is_unreachable_not_short(
 @pytest.mark.network
 def test_a_body_trickling_in_slower_than_the_deadline_times_out_at_the_deadline(
     raw_servers: RawServers,
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     body_bytes = 200
 
@@ -668,7 +695,7 @@ def test_a_body_trickling_in_slower_than_the_deadline_times_out_at_the_deadline(
                 return  # the transport gave up and closed
 
     server = raw_servers(drip)
-    transport = transports(server.url, timeout_s=5.0)
+    transport = any_transports(server.url, timeout_s=5.0)
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS, deadline=started + 0.5)
@@ -706,11 +733,11 @@ def test_concurrent_posts_all_succeed_and_at_most_pool_size_connections_stay_ope
 def test_a_certificate_no_trusted_ca_signed_is_rejected(
     exchange_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     server = tls_exchanges(exchange_certificate)
     with pytest.raises(UpstreamUnreachable) as raised:
-        transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
+        any_transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.detail, raised.value.outcome) == (
         "The TLS connection to Exchange failed",
         "connection_error",
@@ -722,10 +749,10 @@ def test_a_certificate_no_trusted_ca_signed_is_rejected(
 def test_a_certificate_from_the_configured_ca_bundle_is_accepted_and_reused(
     exchange_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     server = tls_exchanges(exchange_certificate)
-    transport = transports(server.url, ca_bundle=str(exchange_certificate.cert_path))
+    transport = any_transports(server.url, ca_bundle=str(exchange_certificate.cert_path))
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
     assert server.received[0].peer == server.received[1].peer
@@ -735,10 +762,10 @@ def test_a_certificate_from_the_configured_ca_bundle_is_accepted_and_reused(
 def test_a_trusted_certificate_for_another_name_is_rejected(
     misnamed_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     server = tls_exchanges(misnamed_certificate)
-    transport = transports(server.url, ca_bundle=str(misnamed_certificate.cert_path))
+    transport = any_transports(server.url, ca_bundle=str(misnamed_certificate.cert_path))
     with pytest.raises(UpstreamUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.detail == "The TLS connection to Exchange failed"
@@ -748,10 +775,10 @@ def test_a_trusted_certificate_for_another_name_is_rejected(
 def test_with_verification_off_any_certificate_is_accepted(
     misnamed_certificate: Certificate,
     tls_exchanges: Callable[[Certificate], TlsExchange],
-    transports: Transports,
+    any_transports: AnyTransports,
 ) -> None:
     server = tls_exchanges(misnamed_certificate)
-    transport = transports(server.url, verify_tls=False)
+    transport = any_transports(server.url, verify_tls=False)
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
 
 
