@@ -23,3 +23,5 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python warnings from libraries would be plain-text lines among the JSON ones.
+    logging.captureWarnings(True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +81,17 @@ def test_the_master_removes_the_metrics_directory_serve_made_when_it_exits(tmp_p
     server = GatewayServer(Config.from_env(BASE_ENV), scratch_dir=str(scratch))
     server.cfg.on_exit(server)
     assert not scratch.exists()
+
+
+def test_python_warnings_are_logged_as_json_lines_like_everything_else() -> None:
+    script = (
+        "import warnings; from gateway.logs import configure_logging; "
+        "configure_logging('info'); warnings.warn('a library complains')"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    [line] = run.stderr.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "WARNING"
+    assert "a library complains" in record["message"]
