@@ -22,7 +22,9 @@ and reading its body, however slowly it trickles in. The one retry is a fresh
 connection when a reused one turns out closed before the request could be
 written.
 
-gateway.ntlm shares the deadline helpers, the size cap and the error translation.
+Every EWS_AUTH mode runs over these connections (gateway.upstream_auth): NTLM,
+Kerberos and Negotiate authenticate a new connection with the request itself
+before it joins the pool, so the one deadline and the caps bound the handshake too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from urllib.parse import urlsplit
 
 from gateway import http1
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from gateway.upstream_auth import NoAuth, UpstreamAuth
 
 # EWS answers for the phone-call operations are a few kilobytes; anything far
 # larger is not a real answer.
@@ -77,6 +80,7 @@ class ExchangeTransport:
         verify_tls: bool = True,
         ca_bundle: str | None = None,
         authorization: str | None = None,
+        auth: UpstreamAuth | None = None,
         pool_size: int = 16,
     ) -> None:
         parts = urlsplit(url)
@@ -88,10 +92,11 @@ class ExchangeTransport:
         self._timeout_s = timeout_s
         self._tls = _tls_context(verify_tls, ca_bundle) if parts.scheme == "https" else None
         self._own_headers = {"User-Agent": "ews-call-gateway"}
-        if authorization:
-            self._own_headers["Authorization"] = authorization
+        self._auth = auth or NoAuth(authorization)
         # A URL or credential that cannot be sent fails here, at start-up.
-        http1.format_request(self._target, self._host_field, self._own_headers, b"")
+        http1.format_request(
+            self._target, self._host_field, {**self._own_headers, **self._auth.headers()}, b""
+        )
         self._pool_size = pool_size
         self._idle: list[socket.socket] = []
         self._idle_lock = threading.Lock()
@@ -102,17 +107,55 @@ class ExchangeTransport:
     ) -> UpstreamReply:
         """Send one request and return the whole answer by the deadline, or raise a GatewayError."""
         deadline = time.monotonic() + seconds_left(deadline, self._timeout_s)
-        request = http1.format_request(
-            self._target, self._host_field, {**headers, **self._own_headers}, body
-        )
         try:
-            sock = self._send_on_idle(request, deadline)
-            if sock is None:
-                sock = self._connect(deadline)
-                _send(sock, request, deadline)
-            return self._receive(sock, deadline)
+            reply, reused = self._exchange(body, headers, deadline, reuse=True)
+            if reply.status == 401 and self._auth.renew(reused=reused):
+                # A 401 was not acted on: once more with renewed credentials is safe.
+                reply, _ = self._exchange(body, headers, deadline, reuse=False)
         except OSError as exc:
             raise translate_os_error(exc) from None
+        return reply
+
+    def _exchange(
+        self, body: bytes, headers: Mapping[str, str], deadline: float, *, reuse: bool
+    ) -> tuple[UpstreamReply, bool]:
+        """Send the request on a kept connection, else on a new one (authenticated first).
+
+        Returns Exchange's answer and whether it came on a kept connection.
+        """
+        request = self._request(body, {**headers, **self._auth.headers()})
+        sock = self._send_on_idle(request, deadline) if reuse else None
+        if sock is not None:
+            return self._finish(sock, self._read(sock, deadline)), True
+        sock = self._connect(deadline)
+        if self._auth.per_connection:
+            return self._authenticate(sock, body, headers, deadline), False
+        _send(sock, request, deadline)
+        return self._finish(sock, self._read(sock, deadline)), False
+
+    def _authenticate(
+        self, sock: socket.socket, body: bytes, headers: Mapping[str, str], deadline: float
+    ) -> UpstreamReply:
+        """Run the handshake on a new connection, the request carried by each leg."""
+
+        def send_leg(authorization: str) -> http1.Answer:
+            _send(sock, self._request(body, {**headers, "Authorization": authorization}), deadline)
+            return self._read(sock, deadline)
+
+        certificate = (
+            sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        )
+        try:
+            answer = self._auth.handshake(send_leg, certificate)
+        except BaseException:
+            sock.close()
+            raise
+        return self._finish(sock, answer)
+
+    def _request(self, body: bytes, headers: Mapping[str, str]) -> bytes:
+        return http1.format_request(
+            self._target, self._host_field, {**headers, **self._own_headers}, body
+        )
 
     def close(self) -> None:
         """Close every idle connection; connections in use are closed when their call ends."""
@@ -170,7 +213,7 @@ class ExchangeTransport:
             return None
         return sock
 
-    def _receive(self, sock: socket.socket, deadline: float) -> UpstreamReply:
+    def _read(self, sock: socket.socket, deadline: float) -> http1.Answer:
         """Read the whole answer by the deadline; any failure closes the connection."""
 
         def receive() -> bytes:
@@ -179,10 +222,13 @@ class ExchangeTransport:
             return sock.recv(READ_CHUNK_BYTES)
 
         try:
-            answer = http1.read_answer(receive, MAX_REPLY_BYTES)
+            return http1.read_answer(receive, MAX_REPLY_BYTES)
         except BaseException:
             sock.close()
             raise
+
+    def _finish(self, sock: socket.socket, answer: http1.Answer) -> UpstreamReply:
+        """Keep the connection for the next request if the answer allows it."""
         if answer.reusable:
             self._keep_idle(sock)
         else:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import spnego
 
-from gateway.ntlm import NtlmTransport
-from gateway.transport import UpstreamReply
+from gateway.transport import ExchangeTransport, UpstreamReply
+from gateway.upstream_auth import Credentials, SecurityContextAuth
 
 pytestmark = pytest.mark.network
 
@@ -100,11 +100,13 @@ def exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NtlmEx
     thread.join()
 
 
-def transport_for(exchange: NtlmExchange, password: str = PASSWORD) -> NtlmTransport:
-    return NtlmTransport(exchange.url, timeout_s=5, username=f"{DOMAIN}\\{USER}", password=password)
+def transport_for(exchange: NtlmExchange, password: str = PASSWORD) -> ExchangeTransport:
+    credentials = Credentials(f"{DOMAIN}\\{USER}", password)
+    auth = SecurityContextAuth("ntlm", credentials, "127.0.0.1", "HTTP")
+    return ExchangeTransport(exchange.url, timeout_s=5, auth=auth)
 
 
-def post(transport: NtlmTransport) -> UpstreamReply:
+def post(transport: ExchangeTransport) -> UpstreamReply:
     return transport.post(b"<envelope/>", {"Content-Type": "text/xml; charset=utf-8"})
 
 
