@@ -1,0 +1,280 @@
+"""Authentication as Exchange's IIS front end asks for it: Basic, NTLM, Kerberos, bearer.
+
+Each acceptor hands every connection a session; the handler asks the session
+to admit each EWS request before the fake Exchange sees it, so a request
+answered 401 is never acted on. NTLM and Kerberos authenticate the connection
+(IIS's connection-based authentication) and both require Extended Protection
+when the simulator serves TLS: the client's channel binding must be present
+and must match the simulator's own certificate (RFC 5929
+`tls-server-end-point`). The tokens are checked by pyspnego (NTLM) and by
+GSSAPI with a keytab (Kerberos): the simulator shares no code with the
+gateway's client side.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import os
+import secrets
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import spnego
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from spnego._ntlm_raw.messages import Authenticate, AvId, NTClientChallengeV2
+from spnego.channel_bindings import GssChannelBindings
+
+from gateway.simulator.outcomes import Reply
+
+# What an admitted request's answer carries besides Exchange's own headers.
+Headers = tuple[tuple[str, str], ...]
+# A session's verdict: the request goes through (with these headers), or this answer.
+Admission = Headers | Reply
+
+
+class Session(Protocol):
+    """One connection's authentication state."""
+
+    def admit(self, authorization: str | None) -> Admission:
+        """Let the request through, or return the 401 that answers it."""
+
+
+class Acceptor(Protocol):
+    """A way of authenticating the simulator's clients."""
+
+    def session(self, channel_binding: bytes | None) -> Session:
+        """Start a connection's session; channel_binding is the TLS binding data, if TLS."""
+
+
+def channel_binding_of(cert_path: str) -> bytes:
+    """Return the tls-server-end-point binding data of the simulator's PEM certificate."""
+    with open(cert_path, encoding="ascii") as pem:
+        der = ssl.PEM_cert_to_DER_cert(pem.read())
+    certificate = x509.load_der_x509_certificate(der)
+    # RFC 5929 section 4.1: the signature's hash, upgraded to SHA-256 from MD5 and SHA-1.
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or algorithm.name in ("md5", "sha1"):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    return b"tls-server-end-point:" + digest.finalize()
+
+
+def unauthorized(*challenges: str, reason: str = "") -> Reply:
+    """A 401 offering the given WWW-Authenticate challenges, as IIS sends it."""
+    body = f"401 - Unauthorized: {reason or 'Access is denied due to invalid credentials.'}"
+    return Reply(
+        401,
+        body.encode(),
+        content_type="text/html",
+        headers=tuple(("WWW-Authenticate", challenge) for challenge in challenges),
+    )
+
+
+class _Stateless:
+    """A session for the per-request schemes: every request is checked on its own."""
+
+    def __init__(self, check: Callable[[str | None], Admission]) -> None:
+        self.admit = check
+
+
+class BasicAcceptor:
+    """Basic (RFC 7617) against a fixed set of accounts."""
+
+    def __init__(self, accounts: dict[str, str]) -> None:
+        self._accounts = accounts
+
+    def session(self, channel_binding: bytes | None) -> Session:
+        return _Stateless(self._check)
+
+    def _check(self, authorization: str | None) -> Admission:
+        scheme, _, encoded = (authorization or "").partition(" ")
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            user = password = ""
+        expected = self._accounts.get(user)
+        if scheme.lower() == "basic" and expected and hmac.compare_digest(expected, password):
+            return ()
+        return unauthorized('Basic realm="mail.example.com"')
+
+
+class BearerAcceptor:
+    """OAuth bearer tokens the simulator issues, each valid for lifetime_s."""
+
+    def __init__(self, lifetime_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lifetime_s = lifetime_s
+        self._clock = clock
+        self._expiry: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def issue(self) -> str:
+        """Return a new token, valid from now for the lifetime."""
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self._expiry[token] = self._clock() + self._lifetime_s
+        return token
+
+    def expire(self, token: str) -> None:
+        """End a token's life now."""
+        with self._lock:
+            self._expiry[token] = self._clock()
+
+    def session(self, channel_binding: bytes | None) -> Session:
+        return _Stateless(self._check)
+
+    def _check(self, authorization: str | None) -> Admission:
+        scheme, _, token = (authorization or "").partition(" ")
+        with self._lock:
+            expiry = self._expiry.get(token.strip())
+        if scheme.lower() == "bearer" and expiry is not None and self._clock() < expiry:
+            return ()
+        return unauthorized('Bearer error="invalid_token"', reason="the token is not valid")
+
+
+class _HandshakeSession:
+    """A connection authenticated once by a handshake, then trusted for its lifetime."""
+
+    scheme = ""
+
+    def __init__(self, channel_binding: bytes | None) -> None:
+        self.channel_binding = channel_binding
+        self.authenticated_as: str | None = None
+
+    def admit(self, authorization: str | None) -> Admission:
+        scheme, _, encoded = (authorization or "").partition(" ")
+        if scheme.lower() != self.scheme.lower() or not encoded.strip():
+            if self.authenticated_as is not None and authorization is None:
+                return ()
+            return unauthorized(self.scheme)
+        try:
+            token = base64.b64decode(encoded.strip(), validate=True)
+        except binascii.Error:
+            return Reply(400, b"Bad Request", content_type="text/html")
+        return self.step(token)
+
+    def step(self, token: bytes) -> Admission:
+        raise NotImplementedError
+
+
+class NtlmAcceptor:
+    """NTLM with Extended Protection required over TLS; accounts from NTLM_USER_FILE.
+
+    pyspnego's acceptor reads the accounts (DOMAIN:user:password lines) from the
+    file the environment variable NTLM_USER_FILE names; it must be set.
+    """
+
+    def __init__(self) -> None:
+        if not os.environ.get("NTLM_USER_FILE"):
+            raise ValueError("NTLM_USER_FILE must name the NTLM accounts file")
+        self.users: list[str] = []
+
+    def session(self, channel_binding: bytes | None) -> Session:
+        return _NtlmSession(channel_binding, self.users)
+
+
+class _NtlmSession(_HandshakeSession):
+    scheme = "NTLM"
+
+    def __init__(self, channel_binding: bytes | None, users: list[str]) -> None:
+        super().__init__(channel_binding)
+        self._users = users
+        self._context: Any = None
+
+    def step(self, token: bytes) -> Admission:
+        if self._context is None or self._context.complete:
+            bindings = None
+            if self.channel_binding is not None:
+                bindings = GssChannelBindings(application_data=self.channel_binding)
+            self._context = spnego.server(protocol="ntlm", channel_bindings=bindings)
+            self.authenticated_as = None
+        try:
+            if self.channel_binding is not None and _is_authenticate(token):
+                _require_binding(token)
+            reply = self._context.step(token)
+        except Exception as exc:  # pyspnego's errors, and unreadable messages
+            self._context = None
+            return unauthorized(self.scheme, reason=type(exc).__name__)
+        if not self._context.complete:
+            return unauthorized(f"NTLM {base64.b64encode(reply or b'').decode()}")
+        self.authenticated_as = str(self._context.client_principal)
+        self._users.append(self.authenticated_as)
+        return ()
+
+
+def _is_authenticate(token: bytes) -> bool:
+    return token.startswith(b"NTLMSSP\x00\x03\x00\x00\x00")
+
+
+def _require_binding(token: bytes) -> None:
+    """Refuse an NTLM Authenticate message whose channel binding is absent or empty.
+
+    pyspnego's acceptor takes an all-zero binding as "none given"; IIS with
+    Extended Protection set to Require does not. The message is read with
+    pyspnego's own MS-NLMP structures (private to it; only the simulator uses them).
+    """
+    response = Authenticate.unpack(token).nt_challenge_response or b""
+    if len(response) <= 24:
+        raise ValueError("an NTLMv1 response carries no channel binding")
+    binding = NTClientChallengeV2.unpack(response[16:]).av_pairs.get(AvId.channel_bindings)
+    if not binding or binding == b"\x00" * 16:
+        raise ValueError("the NTLM response carries no channel binding")
+
+
+class KerberosAcceptor:
+    """Negotiate with Kerberos only (no NTLM), keys from a keytab; channel binding required.
+
+    The service principal is whichever of the keytab's the client asked a ticket for.
+    """
+
+    def __init__(self, keytab: str) -> None:
+        self._keytab = keytab
+        self.users: list[str] = []
+
+    def session(self, channel_binding: bytes | None) -> Session:
+        return _KerberosSession(channel_binding, self._keytab, self.users)
+
+
+class _KerberosSession(_HandshakeSession):
+    scheme = "Negotiate"
+
+    def __init__(self, channel_binding: bytes | None, keytab: str, users: list[str]) -> None:
+        super().__init__(channel_binding)
+        self._keytab = keytab
+        self._users = users
+
+    def step(self, token: bytes) -> Admission:
+        import gssapi  # noqa: PLC0415 - optional: the kerberos extra
+
+        bindings = None
+        if self.channel_binding is not None:
+            bindings = gssapi.raw.ChannelBindings(application_data=self.channel_binding)
+        try:
+            credentials = gssapi.Credentials(usage="accept", store={"keytab": self._keytab})
+            context = gssapi.SecurityContext(
+                creds=credentials, usage="accept", channel_bindings=bindings
+            )
+            reply = context.step(token)
+        except gssapi.raw.misc.GSSError as exc:
+            return unauthorized(self.scheme, reason=type(exc).__name__)
+        if not context.complete:
+            return unauthorized(f"Negotiate {base64.b64encode(reply or b'').decode()}")
+        # A client that sent no binding still completes in MIT's library: Require refuses it.
+        if (
+            bindings is not None
+            and gssapi.RequirementFlag.channel_bound not in context.actual_flags
+        ):
+            return unauthorized(self.scheme, reason="no channel binding")
+        self.authenticated_as = str(context.initiator_name)
+        self._users.append(self.authenticated_as)
+        return (
+            (("WWW-Authenticate", f"Negotiate {base64.b64encode(reply).decode()}"),)
+            if reply
+            else ()
+        )

@@ -1,0 +1,320 @@
+"""EWS_AUTH end to end: the gateway against the simulator's authenticating front ends."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from cryptography import x509
+from flask.testing import FlaskClient
+from prometheus_client import CollectorRegistry
+
+import gateway.upstream_auth
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.simulator import SimulatorServer
+from gateway.simulator.acceptor import Acceptor, BearerAcceptor, NtlmAcceptor
+from gateway.simulator.server import TlsIdentity
+from tests.test_transport import Certificate, self_signed_certificate
+
+pytestmark = pytest.mark.network
+
+DOMAIN, USER, PASSWORD = "CORP", "svc-gateway", "correct horse battery staple"
+CALL = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), names)
+
+
+@pytest.fixture
+def ntlm_accounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    users = tmp_path / "ntlm-users"
+    users.write_text(f"{DOMAIN}:{USER}:{PASSWORD}\n", encoding="utf-8")
+    monkeypatch.setenv("NTLM_USER_FILE", str(users))
+
+
+Simulators = Callable[[Acceptor, Certificate | None], SimulatorServer]
+
+
+@pytest.fixture(autouse=True)
+def _close_gateways() -> Iterator[None]:
+    yield
+    while Gateway.opened:
+        Gateway.opened.pop().close()
+
+
+@pytest.fixture
+def simulators() -> Iterator[Simulators]:
+    started: list[SimulatorServer] = []
+
+    def start(acceptor: Acceptor, certificate: Certificate | None) -> SimulatorServer:
+        tls = None
+        if certificate is not None:
+            tls = TlsIdentity(str(certificate.cert_path), str(certificate.key_path))
+        started.append(SimulatorServer(acceptor=acceptor, tls=tls).start())
+        return started[-1]
+
+    yield start
+    for simulator in started:
+        simulator.stop()
+
+
+class Gateway:
+    """The gateway app in process, and the registry its metrics go to."""
+
+    opened: ClassVar[list[Gateway]] = []
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self.registry = CollectorRegistry()
+        config = Config.from_env({"GATEWAY_AUTH": "none", **environ})
+        self.app = create_app(config, registry=self.registry)
+        self.client: FlaskClient = self.app.test_client()
+        Gateway.opened.append(self)
+
+    def close(self) -> None:
+        """Close the pooled connections to Exchange."""
+        self.app.extensions["gateway"]["ews"]._transport.close()
+
+    def place_call(self) -> Any:
+        return self.client.post("/calls", json=CALL)
+
+    def upstream(self, outcome: str) -> float:
+        labels = {"operation": "PlayOnPhone", "outcome": outcome}
+        return self.registry.get_sample_value("ews_gateway_upstream_requests_total", labels) or 0
+
+
+def https_url(simulator: SimulatorServer) -> str:
+    return simulator.ews_url.replace("127.0.0.1", "localhost")
+
+
+def ntlm_gateway(simulator: SimulatorServer, certificate: Certificate, **extra: str) -> Gateway:
+    return Gateway(
+        {
+            "EWS_URL": https_url(simulator),
+            "EWS_CA_BUNDLE": str(certificate.cert_path),
+            "EWS_AUTH": "ntlm",
+            "EWS_USERNAME": f"{DOMAIN}\\{USER}",
+            "EWS_PASSWORD": PASSWORD,
+            **extra,
+        }
+    )
+
+
+def placed_calls(simulator: SimulatorServer) -> int:
+    requests = simulator.exchange.journal.recorded()
+    return sum(1 for request in requests if request.operation == "PlayOnPhone")
+
+
+@pytest.mark.usefixtures("ntlm_accounts")
+def test_ntlm_with_extended_protection_required_authenticates_once_per_connection(
+    simulators: Simulators, certificate: Certificate
+) -> None:
+    acceptor = NtlmAcceptor()
+    simulator = simulators(acceptor, certificate)
+    gateway = ntlm_gateway(simulator, certificate)
+
+    answers = [gateway.place_call() for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [201, 201, 201]
+    # One handshake: the authenticated connection carried the next two calls.
+    assert acceptor.users == [f"{DOMAIN}\\{USER}"]
+    assert placed_calls(simulator) == 3
+
+
+@pytest.mark.usefixtures("ntlm_accounts")
+def test_ntlm_with_a_channel_binding_for_another_certificate_is_refused(
+    simulators: Simulators, certificate: Certificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acceptor = NtlmAcceptor()
+    simulator = simulators(acceptor, certificate)
+    gateway = ntlm_gateway(simulator, certificate)
+    # As when a TLS-intercepting proxy sits between the gateway and Exchange.
+    monkeypatch.setattr(gateway_auth(), "certificate_hash", lambda _der: b"\x5a" * 32)
+
+    answer = gateway.place_call()
+
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert (acceptor.users, placed_calls(simulator)) == ([], 0)
+    assert gateway.upstream("http_error") == 1
+
+
+def gateway_auth() -> Any:
+    return gateway.upstream_auth
+
+
+@pytest.mark.usefixtures("ntlm_accounts")
+def test_ntlm_with_a_wrong_password_is_upstream_authentication_failed(
+    simulators: Simulators, certificate: Certificate
+) -> None:
+    acceptor = NtlmAcceptor()
+    simulator = simulators(acceptor, certificate)
+    gateway = ntlm_gateway(simulator, certificate, EWS_PASSWORD="wrong")
+
+    answer = gateway.place_call()
+
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert (acceptor.users, placed_calls(simulator)) == ([], 0)
+
+
+# Failure 2: Exchange answers the NTLM negotiate message without a challenge.
+
+
+def answer_every_request(head: bytes) -> Callable[[socket.socket], None]:
+    """Serve a connection by answering each request with the same head and no body."""
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            while request := connection.recv(65536):
+                if b"\r\n\r\n" in request:
+                    connection.sendall(head + b"Content-Length: 0\r\n\r\n")
+
+    return serve
+
+
+class OneAnswerServer:
+    """A loopback server whose every connection gets the same bare answer."""
+
+    def __init__(self, head: bytes) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._serve = answer_every_request(head)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}/EWS/Exchange.asmx"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\n",
+        b"HTTP/1.1 401 Unauthorized\r\n",
+        b"HTTP/1.1 400 Bad Request\r\n",
+    ],
+    ids=["401-bare-ntlm", "401-no-challenge", "400-no-www-authenticate"],
+)
+def test_a_negotiate_answered_without_a_challenge_is_upstream_authentication_failed(
+    head: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = OneAnswerServer(head)
+    try:
+        gateway = Gateway(
+            {
+                "EWS_URL": server.url,
+                "EWS_AUTH": "ntlm",
+                "EWS_USERNAME": f"{DOMAIN}\\{USER}",
+                "EWS_PASSWORD": PASSWORD,
+            }
+        )
+        with caplog.at_level(logging.INFO):
+            answer = gateway.place_call()
+    finally:
+        server.close()
+
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert gateway.upstream("http_error") == 1
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+# Bearer tokens that expire, rotated in the token file.
+
+
+def write_token(path: Path, token: str) -> None:
+    # As a mounted secret is updated: a new file renamed over the old one.
+    staged = path.with_suffix(".new")
+    staged.write_text(token + "\n", encoding="utf-8")
+    staged.replace(path)
+
+
+def bearer_gateway(simulator: SimulatorServer, token_file: Path) -> Gateway:
+    return Gateway(
+        {
+            "EWS_URL": simulator.ews_url,
+            "EWS_AUTH": "bearer",
+            "EWS_BEARER_TOKEN_FILE": str(token_file),
+        }
+    )
+
+
+def test_a_rotated_bearer_token_file_is_used_from_the_next_call(
+    simulators: Simulators, tmp_path: Path
+) -> None:
+    acceptor = BearerAcceptor(lifetime_s=3600)
+    simulator = simulators(acceptor, None)
+    token_file = tmp_path / "token"
+    first = acceptor.issue()
+    write_token(token_file, first)
+    gateway = bearer_gateway(simulator, token_file)
+    assert gateway.place_call().status_code == 201
+
+    acceptor.expire(first)
+    write_token(token_file, acceptor.issue())
+
+    assert gateway.place_call().status_code == 201
+    assert placed_calls(simulator) == 2
+
+
+def test_after_a_401_the_token_file_is_read_again_once(
+    simulators: Simulators, tmp_path: Path
+) -> None:
+    acceptor = BearerAcceptor(lifetime_s=3600)
+    simulator = simulators(acceptor, None)
+    token_file = tmp_path / "token"
+    first = acceptor.issue()
+    write_token(token_file, first)
+    gateway = bearer_gateway(simulator, token_file)
+    assert gateway.place_call().status_code == 201
+
+    # Rewritten in place with a token of the same length and the old time stamp: the
+    # file looks unchanged, so only the 401 can make the gateway read it.
+    before = os.stat(token_file)
+    second = acceptor.issue()
+    assert len(second) == len(first)
+    acceptor.expire(first)
+    with token_file.open("r+", encoding="utf-8") as rewritten:
+        rewritten.write(second + "\n")
+    os.utime(token_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    assert gateway.place_call().status_code == 201
+    assert placed_calls(simulator) == 2
+
+
+def test_an_expired_token_not_replaced_is_upstream_authentication_failed(
+    simulators: Simulators, tmp_path: Path
+) -> None:
+    acceptor = BearerAcceptor(lifetime_s=3600)
+    simulator = simulators(acceptor, None)
+    token_file = tmp_path / "token"
+    token = acceptor.issue()
+    write_token(token_file, token)
+    gateway = bearer_gateway(simulator, token_file)
+    acceptor.expire(token)
+
+    answer = gateway.place_call()
+
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert placed_calls(simulator) == 0
