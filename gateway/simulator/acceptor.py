@@ -261,20 +261,19 @@ class _KerberosSession(_HandshakeSession):
                 creds=credentials, usage="accept", channel_bindings=bindings
             )
             reply = context.step(token)
+            # python-gssapi raises a failed step's error from the next property read.
+            complete = context.complete
+            bound = complete and gssapi.RequirementFlag.channel_bound in context.actual_flags
         except gssapi.raw.misc.GSSError as exc:
             return unauthorized(self.scheme, reason=type(exc).__name__)
-        if not context.complete:
+        if not complete:
             return unauthorized(f"Negotiate {base64.b64encode(reply or b'').decode()}")
         # A client that sent no binding still completes in MIT's library: Require refuses it.
-        if (
-            bindings is not None
-            and gssapi.RequirementFlag.channel_bound not in context.actual_flags
-        ):
+        if bindings is not None and not bound:
             return unauthorized(self.scheme, reason="no channel binding")
         self.authenticated_as = str(context.initiator_name)
         self._users.append(self.authenticated_as)
-        return (
-            (("WWW-Authenticate", f"Negotiate {base64.b64encode(reply).decode()}"),)
-            if reply
-            else ()
-        )
+        if not reply:
+            return ()
+        # Mutual authentication: the client checks the server's answer token.
+        return (("WWW-Authenticate", f"Negotiate {base64.b64encode(reply).decode()}"),)
