@@ -43,7 +43,7 @@ Receive = Callable[[], bytes]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-_TARGET = re.compile(r"/[\x21-\x7e]*")
+_TARGET = re.compile(r"(?:/|http://)[\x21-\x7e]*")  # origin form, or absolute form to a proxy
 _HOST = re.compile(r"[\x21-\x7e]+")
 # Names the request formatter writes itself.
 _FRAMING_FIELDS = frozenset({"host", "content-length", "transfer-encoding"})
@@ -98,7 +98,9 @@ def format_request(target: str, host: str, headers: Mapping[str, str], body: byt
     a ValueError: callers pass values they checked.
     """
     if _TARGET.fullmatch(target) is None:
-        raise ValueError("the request target must be an absolute path of printable ASCII")
+        raise ValueError(
+            "the request target must be an absolute path (or http URL) of printable ASCII"
+        )
     lines = [f"POST {target} HTTP/1.1\r\nHost: {host}\r\n"]
     for name, value in headers.items():
         if _TOKEN.fullmatch(name) is None or name.lower() in _FRAMING_FIELDS:
@@ -108,6 +110,19 @@ def format_request(target: str, host: str, headers: Mapping[str, str], body: byt
         lines.append(f"{name}: {value}\r\n")
     lines.append(f"Content-Length: {len(body)}\r\n\r\n")
     return "".join(lines).encode("latin-1") + body
+
+
+def format_connect(authority: str, headers: Mapping[str, str]) -> bytes:
+    """Return a CONNECT request asking a proxy for a tunnel to authority (host:port)."""
+    if _HOST.fullmatch(authority) is None:
+        raise ValueError("the CONNECT authority must be printable ASCII")
+    lines = [f"CONNECT {authority} HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+            raise ValueError(f"{name!r} cannot be sent as a header")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
 
 
 def read_answer(receive: Receive, max_body_bytes: int) -> Answer:
