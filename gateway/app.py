@@ -10,14 +10,13 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api
+from gateway import __version__, api, upstream_auth
 from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.metrics import Metrics
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.transport import ExchangeTransport
-from gateway.upstream_auth import build_upstream_auth
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
 MAX_BODY_BYTES = 16 * 1024
@@ -40,6 +39,7 @@ def create_app(
         ews = EwsClient(
             build_transport(config),
             server_version=config.ews_server_version,
+            anchor_mailbox=config.anchor_mailbox,
             observer=metrics,
             policy=build_policy(config, metrics),
         )
@@ -90,6 +90,9 @@ def build_transport(config: Config) -> Transport:
         timeout_s=config.ews_timeout_s,
         verify_tls=config.ews_verify_tls,
         ca_bundle=config.ews_ca_bundle,
-        auth=build_upstream_auth(config, host),
+        authorization=upstream_auth.static_authorization(config),
+        authenticator=upstream_auth.build_authenticator(config, host),
         pool_size=config.upstream_slots,
+        idle_s=config.connection_idle_s,
+        proxy=config.ews_proxy,
     )

@@ -20,10 +20,8 @@ import binascii
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import spnego
 from cryptography import x509
@@ -33,57 +31,16 @@ from spnego.channel_bindings import GssChannelBindings
 from gateway.config import BEARER_TOKEN, Config
 from gateway.errors import UpstreamAuthFailed
 from gateway.http1 import Answer
+from gateway.transport import Authenticator, Connection
 
 LOG = logging.getLogger(__name__)
 
-# NTLM needs two legs and Kerberos one or two; more means Exchange is looping.
-MAX_HANDSHAKE_LEGS = 4
 # The HTTP scheme each EWS_AUTH mode speaks, and pyspnego's name for its protocol.
-SCHEMES = {"ntlm": ("NTLM", "ntlm"), "kerberos": ("Negotiate", "kerberos")}
-SCHEMES["negotiate"] = ("Negotiate", "negotiate")
-
-# Sends the request on the connection being authenticated, with this Authorization value.
-SendLeg = Callable[[str], Answer]
-
-
-class UpstreamAuth(Protocol):
-    """How the transport authenticates to Exchange."""
-
-    # True when a connection must be authenticated (by handshake()) before it carries requests.
-    per_connection: bool
-
-    def headers(self) -> Mapping[str, str]:
-        """Return the headers every request carries (an Authorization value, or nothing)."""
-
-    def renew(self, *, reused: bool) -> bool:
-        """After a 401 (on a kept connection if reused), say whether to send the request again."""
-
-    def handshake(self, send_leg: SendLeg, server_certificate: bytes | None) -> Answer:
-        """Authenticate a new connection with the request itself; return Exchange's final answer."""
-
-
-class NoAuth:
-    """EWS_AUTH=none, and the static Authorization of EWS_AUTH=basic."""
-
-    per_connection = False
-
-    def __init__(self, authorization: str | None = None) -> None:
-        self._headers = {"Authorization": authorization} if authorization else {}
-
-    def headers(self) -> Mapping[str, str]:
-        return self._headers
-
-    def renew(self, *, reused: bool) -> bool:
-        return False
-
-    def handshake(self, send_leg: SendLeg, server_certificate: bytes | None) -> Answer:
-        raise NotImplementedError("a per-request scheme has no handshake")
-
-
-def basic(username: str, password: str) -> NoAuth:
-    """EWS_AUTH=basic: the same Authorization header on every request (RFC 7617)."""
-    pair = f"{username}:{password}".encode()
-    return NoAuth("Basic " + base64.b64encode(pair).decode("ascii"))
+SCHEMES = {
+    "ntlm": ("NTLM", "ntlm"),
+    "kerberos": ("Negotiate", "kerberos"),
+    "negotiate": ("Negotiate", "negotiate"),
+}
 
 
 class BearerToken:
@@ -92,29 +49,36 @@ class BearerToken:
     Token files are rotated by whatever issues the tokens (a sidecar, a mounted
     secret); the file's identity (inode, size, modification time) is checked on
     every request, a cheap stat, and the token read again when it moved. After a
-    401 the file is read again whatever the stat says, once.
+    401 the file is read again whatever the stat says, once per request.
     """
-
-    per_connection = False
 
     def __init__(self, token: str, path: str | None = None) -> None:
         self._path = Path(path) if path else None
         self._lock = threading.Lock()
         self._seen = self._identity()
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._header = f"Bearer {token}"
 
-    def headers(self) -> Mapping[str, str]:
+    def connected(self, connection: Connection, deadline: float) -> None:
+        """Nothing to prepare: the token goes with each request."""
+
+    def authorization(self, connection: Connection) -> str | None:
+        # auth_state: whether this request already read the file again after a 401.
+        connection.auth_state = False
         if self._path is not None and self._identity() != self._seen:
             self._reload()
-        return self._headers
+        return self._header
 
-    def renew(self, *, reused: bool) -> bool:
-        before = self._headers
+    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+        if connection.auth_state:
+            return None
+        connection.auth_state = True
+        before = self._header
         self._reload()
-        return self._headers != before
+        # A 401 was not acted on: the request may go again, with a token that changed.
+        return self._header if self._header != before else None
 
-    def handshake(self, send_leg: SendLeg, server_certificate: bytes | None) -> Answer:
-        raise NotImplementedError("a per-request scheme has no handshake")
+    def answered(self, connection: Connection, answer: Answer) -> None:
+        """Nothing to check: bearer tokens carry no answer from Exchange."""
 
     def _identity(self) -> tuple[int, int, int] | None:
         if self._path is None:
@@ -137,7 +101,7 @@ class BearerToken:
             if BEARER_TOKEN.fullmatch(token) is None:
                 LOG.warning("EWS_BEARER_TOKEN_FILE holds no valid bearer token; keeping the last")
                 return
-            self._headers = {"Authorization": f"Bearer {token}"}
+            self._header = f"Bearer {token}"
 
 
 @dataclass(frozen=True)
@@ -149,10 +113,22 @@ class Credentials:
     keytab: str | None = None
 
 
-class SecurityContextAuth:
-    """EWS_AUTH=ntlm, kerberos or negotiate: one pyspnego context per new connection."""
+@dataclass
+class _Handshake:
+    """A connection's security context: the token to send next, and whether it is done."""
 
-    per_connection = True
+    context: spnego.ContextProxy
+    pending: bytes | None
+    done: bool = False
+    restarted: bool = False
+
+
+class SecurityContextAuth:
+    """EWS_AUTH=ntlm, kerberos or negotiate: one pyspnego context per connection.
+
+    Every leg carries the request itself; a leg answered 401 was not acted on.
+    Once a handshake ends, the connection carries requests without Authorization.
+    """
 
     def __init__(self, mode: str, credentials: Credentials, host: str, service: str) -> None:
         self._scheme, self._protocol = SCHEMES[mode]
@@ -160,57 +136,67 @@ class SecurityContextAuth:
         self._host = host
         self._service = service
 
-    def headers(self) -> Mapping[str, str]:
-        return {}
+    def connected(self, connection: Connection, deadline: float) -> None:
+        connection.auth_state = self._start(connection)
 
-    def renew(self, *, reused: bool) -> bool:
-        # A kept connection answered 401: Exchange forgot it (a restart, a balancer moving
-        # it). The request was not acted on; a new connection with a new handshake may be.
-        # A 401 ending a handshake refused the credentials: trying again would only risk
-        # locking the account.
-        return reused
+    def authorization(self, connection: Connection) -> str | None:
+        state: _Handshake = connection.auth_state
+        if state.done:
+            return None
+        if state.pending is None:
+            # A handshake that ended in a 401 left the connection unauthenticated.
+            state = connection.auth_state = self._start(connection)
+        return self._send(state)
 
-    def handshake(self, send_leg: SendLeg, server_certificate: bytes | None) -> Answer:
-        context = self._context(server_certificate)
-        token = self._step(context, None)
-        for _ in range(MAX_HANDSHAKE_LEGS):
-            answer = send_leg(f"{self._scheme} {base64.b64encode(token or b'').decode('ascii')}")
-            offered = _offered_token(answer, self._scheme)
-            if answer.status != 401:
-                return self._final(context, answer, offered)
-            if offered is None:
-                # Credentials refused, or the NTLM negotiate answered without a challenge:
-                # the 401 is mapped like any other.
-                return answer
-            if not answer.reusable:
-                raise _failed("Exchange closed the connection in the middle of the handshake")
-            token = self._step(context, offered)
-        raise _failed(f"Exchange did not finish the handshake in {MAX_HANDSHAKE_LEGS} legs")
+    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+        state: _Handshake = connection.auth_state
+        if state.done:
+            if state.restarted:
+                return None
+            # A kept connection answered 401: Exchange forgot it (a restart, a balancer
+            # moving it). The request was not acted on; a new handshake may carry it.
+            connection.auth_state = self._start(connection)
+            connection.auth_state.restarted = True
+            return self._send(connection.auth_state)
+        offered = _offered_token(answer, self._scheme)
+        if offered is None:
+            # Credentials refused, or an NTLM negotiate answered without a challenge:
+            # the 401 is Exchange's answer, mapped like any other.
+            return None
+        state.pending = _step(state.context, offered)
+        return self._send(state)
 
-    def _final(self, context: spnego.ContextProxy, answer: Answer, offered: bytes | None) -> Answer:
-        """Check the answer that ends the handshake; Exchange acted on the request unless 400."""
-        if answer.status == 400 and not context.complete:
+    def answered(self, connection: Connection, answer: Answer) -> None:
+        state: _Handshake = connection.auth_state
+        if state.done:
+            return
+        if answer.status == 400:
             # IIS answers 400 to an Authorization it cannot read (a header too large for
             # http.sys, a token it cannot parse).
             raise _failed("Exchange refused the authentication handshake (HTTP 400)")
-        if offered is not None and not context.complete:
+        offered = _offered_token(answer, self._scheme)
+        if offered is not None and not state.context.complete:
             # Kerberos mutual authentication: Exchange proves who it is in the last token.
-            self._step(context, offered)
-        return answer
+            _step(state.context, offered)
+        state.done = True
 
-    def _context(self, server_certificate: bytes | None) -> spnego.ContextProxy:
+    def _send(self, state: _Handshake) -> str:
+        token, state.pending = state.pending or b"", None
+        return f"{self._scheme} {base64.b64encode(token).decode('ascii')}"
+
+    def _start(self, connection: Connection) -> _Handshake:
+        """Start a security context bound to this connection's TLS certificate."""
         bindings = None
-        if server_certificate is not None:
-            bindings = GssChannelBindings(
-                application_data=b"tls-server-end-point:" + certificate_hash(server_certificate)
-            )
+        if connection.peer_certificate is not None:
+            end_point = certificate_hash(connection.peer_certificate)
+            bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
         credentials = self._credentials
         username: str | spnego.KerberosKeytab | None = credentials.username
         if credentials.keytab is not None:
             username = spnego.KerberosKeytab(credentials.keytab, credentials.username)
         try:
             # With a password or keytab, pyspnego asks the KDC for a ticket here.
-            return spnego.client(
+            context = spnego.client(
                 username,
                 credentials.password,
                 hostname=self._host,
@@ -220,12 +206,14 @@ class SecurityContextAuth:
             )
         except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
             raise _library_failed("could not start", exc) from None
+        return _Handshake(context, _step(context, None))
 
-    def _step(self, context: spnego.ContextProxy, token: bytes | None) -> bytes | None:
-        try:
-            return context.step(token)
-        except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
-            raise _library_failed("failed", exc) from None
+
+def _step(context: spnego.ContextProxy, token: bytes | None) -> bytes | None:
+    try:
+        return context.step(token)
+    except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
+        raise _library_failed("failed", exc) from None
 
 
 def certificate_hash(der_certificate: bytes) -> bytes:
@@ -266,11 +254,17 @@ def _failed(reason: str) -> UpstreamAuthFailed:
     return UpstreamAuthFailed(f"Upstream authentication failed: {reason}", outcome="http_error")
 
 
-def build_upstream_auth(config: Config, host: str) -> UpstreamAuth:
-    """Build the configured authentication to Exchange, whose host name is host."""
+def static_authorization(config: Config) -> str | None:
+    """Return the Authorization every request carries as it is (EWS_AUTH=basic), if any."""
+    if config.ews_auth != "basic":
+        return None
+    pair = f"{config.ews_username}:{config.ews_password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def build_authenticator(config: Config, host: str) -> Authenticator | None:
+    """Build the configured per-connection authentication to Exchange, whose host is host."""
     mode = config.ews_auth
-    if mode == "basic":
-        return basic(config.ews_username, config.ews_password)
     if mode == "bearer":
         return BearerToken(config.ews_bearer_token, config.ews_bearer_token_file)
     if mode in SCHEMES:
@@ -281,4 +275,4 @@ def build_upstream_auth(config: Config, host: str) -> UpstreamAuth:
             keytab=config.ews_keytab,
         )
         return SecurityContextAuth(mode, credentials, spn_host, service)
-    return NoAuth()
+    return None

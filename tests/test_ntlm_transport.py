@@ -103,7 +103,7 @@ def exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NtlmEx
 def transport_for(exchange: NtlmExchange, password: str = PASSWORD) -> ExchangeTransport:
     credentials = Credentials(f"{DOMAIN}\\{USER}", password)
     auth = SecurityContextAuth("ntlm", credentials, "127.0.0.1", "HTTP")
-    return ExchangeTransport(exchange.url, timeout_s=5, auth=auth)
+    return ExchangeTransport(exchange.url, timeout_s=5, authenticator=auth)
 
 
 def post(transport: ExchangeTransport) -> UpstreamReply:
