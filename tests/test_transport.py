@@ -152,6 +152,8 @@ class TlsExchange(FakeExchange):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certificate.cert_path, certificate.key_path)
         if maximum_version is not None:
+            # An old server: its protocol versions, and the ciphers they need.
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
             context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
             context.maximum_version = maximum_version
         # The handshake runs on accept; a client that rejects it is dropped there.
