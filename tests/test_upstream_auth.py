@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,10 +15,13 @@ from typing import Any, ClassVar
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
-import gateway.upstream_auth
+from gateway import upstream_auth
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.simulator import SimulatorServer
@@ -26,6 +32,7 @@ from tests.test_transport import Certificate, self_signed_certificate
 pytestmark = pytest.mark.network
 
 DOMAIN, USER, PASSWORD = "CORP", "svc-gateway", "correct horse battery staple"
+FIXTURES = Path(__file__).parent / "fixtures"
 CALL = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
 
 
@@ -131,14 +138,26 @@ def test_ntlm_with_extended_protection_required_authenticates_once_per_connectio
 
 
 @pytest.mark.usefixtures("ntlm_accounts")
-def test_ntlm_with_a_channel_binding_for_another_certificate_is_refused(
-    simulators: Simulators, certificate: Certificate, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "binding",
+    [lambda _der: b"\x5a" * 32, None],
+    ids=["for another certificate", "none"],
+)
+def test_ntlm_without_the_right_channel_binding_is_refused(
+    simulators: Simulators,
+    certificate: Certificate,
+    monkeypatch: pytest.MonkeyPatch,
+    binding: Callable[[bytes], bytes] | None,
 ) -> None:
     acceptor = NtlmAcceptor()
     simulator = simulators(acceptor, certificate)
     gateway = ntlm_gateway(simulator, certificate)
-    # As when a TLS-intercepting proxy sits between the gateway and Exchange.
-    monkeypatch.setattr(gateway_auth(), "certificate_hash", lambda _der: b"\x5a" * 32)
+    if binding is None:
+        # As a client without Extended Protection: no binding at all.
+        monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+    else:
+        # As when a TLS-intercepting proxy sits between the gateway and Exchange.
+        monkeypatch.setattr(upstream_auth, "certificate_hash", binding)
 
     answer = gateway.place_call()
 
@@ -148,8 +167,20 @@ def test_ntlm_with_a_channel_binding_for_another_certificate_is_refused(
     assert gateway.upstream("http_error") == 1
 
 
-def gateway_auth() -> Any:
-    return gateway.upstream_auth
+@pytest.mark.usefixtures("ntlm_accounts")
+def test_a_kept_connection_exchange_forgot_is_authenticated_again_and_the_call_placed_once(
+    simulators: Simulators, certificate: Certificate
+) -> None:
+    acceptor = NtlmAcceptor()
+    simulator = simulators(acceptor, certificate)
+    gateway = ntlm_gateway(simulator, certificate)
+    assert gateway.place_call().status_code == 201
+
+    acceptor.forget_connections()
+
+    assert gateway.place_call().status_code == 201
+    assert acceptor.users == [f"{DOMAIN}\\{USER}"] * 2
+    assert placed_calls(simulator) == 2
 
 
 @pytest.mark.usefixtures("ntlm_accounts")
@@ -318,3 +349,49 @@ def test_an_expired_token_not_replaced_is_upstream_authentication_failed(
     assert answer.status_code == 502
     assert answer.json["type"].endswith("upstream-authentication-failed")
     assert placed_calls(simulator) == 0
+
+
+# RFC 5929 section 4.1: which hash tls-server-end-point takes of the certificate.
+
+
+def certificate_signed_with(algorithm: hashes.HashAlgorithm) -> bytes:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mail.example.com")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, algorithm)
+    )
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize(
+    ("signature_hash", "expected"),
+    [
+        (hashes.SHA384(), hashlib.sha384),
+        (hashes.SHA512(), hashlib.sha512),
+        (hashes.SHA256(), hashlib.sha256),
+    ],
+    ids=["sha384", "sha512", "sha256"],
+)
+def test_the_channel_binding_hashes_the_certificate_as_its_signature_does(
+    signature_hash: hashes.HashAlgorithm, expected: Callable[[bytes], Any]
+) -> None:
+    der = certificate_signed_with(signature_hash)
+
+    assert upstream_auth.certificate_hash(der) == expected(der).digest()
+
+
+def test_a_certificate_signed_with_sha1_is_bound_by_its_sha256() -> None:
+    # cryptography no longer signs with SHA-1; this one was made with openssl req -sha1.
+    pem = (FIXTURES / "certificate_signed_with_sha1.pem").read_text(encoding="ascii")
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    assert x509.load_der_x509_certificate(der).signature_hash_algorithm.name == "sha1"
+
+    assert upstream_auth.certificate_hash(der) == hashlib.sha256(der).digest()

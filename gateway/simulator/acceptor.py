@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import spnego
@@ -138,32 +139,63 @@ class BearerAcceptor:
         return unauthorized('Bearer error="invalid_token"', reason="the token is not valid")
 
 
+@dataclass
+class Ledger:
+    """What an acceptor remembers across connections: who authenticated, and when it forgot."""
+
+    users: list[str] = field(default_factory=list)
+    # Raised by forget_connections(): sessions authenticated before it must authenticate again.
+    generation: int = 0
+
+
 class _HandshakeSession:
     """A connection authenticated once by a handshake, then trusted for its lifetime."""
 
     scheme = ""
 
-    def __init__(self, channel_binding: bytes | None) -> None:
+    def __init__(self, channel_binding: bytes | None, ledger: Ledger) -> None:
         self.channel_binding = channel_binding
-        self.authenticated_as: str | None = None
+        self._ledger = ledger
+        self._authenticated_in: int | None = None
 
     def admit(self, authorization: str | None) -> Admission:
         scheme, _, encoded = (authorization or "").partition(" ")
         if scheme.lower() != self.scheme.lower() or not encoded.strip():
-            if self.authenticated_as is not None and authorization is None:
+            if authorization is None and self._authenticated_in == self._ledger.generation:
                 return ()
             return unauthorized(self.scheme)
         try:
             token = base64.b64decode(encoded.strip(), validate=True)
         except binascii.Error:
             return Reply(400, b"Bad Request", content_type="text/html")
+        self._authenticated_in = None
         return self.step(token)
+
+    def authenticated(self, user: str) -> None:
+        self._authenticated_in = self._ledger.generation
+        self._ledger.users.append(user)
 
     def step(self, token: bytes) -> Admission:
         raise NotImplementedError
 
 
-class NtlmAcceptor:
+class _ConnectionAcceptor:
+    """What NTLM and Kerberos acceptors share: the ledger and forgetting connections."""
+
+    def __init__(self) -> None:
+        self.ledger = Ledger()
+
+    @property
+    def users(self) -> list[str]:
+        """Who authenticated, one entry per completed handshake."""
+        return self.ledger.users
+
+    def forget_connections(self) -> None:
+        """Forget every connection's authentication, as a restarted IIS does."""
+        self.ledger.generation += 1
+
+
+class NtlmAcceptor(_ConnectionAcceptor):
     """NTLM with Extended Protection required over TLS; accounts from NTLM_USER_FILE.
 
     pyspnego's acceptor reads the accounts (DOMAIN:user:password lines) from the
@@ -173,18 +205,17 @@ class NtlmAcceptor:
     def __init__(self) -> None:
         if not os.environ.get("NTLM_USER_FILE"):
             raise ValueError("NTLM_USER_FILE must name the NTLM accounts file")
-        self.users: list[str] = []
+        super().__init__()
 
     def session(self, channel_binding: bytes | None) -> Session:
-        return _NtlmSession(channel_binding, self.users)
+        return _NtlmSession(channel_binding, self.ledger)
 
 
 class _NtlmSession(_HandshakeSession):
     scheme = "NTLM"
 
-    def __init__(self, channel_binding: bytes | None, users: list[str]) -> None:
-        super().__init__(channel_binding)
-        self._users = users
+    def __init__(self, channel_binding: bytes | None, ledger: Ledger) -> None:
+        super().__init__(channel_binding, ledger)
         self._context: Any = None
 
     def step(self, token: bytes) -> Admission:
@@ -193,7 +224,6 @@ class _NtlmSession(_HandshakeSession):
             if self.channel_binding is not None:
                 bindings = GssChannelBindings(application_data=self.channel_binding)
             self._context = spnego.server(protocol="ntlm", channel_bindings=bindings)
-            self.authenticated_as = None
         try:
             if self.channel_binding is not None and _is_authenticate(token):
                 _require_binding(token)
@@ -203,8 +233,7 @@ class _NtlmSession(_HandshakeSession):
             return unauthorized(self.scheme, reason=type(exc).__name__)
         if not self._context.complete:
             return unauthorized(f"NTLM {base64.b64encode(reply or b'').decode()}")
-        self.authenticated_as = str(self._context.client_principal)
-        self._users.append(self.authenticated_as)
+        self.authenticated(str(self._context.client_principal))
         return ()
 
 
@@ -227,27 +256,26 @@ def _require_binding(token: bytes) -> None:
         raise ValueError("the NTLM response carries no channel binding")
 
 
-class KerberosAcceptor:
+class KerberosAcceptor(_ConnectionAcceptor):
     """Negotiate with Kerberos only (no NTLM), keys from a keytab; channel binding required.
 
     The service principal is whichever of the keytab's the client asked a ticket for.
     """
 
     def __init__(self, keytab: str) -> None:
+        super().__init__()
         self._keytab = keytab
-        self.users: list[str] = []
 
     def session(self, channel_binding: bytes | None) -> Session:
-        return _KerberosSession(channel_binding, self._keytab, self.users)
+        return _KerberosSession(channel_binding, self._keytab, self.ledger)
 
 
 class _KerberosSession(_HandshakeSession):
     scheme = "Negotiate"
 
-    def __init__(self, channel_binding: bytes | None, keytab: str, users: list[str]) -> None:
-        super().__init__(channel_binding)
+    def __init__(self, channel_binding: bytes | None, keytab: str, ledger: Ledger) -> None:
+        super().__init__(channel_binding, ledger)
         self._keytab = keytab
-        self._users = users
 
     def step(self, token: bytes) -> Admission:
         import gssapi  # noqa: PLC0415 - optional: the kerberos extra
@@ -271,8 +299,7 @@ class _KerberosSession(_HandshakeSession):
         # A client that sent no binding still completes in MIT's library: Require refuses it.
         if bindings is not None and not bound:
             return unauthorized(self.scheme, reason="no channel binding")
-        self.authenticated_as = str(context.initiator_name)
-        self._users.append(self.authenticated_as)
+        self.authenticated(str(context.initiator_name))
         if not reply:
             return ()
         # Mutual authentication: the client checks the server's answer token.

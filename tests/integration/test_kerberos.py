@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
+from gateway import upstream_auth
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
 from gateway.simulator.server import TlsIdentity
@@ -185,17 +186,40 @@ def test_credentials_the_kdc_refuses_are_upstream_authentication_failed(
     assert (acceptor.users, placed_calls(simulator)) == ([], 0)
 
 
-def test_a_channel_binding_for_another_certificate_is_refused(
+@pytest.mark.parametrize(
+    "binding",
+    [lambda _der: b"\x5a" * 32, None],
+    ids=["for another certificate", "none"],
+)
+def test_without_the_right_channel_binding_the_ticket_is_refused(
     exchange: tuple[SimulatorServer, KerberosAcceptor],
     certificate: Certificate,
     monkeypatch: pytest.MonkeyPatch,
+    binding: Callable[[bytes], bytes] | None,
 ) -> None:
     simulator, acceptor = exchange
     gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
-    monkeypatch.setattr("gateway.upstream_auth.certificate_hash", lambda _der: b"\x5a" * 32)
+    if binding is None:
+        monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+    else:
+        monkeypatch.setattr(upstream_auth, "certificate_hash", binding)
 
     answer = gateway.place_call()
 
     assert answer.status_code == 502
     assert answer.json["type"].endswith("upstream-authentication-failed")
     assert (acceptor.users, placed_calls(simulator)) == ([], 0)
+
+
+def test_a_kept_connection_exchange_forgot_gets_a_new_handshake(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+    assert gateway.place_call().status_code == 201
+
+    acceptor.forget_connections()
+
+    assert gateway.place_call().status_code == 201
+    assert acceptor.users == [ACCOUNT, ACCOUNT]
+    assert placed_calls(simulator) == 2
