@@ -173,8 +173,11 @@ class Config:
             raise ConfigError(f"EWS_AUTH={self.ews_auth} needs GSSAPI: {GSSAPI_INSTALL}")
         if self.ews_password and self.ews_keytab:
             raise ConfigError(f"EWS_AUTH={self.ews_auth}: set EWS_PASSWORD or EWS_KEYTAB, not both")
-        if self.ews_password and not self.ews_username:
-            raise ConfigError(f"EWS_AUTH={self.ews_auth} with EWS_PASSWORD needs EWS_USERNAME")
+        if (self.ews_password or self.ews_keytab) and not self.ews_username:
+            raise ConfigError(
+                f"EWS_AUTH={self.ews_auth} with EWS_PASSWORD or EWS_KEYTAB needs EWS_USERNAME "
+                "(user@REALM)"
+            )
         if self.ews_spn and SERVICE_PRINCIPAL.fullmatch(self.ews_spn) is None:
             raise ConfigError("EWS_SPN must be SERVICE/host, e.g. HTTP/mail.corp.example.com")
 

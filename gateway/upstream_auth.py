@@ -20,8 +20,10 @@ import binascii
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import spnego
 from cryptography import x509
@@ -113,6 +115,55 @@ class Credentials:
     keytab: str | None = None
 
 
+class TicketCache:
+    """The gateway's Kerberos ticket-granting ticket, got once and shared by all connections.
+
+    Asked of the KDC with the password or keytab when first needed, kept in a
+    MEMORY cache of this process (where GSSAPI also keeps the service tickets
+    it gets), and asked again RENEW_BEFORE_S before it expires. Without it
+    every new connection would cost a round trip to the KDC and, with a
+    password, a key derivation.
+    """
+
+    RENEW_BEFORE_S = 300
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+        self._lock = threading.Lock()
+        self._cache: Any = None
+        self._name = ""
+        self._expires_at = 0.0
+
+    def credential(self) -> spnego.KerberosCCache:
+        """Return the cache holding a valid ticket-granting ticket, asking the KDC if needed."""
+        with self._lock:
+            if time.time() > self._expires_at - self.RENEW_BEFORE_S:
+                self._get_ticket()
+            return spnego.KerberosCCache(ccache=self._name)
+
+    def _get_ticket(self) -> None:
+        import krb5  # noqa: PLC0415 - optional: the kerberos extra
+
+        credentials = self._credentials
+        context = krb5.init_context()
+        principal = krb5.parse_name_flags(context, (credentials.username or "").encode())
+        options = krb5.get_init_creds_opt_alloc(context)
+        krb5.get_init_creds_opt_set_canonicalize(options, True)
+        if credentials.keytab is not None:
+            keytab = krb5.kt_resolve(context, credentials.keytab.encode())
+            ticket = krb5.get_init_creds_keytab(context, principal, options, keytab=keytab)
+        else:
+            password = (credentials.password or "").encode()
+            ticket = krb5.get_init_creds_password(context, principal, options, password=password)
+        cache = krb5.cc_new_unique(context, b"MEMORY")
+        krb5.cc_initialize(context, cache, ticket.client)
+        krb5.cc_store_cred(context, cache, ticket)
+        # The handle keeps the cache alive; connections being set up may still read the old one.
+        self._cache = cache
+        self._name = "MEMORY:" + (cache.name or b"").decode()
+        self._expires_at = float(ticket.times.endtime)
+
+
 @dataclass
 class _Handshake:
     """A connection's security context: the token to send next, and whether it is done."""
@@ -135,6 +186,10 @@ class SecurityContextAuth:
         self._credentials = credentials
         self._host = host
         self._service = service
+        # Kerberos with a password or keytab: one ticket for every connection. NTLM
+        # needs none, and the ticket cache mode (neither) is MIT's own.
+        wants_tickets = mode != "ntlm" and (credentials.password or credentials.keytab)
+        self._tickets = TicketCache(credentials) if wants_tickets else None
 
     def connected(self, connection: Connection, deadline: float) -> None:
         connection.auth_state = self._start(connection)
@@ -180,6 +235,25 @@ class SecurityContextAuth:
             _step(state.context, offered)
         state.done = True
 
+    def _who(self) -> tuple[Any, str | None]:
+        """Return the credentials for pyspnego: the shared ticket, else what is configured."""
+        credentials = self._credentials
+        if self._tickets is None:
+            return credentials.username, credentials.password
+        try:
+            ticket = self._tickets.credential()
+        except Exception as exc:  # krb5's errors: unknown principal, wrong password, no KDC
+            if self._protocol == "negotiate" and credentials.password is not None:
+                # Negotiate falls back to NTLM, as Windows clients do; pyspnego tries
+                # Kerberos with the password once more on the way.
+                LOG.info("no Kerberos ticket for Negotiate (%s); trying NTLM", type(exc).__name__)
+                return credentials.username, credentials.password
+            raise _library_failed("could not get a Kerberos ticket", exc) from None
+        if self._protocol == "negotiate" and credentials.password is not None:
+            # Kerberos from the shared ticket, NTLM from the password.
+            return [ticket, spnego.Password(credentials.username or "", credentials.password)], None
+        return ticket, None
+
     def _send(self, state: _Handshake) -> str:
         token, state.pending = state.pending or b"", None
         return f"{self._scheme} {base64.b64encode(token).decode('ascii')}"
@@ -190,15 +264,11 @@ class SecurityContextAuth:
         if connection.peer_certificate is not None:
             end_point = certificate_hash(connection.peer_certificate)
             bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
-        credentials = self._credentials
-        username: str | spnego.KerberosKeytab | None = credentials.username
-        if credentials.keytab is not None:
-            username = spnego.KerberosKeytab(credentials.keytab, credentials.username)
+        username, password = self._who()
         try:
-            # With a password or keytab, pyspnego asks the KDC for a ticket here.
             context = spnego.client(
                 username,
-                credentials.password,
+                password,
                 hostname=self._host,
                 service=self._service,
                 channel_bindings=bindings,

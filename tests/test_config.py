@@ -320,6 +320,12 @@ def test_kerberos_refuses_a_password_and_a_keytab_together(tmp_path: Path) -> No
     assert "EWS_PASSWORD or EWS_KEYTAB" in message
 
 
+def test_a_keytab_without_the_principal_it_is_for_is_refused(tmp_path: Path) -> None:
+    keytab = secret_file(tmp_path, "", name="gateway.keytab")
+
+    assert "EWS_USERNAME" in rejects(EWS_AUTH="kerberos", EWS_KEYTAB=keytab)
+
+
 def test_a_keytab_that_does_not_exist_is_refused_naming_the_variable() -> None:
     assert "EWS_KEYTAB" in rejects(EWS_AUTH="kerberos", EWS_KEYTAB="/nonexistent/gw.keytab")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,6 +56,15 @@ class Realm:
         self.k5.addprinc(ACCOUNT, PASSWORD)
         self.k5.addprinc(KEYTAB_ACCOUNT)
         self.k5.extract_keytab(KEYTAB_ACCOUNT, self.client_keytab)
+
+    def tickets_issued_to(self, principal: str) -> Counter[str]:
+        """Count the KDC's AS_REQ and TGS_REQ log lines that issued principal a ticket."""
+        log = Path(self.k5.tmpdir, "kdc.log").read_text(encoding="utf-8", errors="replace")
+        issued = Counter[str]()
+        for line in log.splitlines():
+            if "ISSUE" in line and f"{principal} for" in line:
+                issued["AS_REQ" if "AS_REQ" in line else "TGS_REQ"] += 1
+        return issued
 
     def stop(self) -> None:
         self.k5.stop()
@@ -126,6 +136,22 @@ def test_a_password_gets_a_ticket_and_one_handshake_serves_later_calls(
     assert [answer.status_code for answer in answers] == [201, 201, 201]
     assert acceptor.users == [ACCOUNT]
     assert placed_calls(simulator) == 3
+
+
+def test_new_connections_share_one_ticket_granting_ticket(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate, realm: Realm
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+    tickets_before = realm.tickets_issued_to(ACCOUNT)
+    # A closed pool keeps no connection: every call opens and authenticates a new one.
+    gateway.close()
+
+    answers = [gateway.place_call() for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [201, 201, 201]
+    assert acceptor.users == [ACCOUNT] * 3
+    assert realm.tickets_issued_to(ACCOUNT) - tickets_before == {"AS_REQ": 1, "TGS_REQ": 1}
 
 
 def test_negotiate_with_a_keytab_authenticates_with_kerberos(
