@@ -291,8 +291,10 @@ def bearer_gateway(simulator: SimulatorServer, token_file: Path) -> Gateway:
 
 
 def test_a_rotated_bearer_token_file_is_used_from_the_next_call(
-    simulators: Simulators, tmp_path: Path
+    simulators: Simulators, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Checked on every call here; once a second in production.
+    monkeypatch.setattr(upstream_auth.BearerToken, "CHECK_INTERVAL_S", 0.0)
     acceptor = BearerAcceptor(lifetime_s=3600)
     simulator = simulators(acceptor, None)
     token_file = tmp_path / "token"
@@ -331,6 +333,7 @@ def test_after_a_401_the_token_file_is_read_again_once(
 
     assert gateway.place_call().status_code == 201
     assert placed_calls(simulator) == 2
+    assert acceptor.refused == 1
 
 
 def test_an_expired_token_not_replaced_is_upstream_authentication_failed(
@@ -349,6 +352,8 @@ def test_an_expired_token_not_replaced_is_upstream_authentication_failed(
     assert answer.status_code == 502
     assert answer.json["type"].endswith("upstream-authentication-failed")
     assert placed_calls(simulator) == 0
+    # The file was read again once after the 401; the same token was not sent twice more.
+    assert acceptor.refused == 1
 
 
 # RFC 5929 section 4.1: which hash tls-server-end-point takes of the certificate.

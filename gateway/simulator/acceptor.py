@@ -114,6 +114,8 @@ class BearerAcceptor:
         self._clock = clock
         self._expiry: dict[str, float] = {}
         self._lock = threading.Lock()
+        # Requests answered 401.
+        self.refused = 0
 
     def issue(self) -> str:
         """Return a new token, valid from now for the lifetime."""
@@ -136,6 +138,8 @@ class BearerAcceptor:
             expiry = self._expiry.get(token.strip())
         if scheme.lower() == "bearer" and expiry is not None and self._clock() < expiry:
             return ()
+        with self._lock:
+            self.refused += 1
         return unauthorized('Bearer error="invalid_token"', reason="the token is not valid")
 
 
