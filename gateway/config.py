@@ -122,7 +122,7 @@ class Config:
                 "EWS_RETRY_MAX_BACKOFF_SECONDS", default=2.0, low=0.0, high=60.0
             ),
             connection_idle_s=env.number(
-                "EWS_CONNECTION_IDLE_SECONDS", default=30.0, low=1.0, high=3600.0
+                "EWS_CONNECTION_IDLE_SECONDS", default=30.0, low=0.1, high=3600.0
             ),
             anchor_mailbox=env.mailbox("EWS_ANCHOR_MAILBOX"),
             ews_proxy=env.proxy(),
