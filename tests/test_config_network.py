@@ -49,8 +49,8 @@ def test_the_connection_idle_limit_defaults_to_30_seconds_and_is_read_in_seconds
     assert from_env(EWS_CONNECTION_IDLE_SECONDS="4.5").connection_idle_s == 4.5
 
 
-@pytest.mark.parametrize("raw", ["0", "-3", "soon", "7200"])
-def test_a_connection_idle_limit_outside_1_to_3600_seconds_is_refused(raw: str) -> None:
+@pytest.mark.parametrize("raw", ["0", "0.05", "-3", "soon", "7200"])
+def test_a_connection_idle_limit_outside_a_tenth_to_3600_seconds_is_refused(raw: str) -> None:
     assert rejects(EWS_CONNECTION_IDLE_SECONDS=raw).startswith("EWS_CONNECTION_IDLE_SECONDS")
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import select
 import socket
 import socketserver
 import ssl
 import struct
 import sys
+import threading
 import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +30,8 @@ from gateway.simulator.outcomes import ConnectionReset, Outcome, Reply, Silence,
 
 SERVER_HEADER = "EwsCallGatewaySimulator/0.1"
 IDLE_CONNECTION_TIMEOUT_S = 120.0
+# How long a connection the idle policy "dropped" is held unanswered (or until the server stops).
+DROPPED_CONNECTION_HOLD_S = 300.0
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_DISCARDED_BYTES = 16 * MAX_REQUEST_BYTES
 
@@ -59,6 +64,8 @@ class HttpServer(ThreadingHTTPServer):
         self.acceptor = acceptor
         self.tls = tls
         self.channel_binding = channel_binding
+        # Set when the simulator stops: connections held by the idle policy let go.
+        self.closing = threading.Event()
         super().__init__(address, EwsRequestHandler)
 
     def get_request(self) -> tuple[Any, Any]:
@@ -99,6 +106,36 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         if server.acceptor is not None:
             self._session = server.acceptor.session(server.channel_binding)
 
+    def handle(self) -> None:
+        """Serve requests on the connection, ending it when idle as the idle policy says."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection and self._wait_for_next_request():
+            self.handle_one_request()
+
+    def _wait_for_next_request(self) -> bool:
+        """Wait for the next request; False once the idle policy ended the connection."""
+        policy = self._exchange.idle_policy
+        if policy is None:
+            return True  # the handler's own timeout bounds the wait
+        readable, _, _ = select.select([self.connection], [], [], policy.after_s)
+        if readable:
+            return True
+        if policy.action == "reset":
+            self._reset_connection()
+        elif policy.action == "drop":
+            self._hold_unanswered()
+        return False
+
+    def _hold_unanswered(self) -> None:
+        """Take what arrives and never answer, as a path that forgot the flow."""
+        closing = cast(HttpServer, self.server).closing
+        deadline = time.monotonic() + DROPPED_CONNECTION_HOLD_S
+        while not closing.is_set() and time.monotonic() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable and not self.connection.recv(65536):
+                return
+
     def parse_request(self) -> bool:
         """Note when the request arrived (its first line is in), then read its head."""
         self._received_at = time.monotonic()
@@ -136,6 +173,7 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         return cast(HttpServer, self.server).exchange
 
     def _route(self, method: str) -> None:
+        self._gzip = False
         path = urlsplit(self.path).path
         try:
             body = self._read_body()
@@ -156,6 +194,7 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
     def _answer_ews(self, body: bytes) -> None:
         """Answer an EWS request once its sender is authenticated; a 401 acts on nothing."""
         authorization = self.headers.get("Authorization")
+        self._gzip = _accepts_gzip(self.headers.get("Accept-Encoding"))
         admission = self._session.admit(authorization) if self._session is not None else ()
         if isinstance(admission, Reply):
             self._send(admission)
@@ -166,6 +205,7 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             self.headers.get("X-Request-ID"),
             authorization,
             self._received_at,
+            anchor_mailbox=self.headers.get("X-AnchorMailbox"),
         )
         if admission and isinstance(outcome, Reply):
             outcome = replace(outcome, headers=outcome.headers + admission)
@@ -216,8 +256,12 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
                 self._reset_connection()
 
     def _send(self, reply: Reply) -> None:
-        self._send_head(reply.status, reply.content_type, len(reply.body), reply.headers)
-        self.wfile.write(reply.body)
+        body, headers = reply.body, reply.headers
+        if getattr(self, "_gzip", False) and body:
+            # As IIS with dynamic compression: only for a client that asked for gzip.
+            body, headers = gzip.compress(body), (*headers, ("Content-Encoding", "gzip"))
+        self._send_head(reply.status, reply.content_type, len(body), headers)
+        self.wfile.write(body)
 
     def _stream(self, reply: StreamedReply) -> None:
         self._send_head(reply.status, reply.content_type, reply.length)
@@ -246,6 +290,20 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
         self.close_connection = True
+
+
+def _accepts_gzip(accept_encoding: str | None) -> bool:
+    """Tell whether an Accept-Encoding field allows gzip (RFC 9110 section 12.5.3)."""
+    for element in (accept_encoding or "").split(","):
+        coding, _, parameters = element.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        weight = parameters.strip().lower().removeprefix("q=").strip() or "1"
+        try:
+            return float(weight) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def _within_limit(size: int, already_read: int) -> int:
