@@ -400,3 +400,45 @@ def test_a_certificate_signed_with_sha1_is_bound_by_its_sha256() -> None:
     assert x509.load_der_x509_certificate(der).signature_hash_algorithm.name == "sha1"
 
     assert upstream_auth.certificate_hash(der) == hashlib.sha256(der).digest()
+
+
+@pytest.fixture
+def no_kerberos_realm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A realm whose KDC is nowhere to be found: no Kerberos ticket can be had."""
+    pytest.importorskip("gssapi", reason="GSSAPI (the kerberos extra) is not installed")
+    krb5_conf = tmp_path / "krb5.conf"
+    krb5_conf.write_text(
+        "[libdefaults]\n default_realm = CORP.TEST\n dns_lookup_kdc = false\n", encoding="ascii"
+    )
+    monkeypatch.setenv("KRB5_CONFIG", str(krb5_conf))
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{tmp_path / 'ccache'}")
+
+
+@pytest.mark.usefixtures("ntlm_accounts", "no_kerberos_realm")
+def test_negotiate_without_a_kerberos_ticket_falls_back_to_ntlm_as_windows_does(
+    simulators: Simulators, certificate: Certificate
+) -> None:
+    acceptor = NtlmAcceptor(negotiate=True)
+    simulator = simulators(acceptor, certificate)
+    gateway = ntlm_gateway(simulator, certificate, EWS_AUTH="negotiate")
+
+    answers = [gateway.place_call() for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [201, 201, 201]
+    assert acceptor.users == [f"{DOMAIN}\\{USER}"]
+    assert placed_calls(simulator) == 3
+
+
+@pytest.mark.usefixtures("ntlm_accounts", "no_kerberos_realm")
+def test_ntlm_inside_negotiate_without_a_channel_binding_is_refused(
+    simulators: Simulators, certificate: Certificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acceptor = NtlmAcceptor(negotiate=True)
+    simulator = simulators(acceptor, certificate)
+    gateway = ntlm_gateway(simulator, certificate, EWS_AUTH="negotiate")
+    monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+
+    answer = gateway.place_call()
+
+    assert answer.status_code == 502
+    assert (acceptor.users, placed_calls(simulator)) == ([], 0)

@@ -29,6 +29,7 @@ import spnego
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from spnego._ntlm_raw.messages import Authenticate, AvId, NTClientChallengeV2
+from spnego._spnego import unpack_token
 from spnego.channel_bindings import GssChannelBindings
 
 from gateway.simulator.outcomes import Reply
@@ -155,7 +156,8 @@ class Ledger:
 class _HandshakeSession:
     """A connection authenticated once by a handshake, then trusted for its lifetime."""
 
-    scheme = ""
+    # The schemes offered in a 401, in IIS's order.
+    schemes: tuple[str, ...] = ()
 
     def __init__(self, channel_binding: bytes | None, ledger: Ledger) -> None:
         self.channel_binding = channel_binding
@@ -164,22 +166,23 @@ class _HandshakeSession:
 
     def admit(self, authorization: str | None) -> Admission:
         scheme, _, encoded = (authorization or "").partition(" ")
-        if scheme.lower() != self.scheme.lower() or not encoded.strip():
+        offered = {name.lower(): name for name in self.schemes}
+        if scheme.lower() not in offered or not encoded.strip():
             if authorization is None and self._authenticated_in == self._ledger.generation:
                 return ()
-            return unauthorized(self.scheme)
+            return unauthorized(*self.schemes)
         try:
             token = base64.b64decode(encoded.strip(), validate=True)
         except binascii.Error:
             return Reply(400, b"Bad Request", content_type="text/html")
         self._authenticated_in = None
-        return self.step(token)
+        return self.step(offered[scheme.lower()], token)
 
     def authenticated(self, user: str) -> None:
         self._authenticated_in = self._ledger.generation
         self._ledger.users.append(user)
 
-    def step(self, token: bytes) -> Admission:
+    def step(self, scheme: str, token: bytes) -> Admission:
         raise NotImplementedError
 
 
@@ -203,42 +206,63 @@ class NtlmAcceptor(_ConnectionAcceptor):
     """NTLM with Extended Protection required over TLS; accounts from NTLM_USER_FILE.
 
     pyspnego's acceptor reads the accounts (DOMAIN:user:password lines) from the
-    file the environment variable NTLM_USER_FILE names; it must be set.
+    file the environment variable NTLM_USER_FILE names; it must be set. With
+    negotiate, it also takes NTLM inside Negotiate (SPNEGO), offering both as
+    IIS does by default; it has no Kerberos keys, so Kerberos is refused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, negotiate: bool = False) -> None:
         if not os.environ.get("NTLM_USER_FILE"):
             raise ValueError("NTLM_USER_FILE must name the NTLM accounts file")
         super().__init__()
+        self._schemes = ("Negotiate", "NTLM") if negotiate else ("NTLM",)
 
     def session(self, channel_binding: bytes | None) -> Session:
-        return _NtlmSession(channel_binding, self.ledger)
+        session = _NtlmSession(channel_binding, self.ledger)
+        session.schemes = self._schemes
+        return session
 
 
 class _NtlmSession(_HandshakeSession):
-    scheme = "NTLM"
-
     def __init__(self, channel_binding: bytes | None, ledger: Ledger) -> None:
         super().__init__(channel_binding, ledger)
         self._context: Any = None
 
-    def step(self, token: bytes) -> Admission:
+    def step(self, scheme: str, token: bytes) -> Admission:
         if self._context is None or self._context.complete:
             bindings = None
             if self.channel_binding is not None:
                 bindings = GssChannelBindings(application_data=self.channel_binding)
-            self._context = spnego.server(protocol="ntlm", channel_bindings=bindings)
+            protocol = "negotiate" if scheme == "Negotiate" else "ntlm"
+            # pyspnego's own SPNEGO, which carries its NTLM; GSSAPI's would want Kerberos.
+            options = spnego.NegotiateOptions.none
+            if protocol == "negotiate":
+                options = spnego.NegotiateOptions.use_negotiate
+            self._context = spnego.server(
+                protocol=protocol, channel_bindings=bindings, options=options
+            )
         try:
-            if self.channel_binding is not None and _is_authenticate(token):
-                _require_binding(token)
+            if self.channel_binding is not None:
+                _require_binding(_ntlm_message(token))
             reply = self._context.step(token)
         except Exception as exc:  # pyspnego's errors, and unreadable messages
             self._context = None
-            return unauthorized(self.scheme, reason=type(exc).__name__)
+            return unauthorized(*self.schemes, reason=type(exc).__name__)
+        encoded = base64.b64encode(reply or b"").decode()
         if not self._context.complete:
-            return unauthorized(f"NTLM {base64.b64encode(reply or b'').decode()}")
+            return unauthorized(f"{scheme} {encoded}")
         self.authenticated(str(self._context.client_principal))
-        return ()
+        # SPNEGO ends with the acceptor's mechListMIC, which the client checks.
+        return (("WWW-Authenticate", f"{scheme} {encoded}"),) if reply else ()
+
+
+def _ntlm_message(token: bytes) -> bytes:
+    """Return the NTLM message in a token, unwrapping SPNEGO (pyspnego's reading of it)."""
+    if token.startswith(b"NTLMSSP\x00"):
+        return token
+    unwrapped = unpack_token(token)
+    inner = getattr(unwrapped, "response_token", None) or getattr(unwrapped, "mech_token", None)
+    return inner or b""
 
 
 def _is_authenticate(token: bytes) -> bool:
@@ -248,10 +272,14 @@ def _is_authenticate(token: bytes) -> bool:
 def _require_binding(token: bytes) -> None:
     """Refuse an NTLM Authenticate message whose channel binding is absent or empty.
 
+    Other NTLM messages (negotiate) pass: they carry no binding.
+
     pyspnego's acceptor takes an all-zero binding as "none given"; IIS with
     Extended Protection set to Require does not. The message is read with
     pyspnego's own MS-NLMP structures (private to it; only the simulator uses them).
     """
+    if not _is_authenticate(token):
+        return
     response = Authenticate.unpack(token).nt_challenge_response or b""
     if len(response) <= 24:
         raise ValueError("an NTLMv1 response carries no channel binding")
@@ -275,13 +303,13 @@ class KerberosAcceptor(_ConnectionAcceptor):
 
 
 class _KerberosSession(_HandshakeSession):
-    scheme = "Negotiate"
+    schemes = ("Negotiate",)
 
     def __init__(self, channel_binding: bytes | None, keytab: str, ledger: Ledger) -> None:
         super().__init__(channel_binding, ledger)
         self._keytab = keytab
 
-    def step(self, token: bytes) -> Admission:
+    def step(self, scheme: str, token: bytes) -> Admission:
         import gssapi  # noqa: PLC0415 - optional: the kerberos extra
 
         bindings = None
@@ -297,12 +325,12 @@ class _KerberosSession(_HandshakeSession):
             complete = context.complete
             bound = complete and gssapi.RequirementFlag.channel_bound in context.actual_flags
         except gssapi.raw.misc.GSSError as exc:
-            return unauthorized(self.scheme, reason=type(exc).__name__)
+            return unauthorized(*self.schemes, reason=type(exc).__name__)
         if not complete:
             return unauthorized(f"Negotiate {base64.b64encode(reply or b'').decode()}")
         # A client that sent no binding still completes in MIT's library: Require refuses it.
         if bindings is not None and not bound:
-            return unauthorized(self.scheme, reason="no channel binding")
+            return unauthorized(*self.schemes, reason="no channel binding")
         self.authenticated(str(context.initiator_name))
         if not reply:
             return ()
