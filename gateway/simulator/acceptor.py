@@ -336,3 +336,24 @@ class _KerberosSession(_HandshakeSession):
             return ()
         # Mutual authentication: the client checks the server's answer token.
         return (("WWW-Authenticate", f"Negotiate {base64.b64encode(reply).decode()}"),)
+
+
+# The modes `ews-gateway simulator --auth` offers (bearer tokens are issued in tests).
+AUTH_MODES = ("none", "basic", "ntlm", "negotiate-ntlm", "kerberos")
+
+
+def acceptor_for(mode: str, *, accounts: str | None, keytab: str | None) -> Acceptor | None:
+    """Build the acceptor for a command-line mode; ValueError says what is missing."""
+    if mode == "basic":
+        if accounts is None:
+            raise ValueError("--auth basic needs --accounts FILE (user:password lines)")
+        with open(accounts, encoding="utf-8") as lines:
+            pairs = [line.rstrip("\r\n").partition(":") for line in lines if line.strip()]
+        return BasicAcceptor({user: password for user, _, password in pairs})
+    if mode in ("ntlm", "negotiate-ntlm"):
+        return NtlmAcceptor(negotiate=mode == "negotiate-ntlm")
+    if mode == "kerberos":
+        if keytab is None:
+            raise ValueError("--auth kerberos needs --keytab FILE (the HTTP/host keys)")
+        return KerberosAcceptor(keytab)
+    return None

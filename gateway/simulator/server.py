@@ -206,6 +206,8 @@ def serve_forever(
     *,
     mailbox_servers: int = 1,
     idle: IdlePolicy | None = None,
+    acceptor: Acceptor | None = None,
+    tls: TlsIdentity | None = None,
 ) -> None:
     """Serve the simulator in the foreground until Ctrl-C or SIGTERM, after a loud banner."""
     host, port = parse_bind(bind)
@@ -217,6 +219,8 @@ def serve_forever(
         schema_dir=schema_dir,
         mailbox_servers=mailbox_servers,
         idle=idle,
+        acceptor=acceptor,
+        tls=tls,
     )
     print(server.banner(), file=sys.stderr, flush=True)
     restore_sigterm = _stop_on_sigterm()
