@@ -2,11 +2,13 @@
 
 `basic` and `bearer` add an Authorization header to each request. `ntlm`,
 `kerberos` and `negotiate` authenticate a connection, as IIS does: the
-transport lends a new connection to a Handshake, which runs pyspnego's
-context over it with the request itself, and the connection then carries
-further requests unauthenticated, as long as it stays in the pool. Over https
-each handshake carries the TLS channel binding (RFC 5929
-`tls-server-end-point`), so Exchange's Extended Protection accepts it.
+transport (gateway.transport's Authenticator seam) hands each new connection
+to SecurityContextAuth, which runs a pyspnego context over it with the
+request itself; the connection then carries further requests
+unauthenticated, as long as it stays in the pool. Over https each handshake
+carries the TLS channel binding (RFC 5929 `tls-server-end-point`), so
+Exchange's Extended Protection accepts it. Kerberos tickets come from
+gateway.tickets.
 
 A leg answered 401 was not acted on, so the request may go out again; the
 answer the handshake ends with is the one Exchange acted on, and it is never
@@ -33,6 +35,7 @@ from spnego.channel_bindings import GssChannelBindings
 from gateway.config import BEARER_TOKEN, Config
 from gateway.errors import UpstreamAuthFailed
 from gateway.http1 import Answer
+from gateway.tickets import TicketCache
 from gateway.transport import Authenticator, Connection
 
 LOG = logging.getLogger(__name__)
@@ -122,55 +125,6 @@ class Credentials:
     keytab: str | None = None
 
 
-class TicketCache:
-    """The gateway's Kerberos ticket-granting ticket, got once and shared by all connections.
-
-    Asked of the KDC with the password or keytab when first needed, kept in a
-    MEMORY cache of this process (where GSSAPI also keeps the service tickets
-    it gets), and asked again RENEW_BEFORE_S before it expires. Without it
-    every new connection would cost a round trip to the KDC and, with a
-    password, a key derivation.
-    """
-
-    RENEW_BEFORE_S = 300
-
-    def __init__(self, credentials: Credentials) -> None:
-        self._credentials = credentials
-        self._lock = threading.Lock()
-        self._cache: Any = None
-        self._name = ""
-        self._expires_at = 0.0
-
-    def credential(self) -> spnego.KerberosCCache:
-        """Return the cache holding a valid ticket-granting ticket, asking the KDC if needed."""
-        with self._lock:
-            if time.time() > self._expires_at - self.RENEW_BEFORE_S:
-                self._get_ticket()
-            return spnego.KerberosCCache(ccache=self._name)
-
-    def _get_ticket(self) -> None:
-        import krb5  # noqa: PLC0415 - optional: the kerberos extra
-
-        credentials = self._credentials
-        context = krb5.init_context()
-        principal = krb5.parse_name_flags(context, (credentials.username or "").encode())
-        options = krb5.get_init_creds_opt_alloc(context)
-        krb5.get_init_creds_opt_set_canonicalize(options, True)
-        if credentials.keytab is not None:
-            keytab = krb5.kt_resolve(context, credentials.keytab.encode())
-            ticket = krb5.get_init_creds_keytab(context, principal, options, keytab=keytab)
-        else:
-            password = (credentials.password or "").encode()
-            ticket = krb5.get_init_creds_password(context, principal, options, password=password)
-        cache = krb5.cc_new_unique(context, b"MEMORY")
-        krb5.cc_initialize(context, cache, ticket.client)
-        krb5.cc_store_cred(context, cache, ticket)
-        # The handle keeps the cache alive; connections being set up may still read the old one.
-        self._cache = cache
-        self._name = "MEMORY:" + (cache.name or b"").decode()
-        self._expires_at = float(ticket.times.endtime)
-
-
 @dataclass
 class _Handshake:
     """A connection's security context: the token to send next, and whether it is done."""
@@ -178,6 +132,7 @@ class _Handshake:
     context: spnego.ContextProxy
     pending: bytes | None
     done: bool = False
+    # Whether this request already authenticated the connection again after a 401.
     restarted: bool = False
 
 
@@ -204,6 +159,7 @@ class SecurityContextAuth:
     def authorization(self, connection: Connection) -> str | None:
         state: _Handshake = connection.auth_state
         if state.done:
+            state.restarted = False  # a new request may authenticate a forgotten connection once
             return None
         if state.pending is None:
             # A handshake that ended in a 401 left the connection unauthenticated.

@@ -21,6 +21,7 @@ from gateway import upstream_auth
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
 from gateway.simulator.server import TlsIdentity
+from gateway.tickets import TicketCache
 from tests.test_transport import Certificate, self_signed_certificate
 from tests.test_upstream_auth import Gateway, https_url, placed_calls
 
@@ -152,6 +153,25 @@ def test_new_connections_share_one_ticket_granting_ticket(
     assert [answer.status_code for answer in answers] == [201, 201, 201]
     assert acceptor.users == [ACCOUNT] * 3
     assert realm.tickets_issued_to(ACCOUNT) - tickets_before == {"AS_REQ": 1, "TGS_REQ": 1}
+
+
+def test_a_ticket_near_its_end_is_asked_for_again(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    realm: Realm,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator, _acceptor = exchange
+    # Every ticket the KDC issues (10 h here) is "near its end" for this test.
+    monkeypatch.setattr(TicketCache, "RENEW_BEFORE_S", 10 * 24 * 3600)
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+    tickets_before = realm.tickets_issued_to(ACCOUNT)
+    gateway.close()
+
+    answers = [gateway.place_call() for _ in range(2)]
+
+    assert [answer.status_code for answer in answers] == [201, 201]
+    assert (realm.tickets_issued_to(ACCOUNT) - tickets_before)["AS_REQ"] == 2
 
 
 def test_negotiate_with_a_keytab_authenticates_with_kerberos(
