@@ -15,12 +15,15 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway import connector
 from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.ews import EwsClient
+from gateway.resilience import BreakerState, CircuitBreaker, UpstreamPolicy
 from gateway.transport import MAX_REPLY_BYTES, ExchangeTransport
 from tests.test_transport import (
     ANSWER,
@@ -450,3 +453,35 @@ def test_an_exchange_offering_only_an_old_protocol_version_is_logged_as_such(
         server.server_close()
     # The server answers the gateway's TLS 1.2+ hello with a protocol_version alert.
     assert reason == "tlsv1 alert protocol version"
+
+
+@pytest.mark.network
+def test_a_stale_pooled_connection_never_counts_toward_the_circuit_breaker(
+    raw_servers: RawServers, transports: Transports
+) -> None:
+    """Exchange closing an idle connection as it is reused is not Exchange failing."""
+    success = (Path(__file__).parent / "fixtures" / "disconnect_success.xml").read_bytes()
+    requests: list[bytes] = []
+
+    def close_the_first_connection_when_reused(connection: socket.socket) -> None:
+        requests.append(read_request(connection))
+        connection.sendall(http_answer(success))
+        if len(server.connections) == 1:
+            requests.append(read_request(connection))
+            connection.close()
+        else:
+            requests.append(read_request(connection))
+            connection.sendall(http_answer(success))
+
+    server = raw_servers(close_the_first_connection_when_reused)
+    changes: list[BreakerState] = []
+    breaker = CircuitBreaker(1, 30, on_change=changes.append)  # one counted failure opens it
+    client = EwsClient(
+        transports(server.url),
+        server_version="Exchange2013",
+        policy=UpstreamPolicy(timeout_s=5, breaker=breaker),
+    )
+    for call_id in ("call-1", "call-2", "call-3"):
+        assert client.disconnect_call(call_id, request_id="req").ews_code == "NoError"
+    assert changes == []
+    assert len(server.connections) == 2
