@@ -64,6 +64,8 @@ class Config:
     threads: int | None = None
     log_level: str = "info"
     metrics_dir: str | None = None
+    # None: serving's default (about 250,000, with jitter); 0: never recycle.
+    max_requests: int | None = None
     max_in_flight: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
@@ -113,6 +115,7 @@ class Config:
             threads=env.count("GATEWAY_THREADS"),
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
+            max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
             max_in_flight=env.count("EWS_MAX_IN_FLIGHT"),
             breaker_failures=env.count("EWS_BREAKER_FAILURES") or 5,
             breaker_cooldown_s=env.number(
@@ -246,6 +249,14 @@ class _Env:
             return None
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 256:
             raise ConfigError(f"{name} must be a whole number from 1 to 256, got {raw!r}")
+        return int(raw)
+
+    def whole(self, name: str, *, high: int) -> int | None:
+        raw = self.text(name)
+        if not raw:
+            return None
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
+            raise ConfigError(f"{name} must be a whole number from 0 to {high:,}, got {raw!r}")
         return int(raw)
 
     def flag(self, name: str, *, default: bool) -> bool:
