@@ -181,9 +181,10 @@ class EwsClient:
             "client-request-id": client_request_id,
             "return-client-request-id": "true",
         }
-        # Exchange 2013+ front ends route by it to the mailbox's own server.
+        # Exchange 2013+ front ends route by it to the mailbox's own server. An address an
+        # HTTP header cannot carry as ASCII goes without: routed by the account instead.
         anchor = mailbox or self._anchor_mailbox
-        if anchor:
+        if anchor and anchor.isascii():
             headers["X-AnchorMailbox"] = anchor
         return headers
 

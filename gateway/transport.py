@@ -58,9 +58,9 @@ USER_AGENT = f"ews-call-gateway/{__version__}"
 # Exchange's diagnostic fields, logged with the request (Microsoft's EWS client guidance).
 DIAGNOSTIC_FIELDS = ("request-id", "x-feserver", "x-beserver", "x-calculatedbetarget", "x-diaginfo")
 
-# How writing to a reused connection fails when Exchange closed it as idle just
-# before the request went out.
-_STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError)
+# How a reused connection fails when Exchange (or a balancer) closed it as idle just
+# as the request went out: on TLS, a close without close_notify is an EOF error.
+_STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Connection:
             arm_timeout(self.sock, _time_left(deadline))
             try:
                 data: bytes = self.sock.recv(READ_CHUNK_BYTES)
-            except ConnectionResetError as error:
+            except _STALE_CONNECTION_ERRORS as error:
                 if not received:
                     raise _Stale(sent=True) from error
                 raise

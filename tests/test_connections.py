@@ -578,3 +578,36 @@ def test_an_idna_2008_host_is_resolved_and_named_as_its_a_labels(
     transports(url, resolver=resolve).post(ENVELOPE, REQUEST_HEADERS)
     assert asked == ["xn--strae-oqa.example"]  # IDNA 2003 would ask for strasse.example
     assert exchange.received[0].headers["Host"] == f"xn--strae-oqa.example:{exchange.server_port}"
+
+
+@pytest.mark.network
+def test_an_idempotent_call_on_a_reused_tls_connection_closed_unanswered_is_sent_again(
+    exchange_certificate: Certificate, raw_servers: RawServers, transports: Transports
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(exchange_certificate.cert_path, exchange_certificate.key_path)
+    requests: list[bytes] = []
+    wrapped: list[ssl.SSLSocket] = []  # they own the accepted sockets now
+
+    def serve_tls(connection: socket.socket) -> None:
+        tls = context.wrap_socket(connection, server_side=True)
+        wrapped.append(tls)
+        requests.append(read_request(tls))
+        tls.sendall(http_answer())
+        if len(server.connections) == 1:
+            requests.append(read_request(tls))
+            # No close_notify (Python sends one only on unwrap): the TCP connection just
+            # ends, as a balancer's idle close does.
+            tls.close()
+
+    server = raw_servers(serve_tls)
+    url = server.url.replace("http://", "https://")
+    transport = transports(url, ca_bundle=str(exchange_certificate.cert_path))
+    try:
+        transport.post(ENVELOPE, REQUEST_HEADERS, idempotent=True)
+        assert transport.post(ENVELOPE, REQUEST_HEADERS, idempotent=True).body == ANSWER
+        assert (len(requests), len(server.connections)) == (3, 2)
+    finally:
+        transport.close()
+        for tls in wrapped:
+            tls.close()
