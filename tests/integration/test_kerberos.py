@@ -26,6 +26,9 @@ from tests.test_transport import Certificate, self_signed_certificate
 from tests.test_upstream_auth import Gateway, https_url, placed_calls
 
 k5test = pytest.importorskip("k5test", reason="k5test (the dev extra) is not installed")
+pytest.importorskip(
+    "gssapi", reason="GSSAPI is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
+)
 
 if shutil.which("krb5kdc") is None and not Path("/usr/sbin/krb5kdc").exists():
     pytest.skip("krb5kdc (Debian krb5-kdc) is not installed", allow_module_level=True)
