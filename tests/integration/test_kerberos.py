@@ -193,6 +193,21 @@ def test_negotiate_with_a_keytab_authenticates_with_kerberos(
     assert acceptor.users == [KEYTAB_ACCOUNT]
 
 
+def test_without_password_or_keytab_mit_fills_the_ticket_cache_from_the_client_keytab(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    realm: Realm,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator, acceptor = exchange
+    # MIT's own way: an empty ticket cache, filled from KRB5_CLIENT_KTNAME when needed.
+    monkeypatch.setenv("KRB5_CLIENT_KTNAME", realm.client_keytab)
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=KEYTAB_ACCOUNT)
+
+    assert gateway.place_call().status_code == 201
+    assert acceptor.users == [KEYTAB_ACCOUNT]
+
+
 def test_a_configured_spn_names_the_service_ticket(
     exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate
 ) -> None:
