@@ -38,6 +38,10 @@ class TicketCache:
     """
 
     RENEW_BEFORE_S = 300
+    # How long a refusal from the KDC is the answer before it is asked again: under most
+    # Active Directory lockout policies a wrong password sent with every call would lock
+    # the gateway's account within minutes.
+    HOLD_REFUSAL_S = 30.0
 
     def __init__(self, credentials: Identity) -> None:
         self._credentials = credentials
@@ -45,12 +49,26 @@ class TicketCache:
         self._cache: Any = None
         self._name = ""
         self._expires_at = 0.0
+        self._refusal: Exception | None = None
+        self._refused_until = 0.0
 
     def credential(self) -> spnego.KerberosCCache:
-        """Return the cache holding a valid ticket-granting ticket, asking the KDC if needed."""
+        """Return the cache holding a valid ticket-granting ticket, asking the KDC if needed.
+
+        Raises what krb5 raised when the KDC refused (or could not be reached), for
+        HOLD_REFUSAL_S after it did.
+        """
         with self._lock:
+            now = time.monotonic()
+            if self._refusal is not None and now < self._refused_until:
+                raise self._refusal
             if time.time() > self._expires_at - self.RENEW_BEFORE_S:
-                self._get_ticket()
+                try:
+                    self._get_ticket()
+                except Exception as exc:  # krb5's errors
+                    self._refusal, self._refused_until = exc, now + self.HOLD_REFUSAL_S
+                    raise
+            self._refusal = None
             return spnego.KerberosCCache(ccache=self._name)
 
     def _get_ticket(self) -> None:

@@ -70,6 +70,12 @@ class Realm:
                 issued["AS_REQ" if "AS_REQ" in line else "TGS_REQ"] += 1
         return issued
 
+    def ticket_requests_of(self, principal: str) -> int:
+        """Count the KDC's log lines of AS requests for principal, answered or refused."""
+        log = Path(self.k5.tmpdir, "kdc.log").read_text(encoding="utf-8", errors="replace")
+        asked = f"{principal} for krbtgt/"
+        return sum(1 for line in log.splitlines() if "AS_REQ" in line and asked in line)
+
     def stop(self) -> None:
         self.k5.stop()
         shutil.rmtree(self.k5.tmpdir, ignore_errors=True)
@@ -287,3 +293,19 @@ def test_a_kept_connection_exchange_forgot_gets_a_new_handshake(
     assert gateway.place_call().status_code == 201
     assert acceptor.users == [ACCOUNT, ACCOUNT]
     assert placed_calls(simulator) == 2
+
+
+def test_a_refused_password_is_not_sent_to_the_kdc_again_for_a_while(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate, realm: Realm
+) -> None:
+    simulator, _acceptor = exchange
+    gateway = kerberos_gateway(
+        simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD="another-wrong-password"
+    )
+    requests_before = realm.ticket_requests_of(ACCOUNT)
+
+    answers = [gateway.place_call() for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [502, 502, 502]
+    # One try at the KDC: the next calls get its refusal, and the account is not locked out.
+    assert realm.ticket_requests_of(ACCOUNT) - requests_before == 1
