@@ -143,7 +143,12 @@ class SecurityContextAuth:
     Once a handshake ends, the connection carries requests without Authorization.
     """
 
+    # How long credentials Exchange refused are not sent again: each refused NTLM or
+    # Kerberos logon counts toward the account's lockout at the domain controller.
+    HOLD_REFUSAL_S = 30.0
+
     def __init__(self, mode: str, credentials: Credentials, host: str, service: str) -> None:
+        self._refused_until = 0.0
         self._scheme, self._protocol = SCHEMES[mode]
         self._credentials = credentials
         self._host = host
@@ -180,6 +185,7 @@ class SecurityContextAuth:
         if offered is None:
             # Credentials refused, or an NTLM negotiate answered without a challenge:
             # the 401 is Exchange's answer, mapped like any other.
+            self._refused_until = time.monotonic() + self.HOLD_REFUSAL_S
             return None
         state.pending = _step(state.context, offered)
         return self._send(state)
@@ -223,6 +229,11 @@ class SecurityContextAuth:
 
     def _start(self, connection: Connection) -> _Handshake:
         """Start a security context bound to this connection's TLS certificate."""
+        if time.monotonic() < self._refused_until:
+            raise _failed(
+                f"Exchange refused the gateway's credentials less than {self.HOLD_REFUSAL_S:g} s "
+                "ago; they are not sent again before then"
+            )
         bindings = None
         if connection.peer_certificate is not None:
             end_point = certificate_hash(connection.peer_certificate)

@@ -186,18 +186,20 @@ def test_a_kept_connection_exchange_forgot_is_authenticated_again_and_the_call_p
 
 
 @pytest.mark.usefixtures("ntlm_accounts")
-def test_ntlm_with_a_wrong_password_is_upstream_authentication_failed(
+def test_ntlm_with_a_wrong_password_is_upstream_authentication_failed_and_not_repeated(
     simulators: Simulators, certificate: Certificate
 ) -> None:
     acceptor = NtlmAcceptor()
     simulator = simulators(acceptor, certificate)
     gateway = ntlm_gateway(simulator, certificate, EWS_PASSWORD="wrong")
 
-    answer = gateway.place_call()
+    answers = [gateway.place_call() for _ in range(3)]
 
-    assert answer.status_code == 502
-    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert [answer.status_code for answer in answers] == [502, 502, 502]
+    assert all(a.json["type"].endswith("upstream-authentication-failed") for a in answers)
     assert (acceptor.users, placed_calls(simulator)) == ([], 0)
+    # Refused once; the next calls are not another failed logon toward the lockout.
+    assert acceptor.ledger.refused == 1
 
 
 # Failure 2: Exchange answers the NTLM negotiate message without a challenge.

@@ -149,6 +149,8 @@ class Ledger:
     """What an acceptor remembers across connections: who authenticated, and when it forgot."""
 
     users: list[str] = field(default_factory=list)
+    # Handshakes refused (wrong password, wrong binding, unreadable token).
+    refused: int = 0
     # Raised by forget_connections(): sessions authenticated before it must authenticate again.
     generation: int = 0
 
@@ -247,6 +249,7 @@ class _NtlmSession(_HandshakeSession):
             reply = self._context.step(token)
         except Exception as exc:  # pyspnego's errors, and unreadable messages
             self._context = None
+            self._ledger.refused += 1
             return unauthorized(*self.schemes, reason=type(exc).__name__)
         encoded = base64.b64encode(reply or b"").decode()
         if not self._context.complete:
@@ -325,11 +328,13 @@ class _KerberosSession(_HandshakeSession):
             complete = context.complete
             bound = complete and gssapi.RequirementFlag.channel_bound in context.actual_flags
         except gssapi.raw.misc.GSSError as exc:
+            self._ledger.refused += 1
             return unauthorized(*self.schemes, reason=type(exc).__name__)
         if not complete:
             return unauthorized(f"Negotiate {base64.b64encode(reply or b'').decode()}")
         # A client that sent no binding still completes in MIT's library: Require refuses it.
         if bindings is not None and not bound:
+            self._ledger.refused += 1
             return unauthorized(*self.schemes, reason="no channel binding")
         self.authenticated(str(context.initiator_name))
         if not reply:
