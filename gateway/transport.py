@@ -38,7 +38,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from gateway import __version__, connector, http1
@@ -377,8 +377,7 @@ class ExchangeTransport:
             ) from None
 
 
-@dataclass(frozen=True, slots=True)
-class _Request:
+class _Request(NamedTuple):
     """One request: its bytes (without an authenticator's Authorization), and their parts."""
 
     formatted: bytes

@@ -81,9 +81,13 @@ class WitnessedExchange(FakeExchange):
         request_id: str | None,
         authorization: str | None = None,
         received_at: float | None = None,
+        *,
+        anchor_mailbox: str | None = None,
     ) -> Outcome:
         self._book.forget_pick()
-        outcome = super().answer(body, soap_action, request_id, authorization, received_at)
+        outcome = super().answer(
+            body, soap_action, request_id, authorization, received_at, anchor_mailbox=anchor_mailbox
+        )
         line = f"{request_id}\t{_label(self._book.last_pick())}\t{time.time():.6f}\n"
         with self._lock:
             self._witness.write(line)
