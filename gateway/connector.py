@@ -2,11 +2,13 @@
 
 Everything here runs inside the caller's one deadline. The resolver runs in
 a daemon thread and is waited for only as long as the deadline allows, since
-getaddrinfo itself cannot be interrupted. Addresses are tried as RFC 8305
-(Happy Eyeballs v2) says: families interleaved, the next attempt started
-250 ms after the last one if none has connected yet (or at once when one
-fails), the first to connect wins and the rest are closed. So an address that
-drops SYNs costs the next one 250 ms, not the whole deadline.
+getaddrinfo itself cannot be interrupted; calls waiting for the same name share
+one such thread, so a resolver that hangs holds one thread, not one per call.
+Addresses are tried as RFC 8305 (Happy Eyeballs v2) says: families
+interleaved, the next attempt started 250 ms after the last one if none has
+connected yet (or at once when one fails), the first to connect wins and the
+rest are closed. So an address that drops SYNs costs the next one 250 ms, not
+the whole deadline.
 """
 
 from __future__ import annotations
@@ -49,25 +51,55 @@ def resolve(
     literal = _literal(host, port)
     if literal is not None:
         return [literal]
-    outcome: list[list[Address] | BaseException] = []
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            outcome.append(resolver(host, port))
-        except BaseException as error:  # handed to the waiting thread
-            outcome.append(error)
-        done.set()
-
-    threading.Thread(target=run, name="ews-resolver", daemon=True).start()
-    if not done.wait(max(0.0, deadline - time.monotonic())):
+    lookup = _lookup(host, port, resolver)
+    if not lookup.done.wait(max(0.0, deadline - time.monotonic())):
         raise TimeoutError("name resolution did not finish in time")
-    result = outcome[0]
+    result = lookup.outcome
     if isinstance(result, BaseException):
         raise result
     if not result:
         raise socket.gaierror(socket.EAI_NONAME, "no addresses")
     return interleave_families(result)
+
+
+class _Lookup:
+    """One name resolution under way, shared by every call waiting for the same name."""
+
+    __slots__ = ("done", "outcome")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outcome: list[Address] | BaseException = []
+
+
+# Resolutions under way, by (resolver, host, port). getaddrinfo cannot be interrupted,
+# so a thread asking a resolver that hangs outlives the calls that gave up on it: without
+# sharing, every call to a name whose resolver hangs would leave one more thread behind.
+_LOOKUPS: dict[tuple[Resolver, str, int], _Lookup] = {}
+_LOOKUPS_LOCK = threading.Lock()
+
+
+def _lookup(host: str, port: int, resolver: Resolver) -> _Lookup:
+    """Return the resolution of host under way, starting one (in a daemon thread) if none is."""
+    key = (resolver, host, port)
+    with _LOOKUPS_LOCK:
+        lookup = _LOOKUPS.get(key)
+        if lookup is not None:
+            return lookup
+        lookup = _LOOKUPS[key] = _Lookup()
+
+    def run() -> None:
+        try:
+            lookup.outcome = resolver(host, port)
+        except BaseException as error:  # handed to the waiting threads
+            lookup.outcome = error
+        finally:
+            with _LOOKUPS_LOCK:
+                del _LOOKUPS[key]
+            lookup.done.set()
+
+    threading.Thread(target=run, name="ews-resolver", daemon=True).start()
+    return lookup
 
 
 def interleave_families(addresses: list[Address]) -> list[Address]:
