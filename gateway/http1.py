@@ -158,6 +158,8 @@ class _AnswerReader:
     _head_bytes = 0
     _quiet_bytes = 0
     _progressed = False
+    # Whether the last callback was on_body: the bytes fed after it are body, not a line.
+    _in_body = False
     _interim = 0
     _fields = 0
     _in_trailers = False
@@ -197,7 +199,7 @@ class _AnswerReader:
                 # llhttp's reasons are fixed phrases that never quote the answer.
                 raise _invalid(str(error).strip().rstrip(".") or "llhttp refused it") from None
             self._extra = True  # bytes after the answer: the stream cannot be trusted
-        self._check_progress(len(data))
+        self._check_progress(data)
 
     def finish_at_close(self) -> Answer:
         """Return the answer Exchange ended by closing the connection, if it was complete."""
@@ -227,11 +229,19 @@ class _AnswerReader:
             raise cause from None
         raise _invalid("llhttp refused it") from None
 
-    def _check_progress(self, size: int) -> None:
+    def _check_progress(self, data: bytes) -> None:
         """Refuse a chunk size line or trailer block that never ends."""
         if not self.head_complete or self.complete:
             return
-        self._quiet_bytes = 0 if self._progressed else self._quiet_bytes + size
+        if not self._progressed:
+            self._quiet_bytes += len(data)
+        elif self._in_body:
+            self._quiet_bytes = 0
+        else:
+            # Every callback but on_body ends at a line's LF: what follows the last LF is
+            # the line still open. Counted now, not once more bytes come: a peer that sent
+            # a line over the cap with the head and went quiet must not cost the deadline.
+            self._quiet_bytes = len(data) - data.rfind(b"\n") - 1
         limit = MAX_HEAD_BYTES if self._in_trailers else MAX_CHUNK_LINE_BYTES
         if self._quiet_bytes > limit:
             what = "trailer block" if self._in_trailers else "chunk size line"
@@ -260,6 +270,7 @@ class _AnswerReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields += 1
         self._progressed = True
+        self._in_body = False
         if self._fields > MAX_FIELDS:
             what = "trailer block" if self._in_trailers else "header block"
             raise _invalid(f"the {what} has more than {MAX_FIELDS} fields")
@@ -272,6 +283,7 @@ class _AnswerReader:
 
     def on_headers_complete(self) -> None:
         self._progressed = True
+        self._in_body = False
         status = self._parser.get_status_code()
         if status < 100:
             raise _invalid("the status line is malformed")
@@ -293,6 +305,7 @@ class _AnswerReader:
 
     def on_body(self, data: bytes) -> None:
         self._progressed = True
+        self._in_body = True
         self._body += data
         if len(self._body) > self._max_body_bytes:
             raise _too_large(self._max_body_bytes)
@@ -300,10 +313,12 @@ class _AnswerReader:
     def on_chunk_header(self) -> None:
         # A chunk with data calls on_body next; the last one is followed by the trailers.
         self._progressed = True
+        self._in_body = False
         self._in_trailers = True
 
     def on_chunk_complete(self) -> None:
         self._progressed = True
+        self._in_body = False
         self._in_trailers = False
         self._fields = 0
 

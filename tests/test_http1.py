@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import UpstreamBadResponse, UpstreamUnreachable
 from gateway.http1 import (
+    MAX_CHUNK_LINE_BYTES,
     MAX_FIELDS,
     MAX_HEAD_BYTES,
     MAX_INTERIM_ANSWERS,
@@ -511,6 +512,36 @@ def test_an_endless_head_line_or_trailer_is_refused_at_its_cap(first: bytes, lin
     with pytest.raises(UpstreamBadResponse):
         read_answer(receive, CAP)
     assert sent() <= MAX_HEAD_BYTES + 2 * len(line) * 16 + len(first)
+
+
+@pytest.mark.parametrize(
+    "pending",
+    [
+        b"2;" + b"x" * MAX_CHUNK_LINE_BYTES,  # a chunk size line
+        b"X-Trailer: " + b"x" * MAX_HEAD_BYTES,  # a trailer line
+    ],
+    ids=["chunk size line", "trailers"],
+)
+@pytest.mark.parametrize("before", [b"", b"4\r\nbody\r\n"], ids=["first chunk", "after a chunk"])
+def test_a_line_over_its_cap_is_refused_at_once_when_it_came_with_the_head(
+    pending: bytes, before: bytes
+) -> None:
+    # Sent in one write with the head, then nothing: the line is over its cap already,
+    # and waiting for its end would turn a bad answer into a timeout at the deadline.
+    head = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + before
+    if pending.startswith(b"X-Trailer"):
+        head += b"0\r\n"
+    with pytest.raises(UpstreamBadResponse, match="exceeded"):
+        read_answer(receiving(head + pending), CAP + MAX_HEAD_BYTES)
+
+
+def test_a_chunk_size_line_at_its_cap_coming_with_the_head_is_waited_for() -> None:
+    line = b"4;" + b"x" * (MAX_CHUNK_LINE_BYTES - 2)
+    data = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + line
+    with pytest.raises(ReadPastTheAnswer):
+        read_answer(receiving(data), CAP)
+    rest = b"\r\nbody\r\n0\r\n\r\n"
+    assert read_answer(receiving(data + rest, cuts=[len(data)]), CAP).body == b"body"
 
 
 def test_a_header_block_of_the_most_fields_allowed_is_accepted_and_one_more_refused() -> None:
