@@ -23,11 +23,14 @@ import time
 from collections.abc import Callable
 
 from gateway import http1
+from gateway.errors import UpstreamBadResponse
 
 # RFC 8305 section 5: the recommended Connection Attempt Delay.
 ATTEMPT_DELAY_S = 0.25
 # A proxy's answer to CONNECT is a status line and a few fields.
 MAX_CONNECT_ANSWER_BYTES = 8 * 1024
+# How every HTTP answer starts (RFC 9112 section 4).
+_HTTP_VERSION = b"HTTP/"
 # Keepalive probes on an idle or waiting connection: a peer that vanished
 # (a balancer or NAT dropping the flow) is found within about 25 s, not 2 hours.
 KEEPALIVE_IDLE_S = 10
@@ -170,7 +173,7 @@ def open_tunnel(
     """Ask a proxy to CONNECT to authority (host:port); return the proxy's status.
 
     Reads exactly the proxy's answer head, so nothing of what Exchange sends
-    through the tunnel is taken for it.
+    through the tunnel is taken for it. Raises ProxyNotHttp for an answer that is not HTTP.
     """
     fields = {"Host": authority}
     if proxy_authorization:
@@ -187,7 +190,17 @@ def open_tunnel(
         if not byte:
             raise ConnectionResetError(errno.ECONNRESET, "the proxy closed the connection")
         head += byte
-    return http1.read_connect_answer(bytes(head))
+        if len(head) <= len(_HTTP_VERSION) and not _HTTP_VERSION.startswith(head):
+            # A TLS or SOCKS port, or an HTML page: refused now, as its end may never come.
+            raise ProxyNotHttp
+    try:
+        return http1.read_connect_answer(bytes(head))
+    except UpstreamBadResponse:
+        raise ProxyNotHttp from None
+
+
+class ProxyNotHttp(Exception):
+    """The proxy's answer to CONNECT is not an HTTP answer (or not one within its cap)."""
 
 
 def _start_attempt(address: Address, failures: list[OSError]) -> socket.socket | None:

@@ -353,7 +353,15 @@ class ExchangeTransport:
     def _tunnel(self, sock: Any, proxy: Proxy, deadline: float) -> None:
         """Ask the proxy for a tunnel to Exchange; a refusal is a connection error."""
         name = f"[{self._host}]" if ":" in self._host else self._host
-        status = connector.open_tunnel(sock, f"{name}:{self._port}", proxy.authorization, deadline)
+        try:
+            status = connector.open_tunnel(
+                sock, f"{name}:{self._port}", proxy.authorization, deadline
+            )
+        except connector.ProxyNotHttp:
+            raise UpstreamUnreachable(
+                f"The proxy {proxy.address} did not answer CONNECT in HTTP; is it an HTTP proxy?",
+                outcome="connection_error",
+            ) from None
         if not 200 <= status < 300:
             # The proxy's address is safe to name; its credentials never are.
             raise UpstreamUnreachable(

@@ -6,17 +6,28 @@ misbehave, with the right value.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from gateway import connector
-from gateway.errors import UpstreamTimeout
-from tests.test_transport import ENVELOPE, EWS_PATH, REQUEST_HEADERS, Transports, transports
+from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.proxy import Proxy
+from tests.test_transport import (
+    ENVELOPE,
+    EWS_PATH,
+    REQUEST_HEADERS,
+    RawServers,
+    Transports,
+    raw_servers,
+    transports,
+)
 
-__all__ = ["transports"]  # fixtures, imported to be found by pytest
+__all__ = ["raw_servers", "transports"]  # fixtures, imported to be found by pytest
 
 
 def resolver_threads() -> int:
@@ -73,3 +84,41 @@ def test_a_name_is_resolved_afresh_once_the_lookup_under_way_has_ended(
         with pytest.raises(OSError):
             connector.resolve("exchange.example.test", 443, time.monotonic() + 1, nothing)
     assert asked == ["exchange.example.test"] * 3
+
+
+def answer_connect_with(reply: bytes) -> Callable[[socket.socket], None]:
+    """A proxy that reads the CONNECT head, sends reply and keeps the connection open."""
+
+    def on_connection(connection: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += connection.recv(4096)
+        connection.sendall(reply)
+
+    return on_connection
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"<html><body>Access denied by policy</body></html>\r\n\r\n",
+        b"<html><body>Access denied by policy</body></html>",  # no blank line, kept open
+        b"\x15\x03\x03\x00\x02\x02\x46",  # a TLS alert: HTTPS_PROXY named a TLS port
+        b"\x05\xff",  # a SOCKS5 server refusing
+    ],
+    ids=["html", "html-without-end", "tls-alert", "socks"],
+)
+def test_a_proxy_that_does_not_answer_connect_in_http_is_a_connection_error_naming_it(
+    raw_servers: RawServers, transports: Transports, reply: bytes
+) -> None:
+    proxy_server = raw_servers(answer_connect_with(reply))
+    port = int(proxy_server.url.split(":")[2].split("/")[0])
+    proxy = Proxy("127.0.0.1", port, "Basic dXNlcjpwcjB4eS1zM2NyM3Q=")
+    transport = transports(f"https://exchange.example.test{EWS_PATH}", proxy=proxy, timeout_s=2)
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert str(raised.value) == (
+        f"The proxy 127.0.0.1:{port} did not answer CONNECT in HTTP; is it an HTTP proxy?"
+    )
+    assert raised.value.outcome == "connection_error"
