@@ -425,7 +425,8 @@ def _decoded(body: bytes, coding: str | None) -> bytes:
     The inflated size is capped, not the compressed one: kilobytes can inflate to gigabytes.
     """
     kind = (coding or "").strip().lower()
-    if kind in ("", "identity"):
+    if kind in ("", "identity") or not body:
+        # No content, nothing to decode (RFC 9110 8.4 codes content): the status still counts.
         return body
     if kind not in ("gzip", "x-gzip", "deflate"):
         raise UpstreamBadResponse(

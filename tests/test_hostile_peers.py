@@ -24,6 +24,7 @@ from tests.test_transport import (
     RawServers,
     Transports,
     raw_servers,
+    read_request,
     transports,
 )
 
@@ -122,3 +123,30 @@ def test_a_proxy_that_does_not_answer_connect_in_http_is_a_connection_error_nami
         f"The proxy 127.0.0.1:{port} did not answer CONNECT in HTTP; is it an HTTP proxy?"
     )
     assert raised.value.outcome == "connection_error"
+
+
+def answer_with_empty_body(status: bytes, coding: bytes) -> Callable[[socket.socket], None]:
+    def on_connection(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(
+            b"HTTP/1.1 "
+            + status
+            + b"\r\nRetry-After: 9\r\nContent-Encoding: "
+            + coding
+            + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+
+    return on_connection
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("coding", [b"gzip", b"deflate"])
+@pytest.mark.parametrize("status", [b"503 Service Unavailable", b"401 Unauthorized"])
+def test_an_empty_answer_labelled_compressed_keeps_its_status(
+    raw_servers: RawServers, transports: Transports, status: bytes, coding: bytes
+) -> None:
+    # A server or balancer compressing by route labels empty answers too: there is nothing
+    # to decode, and the status (503 with Retry-After, 401) is the answer, not a 502.
+    server = raw_servers(answer_with_empty_body(status, coding))
+    reply = transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
+    assert (reply.status, reply.retry_after, reply.body) == (int(status[:3]), "9", b"")
