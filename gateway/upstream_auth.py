@@ -29,6 +29,7 @@ from typing import Any
 
 import spnego
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from spnego.channel_bindings import GssChannelBindings
 
@@ -236,7 +237,15 @@ class SecurityContextAuth:
             )
         bindings = None
         if connection.peer_certificate is not None:
-            end_point = certificate_hash(connection.peer_certificate)
+            try:
+                end_point = certificate_hash(connection.peer_certificate)
+            except (UnsupportedAlgorithm, ValueError):
+                # OpenSSL accepted a certificate the cryptography package cannot read or
+                # hash: RFC 5929 defines no binding for it, so Extended Protection cannot pass.
+                raise _failed(
+                    "Exchange's certificate is signed with an algorithm the gateway cannot "
+                    "hash for channel binding (RFC 5929)"
+                ) from None
             bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
         username, password = self._who()
         try:

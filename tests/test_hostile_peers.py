@@ -6,25 +6,34 @@ misbehave, with the right value.
 
 from __future__ import annotations
 
+import base64
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway import connector
-from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnreachable
 from gateway.proxy import Proxy
+from gateway.upstream_auth import Credentials, SecurityContextAuth
 from tests.test_transport import (
     ENVELOPE,
     EWS_PATH,
     REQUEST_HEADERS,
+    Certificate,
+    FakeExchange,
     RawServers,
     Transports,
     raw_servers,
     read_request,
+    self_signed_certificate,
     transports,
 )
 
@@ -150,3 +159,69 @@ def test_an_empty_answer_labelled_compressed_keeps_its_status(
     server = raw_servers(answer_with_empty_body(status, coding))
     reply = transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (reply.status, reply.retry_after, reply.body) == (int(status[:3]), "9", b"")
+
+
+ECDSA_WITH_SHA256 = bytes.fromhex("06082a8648ce3d040302")
+UNKNOWN_SIGNATURE = bytes.fromhex("06082a8648ce3d04037f")  # 1.2.840.10045.4.3.127
+
+
+@pytest.fixture
+def unknown_signature_certificate(tmp_path: Path) -> Certificate:
+    """A certificate signed with an algorithm the cryptography package does not know.
+
+    OpenSSL serves it (its signature is never checked with verification off); what
+    RFC 5929's tls-server-end-point hash is for it cannot be told.
+    """
+    certificate = self_signed_certificate(tmp_path, [x509.DNSName("localhost")])
+    der = x509.load_pem_x509_certificate(certificate.cert_path.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert der.count(ECDSA_WITH_SHA256) == 2  # in the signed part and beside the signature
+    patched = der.replace(ECDSA_WITH_SHA256, UNKNOWN_SIGNATURE)
+    pem = b"-----BEGIN CERTIFICATE-----\n%s-----END CERTIFICATE-----\n" % base64.encodebytes(
+        patched
+    )
+    certificate.cert_path.write_bytes(pem)
+    return certificate
+
+
+class LaxTlsExchange(FakeExchange):
+    """FakeExchange behind TLS that serves a certificate OpenSSL's security level refuses."""
+
+    def __init__(self, certificate: Certificate) -> None:
+        super().__init__()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # an unknown signature digest is "too weak"
+        context.load_cert_chain(certificate.cert_path, certificate.key_path)
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server_port}{EWS_PATH}"
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("mode", ["ntlm", "negotiate"])
+def test_a_certificate_whose_binding_cannot_be_computed_is_upstream_authentication_failed(
+    transports: Transports, unknown_signature_certificate: Certificate, mode: str
+) -> None:
+    # Was an UnsupportedAlgorithm out of the transport: a 500 with a traceback.
+    exchange = LaxTlsExchange(unknown_signature_certificate)
+    thread = threading.Thread(target=exchange.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    authenticator = SecurityContextAuth(mode, Credentials("CORP\\svc", "pw"), "localhost", "HTTP")
+    transport = transports(exchange.url, verify_tls=False, authenticator=authenticator)
+    try:
+        with pytest.raises(UpstreamAuthFailed) as raised:
+            transport.post(ENVELOPE, REQUEST_HEADERS)
+        assert str(raised.value) == (
+            "Upstream authentication failed: Exchange's certificate is signed with an algorithm "
+            "the gateway cannot hash for channel binding (RFC 5929)"
+        )
+        assert raised.value.outcome == "http_error"
+        assert exchange.received == []
+    finally:
+        transport.close()
+        exchange.shutdown()
+        exchange.server_close()
+        thread.join()
