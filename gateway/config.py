@@ -225,11 +225,10 @@ class _Env:
             port = -1
         if port is not None and not 1 <= port <= 65535:
             raise ConfigError(f"{name} has a port outside 1-65535")
-        if not parts.hostname.isascii():
-            try:
-                http1.ascii_host(parts.hostname)
-            except ValueError as error:
-                raise ConfigError(f"{name}: {error}") from None
+        try:
+            http1.ascii_host(parts.hostname)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
         return value
 
     def mailbox(self, name: str) -> str | None:

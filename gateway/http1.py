@@ -35,6 +35,8 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE_BYTES = 1024
 # Field lines in one header block or trailer block; Exchange sends about twenty.
 MAX_FIELDS = 100
+# Octets in one label of a DNS name (RFC 1035 section 2.3.4).
+MAX_DNS_LABEL = 63
 # Interim (1xx) answers skipped before the final one.
 MAX_INTERIM_ANSWERS = 8
 
@@ -82,8 +84,17 @@ def ascii_host(host: str) -> str:
     """Return a host name as IDNA 2008 A-labels (UTS 46 mapped), as DNS and TLS name it.
 
     Python's own "idna" codec is IDNA 2003, which maps "ß" to "ss": another domain.
-    Raises ValueError for a name IDNA 2008 does not allow.
+    An ASCII name is returned as it is, once its labels are checked (RFC 1035 2.3.4:
+    1-63 octets; one trailing dot allowed), since getaddrinfo refuses it otherwise.
+    Raises ValueError for a name IDNA 2008 or DNS does not allow.
     """
+    if host.isascii():
+        labels = [] if ":" in host else host.removesuffix(".").split(".")
+        if any(not 1 <= len(label) <= MAX_DNS_LABEL for label in labels):
+            raise ValueError(
+                f"the host name has an empty label or one longer than {MAX_DNS_LABEL} characters"
+            )
+        return host
     try:
         return idna.encode(host, uts46=True).decode("ascii")
     except idna.IDNAError as error:

@@ -11,7 +11,8 @@ itself and its subdomains (a leading dot is ignored); an IP address or a CIDR
 range matches addresses, given literally in EWS_URL. Names are compared
 without case and without a trailing dot. A proxy URL without a scheme is
 http://, and one without a port is port 1080, as for curl; credentials in it
-become Proxy-Authorization.
+become Proxy-Authorization. Its host is named by IDNA 2008 A-labels, and one
+DNS cannot carry (an empty label, one over 63 characters) is refused at start.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
+
+from gateway import http1
 
 # curl reads the lower-case name first.
 PROXY_VARIABLES = {
@@ -74,11 +77,16 @@ def parse_proxy_url(value: str, name: str) -> Proxy:
         raise ValueError(f"{name} must be an http:// proxy (CONNECT is used for https)")
     if not parts.hostname or port == 0:
         raise ValueError(f"{name} must name a proxy host and a port from 1 to 65535")
+    try:
+        # As DNS names it (IDNA 2008), not as the resolver's own IDNA 2003 codec would.
+        host = http1.ascii_host(parts.hostname)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
     authorization = None
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         authorization = "Basic " + base64.b64encode(pair).decode("ascii")
-    return Proxy(parts.hostname, port, authorization)
+    return Proxy(host, port, authorization)
 
 
 def bypasses_proxy(no_proxy: str, host: str) -> bool:

@@ -160,3 +160,35 @@ def test_no_proxy_matches_addresses_by_cidr_range(host: str, entry: str, bypasse
 def test_lower_case_no_proxy_wins_over_upper_case() -> None:
     environ = {"HTTPS_PROXY": "http://proxy:3128", "no_proxy": "", "NO_PROXY": "example.com"}
     assert from_env(**environ).ews_proxy is not None
+
+
+LONG_LABEL = "a" * 64
+
+
+@pytest.mark.parametrize("host", ["mail..example.com", f"{LONG_LABEL}.example.com", ".example.com"])
+def test_an_ews_url_host_dns_cannot_carry_is_refused_naming_the_variable(host: str) -> None:
+    # Was accepted, and every call then failed in the resolver as a 500 with a traceback.
+    message = rejects(EWS_URL=f"https://{host}/EWS/Exchange.asmx")
+    assert message == ("EWS_URL: the host name has an empty label or one longer than 63 characters")
+
+
+@pytest.mark.parametrize(
+    "host", ["mail.example.com.", f"{'a' * 63}.example.com", "10.0.0.1", "[2001:db8::1]"]
+)
+def test_an_ews_url_host_of_labels_from_1_to_63_characters_is_accepted(host: str) -> None:
+    assert from_env(EWS_URL=f"https://{host}/EWS").ews_url == f"https://{host}/EWS"
+
+
+@pytest.mark.parametrize("host", ["proxy..corp.example.com", f"{LONG_LABEL}.corp.example.com"])
+def test_a_proxy_host_dns_cannot_carry_is_refused_naming_the_variable(host: str) -> None:
+    message = rejects(HTTPS_PROXY=f"http://{host}:3128")
+    assert message == (
+        "HTTPS_PROXY: the host name has an empty label or one longer than 63 characters"
+    )
+
+
+def test_a_proxy_host_name_that_is_not_ascii_is_reached_by_its_idna_2008_a_labels() -> None:
+    # The resolver's own codec is IDNA 2003, which names another host for "ß".
+    proxy = from_env(HTTPS_PROXY="http://proxy.straße.example:3128").ews_proxy
+    assert proxy is not None
+    assert (proxy.host, proxy.port) == ("proxy.xn--strae-oqa.example", 3128)
