@@ -222,11 +222,7 @@ def finish_request(response: Response) -> Response:
     response.headers["X-Request-ID"] = state.request_id
     seconds = time.perf_counter() - state.started
     route = route_label(request.url_rule)
-    gateway = current_app.extensions["gateway"]
-    if gateway["state"].draining:
-        # gunicorn decided keep-alive before the app ran; a stopping worker must not invite reuse.
-        response.headers["Connection"] = "close"
-    metrics: Metrics = gateway["metrics"]
+    metrics: Metrics = current_app.extensions["gateway"]["metrics"]
     metrics.http_request(request.method, route, response.status_code, seconds)
     fields = {
         "requestId": state.request_id,
@@ -235,8 +231,7 @@ def finish_request(response: Response) -> Response:
         "status": response.status_code,
         "durationMs": round(seconds * 1000, 2),
     }
-    if state.ews_code or state.upstream_outcome:
-        fields.update(_upstream_fields(state))
+    fields.update(_upstream_fields(state))
     if state.error_detail is not None:
         fields["detail"] = state.error_detail
     ACCESS_LOG.log(state.log_level, "request", extra=fields)
@@ -246,13 +241,19 @@ def finish_request(response: Response) -> Response:
 def _upstream_fields(state: Any) -> dict[str, Any]:
     """Return what the log line says about the call to Exchange: its outcome, status and code.
 
-    Fields that identify Exchange's side of the call belong here too.
+    Each is None when Exchange was not called. Fields that identify Exchange's side of the
+    call belong here too.
     """
-    succeeded = state.upstream_outcome is None
-    return {
-        "upstreamOutcome": "success" if succeeded else state.upstream_outcome,
+    if state.upstream_outcome is None and state.ews_code:
         # A successful EWS result only ever comes in an HTTP 200 answer.
-        "upstreamStatus": 200 if succeeded else state.upstream_status,
+        return {
+            "upstreamOutcome": "success",
+            "upstreamStatus": 200,
+            "ewsResponseCode": state.ews_code,
+        }
+    return {
+        "upstreamOutcome": state.upstream_outcome,
+        "upstreamStatus": state.upstream_status,
         "ewsResponseCode": state.ews_code,
     }
 

@@ -21,11 +21,12 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway import metrics
+from gateway import frontdoor, metrics
 from gateway.api import ServiceState
 from gateway.app import create_app
 from gateway.callers import build_authenticator
 from gateway.config import Config
+from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 
 LOG = logging.getLogger("gateway")
@@ -49,6 +50,7 @@ MAX_REQUESTS_JITTER = 25_000
 # microseconds of an answer. The thread that answered waits this long for it,
 # which spares two hand-offs through the worker's main thread (about a tenth of
 # a request's CPU); then the connection goes back to the main thread's poller.
+# A pipelined request already read is served at once, without waiting.
 NEXT_REQUEST_WAIT_S = 0.002
 
 
@@ -75,6 +77,10 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "graceful_timeout": int(config.ews_timeout_s) + GRACEFUL_MARGIN_S,
         # Longer than the balancer's idle timeout, so the balancer closes idle connections first.
         "keepalive": KEEPALIVE_S,
+        # What one request head may hold (frontdoor: fits large bearer tokens, bounds memory).
+        "limit_request_line": frontdoor.LIMIT_REQUEST_LINE,
+        "limit_request_fields": frontdoor.LIMIT_REQUEST_FIELDS,
+        "limit_request_field_size": frontdoor.LIMIT_REQUEST_FIELD_SIZE,
         # Bound slow leaks; the jitter staggers the restarts.
         "max_requests": MAX_REQUESTS,
         "max_requests_jitter": MAX_REQUESTS_JITTER,
@@ -94,7 +100,13 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
 
 
 class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
-    """gthread worker that drains before it stops and serves busy connections in one thread.
+    """gthread worker that reads requests the gateway's way, drains before it stops and serves
+    busy connections in one thread.
+
+    Reading: each connection gets the gateway's parser (gateway.frontdoor), which bounds a
+    request's reading by one deadline, and a request refused before the app (limits, malformed
+    HTTP, too slow) is answered as the gateway answers everything: problem+json, X-Request-ID,
+    CORS, a metric and a log line.
 
     Draining: gunicorn's own gthread worker stops accepting at once but keeps its listening
     sockets open until its last request ends, so a client that connects meanwhile completes the
@@ -106,8 +118,11 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     Busy connections: gthread passes a kept-alive connection from the thread that answered to
     the main thread's poller and back to a thread for each request. This worker lets the thread
     that answered serve the next request itself when it arrives within NEXT_REQUEST_WAIT_S,
-    unless other connections are waiting for a thread or the worker is stopping.
+    unless other connections are waiting for a thread or the worker is stopping; a pipelined
+    request already read is served at once.
     """
+
+    wsgi: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,7 +130,32 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         self._waiting_for_thread = 0
         self._waiting_lock = threading.Lock()
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self._flask = self.wsgi
+        self.wsgi = self._closing_when_needed(self.wsgi)
+
+    def _closing_when_needed(self, app: Any) -> Callable[[Any, Any], Any]:
+        """Wrap APP so an answer says Connection: close when the connection cannot be reused.
+
+        gunicorn decides keep-alive before the app runs, and drops a Connection header the app
+        sets: a worker told to stop meanwhile, or a body that could not be read to its end,
+        must still say close (RFC 9112 section 9.6).
+        """
+
+        def serve(environ: Any, start_response: Any) -> Any:
+            body = app(environ, start_response)
+            if not self.alive or environ["wsgi.input"].failed:
+                start_response.__self__.force_close()
+            return body
+
+        return serve
+
     def enqueue_req(self, conn: Any) -> None:
+        if conn.parser is None:
+            conn.parser = frontdoor.GatewayRequestParser(
+                self.cfg, conn.sock, conn.client, read_timeout_s=self.app.config.read_timeout_s
+            )
         with self._waiting_lock:
             self._waiting_for_thread += 1
         super().enqueue_req(conn)
@@ -132,7 +172,26 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     def _next_request_is_here(self, conn: Any) -> bool:
         if not self.alive or self._waiting_for_thread:
             return False
+        if conn.parser.unreader.buf.getbuffer().nbytes:
+            return True  # pipelined: read along with the request just answered
         return _readable_within(conn.sock, NEXT_REQUEST_WAIT_S)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        frontdoor.refuse(
+            client,
+            exc,
+            req,
+            cors_origins=self.app.config.cors_origins,
+            metrics=self._flask.extensions["gateway"]["metrics"],
+        )
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        try:
+            return bool(super()._keepalive_after(conn, keepalive))
+        except GatewayError:
+            # Draining a body the app left unread failed (malformed, too slow) after the
+            # answer went out: close the connection, never write a second answer.
+            return False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # /readyz answers 503 from now on, also on connections that are already open.
@@ -162,13 +221,13 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
     """gunicorn application that builds the gateway in each worker."""
 
     def __init__(self, config: Config, *, scratch_dir: str | None = None) -> None:
-        self._config = config
+        self.config = config
         self._scratch_dir = scratch_dir
         self.state = ServiceState()
         super().__init__()
 
     def load_config(self) -> None:
-        for key, value in gunicorn_options(self._config).items():
+        for key, value in gunicorn_options(self.config).items():
             self.cfg.set(key, value)
         if "control_socket_disable" in self.cfg.settings:
             # One shared control socket path would collide between instances on a host.
@@ -178,7 +237,7 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set("on_exit", _remover(self._scratch_dir))
 
     def load(self) -> Any:
-        return create_app(self._config, state=self.state)
+        return create_app(self.config, state=self.state)
 
 
 def serve(config: Config) -> None:
