@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from gateway import frontdoor, metrics
 from gateway.api import ServiceState
 from gateway.app import create_app
 from gateway.callers import build_authenticator
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 
@@ -243,6 +244,8 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 def serve(config: Config) -> None:
     """Run the gateway under gunicorn until it is told to stop."""
     configure_logging(config.log_level)
+    # Fail here, with one line and nothing left behind, rather than after five retries.
+    ensure_can_listen(config.bind, "GATEWAY_BIND")
     # Fail here, with one line, rather than in every worker after the port is bound.
     build_authenticator(config)
     if config.gateway_auth == "none":
@@ -258,14 +261,40 @@ def serve(config: Config) -> None:
     metrics.share_across_processes(metrics_dir)
     # A directory serve made itself is removed at exit; a configured one is left for inspection.
     scratch_dir = metrics_dir if config.metrics_dir is None else None
-    GatewayServer(replace(config, metrics_dir=metrics_dir), scratch_dir=scratch_dir).run()
+    master = os.getpid()
+    try:
+        GatewayServer(replace(config, metrics_dir=metrics_dir), scratch_dir=scratch_dir).run()
+    finally:
+        # gunicorn runs on_exit only after a clean start; a start that failed (the port
+        # taken meanwhile) leaves here too. Workers, forked from this frame, leave it as well.
+        if scratch_dir is not None and os.getpid() == master:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def ensure_can_listen(bind: str, setting: str) -> None:
+    """Raise ConfigError naming SETTING unless BIND (HOST:PORT, checked) can be listened on now."""
+    host, _, port = bind.rpartition(":")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"{setting}: cannot resolve {host!r} ({error.strerror})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        # As gunicorn binds: a port in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"{setting}: cannot listen on {bind}: {error.strerror}") from None
 
 
 def _fresh_metrics_dir(configured: str | None) -> str:
     """Return an empty directory for multiprocess metrics, wiping any old samples."""
     if configured is None:
         parent = RAM_DISK if RAM_DISK.is_dir() else None
-        return tempfile.mkdtemp(prefix="ews-gateway-metrics-", dir=parent)
+        # The pid tells which process a directory belongs to (and which may be removed).
+        return tempfile.mkdtemp(prefix=f"ews-gateway-metrics-{os.getpid()}-", dir=parent)
     path = Path(configured)
     if path.exists():
         shutil.rmtree(path)
