@@ -122,19 +122,26 @@ class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
         size = self.mxchunk
         if size_hint and size_hint > size:
             size = min(size_hint, self.max_body_chunk)
+        # Checked before every read: a client trickling just fast enough that each read
+        # finds a byte waiting must not escape the deadline either.
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._too_slow()
         try:
             # What has arrived costs no more than gunicorn's own read: no timeout to set.
             return cast(bytes, self.sock.recv(size, socket.MSG_DONTWAIT))
         except BlockingIOError:
             pass
-        remaining = self.deadline - time.monotonic()
         poll = select.poll()
         poll.register(self.sock, select.POLLIN)
-        if remaining <= 0 or not poll.poll(remaining * 1000):
-            raise errors.RequestTimeout(
-                f"the whole request must arrive within {self.timeout_s:g} seconds"
-            )
+        if not poll.poll(remaining * 1000):
+            raise self._too_slow()
         return cast(bytes, self.sock.recv(size))
+
+    def _too_slow(self) -> errors.RequestTimeout:
+        return errors.RequestTimeout(
+            f"the whole request must arrive within {self.timeout_s:g} seconds"
+        )
 
 
 class CallerBody(Body):  # type: ignore[misc]

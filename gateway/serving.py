@@ -187,6 +187,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         )
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # A body the app left unread is drained against a fresh deadline: the app's own
+        # time (a slow Exchange) is not the client's.
+        conn.parser.unreader.start_request()
         try:
             return bool(super()._keepalive_after(conn, keepalive))
         except GatewayError:
