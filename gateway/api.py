@@ -20,10 +20,10 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway import validation
+from gateway import logs, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import (
-    ERROR_BY_HTTP_STATUS,
+    ERROR_BY_REQUEST_STATUS,
     GatewayError,
     InvalidRequest,
     RouteNotFound,
@@ -183,6 +183,8 @@ def start_request() -> Response | None:
     state.upstream_status = None
     state.error_detail = None
     state.log_level = logging.INFO
+    # Exchange's correlation ids, added by the EWS layer, join the request's log line.
+    state.upstream_log_fields = logs.start_request_fields()
     gateway = current_app.extensions["gateway"]
     gateway["metrics"].in_progress.inc()
     state.caller = ANONYMOUS
@@ -241,20 +243,16 @@ def finish_request(response: Response) -> Response:
 def _upstream_fields(state: Any) -> dict[str, Any]:
     """Return what the log line says about the call to Exchange: its outcome, status and code.
 
-    Each is None when Exchange was not called. Fields that identify Exchange's side of the
-    call belong here too.
+    Each is None when Exchange was not called; Exchange's correlation ids (request-id,
+    X-FEServer...) follow, as the EWS layer found them.
     """
-    if state.upstream_outcome is None and state.ews_code:
-        # A successful EWS result only ever comes in an HTTP 200 answer.
-        return {
-            "upstreamOutcome": "success",
-            "upstreamStatus": 200,
-            "ewsResponseCode": state.ews_code,
-        }
+    succeeded = state.upstream_outcome is None and bool(state.ews_code)
     return {
-        "upstreamOutcome": state.upstream_outcome,
-        "upstreamStatus": state.upstream_status,
+        "upstreamOutcome": "success" if succeeded else state.upstream_outcome,
+        # A successful EWS result only ever comes in an HTTP 200 answer.
+        "upstreamStatus": 200 if succeeded else state.upstream_status,
         "ewsResponseCode": state.ews_code,
+        **state.get("upstream_log_fields", {}),
     }
 
 
@@ -299,7 +297,7 @@ def handle_http_exception(error: HTTPException) -> Response:
     if isinstance(error, MethodNotAllowed):
         return _method_not_allowed(error)
     status = error.code or 500
-    problem = ERROR_BY_HTTP_STATUS.get(status)
+    problem = ERROR_BY_REQUEST_STATUS.get(status)
     if problem is None:
         return _problem_response(status, "http-error", "Request cannot be served", str(error.name))
     detail = _DETAIL_BY_STATUS.get(status, problem.title)
@@ -335,7 +333,7 @@ def _method_not_allowed(error: MethodNotAllowed) -> Response:
     allowed = sorted(error.valid_methods or ())
     if allowed:
         request.url_rule = adapter.match(path, method=allowed[0], return_rule=True)[0]
-    problem = ERROR_BY_HTTP_STATUS[405](
+    problem = ERROR_BY_REQUEST_STATUS[405](
         f"{request.method} is not allowed here; use {', '.join(allowed)}"
     )
     response = handle_gateway_error(problem)
