@@ -50,6 +50,7 @@ LIMIT_REQUEST_FIELDS = 100
 LIMIT_REQUEST_FIELD_SIZE = 16 * 1024
 # How much more of a refused head is read to find its Origin and X-Request-ID headers.
 MAX_EXTRA_HEAD_BYTES = 64 * 1024
+EXTRA_HEAD_WAIT_S = 0.5
 CORS_EXPOSED_HEADERS = "Location, Retry-After, X-Request-ID"
 
 _HEADER = re.compile(rb"^(origin|x-request-id)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
@@ -185,6 +186,8 @@ class GatewayRequest(Request):  # type: ignore[misc]
     def _read_more_of_head(self, unreader: Any) -> None:
         """Read on past an overlong request line to the headers, within bounds."""
         limit = len(self.head) + MAX_EXTRA_HEAD_BYTES
+        # The headers come along with the line, or not at all: the answer waits briefly.
+        unreader.deadline = min(unreader.deadline, time.monotonic() + EXTRA_HEAD_WAIT_S)
         try:
             while b"\r\n\r\n" not in self.head and len(self.head) < limit:
                 data = unreader.read()
@@ -324,6 +327,9 @@ def refuse(
             "route": UNMATCHED_ROUTE,
             "status": problem.status,
             "durationMs": round(seconds * 1000, 2),
+            "upstreamOutcome": None,
+            "upstreamStatus": None,
+            "ewsResponseCode": None,
             "detail": problem.detail,
         },
     )

@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,9 @@ MAX_REQUESTS_JITTER_SHARE = 0.1
 # a request's CPU); then the connection goes back to the main thread's poller.
 # A pipelined request already read is served at once, without waiting.
 NEXT_REQUEST_WAIT_S = 0.002
+# How long, and for how many bytes, a closing connection reads what its client still sends.
+CLOSE_LINGER_S = 1.0
+CLOSE_LINGER_MAX_BYTES = 64 * 1024
 
 
 def default_workers() -> int:
@@ -170,7 +174,15 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         # `True` only: gunicorn also returns False (close) and a marker (wait in the poller).
         while keep_alive is True and self._next_request_is_here(conn):
             keep_alive = super().handle(conn)
+        if keep_alive is False:
+            _close_gently(conn.sock)
         return keep_alive
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if conn.sock.fileno() == -1:  # closed by the thread that answered: _close_gently
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)
 
     def _next_request_is_here(self, conn: Any) -> bool:
         if not self.alive or self._waiting_for_thread:
@@ -322,6 +334,33 @@ def _remover(directory: str) -> Callable[[Any], None]:
         shutil.rmtree(directory, ignore_errors=True)
 
     return remove
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Close a connection in the thread that answered on it, after the answer has left.
+
+    As RFC 9112 section 9.6 asks: send FIN, read what the client still sends for a moment (so
+    unread bytes do not turn the close into a reset that can destroy the answer), then close.
+    gunicorn does this in the worker's main thread for up to 2 s, where a slow client would
+    stall accepting and every other connection; here it holds only this thread, and briefly.
+    """
+    deadline = time.monotonic() + CLOSE_LINGER_S
+    drained = 0
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while drained < CLOSE_LINGER_MAX_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            data = sock.recv(8192)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass  # the client is gone: nothing to wait for
+    finally:
+        sock.close()
 
 
 def _readable_within(sock: Any, seconds: float) -> bool:
