@@ -61,5 +61,6 @@ def test_make_demo_and_make_unit_at_once_in_a_fresh_clone_install_one_environmen
     assert [make.returncode for make in makes] == [0, 0], outputs
     installs = (tmp_path / ".venv" / "pip.log").read_text().splitlines()
     assert "overlap" not in installs
-    assert len(installs) == 2  # pip upgraded, then the project installed: once, not twice
+    assert installs  # the environment was built...
+    assert len(installs) == len(set(installs))  # ...and each install ran once, not twice
     assert len(list((tmp_path / ".venv").glob(".installed-*"))) == 1
