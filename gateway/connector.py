@@ -206,7 +206,12 @@ class ProxyNotHttp(Exception):
 def _start_attempt(address: Address, failures: list[OSError]) -> socket.socket | None:
     """Start a non-blocking connection attempt; None (failure noted) if it failed at once."""
     family, sockaddr = address
-    attempt = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        attempt = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as refused:
+        # A family this host cannot open (IPv6 on a host booted without it): the next one.
+        failures.append(refused)
+        return None
     try:
         attempt.setblocking(False)
         error = attempt.connect_ex(sockaddr)

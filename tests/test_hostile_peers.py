@@ -24,6 +24,7 @@ from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnreacha
 from gateway.proxy import Proxy
 from gateway.upstream_auth import Credentials, SecurityContextAuth
 from tests.test_transport import (
+    ANSWER,
     ENVELOPE,
     EWS_PATH,
     REQUEST_HEADERS,
@@ -31,13 +32,14 @@ from tests.test_transport import (
     FakeExchange,
     RawServers,
     Transports,
+    exchange,
     raw_servers,
     read_request,
     self_signed_certificate,
     transports,
 )
 
-__all__ = ["raw_servers", "transports"]  # fixtures, imported to be found by pytest
+__all__ = ["exchange", "raw_servers", "transports"]  # fixtures, imported to be found by pytest
 
 
 def resolver_threads() -> int:
@@ -225,3 +227,19 @@ def test_a_certificate_whose_binding_cannot_be_computed_is_upstream_authenticati
         exchange.shutdown()
         exchange.server_close()
         thread.join()
+
+
+@pytest.mark.network
+def test_an_address_of_a_family_this_host_cannot_open_moves_on_to_the_next(
+    exchange: FakeExchange, transports: Transports
+) -> None:
+    # On a host booted without IPv6, socket(AF_INET6) fails with EAFNOSUPPORT while the
+    # resolver still lists AAAA addresses first. AF_APPLETALK fails the same way here.
+    port = exchange.server_port
+
+    def unopenable_first(_host: str, _port: int) -> list[connector.Address]:
+        return [(socket.AF_APPLETALK, ("unopenable", port)), (socket.AF_INET, ("127.0.0.1", port))]
+
+    url = f"http://exchange.example.test:{port}{EWS_PATH}"
+    transport = transports(url, resolver=unopenable_first)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
