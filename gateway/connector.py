@@ -8,7 +8,7 @@ Addresses are tried as RFC 8305 (Happy Eyeballs v2) says: families
 interleaved, the next attempt started 250 ms after the last one if none has
 connected yet (or at once when one fails), the first to connect wins and the
 rest are closed. So an address that drops SYNs costs the next one 250 ms, not
-the whole deadline.
+the whole deadline; under a deadline too short for that, the time left is shared.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from gateway.errors import UpstreamBadResponse
 
 # RFC 8305 section 5: the recommended Connection Attempt Delay.
 ATTEMPT_DELAY_S = 0.25
+# RFC 8305 section 5: the delay must not be less than 10 ms, to avoid congestion collapse.
+MIN_ATTEMPT_DELAY_S = 0.01
 # A proxy's answer to CONNECT is a status line and a few fields.
 MAX_CONNECT_ANSWER_BYTES = 8 * 1024
 # How every HTTP answer starts (RFC 9112 section 4).
@@ -128,7 +130,8 @@ def connect_first(addresses: list[Address], deadline: float) -> socket.socket:
             if next_index < len(addresses) and (now >= next_start or not pending):
                 attempt = _start_attempt(addresses[next_index], failures)
                 next_index += 1
-                next_start = now + ATTEMPT_DELAY_S if attempt is not None else now
+                delay_s = attempt_delay(deadline - now, len(addresses) - next_index)
+                next_start = now + delay_s if attempt is not None else now
                 if attempt is not None:
                     selector.register(attempt, selectors.EVENT_WRITE, attempt)
                     pending[attempt] = addresses[next_index - 1]
@@ -155,6 +158,17 @@ def connect_first(addresses: list[Address], deadline: float) -> socket.socket:
         for attempt in pending:
             attempt.close()
         selector.close()
+
+
+def attempt_delay(time_left_s: float, addresses_left: int) -> float:
+    """Seconds to give an attempt before starting the next: RFC 8305's 250 ms, or less.
+
+    Under a deadline too short for 250 ms per address, the time left is shared with
+    the addresses still untried (never below RFC 8305's floor of 10 ms), so a silent
+    first address cannot leave a healthy one untried.
+    """
+    shared_s = time_left_s / (addresses_left + 1)
+    return max(MIN_ATTEMPT_DELAY_S, min(ATTEMPT_DELAY_S, shared_s))
 
 
 def tune(sock: socket.socket) -> None:

@@ -23,6 +23,7 @@ from gateway import connector
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnreachable
 from gateway.proxy import Proxy
 from gateway.upstream_auth import Credentials, SecurityContextAuth
+from tests.test_connections import SilentAddress, resolving_to, silent_addresses
 from tests.test_transport import (
     ANSWER,
     ENVELOPE,
@@ -39,7 +40,12 @@ from tests.test_transport import (
     transports,
 )
 
-__all__ = ["exchange", "raw_servers", "transports"]  # fixtures, imported to be found by pytest
+__all__ = [
+    "exchange",
+    "raw_servers",
+    "silent_addresses",
+    "transports",
+]  # fixtures, imported to be found by pytest
 
 
 def resolver_threads() -> int:
@@ -243,3 +249,22 @@ def test_an_address_of_a_family_this_host_cannot_open_moves_on_to_the_next(
     url = f"http://exchange.example.test:{port}{EWS_PATH}"
     transport = transports(url, resolver=unopenable_first)
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("timeout_s", [0.15, 0.3])
+def test_a_silent_first_address_does_not_starve_the_next_under_a_deadline_shorter_than_250_ms(
+    exchange: FakeExchange,
+    transports: Transports,
+    silent_addresses: Callable[[str, int], SilentAddress],
+    timeout_s: float,
+) -> None:
+    # EWS_TIMEOUT_SECONDS may be 0.1: RFC 8305's 250 ms between attempts then left the
+    # healthy second address untried and every new connection timed out.
+    port = exchange.server_port
+    silent_addresses("127.0.0.2", port)
+    url = f"http://exchange.example.test:{port}{EWS_PATH}"
+    resolver = resolving_to("127.0.0.2", "127.0.0.1")
+    transport = transports(url, timeout_s=timeout_s, resolver=resolver)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert exchange.received[0].peer[0] == "127.0.0.1"
