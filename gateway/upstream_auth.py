@@ -49,6 +49,12 @@ SCHEMES = {
 }
 
 
+# HTTP authentication schemes by lower-case name (IANA's registry, those IIS offers).
+KNOWN_SCHEMES = {
+    name.lower(): name for name in ("Basic", "Bearer", "Digest", "Negotiate", "NTLM", "Kerberos")
+}
+
+
 class BearerToken:
     """EWS_AUTH=bearer: an OAuth access token, re-read when its file changes.
 
@@ -184,6 +190,14 @@ class SecurityContextAuth:
             return self._send(connection.auth_state)
         offered = _offered_token(answer, self._scheme)
         if offered is None:
+            schemes = offered_schemes(answer)
+            if self._scheme not in schemes:
+                # Not a refusal: Exchange never looked at the credentials.
+                raise _failed(
+                    f"Exchange does not offer {self._scheme} authentication (it offers "
+                    f"{', '.join(schemes) or 'none the gateway knows'}); set EWS_AUTH to a "
+                    "scheme it offers"
+                )
             # Credentials refused, or an NTLM negotiate answered without a challenge:
             # the 401 is Exchange's answer, mapped like any other.
             self._refused_until = time.monotonic() + self.HOLD_REFUSAL_S
@@ -282,6 +296,19 @@ def certificate_hash(der_certificate: bytes) -> bytes:
     digest = hashes.Hash(algorithm)
     digest.update(der_certificate)
     return digest.finalize()
+
+
+def offered_schemes(answer: Answer) -> list[str]:
+    """Return the schemes a 401's WWW-Authenticate offers, as KNOWN_SCHEMES spells them.
+
+    Only known names: they go into problem details, and Exchange's text does not.
+    """
+    offered: list[str] = []
+    for challenge in (answer.header("WWW-Authenticate") or "").split(","):
+        name = KNOWN_SCHEMES.get(challenge.strip().partition(" ")[0].lower())
+        if name is not None and name not in offered:
+            offered.append(name)
+    return offered
 
 
 def _offered_token(answer: Answer, scheme: str) -> bytes | None:

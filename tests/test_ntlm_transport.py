@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import spnego
 
+from gateway.errors import UpstreamAuthFailed
 from gateway.transport import ExchangeTransport, UpstreamReply
 from gateway.upstream_auth import Credentials, SecurityContextAuth
 
@@ -171,3 +172,25 @@ def test_answers_compressed_or_not_are_read_and_the_request_acted_on_once(
         transport.close()
     assert (reply.status, reply.body) == (200, b"<ok/>")
     assert (exchange.handshakes, exchange.acted_on) == (1, 1)
+
+
+def test_a_scheme_exchange_does_not_offer_is_named_not_taken_for_refused_credentials(
+    exchange: NtlmExchange,
+) -> None:
+    # This IIS offers NTLM only. Was "refused the gateway's credentials", then 30 s of
+    # "not sent again": a password hunt for what is a choice of EWS_AUTH.
+    credentials = Credentials(f"{DOMAIN}\\{USER}", PASSWORD)
+    auth = SecurityContextAuth("negotiate", credentials, "127.0.0.1", "HTTP")
+    transport = ExchangeTransport(exchange.url, timeout_s=5, authenticator=auth)
+    expected = (
+        "Upstream authentication failed: Exchange does not offer Negotiate authentication "
+        "(it offers NTLM); set EWS_AUTH to a scheme it offers"
+    )
+    try:
+        for _ in range(2):
+            with pytest.raises(UpstreamAuthFailed) as raised:
+                post(transport)
+            assert (str(raised.value), raised.value.outcome) == (expected, "http_error")
+    finally:
+        transport.close()
+    assert exchange.acted_on == 0
