@@ -51,27 +51,56 @@ class TicketCache:
         self._expires_at = 0.0
         self._refusal: Exception | None = None
         self._refused_until = 0.0
+        # The request to the KDC under way, if any.
+        self._request: _KdcRequest | None = None
 
-    def credential(self) -> spnego.KerberosCCache:
+    def credential(self, deadline: float) -> spnego.KerberosCCache:
         """Return the cache holding a valid ticket-granting ticket, asking the KDC if needed.
 
-        Raises what krb5 raised when the KDC refused (or could not be reached), for
+        The KDC is asked in a daemon thread and waited for until the deadline (time.monotonic()
+        seconds): krb5 cannot be interrupted, and gives a silent KDC about 27 s. Calls arriving
+        meanwhile wait for the same request. Raises TimeoutError when it has not ended by the
+        deadline, and what krb5 raised when the KDC refused (or could not be reached), for
         HOLD_REFUSAL_S after it did.
         """
         with self._lock:
-            now = time.monotonic()
-            if self._refusal is not None and now < self._refused_until:
+            if self._refusal is not None and time.monotonic() < self._refused_until:
                 raise self._refusal
-            if time.time() > self._expires_at - self.RENEW_BEFORE_S:
-                try:
-                    self._get_ticket()
-                except Exception as exc:  # krb5's errors
-                    self._refusal, self._refused_until = exc, now + self.HOLD_REFUSAL_S
-                    raise
-            self._refusal = None
-            return spnego.KerberosCCache(ccache=self._name)
+            if time.time() <= self._expires_at - self.RENEW_BEFORE_S:
+                return spnego.KerberosCCache(ccache=self._name)
+            request = self._request
+            if request is None:
+                request = self._request = _KdcRequest()
+                threading.Thread(
+                    target=self._ask_kdc, args=(request,), name="ews-kdc", daemon=True
+                ).start()
+        if not request.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("the KDC did not answer in time")
+        if request.error is not None:
+            raise request.error
+        return spnego.KerberosCCache(ccache=request.name)
 
-    def _get_ticket(self) -> None:
+    def _ask_kdc(self, request: _KdcRequest) -> None:
+        """Ask the KDC for a ticket and hand the outcome to every call waiting for it."""
+        try:
+            cache, name, expires_at = self._get_ticket()
+        except Exception as exc:  # krb5's errors
+            with self._lock:
+                self._refusal, self._refused_until = exc, time.monotonic() + self.HOLD_REFUSAL_S
+                self._request = None
+            request.error = exc
+        else:
+            with self._lock:
+                # The handle keeps the cache alive; connections being set up may still read
+                # the old one.
+                self._cache, self._name, self._expires_at = cache, name, expires_at
+                self._refusal = None
+                self._request = None
+            request.name = name
+        request.done.set()
+
+    def _get_ticket(self) -> tuple[Any, str, float]:
+        """Ask the KDC for a ticket-granting ticket; return its cache, the cache's name, its end."""
         import krb5  # noqa: PLC0415 - optional: the kerberos extra
 
         credentials = self._credentials
@@ -88,7 +117,15 @@ class TicketCache:
         cache = krb5.cc_new_unique(context, b"MEMORY")
         krb5.cc_initialize(context, cache, ticket.client)
         krb5.cc_store_cred(context, cache, ticket)
-        # The handle keeps the cache alive; connections being set up may still read the old one.
-        self._cache = cache
-        self._name = "MEMORY:" + (cache.name or b"").decode()
-        self._expires_at = float(ticket.times.endtime)
+        return cache, "MEMORY:" + (cache.name or b"").decode(), float(ticket.times.endtime)
+
+
+class _KdcRequest:
+    """One request to the KDC, shared by every call waiting for it: the cache's name, or why not."""
+
+    __slots__ = ("done", "error", "name")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.name = ""

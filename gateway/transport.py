@@ -79,7 +79,7 @@ class UpstreamReply:
 class Connection:
     """One connection to Exchange, kept alive between requests."""
 
-    __slots__ = ("auth_state", "idle_since", "peer_certificate", "reused", "sock")
+    __slots__ = ("auth_state", "deadline", "idle_since", "peer_certificate", "reused", "sock")
 
     def __init__(self, sock: Any, peer_certificate: bytes | None) -> None:
         self.sock = sock
@@ -89,6 +89,9 @@ class Connection:
         self.auth_state: Any = None
         self.idle_since = time.monotonic()
         self.reused = False
+        # The deadline (time.monotonic()) of the request the connection now carries: what an
+        # authenticator asking a third party (the KDC) for it must keep to.
+        self.deadline = 0.0
 
     def round_trip(self, request: bytes, deadline: float) -> http1.Answer:
         """Send one request and read its whole answer by the deadline.
@@ -267,6 +270,7 @@ class ExchangeTransport:
         deadline: float,
     ) -> http1.Answer:
         """Send with the authenticator's Authorization; answer its 401s on the same connection."""
+        connection.deadline = deadline
         authorization = authenticator.authorization(connection)
         for _ in range(MAX_AUTH_ROUNDS):
             answer = connection.round_trip(self._with(request, authorization), deadline)
@@ -343,6 +347,7 @@ class ExchangeTransport:
                 sock = self._handshake(sock)
                 certificate = sock.getpeercert(binary_form=True)
             connection = Connection(sock, certificate)
+            connection.deadline = deadline
             if self._authenticator is not None:
                 self._authenticator.connected(connection, deadline)
         except BaseException:

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from spnego.channel_bindings import GssChannelBindings
 
 from gateway.config import BEARER_TOKEN, Config
-from gateway.errors import UpstreamAuthFailed
+from gateway.errors import UpstreamAuthFailed, UpstreamTimeout
 from gateway.http1 import Answer
 from gateway.tickets import TicketCache
 from gateway.transport import Authenticator, Connection
@@ -219,24 +219,36 @@ class SecurityContextAuth:
             _step(state.context, offered)
         state.done = True
 
-    def _who(self) -> tuple[Any, str | None]:
-        """Return the credentials for pyspnego: the shared ticket, else what is configured."""
+    def _who(self, deadline: float) -> tuple[Any, str | None, str]:
+        """Return the credentials for pyspnego and its protocol: the shared ticket, else what
+        is configured. The KDC is waited for until the deadline (time.monotonic()); for
+        Negotiate with a password, half the time left, then NTLM."""
         credentials = self._credentials
+        protocol = self._protocol
         if self._tickets is None:
-            return credentials.username, credentials.password
+            return credentials.username, credentials.password, protocol
+        falls_back = protocol == "negotiate" and credentials.password is not None
+        if falls_back:
+            # Half the time left for the KDC, so that NTLM still has the rest.
+            deadline -= (deadline - time.monotonic()) / 2
         try:
-            ticket = self._tickets.credential()
+            ticket = self._tickets.credential(deadline)
         except Exception as exc:  # krb5's errors: unknown principal, wrong password, no KDC
-            if self._protocol == "negotiate" and credentials.password is not None:
-                # Negotiate falls back to NTLM, as Windows clients do; pyspnego tries
-                # Kerberos with the password once more on the way.
+            if falls_back:
+                # Negotiate falls back to NTLM, as Windows clients do: NTLM alone, since
+                # pyspnego would otherwise ask the KDC once more with the password.
                 LOG.info("no Kerberos ticket for Negotiate (%s); trying NTLM", type(exc).__name__)
-                return credentials.username, credentials.password
+                return credentials.username, credentials.password, "ntlm"
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(
+                    "The Kerberos KDC did not answer in time", outcome="timeout"
+                ) from None
             raise _library_failed("could not get a Kerberos ticket", exc) from None
-        if self._protocol == "negotiate" and credentials.password is not None:
+        if credentials.password is not None and falls_back:
             # Kerberos from the shared ticket, NTLM from the password.
-            return [ticket, spnego.Password(credentials.username or "", credentials.password)], None
-        return ticket, None
+            password = spnego.Password(credentials.username or "", credentials.password)
+            return [ticket, password], None, protocol
+        return ticket, None, protocol
 
     def _send(self, state: _Handshake) -> str:
         token, state.pending = state.pending or b"", None
@@ -261,7 +273,7 @@ class SecurityContextAuth:
                     "hash for channel binding (RFC 5929)"
                 ) from None
             bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
-        username, password = self._who()
+        username, password, protocol = self._who(connection.deadline)
         try:
             context = spnego.client(
                 username,
@@ -269,7 +281,7 @@ class SecurityContextAuth:
                 hostname=self._host,
                 service=self._service,
                 channel_bindings=bindings,
-                protocol=self._protocol,
+                protocol=protocol,
             )
         except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
             raise _library_failed("could not start", exc) from None
