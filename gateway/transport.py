@@ -216,6 +216,13 @@ class ExchangeTransport:
             answer = self._exchange(request, deadline, idempotent)
         except OSError as exc:
             raise translate_os_error(exc) from None
+        if answer.status == 407 and self._proxy is not None and self._tls is None:
+            # In absolute form a 407 is the proxy's (through a CONNECT tunnel, only Exchange
+            # answers; the tunnel's own refusal is handled where it is asked for).
+            raise UpstreamUnreachable(
+                f"The proxy {self._proxy.address} refused the request to Exchange (HTTP 407)",
+                outcome="connection_error",
+            )
         return _reply(answer)
 
     def close(self) -> None:

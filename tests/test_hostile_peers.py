@@ -268,3 +268,27 @@ def test_a_silent_first_address_does_not_starve_the_next_under_a_deadline_shorte
     transport = transports(url, timeout_s=timeout_s, resolver=resolver)
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
     assert exchange.received[0].peer[0] == "127.0.0.1"
+
+
+@pytest.mark.network
+def test_a_proxy_refusing_a_plain_http_request_with_407_is_named_not_blamed_on_exchange(
+    raw_servers: RawServers, transports: Transports
+) -> None:
+    # Plain http goes to the proxy in absolute form: a 407 is the proxy's, never Exchange's.
+    def refuse(connection: socket.socket) -> None:
+        read_request(connection)
+        connection.sendall(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+            b'Proxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n'
+        )
+
+    proxy_server = raw_servers(refuse)
+    port = int(proxy_server.url.split(":")[2].split("/")[0])
+    proxy = Proxy("127.0.0.1", port, "Basic dXNlcjp3cm9uZw==")
+    transport = transports(f"http://exchange.example.test{EWS_PATH}", proxy=proxy)
+    with pytest.raises(UpstreamUnreachable) as raised:
+        transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert str(raised.value) == (
+        f"The proxy 127.0.0.1:{port} refused the request to Exchange (HTTP 407)"
+    )
+    assert raised.value.outcome == "connection_error"
