@@ -19,11 +19,12 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, Rule
 
-from gateway import validation
+from gateway import events, validation
 from gateway.callers import ANONYMOUS
-from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
+from gateway.errors import GatewayError, InvalidRequest, StreamsUnavailable, UnsupportedMediaType
 from gateway.ews import PhoneCalls
 from gateway.metrics import Metrics
+from gateway.streams import EventStreams, Watch
 
 PROBLEM_JSON = "application/problem+json"
 ACCESS_LOG = logging.getLogger("gateway.access")
@@ -46,10 +47,17 @@ class CallIdConverter(BaseConverter):
 
 
 class ServiceState:
-    """Whether this process should take traffic (it stops while draining)."""
+    """Whether this process should take traffic (it stops while draining), and its streams."""
 
     def __init__(self) -> None:
         self.draining = False
+        self.streams: EventStreams | None = None
+
+    def begin_draining(self) -> None:
+        """Answer /readyz 503 from now on and end the open event streams."""
+        self.draining = True
+        if self.streams is not None:
+            self.streams.drain()
 
 
 def services() -> tuple[PhoneCalls, Metrics]:
@@ -89,12 +97,17 @@ def place_call() -> Response:
     return response
 
 
+def authorized_call(call_id: str) -> str:
+    """Return the call id once it is valid and the caller may see the call (GET and events)."""
+    return validation.check_call_id(call_id)
+
+
 @bp.get("/calls/<call_id:call_id>")
 def get_call(call_id: str) -> Response:
     """Show the state of a call."""
     ews, _ = services()
     info = ews.get_call_information(
-        validation.check_call_id(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
+        authorized_call(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
     )
     g.ews_code = info.ews_code
     body: dict[str, Any] = {
@@ -108,6 +121,25 @@ def get_call(call_id: str) -> Response:
     if info.sip_response_text is not None:
         body["sipResponseText"] = info.sip_response_text
     return _json(body, 200, info.warning)
+
+
+@bp.get("/calls/<call_id:call_id>/events")
+def watch_call(call_id: str) -> Response:
+    """Stream the call's state: the current one, then each change, until Disconnected."""
+    watch = Watch(
+        authorized_call(call_id),
+        g.caller.mailbox,
+        g.request_id,
+        events.parse_last_event_id(request.headers.get("Last-Event-ID")),
+    )
+    if request.method == "HEAD":
+        return Response(status=200, mimetype="text/event-stream")
+    streams: EventStreams = current_app.extensions["gateway"]["streams"]
+    # gunicorn lends its socket so the pump can take the connection over from this thread.
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        raise StreamsUnavailable("event streams are served by `ews-gateway serve` and `demo`")
+    return streams.response(watch, sock, request.environ.get("SERVER_PROTOCOL", ""))
 
 
 @bp.get("/livez")

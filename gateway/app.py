@@ -17,6 +17,7 @@ from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.metrics import Metrics
 from gateway.ntlm import NtlmTransport
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
+from gateway.streams import EventStreams
 from gateway.transport import ExchangeTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
@@ -43,10 +44,19 @@ def create_app(
             observer=metrics,
             policy=build_policy(config, metrics),
         )
+    state = state or api.ServiceState()
+    state.streams = EventStreams(
+        ews,
+        poll_interval_s=config.events_poll_s,
+        max_streams=config.events_max_streams,
+        poll_threads=config.poll_threads,
+        observer=metrics,
+    )
     app.extensions["gateway"] = {
         "ews": ews,
         "metrics": metrics,
-        "state": state or api.ServiceState(),
+        "state": state,
+        "streams": state.streams,
         "callers": build_authenticator(config),
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
     }
@@ -63,7 +73,13 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
         # Compiled patterns are matched whole; a plain string may be taken for a regex.
         origins=[re.compile(re.escape(origin) + r"\Z", re.IGNORECASE) for origin in origins],
         methods=["GET", "POST", "DELETE"],
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-API-Key"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "X-Request-ID",
+            "X-API-Key",
+            "Last-Event-ID",
+        ],
         expose_headers=["Location", "Retry-After", "X-Request-ID"],
         max_age=600,
         vary_header=True,

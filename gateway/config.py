@@ -64,6 +64,8 @@ class Config:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     retry_max_back_off_s: float = 2.0
+    events_poll_s: float = 1.0
+    events_max_streams: int = 1000
 
     @property
     def threads_per_worker(self) -> int:
@@ -74,6 +76,11 @@ class Config:
         """Calls to Exchange one worker may have in flight; the rest answer 503 at once."""
         # Keep threads free for probes and /metrics even when every call hangs.
         return self.max_in_flight or max(1, self.threads_per_worker - RESERVED_THREADS)
+
+    @property
+    def poll_threads(self) -> int:
+        """Threads one worker polls watched calls on: half the bulkhead, the rest for requests."""
+        return max(1, self.upstream_slots // 2)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -112,6 +119,12 @@ class Config:
             ),
             retry_max_back_off_s=env.number(
                 "EWS_RETRY_MAX_BACKOFF_SECONDS", default=2.0, low=0.0, high=60.0
+            ),
+            events_poll_s=env.number(
+                "GATEWAY_EVENTS_POLL_SECONDS", default=1.0, low=0.1, high=60.0
+            ),
+            events_max_streams=env.whole(
+                "GATEWAY_EVENTS_MAX_STREAMS", default=1000, low=1, high=100_000
             ),
         )
         config.check_consistency()
@@ -204,6 +217,14 @@ class _Env:
             return None
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 256:
             raise ConfigError(f"{name} must be a whole number from 1 to 256, got {raw!r}")
+        return int(raw)
+
+    def whole(self, name: str, *, default: int, low: int, high: int) -> int:
+        raw = self.text(name)
+        if not raw:
+            return default
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
         return int(raw)
 
     def flag(self, name: str, *, default: bool) -> bool:

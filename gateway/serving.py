@@ -50,6 +50,10 @@ MAX_REQUESTS_JITTER = 25_000
 # which spares two hand-offs through the worker's main thread (about a tenth of
 # a request's CPU); then the connection goes back to the main thread's poller.
 NEXT_REQUEST_WAIT_S = 0.002
+# Seconds a stopping worker waits for its event streams to send their reconnect hint.
+STREAMS_CLOSE_WAIT_S = 2.0
+# What handle() returns for a connection the event stream pump took over.
+HANDED_OFF = object()
 
 
 def default_workers() -> int:
@@ -127,7 +131,23 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         # `True` only: gunicorn also returns False (close) and a marker (wait in the poller).
         while keep_alive is True and self._next_request_is_here(conn):
             keep_alive = super().handle(conn)
+        streams = self.app.state.streams
+        if keep_alive is False and streams is not None and streams.handed_off(conn.sock):
+            return HANDED_OFF
         return keep_alive
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if not fs.cancelled() and fs.exception() is None and fs.result() is HANDED_OFF:
+            # An event stream: the pump writes, watches and closes it from now on.
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)
+
+    def run(self) -> None:
+        super().run()
+        streams = self.app.state.streams
+        if streams is not None:
+            streams.wait_closed(STREAMS_CLOSE_WAIT_S)
 
     def _next_request_is_here(self, conn: Any) -> bool:
         if not self.alive or self._waiting_for_thread:
@@ -135,8 +155,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         return _readable_within(conn.sock, NEXT_REQUEST_WAIT_S)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # /readyz answers 503 from now on, also on connections that are already open.
-        self.app.state.draining = True
+        # /readyz answers 503 from now on, also on connections that are already open;
+        # event streams end with a hint to reconnect (to another instance).
+        self.app.state.begin_draining()
         super().handle_exit(sig, frame)
 
     def set_accept_enabled(self, enabled: bool) -> None:

@@ -339,6 +339,9 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.UpstreamBadResponse: 502,
     errors.UpstreamUnreachable: 502,
     errors.UpstreamTimeout: 504,
+    errors.StreamLimitReached: 503,
+    errors.ShuttingDown: 503,
+    errors.StreamsUnavailable: 501,
 }
 
 
