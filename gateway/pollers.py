@@ -103,8 +103,6 @@ class Pollers:
                 continue
             if poller.due <= now:
                 poller.in_flight = True
-                # The interval counts from a poll's start: never two polls of a call within one.
-                poller.due = now + self._interval_s
                 self._executor().submit(
                     self._poll, poller.key, poller.generation, poller.request_id
                 )
@@ -118,6 +116,9 @@ class Pollers:
         if poller is None or poller.generation != outcome.generation:
             return None
         poller.in_flight = False
+        # Counted from the answer, not the start: however long a poll took to set off (a new
+        # connection, say), Exchange never sees two polls of a call within one interval.
+        poller.due = outcome.answered_at + self._interval_s
         if outcome.snapshot is not None:
             poller.latest = outcome.snapshot
             poller.answered_at = outcome.answered_at
@@ -138,7 +139,8 @@ class Pollers:
         mailbox, call_id = key
         try:
             info = self._ews.get_call_information(call_id, request_id=request_id, mailbox=mailbox)
-            outcome = PollOutcome(key, generation, time.monotonic(), snapshot(call_id, info))
+            state = snapshot(call_id, info)
+            outcome = PollOutcome(key, generation, time.monotonic(), snapshot=state)
         except GatewayError as error:
             outcome = PollOutcome(key, generation, time.monotonic(), error=error)
         except Exception:  # a poll thread must always answer, or its watchers would wait forever

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-JOURNAL_SIZE = 200
+# Enough for event-stream tests to count every poll of a minute's watching (100 calls
+# polled each second by two workers is 12,000 requests); a request is about 1 KB.
+JOURNAL_SIZE = 20_000
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,8 @@ class RecordedRequest:
     body: bytes
     # Recorded so tests can check the credentials a gateway sent; this is a test double.
     authorization: str | None = None
+    # Wall-clock seconds when the request arrived, so tests can count requests per interval.
+    received_at: float = field(default_factory=time.time)
 
     def as_json(self) -> dict[str, object]:
         """Describe the request as the control API shows it."""
@@ -30,6 +35,7 @@ class RecordedRequest:
             "soapAction": self.soap_action,
             "body": self.body.decode("utf-8", errors="replace"),
             "authorization": self.authorization,
+            "receivedAt": self.received_at,
         }
 
 
