@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys; print(hashlib.sha1(open("pyproject.toml","rb").read()).hexdigest()[:12])')
 
-.PHONY: demo test lint unit integration soak benchmark benchmark-quick clean
+.PHONY: demo test lint unit integration soak benchmark benchmark-quick client clean
 
 demo: $(STAMP)
 	$(BIN)/ews-gateway demo
@@ -32,6 +32,10 @@ benchmark: $(STAMP)
 
 benchmark-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+
+# The TypeScript client, regenerated from openapi.yaml and built (tests/integration checks it).
+client:
+	cd clients/typescript && npm ci --no-audit --no-fund && npm run generate && npm run build
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
