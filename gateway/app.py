@@ -10,7 +10,7 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api
+from gateway import __version__, api, callscreen
 from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.ews import EwsClient, PhoneCalls, Transport
@@ -61,6 +61,8 @@ def create_app(
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
     }
     api.register(app)
+    if config.demo_page:
+        callscreen.register(app)
     if config.cors_origins:
         allow_browsers(app, config.cors_origins)
     return app

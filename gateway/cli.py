@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import replace
 
 from gateway.config import Config, ConfigError
 from gateway.serving import serve
@@ -88,7 +89,7 @@ def _demo(_args: argparse.Namespace) -> int:
             "GATEWAY_AUTH": "none",
             "GATEWAY_BIND": os.environ.get("GATEWAY_BIND", DEMO_BIND),
         }
-        config = Config.from_env(environ)
+        config = replace(Config.from_env(environ), demo_page=True)
         _print_demo_banner(config.bind, ews_url)
         serve(config)
     finally:
@@ -127,10 +128,12 @@ def _print_demo_banner(bind: str, ews_url: str) -> None:
   No real Exchange server is involved and no phone will ring.
   Caller authentication is OFF (GATEWAY_AUTH=none).
 ==========================================================================
+Call screen: {base}/demo/
 Try it:
   curl -si -X POST {base}/calls -H 'Content-Type: application/json' \\
        -d '{{"itemId": "AAMkADemoVoiceMail", "dialString": "+15551234567"}}'
   curl -si {base}/calls/<callId from the answer>
+  curl -N {base}/calls/<callId>/events
   curl -si -X DELETE {base}/calls/<callId>
   curl -s {base}/metrics | grep ews_gateway_
 """,

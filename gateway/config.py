@@ -66,6 +66,8 @@ class Config:
     retry_max_back_off_s: float = 2.0
     events_poll_s: float = 1.0
     events_max_streams: int = 1000
+    # Set by `ews-gateway demo` only (never from the environment): serve the call screen.
+    demo_page: bool = False
 
     @property
     def threads_per_worker(self) -> int:
