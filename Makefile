@@ -29,9 +29,11 @@ soak: $(STAMP)
 # The gateway against a hand-written Flask + requests baseline (see benchmarks/README.md).
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.watchers
 
 benchmark-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks.watchers --quick
 
 # The TypeScript client, regenerated from openapi.yaml and built (tests/integration checks it).
 client:
