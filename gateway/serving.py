@@ -147,6 +147,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         super().run()
         streams = self.app.state.streams
         if streams is not None:
+            # SIGTERM drained them already; a recycled worker (max_requests) does it here.
+            streams.drain()
             streams.wait_closed(STREAMS_CLOSE_WAIT_S)
 
     def _next_request_is_here(self, conn: Any) -> bool:

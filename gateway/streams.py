@@ -108,8 +108,10 @@ class EventStreams:
         max_streams: int,
         poll_threads: int,
         observer: StreamObserver | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.max_streams = max_streams
+        self._heartbeat_s = heartbeat_s
         self._observer = observer
         self._pollers = Pollers(
             ews, interval_s=poll_interval_s, threads=poll_threads, deliver=self._post_outcome
@@ -217,21 +219,31 @@ class EventStreams:
     # The pump thread.
 
     def _run(self) -> None:
-        assert self._selector is not None
-        next_heartbeat_scan = time.monotonic() + HEARTBEAT_S
+        next_heartbeat_scan = time.monotonic() + self._heartbeat_s
         while True:
-            now = time.monotonic()
-            next_poll = self._pollers.start_due(now)
-            timeout = max(0.0, min(next_poll, next_heartbeat_scan) - now)
-            for key, mask in self._selector.select(min(timeout, HEARTBEAT_S)):
-                if key.data is None:
-                    self._run_inbox()
-                else:
-                    self._ready(key.data, mask)
-            now = time.monotonic()
-            if now >= next_heartbeat_scan:
-                self._heartbeats(now)
-                next_heartbeat_scan = now + 1.0
+            try:
+                next_heartbeat_scan = self._turn(next_heartbeat_scan)
+            except Exception:  # the pump must outlive any one failure, or every stream stalls
+                LOG.exception("event pump failed a turn")
+                time.sleep(0.1)
+
+    def _turn(self, next_heartbeat_scan: float) -> float:
+        """Wait for sockets, wake-ups and timers once; return when heartbeats are due next."""
+        assert self._selector is not None
+        now = time.monotonic()
+        next_poll = self._pollers.start_due(now)
+        timeout = max(0.0, min(next_poll, next_heartbeat_scan) - now)
+        for key, mask in self._selector.select(min(timeout, self._heartbeat_s)):
+            if key.data is None:
+                self._run_inbox()
+            else:
+                self._ready(key.data, mask)
+        now = time.monotonic()
+        if now >= next_heartbeat_scan:
+            self._heartbeats(now)
+            # Each stream's own heartbeat is due HEARTBEAT_S after its last write: look often.
+            next_heartbeat_scan = now + min(1.0, self._heartbeat_s)
+        return next_heartbeat_scan
 
     def _run_inbox(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -359,7 +371,7 @@ class EventStreams:
 
     def _heartbeats(self, now: float) -> None:
         for stream in list(self._streams):
-            if not stream.ending and now - stream.last_write >= HEARTBEAT_S:
+            if not stream.ending and now - stream.last_write >= self._heartbeat_s:
                 stream.out += events.chunk(events.HEARTBEAT) if stream.chunked else events.HEARTBEAT
                 self._flush(stream)
 
@@ -370,8 +382,9 @@ class EventStreams:
         self._observe_pollers()
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(stream.sock)
-        stream.sock.close()
+        # The slot is free before the watcher sees the end, so it may watch again at once.
         stream.release()
+        stream.sock.close()
         if self._observer is not None:
             self._observer.stream_closed()
         LOG.info(

@@ -259,7 +259,6 @@ def test_the_stream_limit_refuses_one_more_and_frees_slots_as_streams_end() -> N
     assert refused.value.retry_after_s == 2
 
     read_all(ending)  # call-2 is over: its slot is free again
-    time.sleep(0.1)
     open_stream(pump)
     pump.drain()
 
@@ -277,6 +276,21 @@ def test_polling_stops_when_the_last_watcher_hangs_up() -> None:
 
     assert exchange.polls["call-1"] == polls
     assert pump.wait_closed(1), "the hung-up stream's slot is free"
+
+
+def test_a_quiet_stream_gets_a_heartbeat_comment_each_interval() -> None:
+    exchange = ScriptedExchange({"call-1": [info("Connected")]})
+    pump = EventStreams(exchange, poll_interval_s=5, max_streams=1, poll_threads=1, heartbeat_s=0.2)
+    watcher = open_stream(pump)
+    received = b""
+    deadline = time.monotonic() + 5
+    while received.count(b": heartbeat\n\n") < 2 and time.monotonic() < deadline:
+        received += watcher.recv(4096)
+
+    assert received.count(b"event: state") == 1
+    assert received.count(b": heartbeat\n\n") >= 2
+    pump.drain()
+    assert pump.wait_closed(2)
 
 
 def test_a_response_head_for_http_1_0_has_no_chunking() -> None:
