@@ -19,7 +19,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, Rule
 
-from gateway import events, validation
+from gateway import events, logs, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import GatewayError, InvalidRequest, StreamsUnavailable, UnsupportedMediaType
 from gateway.ews import PhoneCalls
@@ -200,6 +200,8 @@ def start_request() -> None:
     state.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
     state.ews_code = None
     state.upstream_outcome = None
+    # Exchange's correlation ids, added by the EWS layer, join the request's log line.
+    state.upstream_log_fields = logs.start_request_fields()
     gateway = current_app.extensions["gateway"]
     gateway["metrics"].in_progress.inc()
     state.caller = ANONYMOUS
@@ -230,6 +232,7 @@ def finish_request(response: Response) -> Response:
             "durationMs": round(seconds * 1000, 2),
             "upstreamOutcome": state.upstream_outcome or ("success" if state.ews_code else None),
             "ewsResponseCode": state.ews_code,
+            **state.get("upstream_log_fields", {}),
         },
     )
     return response

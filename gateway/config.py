@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway import http1
+from gateway.proxy import Proxy, proxy_from_environment
 from gateway.wire import EXCHANGE_VERSIONS
 
+# An SMTP address in printable ASCII, as a header value can carry it.
+ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
@@ -60,10 +64,16 @@ class Config:
     threads: int | None = None
     log_level: str = "info"
     metrics_dir: str | None = None
+    # None: serving's default (about 250,000, with jitter); 0: never recycle.
+    max_requests: int | None = None
     max_in_flight: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     retry_max_back_off_s: float = 2.0
+    connection_idle_s: float = 30.0
+    anchor_mailbox: str | None = None
+    # The outbound proxy to Exchange (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), if any.
+    ews_proxy: Proxy | None = None
     events_poll_s: float = 1.0
     events_max_streams: int = 1000
     # Set by `ews-gateway demo` only (never from the environment): serve the call screen.
@@ -114,6 +124,7 @@ class Config:
             threads=env.count("GATEWAY_THREADS"),
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
+            max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
             max_in_flight=env.count("EWS_MAX_IN_FLIGHT"),
             breaker_failures=env.count("EWS_BREAKER_FAILURES") or 5,
             breaker_cooldown_s=env.number(
@@ -122,10 +133,15 @@ class Config:
             retry_max_back_off_s=env.number(
                 "EWS_RETRY_MAX_BACKOFF_SECONDS", default=2.0, low=0.0, high=60.0
             ),
+            connection_idle_s=env.number(
+                "EWS_CONNECTION_IDLE_SECONDS", default=30.0, low=0.1, high=3600.0
+            ),
+            anchor_mailbox=env.mailbox("EWS_ANCHOR_MAILBOX"),
+            ews_proxy=env.proxy(),
             events_poll_s=env.number(
                 "GATEWAY_EVENTS_POLL_SECONDS", default=1.0, low=0.1, high=60.0
             ),
-            events_max_streams=env.whole(
+            events_max_streams=env.count_in(
                 "GATEWAY_EVENTS_MAX_STREAMS", default=1000, low=1, high=100_000
             ),
         )
@@ -191,7 +207,36 @@ class _Env:
             raise ConfigError(f"{name} must be an http:// or https:// URL with a host")
         if parts.username or parts.password:
             raise ConfigError(f"{name} must not carry credentials; use EWS_USERNAME/EWS_PASSWORD")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise ConfigError(f"{name} has a port outside 1-65535")
+        if not parts.hostname.isascii():
+            try:
+                http1.ascii_host(parts.hostname)
+            except ValueError as error:
+                raise ConfigError(f"{name}: {error}") from None
         return value
+
+    def mailbox(self, name: str) -> str | None:
+        """Read an SMTP address as an HTTP header can carry it (X-AnchorMailbox)."""
+        value = self.text(name)
+        if value and (value.count("@") != 1 or not ANCHOR_MAILBOX.fullmatch(value)):
+            raise ConfigError(f"{name} must be one SMTP address, e.g. svc-ews@example.com")
+        return value or None
+
+    def proxy(self) -> Proxy | None:
+        """Read the outbound proxy to EWS_URL as curl would choose it."""
+        url = self.text("EWS_URL")
+        if not url:
+            return None
+        try:
+            proxy, _variable = proxy_from_environment(self._environ, url)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return proxy
 
     def choice(self, name: str, options: Sequence[str], *, default: str | None) -> str:
         value = self.text(name) or default
@@ -221,7 +266,15 @@ class _Env:
             raise ConfigError(f"{name} must be a whole number from 1 to 256, got {raw!r}")
         return int(raw)
 
-    def whole(self, name: str, *, default: int, low: int, high: int) -> int:
+    def whole(self, name: str, *, high: int) -> int | None:
+        raw = self.text(name)
+        if not raw:
+            return None
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
+            raise ConfigError(f"{name} must be a whole number from 0 to {high:,}, got {raw!r}")
+        return int(raw)
+
+    def count_in(self, name: str, *, default: int, low: int, high: int) -> int:
         raw = self.text(name)
         if not raw:
             return default
