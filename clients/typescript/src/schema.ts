@@ -358,9 +358,12 @@ export interface components {
         /**
          * @description Exchange failed in a way the caller cannot fix: an unmapped EWS error
          *     or SOAP fault (`ewsResponseCode` set), the gateway's own credentials
-         *     refused by Exchange (HTTP 401/403 upstream), a redirect to Exchange's
-         *     error page, an answer that is not a SOAP envelope, or Exchange could
-         *     not be reached at all.
+         *     refused by Exchange (HTTP 401/403 upstream, or 440 Login Timeout from a
+         *     forms login in front of EWS: `upstream-authentication-failed`), a
+         *     redirect to Exchange's error page, an answer that is not a SOAP
+         *     envelope or not HTTP/1.1 framed strictly, a compressed answer larger
+         *     than 1 MiB inflated, or Exchange (or the outbound proxy) could not be
+         *     reached at all, TLS failures included.
          */
         BadGateway: {
             headers: {
@@ -379,7 +382,9 @@ export interface components {
          *     (ErrorServerBusy, ErrorExceededConnectionCount,
          *     ErrorTooManyObjectsOpened) `Retry-After` says how long to wait
          *     (Exchange's BackOffMilliseconds rounded up to seconds, 5 when it gave
-         *     none); Exchange's own HTTP 503 `Retry-After` is passed on.
+         *     none); when Exchange answers HTTP 429, or 503 with `Retry-After`
+         *     (seconds or an HTTP date), it is passed on in seconds (429 without
+         *     one: 5).
          */
         Unavailable: {
             headers: {
@@ -390,7 +395,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description Exchange did not answer within EWS_TIMEOUT_SECONDS. */
+        /** @description Exchange did not answer within EWS_TIMEOUT_SECONDS (name resolution, every address, the proxy and TLS included), or a balancer in front of Exchange answered 504 itself. */
         GatewayTimeout: {
             headers: {
                 [name: string]: unknown;
