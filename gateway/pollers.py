@@ -50,7 +50,6 @@ class CallPoller:
     request_id: str
     watchers: set[Any] = field(default_factory=set)
     latest: Snapshot | None = None
-    answered_at: float = 0.0
     in_flight: bool = False
     due: float = 0.0
 
@@ -121,7 +120,6 @@ class Pollers:
         poller.due = outcome.answered_at + self._interval_s
         if outcome.snapshot is not None:
             poller.latest = outcome.snapshot
-            poller.answered_at = outcome.answered_at
         return poller
 
     def close(self) -> None:

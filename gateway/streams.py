@@ -275,7 +275,8 @@ class EventStreams:
         poller = self._pollers.watch(stream.key, stream, stream.watch.request_id)
         self._observe_pollers()
         if poller.latest is not None:
-            self._send_state(stream, poller.latest, poller.answered_at)
+            # An earlier poll's answer: not a change seen now, so not a delivery to time.
+            self._send_state(stream, poller.latest, None)
         else:
             self._flush(stream)
 
@@ -289,11 +290,12 @@ class EventStreams:
             elif outcome.snapshot is not None:
                 self._send_state(stream, outcome.snapshot, outcome.answered_at)
 
-    def _send_state(self, stream: _Stream, state: Snapshot, answered_at: float) -> None:
+    def _send_state(self, stream: _Stream, state: Snapshot, answered_at: float | None) -> None:
         if state.fingerprint != stream.fingerprint:
             stream.sequence += 1
             stream.fingerprint = state.fingerprint
-            stream.answered.append(answered_at)
+            if answered_at is not None:
+                stream.answered.append(answered_at)
             self._write(stream, events.state_event(stream.sequence, state))
         if state.ended:
             self._end(stream)
@@ -382,11 +384,11 @@ class EventStreams:
         self._observe_pollers()
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(stream.sock)
-        # The slot is free before the watcher sees the end, so it may watch again at once.
+        # The slot is free (and counted so) before the watcher sees the end: it may watch again.
         stream.release()
-        stream.sock.close()
         if self._observer is not None:
             self._observer.stream_closed()
+        stream.sock.close()
         LOG.info(
             "event stream closed",
             extra={"requestId": stream.watch.request_id, "reason": reason, "events": stream.events},

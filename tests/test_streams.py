@@ -293,6 +293,46 @@ def test_a_quiet_stream_gets_a_heartbeat_comment_each_interval() -> None:
     assert pump.wait_closed(2)
 
 
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.open = 0
+        self.polled: list[int] = []
+
+    def stream_opened(self) -> None:
+        self.open += 1
+
+    def stream_closed(self) -> None:
+        self.open -= 1
+
+    def calls_polled(self, count: int) -> None:
+        self.polled.append(count)
+
+    def event_delivered(self, seconds: float) -> None:
+        self.delays.append(seconds)
+
+
+def test_each_change_a_poll_saw_is_timed_to_its_watcher_but_a_late_joiner_s_first_is_not() -> None:
+    exchange = ScriptedExchange({"call-1": [info(state) for state in STATES]})
+    observer = RecordingObserver()
+    pump = EventStreams(
+        exchange, poll_interval_s=0.3, max_streams=2, poll_threads=1, observer=observer
+    )
+    early = open_stream(pump)
+    deadline = time.monotonic() + 5
+    while not observer.delays and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the first poll's Connecting reached the early watcher
+    late = open_stream(pump)  # gets that Connecting from the poller, not from a poll of its own
+    _, early_events = read_all(early)
+    _, late_events = read_all(late)
+
+    assert len(early_events) == len(late_events) == 4
+    assert len(observer.delays) == 4 + 3, "every change for both; not the late joiner's first"
+    assert all(0 <= delay < 1 for delay in observer.delays)
+    assert observer.open == 0
+    assert observer.polled[-1] == 0, "nothing is polled once both streams ended"
+
+
 def test_a_response_head_for_http_1_0_has_no_chunking() -> None:
     head = response_head("200 OK", [("Content-Length", "0"), ("X-Request-ID", "r")], False)
 
