@@ -19,9 +19,8 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any, Protocol
 
 from flask import Response
@@ -30,6 +29,7 @@ from gateway import events
 from gateway.errors import ShuttingDown, StreamLimitReached
 from gateway.events import Resume, Snapshot
 from gateway.ews import PhoneCalls
+from gateway.handoff import HandOffResponse
 from gateway.pollers import Pollers, PollKey, PollOutcome
 
 LOG = logging.getLogger("gateway.access")
@@ -61,10 +61,6 @@ class StreamObserver(Protocol):
 
     def event_delivered(self, seconds: float) -> None:
         """An event left for its watcher SECONDS after Exchange's answer was read."""
-
-
-class HandedOff(StopIteration):
-    """The pump owns the connection now: gunicorn must neither answer nor close it."""
 
 
 @dataclass(frozen=True)
@@ -135,10 +131,12 @@ class EventStreams:
         ShuttingDown (503) while it drains: both before anything is sent.
         """
         release = self._reserve()
-        response = _HandOffResponse(self, watch, sock, protocol == "HTTP/1.1")
-        # Released with the response if it never reaches the pump (e.g. a failing hook).
-        response.finalizer = weakref.finalize(response, release)
-        return response
+        chunked = protocol == "HTTP/1.1"
+
+        def adopt(head: bytes, release: Callable[[], None]) -> None:
+            self.adopt(sock, head, watch, chunked=chunked, release=release)
+
+        return HandOffResponse(adopt, release, chunked=chunked)
 
     def handed_off(self, sock: Any) -> bool:
         """Whether SOCK belongs to the pump now (the worker must leave it alone)."""
@@ -397,41 +395,3 @@ class EventStreams:
     def _observe_pollers(self) -> None:
         if self._observer is not None:
             self._observer.calls_polled(len(self._pollers))
-
-
-class _HandOffResponse(Response):
-    """A text/event-stream response whose body the pump writes."""
-
-    def __init__(self, streams: EventStreams, watch: Watch, sock: socket.socket, chunked: bool):
-        super().__init__(
-            status=200,
-            mimetype="text/event-stream",
-            # no-store: no cache keeps a stream; X-Accel-Buffering: nginx passes each event on.
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
-        self.streams = streams
-        self.watch = watch
-        self.sock = sock
-        self.chunked = chunked
-        self.finalizer: weakref.finalize[Any, Any] | None = None
-
-    def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
-        """Hand the socket and the response head to the pump; gunicorn sends nothing itself."""
-        assert self.finalizer is not None
-        detached = self.finalizer.detach()
-        if detached is None:  # already released: cannot happen while the response is alive
-            raise RuntimeError("event stream reservation lost")
-        headers = self.get_wsgi_headers(environ).to_wsgi_list()
-        head = response_head(self.status, headers, self.chunked)
-        self.streams.adopt(self.sock, head, self.watch, chunked=self.chunked, release=detached[1])
-        raise HandedOff
-
-
-def response_head(status: str, headers: list[tuple[str, str]], chunked: bool) -> bytes:
-    """Render a streaming response's head; the body runs until the connection closes."""
-    version = "HTTP/1.1" if chunked else "HTTP/1.0"
-    lines = [f"{version} {status}", f"Date: {formatdate(usegmt=True)}", "Connection: close"]
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    lines += [f"{name}: {value}" for name, value in headers if name.lower() != "content-length"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -21,7 +21,7 @@ from gateway import api
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.ews import EwsClient
-from gateway.streams import HandedOff
+from gateway.handoff import HandedOff
 from tests.test_api import FakeExchange, assert_problem
 
 ORIGIN = "https://app.example.com"

@@ -20,7 +20,8 @@ from gateway import events
 from gateway.errors import CallNotFound, EwsBusy, GatewayError, ShuttingDown, StreamLimitReached
 from gateway.events import Resume
 from gateway.ews import CallInformation
-from gateway.streams import EventStreams, HandedOff, Watch, response_head
+from gateway.handoff import HandedOff, response_head
+from gateway.streams import EventStreams, Watch
 
 STATES = ("Connecting", "Alerted", "Connected", "Disconnected")
 
