@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     free_port,
     gateway_env,
     http,
+    set_faults,
     simulator_requests,
     start,
 )
@@ -280,3 +281,29 @@ def test_beyond_the_stream_limit_a_watcher_gets_503_with_retry_after(
         lambda: http("GET", f"{gateway.url}/metrics").body.count(b"event_streams_open 0.0"),
         "the slots to be free again",
     )
+
+
+def test_a_throttled_exchange_is_an_error_event_with_the_problem_and_its_retry(
+    serve: Callable[..., Server], slow_simulator: Server
+) -> None:
+    gateway = serve()
+    call_id = place_call(gateway)
+    set_faults(
+        slow_simulator,
+        {"kind": "busy", "backOffMs": 3000, "operation": "GetPhoneCallInformation"},
+    )
+    watcher = Watcher(events_url(gateway, call_id), "throttled-1")
+    watcher.run()
+
+    assert watcher.status == 200
+    assert watcher.ended_cleanly
+    assert len(watcher.events) == 1
+    [event] = watcher.events
+    assert event["event"] == "error"
+    assert event["retry"] == "3000"
+    problem = json.loads(event["data"])
+    assert problem["status"] == 503
+    assert problem["type"] == "urn:ews-gateway:problem:exchange-busy"
+    assert problem["ewsResponseCode"] == "ErrorServerBusy"
+    assert problem["retryAfter"] == 3
+    assert problem["requestId"] == "throttled-1"
