@@ -169,12 +169,6 @@ class ShuttingDown(GatewayError):
     title = "This instance is shutting down"
 
 
-class StreamsUnavailable(GatewayError):
-    status = 501
-    slug = "streams-unavailable"
-    title = "Event streams need the gateway's own server"
-
-
 # Exchange's MessageText is passed on, but bounded: a caller needs the gist, not a dump.
 MAX_MESSAGE_CHARS = 300
 

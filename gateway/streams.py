@@ -29,7 +29,7 @@ from gateway import events
 from gateway.errors import ShuttingDown, StreamLimitReached
 from gateway.events import Resume, Snapshot
 from gateway.ews import PhoneCalls
-from gateway.handoff import HandOffResponse
+from gateway.handoff import HandOffResponse, relayed_response
 from gateway.pollers import Pollers, PollKey, PollOutcome
 
 LOG = logging.getLogger("gateway.access")
@@ -124,13 +124,18 @@ class EventStreams:
         self._all_closed = threading.Event()
         self._all_closed.set()
 
-    def response(self, watch: Watch, sock: socket.socket, protocol: str) -> Response:
+    def response(self, watch: Watch, sock: socket.socket | None, protocol: str) -> Response:
         """Reserve a stream for WATCH and return the response that hands SOCK to the pump.
 
-        Raises StreamLimitReached (503) when this worker holds max_streams already and
-        ShuttingDown (503) while it drains: both before anything is sent.
+        Without SOCK (a server that lends no socket) the pump's writing is relayed through
+        the request thread. Raises StreamLimitReached (503) when this worker holds
+        max_streams already and ShuttingDown (503) while it drains: before anything is sent.
         """
         release = self._reserve()
+        if sock is None:
+            return relayed_response(
+                lambda pump_end: self.adopt(pump_end, b"", watch, chunked=False, release=release)
+            )
         chunked = protocol == "HTTP/1.1"
 
         def adopt(head: bytes, release: Callable[[], None]) -> None:

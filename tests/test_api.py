@@ -341,7 +341,6 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.UpstreamTimeout: 504,
     errors.StreamLimitReached: 503,
     errors.ShuttingDown: 503,
-    errors.StreamsUnavailable: 501,
 }
 
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from gateway import api
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.ews import EwsClient
+from gateway.ews import CallInformation, EwsClient
 from gateway.handoff import HandedOff
 from tests.test_api import FakeExchange, assert_problem
 
@@ -140,12 +140,36 @@ def test_beyond_the_stream_limit_it_is_503_with_retry_after(
     assert state.streams.wait_closed(2)
 
 
-def test_without_a_socket_to_take_over_it_is_501(tmp_path: Path) -> None:
-    app, _ = build(tmp_path)
+def test_a_server_that_lends_no_socket_gets_the_stream_relayed_through_its_thread(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(hashlib.sha256(b"k3y").hexdigest() + "\n")
+    ended = FakeExchange()
+    ended.information = CallInformation(
+        state="Disconnected",
+        connection_failure_cause="NoAnswer",
+        sip_response_code=480,
+        sip_response_text="Temporarily Unavailable",
+        ews_code="NoError",
+    )
+    config = Config(
+        ews_url="http://exchange.invalid/EWS/Exchange.asmx",
+        gateway_auth="apikey",
+        api_keys_file=str(keys),
+    )
+    app = create_app(config, ews=cast(EwsClient, ended), registry=CollectorRegistry())
     response = watch(app, "/calls/call-1/events", None, **{"X-API-Key": "k3y"})
 
-    body = assert_problem(response, 501)  # type: ignore[arg-type]
-    assert "ews-gateway serve" in body["detail"]
+    assert response.status_code == 200  # type: ignore[attr-defined]
+    assert response.mimetype == "text/event-stream"  # type: ignore[attr-defined]
+    text = response.get_data(as_text=True)  # type: ignore[attr-defined]
+    assert text.startswith("id: 1-")
+    assert "event: state\n" in text
+    data = json.loads(text.split("data: ", 1)[1].split("\n", 1)[0])
+    assert data["state"] == "Disconnected"
+    assert data["sipResponseCode"] == 480
+    assert text.endswith("\n\n"), "the stream ended after Disconnected"
 
 
 def test_a_browser_may_send_last_event_id_across_origins(tmp_path: Path) -> None:

@@ -243,6 +243,24 @@ export interface components {
             ewsResponseCode: string;
             warning?: string;
         };
+        /** @description A `state` event of `GET /calls/{callId}/events`: the call as `GET /calls/{callId}` shows it. */
+        StateEvent: {
+            /** @constant */
+            event: "state";
+            /** @description `<sequence>-<fingerprint>`; send it back as `Last-Event-ID` to resume. */
+            id: string;
+            data: string;
+        };
+        /** @description The `error` event that ends a stream: the problem `GET /calls/{callId}` would have answered. */
+        ErrorEvent: {
+            /** @constant */
+            event: "error";
+            /** @description The last state event's id (event streams carry it over). */
+            id?: string;
+            /** @description Milliseconds to wait, when the problem has `retryAfter`. */
+            retry?: number;
+            data: string;
+        };
         /** @description RFC 9457 problem details. */
         Problem: {
             /**
@@ -603,21 +621,12 @@ export interface operations {
                      *     event: state
                      *     data: {"callId":"MDM2OWVl","state":"Alerted","connectionFailureCause":"None","ewsResponseCode":"NoError"}
                      */
-                    "text/event-stream": string;
+                    "text/event-stream": components["schemas"]["StateEvent"] | components["schemas"]["ErrorEvent"];
                 };
             };
             400: components["responses"]["InvalidRequest"];
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
-            /** @description Served by something other than `ews-gateway serve` or `demo`, which cannot hold streams. */
-            501: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/problem+json": components["schemas"]["Problem"];
-                };
-            };
             /**
              * @description This worker already holds `GATEWAY_EVENTS_MAX_STREAMS` streams
              *     (`too-many-streams`, `Retry-After: 2`), or the instance is shutting
