@@ -98,7 +98,10 @@ def place_call() -> Response:
 
 
 def authorized_call(call_id: str) -> str:
-    """Return the call id once it is valid and the caller may see the call (GET and events)."""
+    """Return the EWS id of the caller's call once the id is valid and the caller may see it.
+
+    GET and the event stream both go through here.
+    """
     return validation.check_call_id(call_id)
 
 
@@ -127,6 +130,7 @@ def get_call(call_id: str) -> Response:
 def watch_call(call_id: str) -> Response:
     """Stream the call's state: the current one, then each change, until Disconnected."""
     watch = Watch(
+        call_id,
         authorized_call(call_id),
         g.caller.mailbox,
         g.request_id,

@@ -26,7 +26,7 @@ HEARTBEAT = b": heartbeat\n\n"
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A call's state as GET /calls/{callId} shows it, and its fingerprint."""
+    """A call's state as GET /calls/{callId} shows it (callId aside), and its fingerprint."""
 
     body: dict[str, Any]
     fingerprint: str
@@ -44,10 +44,9 @@ class Resume:
     fingerprint: str
 
 
-def call_body(call_id: str, info: CallInformation) -> dict[str, Any]:
-    """Return the JSON body of GET /calls/{callId} for this call information."""
+def call_body(info: CallInformation) -> dict[str, Any]:
+    """Return the fields of GET /calls/{callId} for this call information, callId aside."""
     body: dict[str, Any] = {
-        "callId": call_id,
         "state": info.state,
         "connectionFailureCause": info.connection_failure_cause,
         "ewsResponseCode": info.ews_code,
@@ -61,9 +60,9 @@ def call_body(call_id: str, info: CallInformation) -> dict[str, Any]:
     return body
 
 
-def snapshot(call_id: str, info: CallInformation) -> Snapshot:
+def snapshot(info: CallInformation) -> Snapshot:
     """Return the call's state with a fingerprint of what a watcher would see change."""
-    body = call_body(call_id, info)
+    body = call_body(info)
     # Only the call's own fields: a warning or response code alone is not a change of state.
     seen = [body["state"], body["connectionFailureCause"]]
     seen += [body.get("sipResponseCode"), body.get("sipResponseText")]
@@ -81,9 +80,9 @@ def parse_last_event_id(header: str | None) -> Resume | None:
     return Resume(int(match[1]), match[2])
 
 
-def state_event(sequence: int, state: Snapshot) -> bytes:
-    """Frame one state as an SSE `state` event whose id names it."""
-    data = json.dumps(state.body, separators=(",", ":"))
+def state_event(sequence: int, call_id: str, state: Snapshot) -> bytes:
+    """Frame one state of the call the watcher knows as CALL_ID as an SSE `state` event."""
+    data = json.dumps({"callId": call_id, **state.body}, separators=(",", ":"))
     return f"id: {sequence}-{state.fingerprint}\nevent: state\ndata: {data}\n\n".encode()
 
 

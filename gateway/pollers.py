@@ -26,7 +26,7 @@ from gateway.ews import PhoneCalls
 
 LOG = logging.getLogger("gateway")
 
-# (mailbox, call id): impersonated callers never share a poll of someone else's mailbox.
+# (mailbox, EWS call id): impersonated callers never share a poll of another mailbox.
 PollKey = tuple[str | None, str]
 
 
@@ -137,7 +137,7 @@ class Pollers:
         mailbox, call_id = key
         try:
             info = self._ews.get_call_information(call_id, request_id=request_id, mailbox=mailbox)
-            state = snapshot(call_id, info)
+            state = snapshot(info)
             outcome = PollOutcome(key, generation, time.monotonic(), snapshot=state)
         except GatewayError as error:
             outcome = PollOutcome(key, generation, time.monotonic(), error=error)

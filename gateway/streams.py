@@ -67,7 +67,8 @@ class StreamObserver(Protocol):
 class Watch:
     """One watcher's request: which call, as whom, from where it resumes."""
 
-    call_id: str
+    call_id: str  # as the caller knows it, shown in each event
+    ews_call_id: str  # as Exchange knows it, polled
     mailbox: str | None
     request_id: str
     resume: Resume | None
@@ -90,7 +91,7 @@ class _Stream:
 
     @property
     def key(self) -> PollKey:
-        return (self.watch.mailbox, self.watch.call_id)
+        return (self.watch.mailbox, self.watch.ews_call_id)
 
 
 class EventStreams:
@@ -299,7 +300,7 @@ class EventStreams:
             stream.fingerprint = state.fingerprint
             if answered_at is not None:
                 stream.answered.append(answered_at)
-            self._write(stream, events.state_event(stream.sequence, state))
+            self._write(stream, events.state_event(stream.sequence, stream.watch.call_id, state))
         if state.ended:
             self._end(stream)
 

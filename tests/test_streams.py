@@ -50,6 +50,9 @@ class ScriptedExchange:
         self, call_id: str, *, request_id: str, mailbox: str | None = None
     ) -> CallInformation:
         self.gate.wait(5)
+        # Watchers know a call by their own id; Exchange is asked with the EWS id behind it.
+        assert call_id.startswith("ews-")
+        call_id = call_id.removeprefix("ews-")
         script = self.scripts[call_id]
         answer = script[min(self.polls[call_id], len(script) - 1)]
         self.polls[call_id] += 1
@@ -91,7 +94,7 @@ def open_stream(
     server_end, watcher_end = socket.socketpair()
     watcher_end.settimeout(5)
     _WATCHERS.append(watcher_end)
-    watch = Watch(call_id, "alice@example.com", f"req-{call_id}", resume)
+    watch = Watch(call_id, f"ews-{call_id}", "alice@example.com", f"req-{call_id}", resume)
     try:
         response = streams.response(watch, server_end, "HTTP/1.1")
     except GatewayError:
@@ -188,7 +191,7 @@ def test_resuming_with_the_last_event_id_does_not_repeat_that_event() -> None:
     pump = EventStreams(
         ScriptedExchange({"call-1": script}), poll_interval_s=0.02, max_streams=1, poll_threads=1
     )
-    seen = events.snapshot("call-1", info("Connected"))
+    seen = events.snapshot(info("Connected"))
     _, received = read_all(open_stream(pump, resume=Resume(7, seen.fingerprint)))
 
     assert len(received) == 1
@@ -352,9 +355,8 @@ def test_last_event_id_is_read_or_refused() -> None:
 
 
 def test_a_fingerprint_follows_the_call_not_its_warning() -> None:
-    plain = events.snapshot("c", info("Alerted"))
+    plain = events.snapshot(info("Alerted"))
     warned = events.snapshot(
-        "c",
         CallInformation(
             state="Alerted",
             connection_failure_cause="None",
@@ -366,4 +368,4 @@ def test_a_fingerprint_follows_the_call_not_its_warning() -> None:
     )
 
     assert plain.fingerprint == warned.fingerprint
-    assert plain.fingerprint != events.snapshot("c", info("Connected")).fingerprint
+    assert plain.fingerprint != events.snapshot(info("Connected")).fingerprint
