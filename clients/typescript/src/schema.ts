@@ -377,7 +377,10 @@ export interface components {
          * @description Exchange failed in a way the caller cannot fix: an unmapped EWS error
          *     or SOAP fault (`ewsResponseCode` set), the gateway's own credentials
          *     refused by Exchange (HTTP 401/403 upstream, or 440 Login Timeout from a
-         *     forms login in front of EWS: `upstream-authentication-failed`), a
+         *     forms login in front of EWS), or an NTLM, Kerberos or Negotiate
+         *     handshake that cannot complete (no challenge, a 400 to the token, a
+         *     channel binding refused, no Kerberos ticket from the KDC): all
+         *     `upstream-authentication-failed`; a
          *     redirect to Exchange's error page, an answer that is not a SOAP
          *     envelope or not HTTP/1.1 framed strictly, a compressed answer larger
          *     than 1 MiB inflated, or Exchange (or the outbound proxy) could not be
