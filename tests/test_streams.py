@@ -253,7 +253,8 @@ def test_draining_ends_each_stream_with_a_retry_hint_and_refuses_new_ones() -> N
 
 def test_the_stream_limit_refuses_one_more_and_frees_slots_as_streams_end() -> None:
     exchange = ScriptedExchange({"call-1": [info("Connected")], "call-2": [info("Disconnected")]})
-    pump = EventStreams(exchange, poll_interval_s=0.05, max_streams=2, poll_threads=1)
+    exchange.gate.clear()  # no poll answers (and so no stream ends) until the limit is hit
+    pump = EventStreams(exchange, poll_interval_s=0.05, max_streams=2, poll_threads=2)
     open_stream(pump)
     ending = open_stream(pump, "call-2")
 
@@ -262,6 +263,7 @@ def test_the_stream_limit_refuses_one_more_and_frees_slots_as_streams_end() -> N
     assert refused.value.status == 503
     assert refused.value.retry_after_s == 2
 
+    exchange.gate.set()
     read_all(ending)  # call-2 is over: its slot is free again
     open_stream(pump)
     pump.drain()
