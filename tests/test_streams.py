@@ -339,6 +339,38 @@ def test_each_change_a_poll_saw_is_timed_to_its_watcher_but_a_late_joiner_s_firs
     assert observer.polled[-1] == 0, "nothing is polled once both streams ended"
 
 
+class FlappingExchange(ScriptedExchange):
+    """A call whose state changes at every poll, for as long as anyone asks."""
+
+    def get_call_information(
+        self, call_id: str, *, request_id: str, mailbox: str | None = None
+    ) -> CallInformation:
+        self.polls[call_id] += 1
+        return info("Alerted" if self.polls[call_id] % 2 else "Connecting")
+
+
+def test_a_watcher_that_stops_reading_is_dropped_and_its_slot_freed() -> None:
+    pump = EventStreams(FlappingExchange({}), poll_interval_s=0.001, max_streams=1, poll_threads=1)
+    server_end, watcher_end = socket.socketpair()
+    _WATCHERS.append(watcher_end)
+    for end in (server_end, watcher_end):  # small buffers: the backlog builds up in the pump
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    response = pump.response(Watch("c", "ews-c", None, "slow", None), server_end, "HTTP/1.1")
+    with pytest.raises(HandedOff):
+        response({}, lambda *args: None)
+
+    assert pump.wait_closed(20), "the pump gave up on the watcher that never read"
+    watcher_end.settimeout(5)
+    received = b""
+    while chunk := watcher_end.recv(65536):
+        received += chunk
+    assert not received.endswith(b"0\r\n\r\n"), "dropped, not ended: it never got the end"
+    open_stream(pump, "c")  # its slot is free again
+    pump.drain()
+    assert pump.wait_closed(5)
+
+
 def test_a_response_head_for_http_1_0_has_no_chunking() -> None:
     head = response_head("200 OK", [("Content-Length", "0"), ("X-Request-ID", "r")], False)
 
