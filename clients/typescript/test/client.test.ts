@@ -102,3 +102,25 @@ test("the event reader joins data lines and takes CR, LF and CRLF line ends", as
     { event: "message", data: "", retry: 250 },
   ]);
 });
+
+test("a stream that ends with a retry hint is resumed with Last-Event-ID after that long", async () => {
+  const seen: Array<string | null> = [];
+  const bodies = [
+    'id: 1-aaaaaaaaaaaa\nevent: state\ndata: {"callId":"c","state":"Connected","connectionFailureCause":"None","ewsResponseCode":"NoError"}\n\n: this instance is stopping; reconnect\nretry: 20\n\n',
+    'id: 2-bbbbbbbbbbbb\nevent: state\ndata: {"callId":"c","state":"Disconnected","connectionFailureCause":"None","ewsResponseCode":"NoError"}\n\n',
+  ];
+  const fakeFetch = (async (_url: string | URL | Request, init?: RequestInit) => {
+    seen.push(new Headers(init?.headers).get("Last-Event-ID"));
+    return new Response(bodies.shift(), { status: 200, headers: { "Content-Type": "text/event-stream" } });
+  }) as typeof fetch;
+  const events: CallEvent[] = [];
+  for await (const event of watchCall({ baseUrl: "http://gateway.invalid", fetch: fakeFetch }, "c")) {
+    events.push(event);
+  }
+  assert.deepEqual(
+    events.map((event) => event.type === "state" ? event.call.state : event.type),
+    ["Connected", "reconnecting", "Disconnected"],
+  );
+  assert.deepEqual(events[1], { type: "reconnecting", retryMs: 20, lastEventId: "1-aaaaaaaaaaaa" });
+  assert.deepEqual(seen, [null, "1-aaaaaaaaaaaa"]);
+});
