@@ -280,7 +280,13 @@ export interface components {
         };
     };
     responses: {
-        /** @description The request is malformed (a bad callId, a bad or incomplete body). Exchange was not contacted. */
+        /**
+         * @description The request is malformed (a bad callId; a body that is not JSON, uses
+         *     NaN or Infinity, or is not an object with the required fields; type
+         *     `invalid-request`), or is not valid HTTP/1.1 at all (a broken request
+         *     line, header or chunked body; type `malformed-request`). Exchange was
+         *     not contacted.
+         */
         InvalidRequest: {
             headers: {
                 [name: string]: unknown;
@@ -352,6 +358,51 @@ export interface components {
                 [name: string]: unknown;
             };
             content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
+        /** @description The whole request (head and body) did not arrive within GATEWAY_READ_TIMEOUT_SECONDS (10 s) of its first byte. The connection is closed. */
+        RequestTimeout: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                /**
+                 * @example {
+                 *       "type": "urn:ews-gateway:problem:request-timeout",
+                 *       "title": "The request did not arrive in time",
+                 *       "status": 408,
+                 *       "detail": "the whole request must arrive within 10 seconds",
+                 *       "requestId": "5f2b0c6e9d3a4e0b8f1a2c3d4e5f6a7b"
+                 *     }
+                 */
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
+        /** @description The request line is longer than 8,190 bytes. The connection is closed. */
+        UriTooLong: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
+        /** @description A header line is longer than 16 KiB, or there are more than 100 header lines. The connection is closed. */
+        HeadersTooLarge: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                /**
+                 * @example {
+                 *       "type": "urn:ews-gateway:problem:request-header-fields-too-large",
+                 *       "title": "The request headers are too large or too many",
+                 *       "status": 431,
+                 *       "detail": "send at most 100 header lines of at most 16 KiB each",
+                 *       "requestId": "5f2b0c6e9d3a4e0b8f1a2c3d4e5f6a7b"
+                 *     }
+                 */
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
@@ -486,9 +537,12 @@ export interface operations {
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
             404: components["responses"]["MailboxNotFound"];
+            408: components["responses"]["RequestTimeout"];
             413: components["responses"]["PayloadTooLarge"];
+            414: components["responses"]["UriTooLong"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["Unprocessable"];
+            431: components["responses"]["HeadersTooLarge"];
             502: components["responses"]["BadGateway"];
             503: components["responses"]["Unavailable"];
             504: components["responses"]["GatewayTimeout"];
@@ -528,7 +582,10 @@ export interface operations {
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
             404: components["responses"]["CallNotFound"];
+            408: components["responses"]["RequestTimeout"];
+            414: components["responses"]["UriTooLong"];
             422: components["responses"]["Unprocessable"];
+            431: components["responses"]["HeadersTooLarge"];
             502: components["responses"]["BadGateway"];
             503: components["responses"]["Unavailable"];
             504: components["responses"]["GatewayTimeout"];
@@ -575,7 +632,10 @@ export interface operations {
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
             404: components["responses"]["CallNotFound"];
+            408: components["responses"]["RequestTimeout"];
+            414: components["responses"]["UriTooLong"];
             422: components["responses"]["Unprocessable"];
+            431: components["responses"]["HeadersTooLarge"];
             502: components["responses"]["BadGateway"];
             503: components["responses"]["Unavailable"];
             504: components["responses"]["GatewayTimeout"];
