@@ -129,6 +129,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     that answered serve the next request itself when it arrives within NEXT_REQUEST_WAIT_S,
     unless other connections are waiting for a thread or the worker is stopping; a pipelined
     request already read is served at once.
+
+    Closing: a connection that ends is closed by the thread that answered on it
+    (_close_gently), not by the main thread, which a slow client would otherwise stall.
     """
 
     wsgi: Any
