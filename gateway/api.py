@@ -316,6 +316,8 @@ _LOG_LEVEL_BY_STATUS = {
 
 # What a caller reads for each of Werkzeug's errors, instead of Werkzeug's own sentences.
 _DETAIL_BY_STATUS = {
+    # Werkzeug's 400 here is ClientDisconnected: the body ended before its announced length.
+    400: "the request body ended before its announced length",
     404: "no route matches {method} {path}; see /openapi.yaml",
     413: "the body is larger than the 16 KiB a request may carry",
 }
