@@ -184,8 +184,11 @@ def _json_body() -> Any:
     """Return the parsed JSON body (`null` included: validation says what it must be)."""
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
+    data = request.get_data(cache=False)
+    if request.content_length is not None and len(data) < request.content_length:
+        raise InvalidRequest("the request body ended before its announced length")
     try:
-        return json.loads(request.get_data(cache=False), parse_constant=_refuse_constant)
+        return json.loads(data, parse_constant=_refuse_constant)
     except RecursionError:  # deep nesting: a few kilobytes can exhaust the parser's stack
         raise InvalidRequest("the body nests too deeply") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a refused constant
@@ -350,6 +353,7 @@ _LOG_LEVEL_BY_STATUS = {
 
 # What a caller reads for each of Werkzeug's errors, instead of Werkzeug's own sentences.
 _DETAIL_BY_STATUS = {
+    400: "the request body could not be read",
     404: "no route matches {method} {path}; see /openapi.yaml",
     413: "the body is larger than the 16 KiB a request may carry",
 }
