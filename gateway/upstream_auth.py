@@ -123,6 +123,35 @@ class BearerToken:
             self._header = f"Bearer {token}"
 
 
+class BasicRefusalHold:
+    """EWS_AUTH=basic: credentials Exchange refused are not sent again for HOLD_REFUSAL_S.
+
+    The Basic header itself goes out with every request, formatted once
+    (static_authorization); this only stops sending it after a 401, since each
+    refused Basic logon counts toward the account's lockout as an NTLM one does.
+    """
+
+    HOLD_REFUSAL_S = 30.0
+
+    def __init__(self) -> None:
+        self._refused_until = 0.0
+
+    def connected(self, connection: Connection, deadline: float) -> None:
+        """Nothing to prepare: the header goes with each request."""
+
+    def authorization(self, connection: Connection) -> str | None:
+        if time.monotonic() < self._refused_until:
+            raise _held(self.HOLD_REFUSAL_S)
+        return None  # already among the request's fields
+
+    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+        self._refused_until = time.monotonic() + self.HOLD_REFUSAL_S
+        return None  # the 401 is Exchange's answer
+
+    def answered(self, connection: Connection, answer: Answer) -> None:
+        """Nothing to check: Basic carries no answer from Exchange."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Who the gateway is, for pyspnego: a password, a keytab, or the ticket cache."""
@@ -257,10 +286,7 @@ class SecurityContextAuth:
     def _start(self, connection: Connection) -> _Handshake:
         """Start a security context bound to this connection's TLS certificate."""
         if time.monotonic() < self._refused_until:
-            raise _failed(
-                f"Exchange refused the gateway's credentials less than {self.HOLD_REFUSAL_S:g} s "
-                "ago; they are not sent again before then"
-            )
+            raise _held(self.HOLD_REFUSAL_S)
         bindings = None
         if connection.peer_certificate is not None:
             try:
@@ -342,6 +368,13 @@ def _library_failed(what: str, exc: Exception) -> UpstreamAuthFailed:
     return _failed(f"the security library {what} ({type(exc).__name__})")
 
 
+def _held(hold_s: float) -> UpstreamAuthFailed:
+    return _failed(
+        f"Exchange refused the gateway's credentials less than {hold_s:g} s ago; they are "
+        "not sent again before then"
+    )
+
+
 def _failed(reason: str) -> UpstreamAuthFailed:
     return UpstreamAuthFailed(f"Upstream authentication failed: {reason}", outcome="http_error")
 
@@ -357,6 +390,8 @@ def static_authorization(config: Config) -> str | None:
 def build_authenticator(config: Config, host: str) -> Authenticator | None:
     """Build the configured per-connection authentication to Exchange, whose host is host."""
     mode = config.ews_auth
+    if mode == "basic":
+        return BasicRefusalHold()
     if mode == "bearer":
         return BearerToken(config.ews_bearer_token, config.ews_bearer_token_file)
     if mode in SCHEMES:

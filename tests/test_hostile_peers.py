@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client import CollectorRegistry
 
 from gateway import connector
+from gateway.app import create_app
+from gateway.config import Config
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnreachable
 from gateway.proxy import Proxy
 from gateway.upstream_auth import Credentials, SecurityContextAuth
@@ -29,6 +32,7 @@ from tests.test_transport import (
     ENVELOPE,
     EWS_PATH,
     REQUEST_HEADERS,
+    Answer,
     Certificate,
     FakeExchange,
     RawServers,
@@ -46,6 +50,9 @@ __all__ = [
     "silent_addresses",
     "transports",
 ]  # fixtures, imported to be found by pytest
+
+
+CALL = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
 
 
 def resolver_threads() -> int:
@@ -292,3 +299,37 @@ def test_a_proxy_refusing_a_plain_http_request_with_407_is_named_not_blamed_on_e
         f"The proxy 127.0.0.1:{port} refused the request to Exchange (HTTP 407)"
     )
     assert raised.value.outcome == "connection_error"
+
+
+@pytest.mark.network
+def test_basic_credentials_exchange_refused_are_not_sent_again_for_a_while(
+    exchange: FakeExchange,
+) -> None:
+    # Each refused Basic logon counts toward the account's lockout in Active Directory,
+    # as a refused NTLM or Kerberos one does: every call used to send them again.
+    exchange.answer = Answer(401, {"WWW-Authenticate": 'Basic realm="mail.example.com"'}, b"")
+    config = Config.from_env(
+        {
+            "EWS_URL": exchange.url,
+            "GATEWAY_AUTH": "none",
+            "EWS_AUTH": "basic",
+            "EWS_USERNAME": "svc-gateway",
+            "EWS_PASSWORD": "wrong-password",
+        }
+    )
+    app = create_app(config, registry=CollectorRegistry())
+    try:
+        answers = [app.test_client().post("/calls", json=CALL) for _ in range(3)]
+    finally:
+        app.extensions["gateway"]["ews"]._transport.close()
+    assert [answer.status_code for answer in answers] == [502, 502, 502]
+    problems = [answer.json for answer in answers]
+    assert {problem["type"] for problem in problems} == {
+        "urn:ews-gateway:problem:upstream-authentication-failed"
+    }
+    assert problems[1]["detail"] == (
+        "Upstream authentication failed: Exchange refused the gateway's credentials less "
+        "than 30 s ago; they are not sent again before then"
+    )
+    assert "wrong-password" not in str(problems)
+    assert len(exchange.received) == 1
