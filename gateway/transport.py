@@ -285,10 +285,9 @@ class ExchangeTransport:
                 # May end a handshake, or refuse it (an unreadable answer, a 400 to its token).
                 authenticator.answered(connection, answer)
                 return answer
-            if not answer.reusable:
-                return answer
+            # Seen even on a closing connection: a refusal counts however the 401 came.
             authorization = authenticator.challenged(connection, answer)
-            if authorization is None:
+            if authorization is None or not answer.reusable:
                 return answer
         return answer
 

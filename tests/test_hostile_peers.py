@@ -25,7 +25,7 @@ from gateway.app import create_app
 from gateway.config import Config
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnreachable
 from gateway.proxy import Proxy
-from gateway.upstream_auth import Credentials, SecurityContextAuth
+from gateway.upstream_auth import BasicRefusalHold, Credentials, SecurityContextAuth
 from tests.test_connections import SilentAddress, resolving_to, silent_addresses
 from tests.test_transport import (
     ANSWER,
@@ -333,3 +333,34 @@ def test_basic_credentials_exchange_refused_are_not_sent_again_for_a_while(
     )
     assert "wrong-password" not in str(problems)
     assert len(exchange.received) == 1
+
+
+@pytest.mark.network
+def test_basic_credentials_refused_on_a_closing_connection_are_held_back_too(
+    raw_servers: RawServers, transports: Transports
+) -> None:
+    # A balancer in front of IIS closes the connection with its 401: a refusal all the same.
+    asked: list[bytes] = []
+
+    def refuse_and_close(connection: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = connection.recv(65536)
+            if not data:  # a connection opened and closed without a request
+                return
+            head += data
+        asked.append(head)
+        connection.sendall(
+            b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="mail"\r\n'
+            b"Connection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        connection.close()
+
+    server = raw_servers(refuse_and_close)
+    transport = transports(
+        server.url, authorization="Basic c3ZjOndyb25n", authenticator=BasicRefusalHold()
+    )
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).status == 401
+    with pytest.raises(UpstreamAuthFailed):
+        transport.post(ENVELOPE, REQUEST_HEADERS)
+    assert len(asked) == 1
