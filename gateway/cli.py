@@ -18,6 +18,8 @@ from gateway.simulator import serve_forever
 DEMO_BIND = "127.0.0.1:8080"
 SIMULATOR_BIND = "127.0.0.1:8081"
 SIMULATOR_START_TIMEOUT_S = 10.0
+# The simulator dials nobody, so the demo lets every dial string through (and says so).
+DEMO_DIAL_ALLOW = "*"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,10 +88,11 @@ def _demo(_args: argparse.Namespace) -> int:
             **os.environ,
             "EWS_URL": ews_url,
             "GATEWAY_AUTH": "none",
+            "GATEWAY_DIAL_ALLOW": os.environ.get("GATEWAY_DIAL_ALLOW", DEMO_DIAL_ALLOW),
             "GATEWAY_BIND": os.environ.get("GATEWAY_BIND", DEMO_BIND),
         }
         config = Config.from_env(environ)
-        _print_demo_banner(config.bind, ews_url)
+        _print_demo_banner(config, ews_url)
         serve(config)
     finally:
         simulator.terminate()
@@ -117,8 +120,9 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("ews-gateway: the EWS simulator did not start in time")
 
 
-def _print_demo_banner(bind: str, ews_url: str) -> None:
-    base = f"http://{bind}"
+def _print_demo_banner(config: Config, ews_url: str) -> None:
+    base = f"http://{config.bind}"
+    dial_allow = ",".join(config.dial_allow or ())
     print(
         f"""
 ==========================================================================
@@ -126,6 +130,8 @@ def _print_demo_banner(bind: str, ews_url: str) -> None:
   {ews_url}
   No real Exchange server is involved and no phone will ring.
   Caller authentication is OFF (GATEWAY_AUTH=none).
+  Dial policy: GATEWAY_DIAL_ALLOW={dial_allow} (the demo's default * allows
+  EVERY number; production needs a real policy).
 ==========================================================================
 Try it:
   curl -si -X POST {base}/calls -H 'Content-Type: application/json' \\

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import limits
+
 from gateway.wire import EXCHANGE_VERSIONS
 
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
@@ -25,6 +27,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Threads per gunicorn worker, and how many of them never wait on Exchange.
 DEFAULT_THREADS = 64
 RESERVED_THREADS = 4
+# A signing key shorter than this is guessable offline from one call id.
+MIN_KEY_BYTES = 32
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -64,6 +68,15 @@ class Config:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     retry_max_back_off_s: float = 2.0
+    # None: no policy given; `serve` refuses to start (see gateway.dialing).
+    dial_allow: tuple[str, ...] | None = None
+    rate_limit_calls: str | None = "10/minute"
+    rate_limit_requests: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    redis_password: str = field(default="", repr=False)
+    call_id_key: bytes = field(default=b"", repr=False)
+    operator_claim: tuple[str, str] | None = None
+    audit_dial_digits: int = 4
 
     @property
     def threads_per_worker(self) -> int:
@@ -113,6 +126,14 @@ class Config:
             retry_max_back_off_s=env.number(
                 "EWS_RETRY_MAX_BACKOFF_SECONDS", default=2.0, low=0.0, high=60.0
             ),
+            dial_allow=env.patterns("GATEWAY_DIAL_ALLOW"),
+            rate_limit_calls=env.rate_limit("GATEWAY_RATE_LIMIT_CALLS", default="10/minute"),
+            rate_limit_requests=env.rate_limit("GATEWAY_RATE_LIMIT_REQUESTS", default=None),
+            redis_url=env.redis_url("GATEWAY_REDIS_URL"),
+            redis_password=env.secret("GATEWAY_REDIS_PASSWORD"),
+            call_id_key=env.key("GATEWAY_CALL_ID_KEY"),
+            operator_claim=env.claim("GATEWAY_OPERATOR_CLAIM"),
+            audit_dial_digits=env.whole("GATEWAY_AUDIT_DIAL_DIGITS", default=4, low=0, high=32),
         )
         config.check_consistency()
         return config
@@ -136,6 +157,8 @@ class Config:
             raise ConfigError(
                 "EWS_MAX_IN_FLIGHT must be below GATEWAY_THREADS so probes always find a thread"
             )
+        if self.operator_claim is not None and self.gateway_auth != "jwt":
+            raise ConfigError("GATEWAY_OPERATOR_CLAIM needs GATEWAY_AUTH=jwt (it names a claim)")
         if self.ews_impersonation == "token" and self.gateway_auth != "jwt":
             raise ConfigError(
                 "EWS_IMPERSONATION=token needs GATEWAY_AUTH=jwt (the mailbox comes from the token)"
@@ -221,6 +244,65 @@ class _Env:
         if value and not Path(value).is_file():
             raise ConfigError(f"{name} names {value!r}, which is not a readable file")
         return value or None
+
+    def patterns(self, name: str) -> tuple[str, ...] | None:
+        """Read comma-separated glob patterns; None when the variable is unset or blank."""
+        raw = self.text(name)
+        if not raw:
+            return None
+        patterns = tuple(item.strip() for item in raw.split(","))
+        if not all(patterns):
+            raise ConfigError(f"{name} holds an empty pattern (two commas in a row?)")
+        return patterns
+
+    def rate_limit(self, name: str, *, default: str | None) -> str | None:
+        """Read a limit in the limits library's notation (`10/minute`), or `off`."""
+        raw = self.text(name) or default
+        if raw is None or raw.lower() == "off":
+            return None
+        try:
+            items = limits.parse_many(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be like 10/minute (or off), got {raw!r}") from None
+        if len(items) != 1:
+            raise ConfigError(f"{name} takes one limit like 10/minute, got {raw!r}")
+        return raw
+
+    def redis_url(self, name: str) -> str | None:
+        value = self.text(name)
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ConfigError(f"{name} must be a redis:// or rediss:// URL with a host")
+        if parts.password:
+            raise ConfigError(f"{name} must not carry a password; use GATEWAY_REDIS_PASSWORD_FILE")
+        return value
+
+    def key(self, name: str) -> bytes:
+        """Read a shared signing key (NAME or NAME_FILE) of at least 32 bytes."""
+        value = self.secret(name).encode("utf-8")
+        if value and len(value) < MIN_KEY_BYTES:
+            raise ConfigError(f"{name} must be at least {MIN_KEY_BYTES} bytes long")
+        return value
+
+    def claim(self, name: str) -> tuple[str, str] | None:
+        """Read `claim=value`, e.g. `roles=call-operator`."""
+        raw = self.text(name)
+        if not raw:
+            return None
+        claim, sep, value = (part.strip() for part in raw.partition("="))
+        if not (sep and claim and value):
+            raise ConfigError(f"{name} must be claim=value, e.g. roles=call-operator")
+        return claim, value
+
+    def whole(self, name: str, *, default: int, low: int, high: int) -> int:
+        raw = self.text(name)
+        if not raw:
+            return default
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+        return int(raw)
 
     def origins(self, name: str) -> tuple[str, ...]:
         """Read a comma-separated list of exact origins such as https://app.example.com."""

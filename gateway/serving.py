@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import select
 import shutil
 import tempfile
@@ -25,7 +26,8 @@ from gateway import metrics
 from gateway.api import ServiceState
 from gateway.app import create_app
 from gateway.callers import build_authenticator
-from gateway.config import Config
+from gateway.config import Config, ConfigError
+from gateway.dialing import DialPolicy
 from gateway.logs import configure_logging
 
 LOG = logging.getLogger("gateway")
@@ -190,6 +192,7 @@ def serve(config: Config) -> None:
         LOG.warning(
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
         )
+    config = _check_guards(config)
     if config.ews_url.lower().startswith("https:") and not config.ews_verify_tls:
         LOG.warning(
             "EWS_VERIFY_TLS=false: Exchange's certificate is not checked, so anyone on the "
@@ -200,6 +203,32 @@ def serve(config: Config) -> None:
     # A directory serve made itself is removed at exit; a configured one is left for inspection.
     scratch_dir = metrics_dir if config.metrics_dir is None else None
     GatewayServer(replace(config, metrics_dir=metrics_dir), scratch_dir=scratch_dir).run()
+
+
+def _check_guards(config: Config) -> Config:
+    """Refuse to serve without a dial policy; warn about settings that weaken the guards.
+
+    Returns the config with a call id key every worker shares when none was configured.
+    """
+    if config.dial_allow is None:
+        raise ConfigError(
+            "GATEWAY_DIAL_ALLOW is required: comma-separated patterns of the numbers callers "
+            "may dial, e.g. +1555*,4??? (* alone allows every number)"
+        )
+    if DialPolicy(config.dial_allow).allows_everything:
+        LOG.warning("GATEWAY_DIAL_ALLOW allows every dial string (*): toll fraud is not limited")
+    if config.redis_url is None:
+        LOG.warning(
+            "GATEWAY_REDIS_URL is not set: rate limits and idempotency keys hold per process, "
+            "not across workers and replicas"
+        )
+    if config.call_id_key:
+        return config
+    LOG.warning(
+        "GATEWAY_CALL_ID_KEY is not set: call ids hold for this instance until it restarts; "
+        "set the same key on every replica"
+    )
+    return replace(config, call_id_key=secrets.token_bytes(32))
 
 
 def _fresh_metrics_dir(configured: str | None) -> str:

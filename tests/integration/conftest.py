@@ -160,6 +160,9 @@ def gateway_env(simulator: Server, port: int, **extra: str) -> dict[str, str]:
     return {
         "EWS_URL": f"{simulator.url}/EWS/Exchange.asmx",
         "GATEWAY_AUTH": "none",
+        "GATEWAY_DIAL_ALLOW": "*",
+        # Tests place calls faster than any sane per-caller quota; quota tests set their own.
+        "GATEWAY_RATE_LIMIT_CALLS": "off",
         "GATEWAY_BIND": f"127.0.0.1:{port}",
         "GATEWAY_WORKERS": "2",
         "GATEWAY_THREADS": "8",

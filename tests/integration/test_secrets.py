@@ -155,6 +155,7 @@ def run_serve(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
     base = {
         "EWS_URL": "http://127.0.0.1:9/EWS/Exchange.asmx",
         "GATEWAY_AUTH": "none",
+        "GATEWAY_DIAL_ALLOW": "*",
         "GATEWAY_BIND": f"127.0.0.1:{free_port()}",
         "GATEWAY_WORKERS": "1",
     }
