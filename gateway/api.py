@@ -58,7 +58,7 @@ REFUSAL_BY_ERROR: dict[type[GatewayError], str] = {
     DialStringNotAllowed: "dial_string",
     RateLimited: "rate_limit",
     IdempotencyKeyInUse: "idempotency_in_use",
-    IdempotencyOutcomeUnknown: "idempotency_unknown",
+    IdempotencyOutcomeUnknown: "idempotency_uncertain",
     IdempotencyKeyReused: "idempotency_mismatch",
 }
 _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")

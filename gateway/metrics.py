@@ -35,7 +35,7 @@ REFUSAL_REASONS = (
     "rate_limit",
     "ownership",
     "idempotency_in_use",
-    "idempotency_unknown",
+    "idempotency_uncertain",
     "idempotency_mismatch",
 )
 REDIS_FEATURES = ("rate_limit", "idempotency")
