@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import cli
 from gateway.config import Config, ConfigError
 
 MINIMAL = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
@@ -84,3 +85,32 @@ def test_the_call_id_key_must_be_long_enough_and_is_never_shown() -> None:
 def test_the_operator_claim_is_claim_equals_value_and_needs_jwt() -> None:
     assert "GATEWAY_OPERATOR_CLAIM" in rejects(GATEWAY_OPERATOR_CLAIM="roles")
     assert "GATEWAY_OPERATOR_CLAIM" in rejects(GATEWAY_OPERATOR_CLAIM="roles=call-operator")
+
+
+def test_the_demo_sets_a_permissive_dial_policy_and_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[Config] = []
+    monkeypatch.setattr(cli, "serve", served.append)
+    monkeypatch.setattr(cli, "_wait_until_up", lambda *_args: None)
+    monkeypatch.setattr(cli, "_free_loopback_port", lambda: 9)
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeProcess)
+    monkeypatch.delenv("GATEWAY_DIAL_ALLOW", raising=False)
+
+    assert cli.main(["demo"]) == 0
+
+    assert served[0].dial_allow == ("*",)
+    assert "GATEWAY_DIAL_ALLOW=* (the demo's default * allows" in capsys.readouterr().err
+
+
+class FakeProcess:
+    """Stands in for the simulator process the demo starts."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self, timeout: float) -> int:
+        return 0
