@@ -74,6 +74,7 @@ class Config:
     rate_limit_requests: str | None = None
     redis_url: str | None = field(default=None, repr=False)
     redis_password: str = field(default="", repr=False)
+    redis_ca_bundle: str | None = None
     call_id_key: bytes = field(default=b"", repr=False)
     operator_claim: tuple[str, str] | None = None
     audit_dial_digits: int = 4
@@ -131,6 +132,7 @@ class Config:
             rate_limit_requests=env.rate_limit("GATEWAY_RATE_LIMIT_REQUESTS", default=None),
             redis_url=env.redis_url("GATEWAY_REDIS_URL"),
             redis_password=env.secret("GATEWAY_REDIS_PASSWORD"),
+            redis_ca_bundle=env.path("GATEWAY_REDIS_CA_BUNDLE"),
             call_id_key=env.key("GATEWAY_CALL_ID_KEY"),
             operator_claim=env.claim("GATEWAY_OPERATOR_CLAIM"),
             audit_dial_digits=env.whole("GATEWAY_AUDIT_DIAL_DIGITS", default=4, low=0, high=32),

@@ -3,6 +3,7 @@ their caller, quotas, idempotency keys and a Redis outage, as a balancer would s
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
+from cryptography import x509
 
 from tests.identity import SigningKey, claims, rsa_key
 from tests.integration.conftest import (
@@ -28,6 +30,7 @@ from tests.integration.conftest import (
     simulator_requests,
     start,
 )
+from tests.test_transport import Certificate, self_signed_certificate
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = pytest.mark.skipif(
@@ -45,34 +48,29 @@ class RedisServer:
     port: int
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
+    password: str | None = None
+    certificate: Certificate | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "redis" if self.certificate is None else "rediss"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        args = ["--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", ""]
+        args += ["--appendonly", "no"]
+        if self.certificate is None:
+            args += ["--port", str(self.port)]
+        else:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(self.certificate.cert_path)]
+            args += ["--tls-key-file", str(self.certificate.key_path)]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         log = (self.workdir / "redis.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.workdir),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        self.process = subprocess.Popen([REDIS_SERVER, *args], stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        client = self.client()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -81,7 +79,21 @@ class RedisServer:
                     return
             except redis.RedisError:
                 time.sleep(0.05)
+        self.stop()
         raise AssertionError("redis-server did not start")
+
+    def client(self) -> redis.Redis:
+        tls: dict[str, Any] = {}
+        if self.certificate is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.certificate.cert_path)}
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+            **tls,
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -318,3 +330,45 @@ def test_serve_refuses_to_start_without_a_dial_policy() -> None:
     assert result.returncode == 2
     assert "GATEWAY_DIAL_ALLOW" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_redis_over_tls_with_a_password_from_a_file_holds_the_shared_state(
+    tmp_path: Path, simulator: Server, signer: SigningKey
+) -> None:
+    workdir = tmp_path / "tls-redis"
+    workdir.mkdir()
+    certificate = self_signed_certificate(
+        workdir, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    secure = RedisServer(free_port(), workdir, password="redis-pass-0123", certificate=certificate)
+    secure.start()
+    password_file = tmp_path / "redis-password"
+    password_file.write_text("redis-pass-0123\n")
+    pem = tmp_path / "idp.pem"
+    pem.write_text(signer.public_pem(), encoding="ascii")
+    port = free_port()
+    env = gateway_env(
+        simulator,
+        port,
+        GATEWAY_AUTH="jwt",
+        GATEWAY_JWT_PUBLIC_KEY_FILE=str(pem),
+        GATEWAY_JWT_ISSUER=ISSUER,
+        GATEWAY_JWT_AUDIENCE=AUDIENCE,
+        GATEWAY_REDIS_URL=secure.url,
+        GATEWAY_REDIS_PASSWORD_FILE=str(password_file),
+        GATEWAY_REDIS_CA_BUNDLE=str(certificate.cert_path),
+        GATEWAY_RATE_LIMIT_CALLS="5/minute",
+    )
+    gateway = start(["serve"], env, f"http://127.0.0.1:{port}", "/readyz", tmp_path / "gw.log")
+    try:
+        keyed = {**as_caller(signer, "gina"), "Idempotency-Key": '"over-tls"'}
+        answer = http("POST", f"{gateway.url}/calls", PLACE, headers=keyed)
+        assert answer.status == 201, answer.body
+        stored = secure.client()
+        assert len(stored.keys("ews-gateway:idempotency:*")) == 1
+        assert len(stored.keys("ews-gateway:limits*")) == 1
+        assert metric(gateway, 'ews_gateway_redis_errors_total{feature="idempotency"}') == 0
+        assert "redis-pass-0123" not in gateway.log()
+    finally:
+        gateway.stop()
+        secure.stop()
