@@ -124,8 +124,11 @@ def place_call() -> Response:
     if header is None:
         answer = _dial(order)
     else:
-        fields = {"itemId": order.item_id, "itemChangeKey": order.item_change_key}
-        fields["dialString"] = order.dial_string
+        fields = {
+            "itemId": order.item_id,
+            "itemChangeKey": order.item_change_key,
+            "dialString": order.dial_string,
+        }
         answer = gateway["idempotency"].place(
             owner_of(g.caller),
             idempotency.parse_key(header),
