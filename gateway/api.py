@@ -19,7 +19,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, Rule
 
-from gateway import idempotency, validation
+from gateway import idempotency, logs, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import (
     CallNotFound,
@@ -250,6 +250,8 @@ def start_request() -> None:
     state.ews_code = None
     state.upstream_outcome = None
     state.rate_limits = []
+    # Exchange's correlation ids, added by the EWS layer, join the request's log line.
+    state.upstream_log_fields = logs.start_request_fields()
     gateway = current_app.extensions["gateway"]
     gateway["metrics"].in_progress.inc()
     state.caller = ANONYMOUS
@@ -286,6 +288,7 @@ def finish_request(response: Response) -> Response:
             "durationMs": round(seconds * 1000, 2),
             "upstreamOutcome": state.upstream_outcome or ("success" if state.ews_code else None),
             "ewsResponseCode": state.ews_code,
+            **state.get("upstream_log_fields", {}),
         },
     )
     return response

@@ -46,6 +46,7 @@ def create_app(
         ews = EwsClient(
             build_transport(config),
             server_version=config.ews_server_version,
+            anchor_mailbox=config.anchor_mailbox,
             observer=metrics,
             policy=build_policy(config, metrics),
         )
@@ -145,6 +146,8 @@ def build_transport(config: Config) -> Transport:
         ca_bundle=config.ews_ca_bundle,
         authorization=_upstream_authorization(config),
         pool_size=config.upstream_slots,
+        idle_s=config.connection_idle_s,
+        proxy=config.ews_proxy,
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from gateway.config import Config, ConfigError
 from gateway.serving import serve
 from gateway.simulator import serve_forever
+from gateway.simulator.idle import IDLE_ACTIONS, InvalidIdlePolicy, idle_policy
 
 DEMO_BIND = "127.0.0.1:8080"
 SIMULATOR_BIND = "127.0.0.1:8081"
@@ -57,6 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     simulator.add_argument(
         "--schema-dir", default=None, help="validate requests against the EWS schema in this folder"
     )
+    simulator.add_argument(
+        "--mailbox-servers",
+        type=int,
+        default=1,
+        help="mailbox servers behind one front end, routing by X-AnchorMailbox (default 1)",
+    )
+    simulator.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=None,
+        help="end a kept-alive connection idle this long (with --idle-action)",
+    )
+    simulator.add_argument(
+        "--idle-action",
+        choices=IDLE_ACTIONS,
+        default="close",
+        help="how: close (FIN), reset (RST) or drop (never answer again); default %(default)s",
+    )
     simulator.set_defaults(run=_simulator)
     return parser
 
@@ -67,11 +86,21 @@ def _serve(_args: argparse.Namespace) -> int:
 
 
 def _simulator(args: argparse.Namespace) -> int:
+    if args.mailbox_servers < 1:
+        raise SystemExit("ews-gateway simulator: --mailbox-servers must be at least 1")
+    try:
+        idle = (
+            None if args.idle_seconds is None else idle_policy(args.idle_seconds, args.idle_action)
+        )
+    except InvalidIdlePolicy as error:
+        raise SystemExit(f"ews-gateway simulator: --idle-seconds: {error}") from None
     serve_forever(
         bind=args.bind,
         latency_ms=args.latency_ms,
         step_seconds=args.step_seconds,
         schema_dir=args.schema_dir,
+        mailbox_servers=args.mailbox_servers,
+        idle=idle,
     )
     return 0
 

@@ -15,8 +15,12 @@ from urllib.parse import urlsplit
 
 import limits
 
+from gateway import http1
+from gateway.proxy import Proxy, proxy_from_environment
 from gateway.wire import EXCHANGE_VERSIONS
 
+# An SMTP address in printable ASCII, as a header value can carry it.
+ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
@@ -27,6 +31,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Threads per gunicorn worker, and how many of them never wait on Exchange.
 DEFAULT_THREADS = 64
 RESERVED_THREADS = 4
+# What the audit trail keeps of a dial string by default (GATEWAY_AUDIT_DIAL_DIGITS).
+DIAL_DIGITS_SHOWN = 4
 # A signing key shorter than this is guessable offline from one call id.
 MIN_KEY_BYTES = 32
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -64,6 +70,8 @@ class Config:
     threads: int | None = None
     log_level: str = "info"
     metrics_dir: str | None = None
+    # None: serving's default (about 250,000, with jitter); 0: never recycle.
+    max_requests: int | None = None
     max_in_flight: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
@@ -78,6 +86,10 @@ class Config:
     call_id_key: bytes = field(default=b"", repr=False)
     operator_claim: tuple[str, str] | None = None
     audit_dial_digits: int = 4
+    connection_idle_s: float = 30.0
+    anchor_mailbox: str | None = None
+    # The outbound proxy to Exchange (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), if any.
+    ews_proxy: Proxy | None = None
 
     @property
     def threads_per_worker(self) -> int:
@@ -119,6 +131,7 @@ class Config:
             threads=env.count("GATEWAY_THREADS"),
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
+            max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
             max_in_flight=env.count("EWS_MAX_IN_FLIGHT"),
             breaker_failures=env.count("EWS_BREAKER_FAILURES") or 5,
             breaker_cooldown_s=env.number(
@@ -135,7 +148,14 @@ class Config:
             redis_ca_bundle=env.path("GATEWAY_REDIS_CA_BUNDLE"),
             call_id_key=env.key("GATEWAY_CALL_ID_KEY"),
             operator_claim=env.claim("GATEWAY_OPERATOR_CLAIM"),
-            audit_dial_digits=env.whole("GATEWAY_AUDIT_DIAL_DIGITS", default=4, low=0, high=32),
+            audit_dial_digits=_or_default(
+                env.whole("GATEWAY_AUDIT_DIAL_DIGITS", high=32), DIAL_DIGITS_SHOWN
+            ),
+            connection_idle_s=env.number(
+                "EWS_CONNECTION_IDLE_SECONDS", default=30.0, low=0.1, high=3600.0
+            ),
+            anchor_mailbox=env.mailbox("EWS_ANCHOR_MAILBOX"),
+            ews_proxy=env.proxy(),
         )
         config.check_consistency()
         return config
@@ -201,7 +221,36 @@ class _Env:
             raise ConfigError(f"{name} must be an http:// or https:// URL with a host")
         if parts.username or parts.password:
             raise ConfigError(f"{name} must not carry credentials; use EWS_USERNAME/EWS_PASSWORD")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise ConfigError(f"{name} has a port outside 1-65535")
+        if not parts.hostname.isascii():
+            try:
+                http1.ascii_host(parts.hostname)
+            except ValueError as error:
+                raise ConfigError(f"{name}: {error}") from None
         return value
+
+    def mailbox(self, name: str) -> str | None:
+        """Read an SMTP address as an HTTP header can carry it (X-AnchorMailbox)."""
+        value = self.text(name)
+        if value and (value.count("@") != 1 or not ANCHOR_MAILBOX.fullmatch(value)):
+            raise ConfigError(f"{name} must be one SMTP address, e.g. svc-ews@example.com")
+        return value or None
+
+    def proxy(self) -> Proxy | None:
+        """Read the outbound proxy to EWS_URL as curl would choose it."""
+        url = self.text("EWS_URL")
+        if not url:
+            return None
+        try:
+            proxy, _variable = proxy_from_environment(self._environ, url)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return proxy
 
     def choice(self, name: str, options: Sequence[str], *, default: str | None) -> str:
         value = self.text(name) or default
@@ -229,6 +278,14 @@ class _Env:
             return None
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 256:
             raise ConfigError(f"{name} must be a whole number from 1 to 256, got {raw!r}")
+        return int(raw)
+
+    def whole(self, name: str, *, high: int) -> int | None:
+        raw = self.text(name)
+        if not raw:
+            return None
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
+            raise ConfigError(f"{name} must be a whole number from 0 to {high:,}, got {raw!r}")
         return int(raw)
 
     def flag(self, name: str, *, default: bool) -> bool:
@@ -298,14 +355,6 @@ class _Env:
             raise ConfigError(f"{name} must be claim=value, e.g. roles=call-operator")
         return claim, value
 
-    def whole(self, name: str, *, default: int, low: int, high: int) -> int:
-        raw = self.text(name)
-        if not raw:
-            return default
-        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-            raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
-        return int(raw)
-
     def origins(self, name: str) -> tuple[str, ...]:
         """Read a comma-separated list of exact origins such as https://app.example.com."""
         origins = tuple(item.strip() for item in self.text(name).split(",") if item.strip())
@@ -328,6 +377,11 @@ class _Env:
             return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {file_name!r} ({exc.strerror})") from None
+
+
+def _or_default(value: int | None, default: int) -> int:
+    # Not `value or default`: 0 is a setting (show no digit at all).
+    return default if value is None else value
 
 
 def load() -> Config:

@@ -246,6 +246,48 @@ def error_for_response_code(
     )
 
 
+# What an HTTP status means when Exchange (or a balancer in front of it) answered no SOAP.
+# 440 Login Timeout is a forms-based login page in front of EWS: credentials, like 401.
+ERROR_BY_HTTP_STATUS: dict[int, tuple[type[GatewayError], str]] = {
+    401: (
+        UpstreamAuthFailed,
+        "Upstream authentication failed: Exchange refused the gateway's credentials",
+    ),
+    403: (
+        UpstreamAuthFailed,
+        "Upstream authentication failed: Exchange refused the gateway's credentials",
+    ),
+    440: (
+        UpstreamAuthFailed,
+        "Upstream authentication failed: a login page stands in front of EWS (Login Timeout)",
+    ),
+    429: (EwsBusy, "Exchange answered Too Many Requests"),
+    503: (EwsUnavailable, "Exchange answered HTTP 503 Service Unavailable"),
+    504: (UpstreamTimeout, "A gateway in front of Exchange timed out waiting for it"),
+}
+
+
+def error_for_http_status(status: int, retry_after_s: int | None) -> GatewayError | None:
+    """Translate an HTTP status that carries no SOAP answer; None for any other status.
+
+    retry_after_s is Exchange's Retry-After in whole seconds, when it sent a usable one.
+    """
+    row = ERROR_BY_HTTP_STATUS.get(status)
+    if row is None:
+        return None
+    error_class, detail = row
+    if error_class is EwsBusy and retry_after_s is None:
+        retry_after_s = DEFAULT_RETRY_AFTER_S  # throttled callers are always told when to return
+    if error_class is UpstreamAuthFailed:
+        retry_after_s = None
+    return error_class(
+        f"{detail} (HTTP {status})",
+        retry_after_s=retry_after_s,
+        back_off_s=retry_after_s,
+        outcome="http_error",
+    )
+
+
 def metric_code(code: str | None) -> str:
     """Return the code as a bounded metric label value."""
     return code if code in KNOWN_RESPONSE_CODES else "Other"

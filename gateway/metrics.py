@@ -3,11 +3,20 @@
 Under gunicorn, `serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory
 so every worker writes its samples there and any worker's /metrics sums them
 all; without it (tests, a single process) the app's own registry is used.
+When a worker exits, the arbiter folds its samples into one accumulated file
+per kind, so a scrape reads a bounded number of files however many workers
+have come and gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
+import operator
 import os
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +29,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.mmap_dict import MmapedDict
 
 from gateway.errors import metric_code
 from gateway.resilience import BreakerState
@@ -29,6 +39,26 @@ STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 OTHER_METHOD = "other"
+LOG = logging.getLogger("gateway")
+# prometheus-client names each worker's file KIND_PID.db; a dead worker's samples join
+# the file KIND_folded.db by these rules. Histogram files hold raw (not cumulative)
+# bucket counts, so they add up like counters. Live gauges are dropped instead
+# (mark_process_dead), and `all` gauges keep a series per pid, so neither folds.
+FOLDS: dict[str, Callable[[float, float], float]] = {
+    "counter": operator.add,
+    "histogram": operator.add,
+    "summary": operator.add,
+    "gauge_sum": operator.add,
+    "gauge_max": max,
+    "gauge_min": min,
+}
+FOLDED = "folded"
+# Scrapes hold it shared while they read the files, folding holds it exclusive.
+SCRAPE_LOCK = ".scrape.lock"
+# A fold waits at most this long for scrapes to finish, then leaves the dead
+# worker's file as it is (still counted, just not folded): the arbiter must not
+# stall behind a stopped worker.
+FOLD_LOCK_WAIT_S = 5.0
 # The bounded label values of the refusal and Redis error counters.
 REFUSAL_REASONS = (
     "dial_string",
@@ -185,12 +215,88 @@ class Metrics:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         combined = CollectorRegistry()
         multiprocess.MultiProcessCollector(combined, path=self._multiprocess_dir)
-        return generate_latest(combined), CONTENT_TYPE_LATEST
+        # A fold moves samples between two files: read none while one runs.
+        with _scrape_lock(self._multiprocess_dir, fcntl.LOCK_SH):
+            payload = generate_latest(combined)
+        return payload, CONTENT_TYPE_LATEST
 
 
-def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges; its counters stay in the sum."""
-    multiprocess.mark_process_dead(pid)
+def fold_dead_worker(directory: str, pid: int) -> bool:
+    """Fold a dead worker's samples into DIRECTORY's accumulated files; drop its live gauges.
+
+    Only the process that reaps the workers (gunicorn's arbiter, one exit at a time) may
+    call this, after the worker is gone. Counts stay exact: under the exclusive scrape
+    lock, a scrape sees each sample either in the worker's file or in the accumulated
+    one, never in both or neither. Returns False, leaving the files as they were, when
+    scrapes held the lock for FOLD_LOCK_WAIT_S.
+    """
+    with _scrape_lock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+        if not locked:
+            LOG.warning("metrics of a dead worker left unfolded", extra={"pid": pid})
+            return False
+        multiprocess.mark_process_dead(pid, directory)
+        for kind, combine in FOLDS.items():
+            dead = os.path.join(directory, f"{kind}_{pid}.db")
+            if os.path.exists(dead):
+                _fold(dead, os.path.join(directory, f"{kind}_{FOLDED}.db"), combine)
+                os.remove(dead)
+        return True
+
+
+def _fold(dead: str, accumulated: str, combine: Callable[[float, float], float]) -> None:
+    """Replace ACCUMULATED with its samples combined with DEAD's, key by key."""
+    totals = _samples(accumulated) if os.path.exists(accumulated) else {}
+    for key, (value, timestamp) in _samples(dead).items():
+        old_value, old_timestamp = totals.get(key, (None, 0.0))
+        totals[key] = (
+            value if old_value is None else combine(old_value, value),
+            max(old_timestamp, timestamp),
+        )
+    # Not *.db, so no scrape reads it half-written; os.replace then swaps it in whole.
+    staging = accumulated + ".staging"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(staging)
+    store = MmapedDict(staging)
+    try:
+        for key, (value, timestamp) in totals.items():
+            store.write_value(key, value, timestamp)
+    finally:
+        store.close()
+    os.replace(staging, accumulated)
+
+
+def _samples(path: str) -> dict[str, tuple[float, float]]:
+    """Read one multiprocess file: {mmap key: (value, timestamp)}."""
+    return {
+        key: (value, timestamp)
+        for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path)
+    }
+
+
+@contextlib.contextmanager
+def _scrape_lock(directory: str, operation: int) -> Iterator[bool]:
+    """Hold DIRECTORY's scrape lock; yield False if a non-blocking exclusive try timed out."""
+    fd = os.open(os.path.join(directory, SCRAPE_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        yield _acquire(fd, operation)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _acquire(fd: int, operation: int) -> bool:
+    if not operation & fcntl.LOCK_NB:
+        fcntl.flock(fd, operation)
+        return True
+    give_up = time.monotonic() + FOLD_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            if time.monotonic() > give_up:
+                return False
+            time.sleep(0.005)
+        else:
+            return True
 
 
 def share_across_processes(directory: str) -> None:

@@ -69,7 +69,12 @@ class NtlmTransport:
         self._sessions_lock = threading.Lock()
 
     def post(
-        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+        idempotent: bool = False,
     ) -> UpstreamReply:
         """Send one request (with the NTLM handshake when needed) and return the whole answer."""
         remaining_s = seconds_left(deadline, self._timeout_s)

@@ -45,8 +45,9 @@ KEEPALIVE_S = 75
 # answers some 1,000 requests a second and a restart costs about half a second
 # of CPU, so the bound is high; a worker's memory is flat over 100,000 requests
 # (benchmarks/RESULTS.md).
+# GATEWAY_MAX_REQUESTS overrides it; the jitter is always a tenth of the bound.
 MAX_REQUESTS = 250_000
-MAX_REQUESTS_JITTER = 25_000
+MAX_REQUESTS_JITTER_SHARE = 0.1
 # Clients and balancers send the next request on a kept-alive connection within
 # microseconds of an answer. The thread that answered waits this long for it,
 # which spares two hand-offs through the worker's main thread (about a tenth of
@@ -63,6 +64,7 @@ def default_workers() -> int:
 
 def gunicorn_options(config: Config) -> dict[str, Any]:
     """Return gunicorn settings derived from the gateway's configuration."""
+    max_requests = MAX_REQUESTS if config.max_requests is None else config.max_requests
     options: dict[str, Any] = {
         "bind": [config.bind],
         # gthread: a thread per in-flight request, so waiting on Exchange does not block others.
@@ -78,8 +80,8 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         # Longer than the balancer's idle timeout, so the balancer closes idle connections first.
         "keepalive": KEEPALIVE_S,
         # Bound slow leaks; the jitter staggers the restarts.
-        "max_requests": MAX_REQUESTS,
-        "max_requests_jitter": MAX_REQUESTS_JITTER,
+        "max_requests": max_requests,
+        "max_requests_jitter": int(max_requests * MAX_REQUESTS_JITTER_SHARE),
         # The app writes its own JSON access line with the request id; gunicorn's would repeat it.
         "accesslog": None,
         "errorlog": "-",
@@ -87,7 +89,7 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "loglevel": config.log_level,
         "logconfig_dict": _gunicorn_log_config(config.log_level),
         "proc_name": "ews-gateway",
-        "child_exit": _mark_worker_dead,
+        "child_exit": _worker_exited(config.metrics_dir),
     }
     if RAM_DISK.is_dir():
         # Heartbeat files on disk can stall a worker when the disk is slow.
@@ -243,8 +245,14 @@ def _fresh_metrics_dir(configured: str | None) -> str:
     return str(path)
 
 
-def _mark_worker_dead(_server: Any, worker: Any) -> None:
-    metrics.mark_worker_dead(worker.pid)
+def _worker_exited(metrics_dir: str | None) -> Callable[[Any, Any], None]:
+    """Return the arbiter's child_exit hook: fold the dead worker's metric samples."""
+
+    def fold(_server: Any, worker: Any) -> None:
+        if metrics_dir is not None:
+            metrics.fold_dead_worker(metrics_dir, worker.pid)
+
+    return fold
 
 
 def _remover(directory: str) -> Callable[[Any], None]:

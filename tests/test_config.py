@@ -171,6 +171,19 @@ def test_workers_and_threads_that_are_not_whole_numbers_are_rejected_naming_the_
     assert variable in rejects(**{variable: raw})
 
 
+# GATEWAY_MAX_REQUESTS
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", None), ("1", 1), ("0", 0), ("500000", 500_000)])
+def test_max_requests_is_a_whole_number_or_unset(raw: str, expected: int | None) -> None:
+    assert from_env(GATEWAY_MAX_REQUESTS=raw).max_requests == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "2.5", "many", "1e6", "1000000001", "\u00b2"])
+def test_max_requests_that_is_not_a_whole_number_is_rejected_naming_it(raw: str) -> None:
+    assert "GATEWAY_MAX_REQUESTS" in rejects(GATEWAY_MAX_REQUESTS=raw)
+
+
 # EWS_VERIFY_TLS
 
 

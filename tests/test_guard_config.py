@@ -114,3 +114,9 @@ class FakeProcess:
 
     def wait(self, timeout: float) -> int:
         return 0
+
+
+@pytest.mark.parametrize(("value", "digits"), [("", 4), ("0", 0), ("6", 6)])
+def test_the_audit_keeps_the_configured_number_of_trailing_digits(value: str, digits: int) -> None:
+    assert from_env(GATEWAY_AUDIT_DIAL_DIGITS=value).audit_dial_digits == digits
+    assert "GATEWAY_AUDIT_DIAL_DIGITS" in rejects(GATEWAY_AUDIT_DIAL_DIGITS="33")

@@ -50,7 +50,17 @@ def test_worker_heartbeat_files_live_on_the_ram_disk() -> None:
 
 def test_workers_are_recycled_with_jitter_so_not_all_at_once() -> None:
     settings = options()
-    assert 0 < settings["max_requests_jitter"] < settings["max_requests"]
+    assert (settings["max_requests"], settings["max_requests_jitter"]) == (250_000, 25_000)
+
+
+@pytest.mark.parametrize(
+    ("raw", "bound", "jitter"), [("1000", 1000, 100), ("1", 1, 0), ("0", 0, 0)]
+)
+def test_gateway_max_requests_sets_the_recycling_with_a_tenth_of_jitter(
+    raw: str, bound: int, jitter: int
+) -> None:
+    settings = options(GATEWAY_MAX_REQUESTS=raw)
+    assert (settings["max_requests"], settings["max_requests_jitter"]) == (bound, jitter)
 
 
 def test_sizing_defaults_to_one_worker_per_usable_core_and_64_threads() -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import select
 import socket
 import socketserver
 import struct
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import cast
@@ -24,6 +27,8 @@ from gateway.simulator.outcomes import ConnectionReset, Outcome, Reply, Silence,
 
 SERVER_HEADER = "EwsCallGatewaySimulator/0.1"
 IDLE_CONNECTION_TIMEOUT_S = 120.0
+# How long a connection the idle policy "dropped" is held unanswered (or until the server stops).
+DROPPED_CONNECTION_HOLD_S = 300.0
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_DISCARDED_BYTES = 16 * MAX_REQUEST_BYTES
 
@@ -44,6 +49,8 @@ class HttpServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], family: int, exchange: FakeExchange) -> None:
         self.address_family = family
         self.exchange = exchange
+        # Set when the simulator stops: connections held by the idle policy let go.
+        self.closing = threading.Event()
         super().__init__(address, EwsRequestHandler)
 
     def server_bind(self) -> None:
@@ -65,6 +72,36 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
     timeout = IDLE_CONNECTION_TIMEOUT_S
     # Headers and body go out in separate writes; Nagle would hold the body back ~40 ms.
     disable_nagle_algorithm = True
+
+    def handle(self) -> None:
+        """Serve requests on the connection, ending it when idle as the idle policy says."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection and self._wait_for_next_request():
+            self.handle_one_request()
+
+    def _wait_for_next_request(self) -> bool:
+        """Wait for the next request; False once the idle policy ended the connection."""
+        policy = self._exchange.idle_policy
+        if policy is None:
+            return True  # the handler's own timeout bounds the wait
+        readable, _, _ = select.select([self.connection], [], [], policy.after_s)
+        if readable:
+            return True
+        if policy.action == "reset":
+            self._reset_connection()
+        elif policy.action == "drop":
+            self._hold_unanswered()
+        return False
+
+    def _hold_unanswered(self) -> None:
+        """Take what arrives and never answer, as a path that forgot the flow."""
+        closing = cast(HttpServer, self.server).closing
+        deadline = time.monotonic() + DROPPED_CONNECTION_HOLD_S
+        while not closing.is_set() and time.monotonic() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable and not self.connection.recv(65536):
+                return
 
     def parse_request(self) -> bool:
         """Note when the request arrived (its first line is in), then read its head."""
@@ -103,6 +140,7 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         return cast(HttpServer, self.server).exchange
 
     def _route(self, method: str) -> None:
+        self._gzip = False
         path = urlsplit(self.path).path
         try:
             body = self._read_body()
@@ -117,9 +155,16 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             soap_action = self.headers.get("SOAPAction")
             request_id = self.headers.get("X-Request-ID")
             authorization = self.headers.get("Authorization")
+            anchor_mailbox = self.headers.get("X-AnchorMailbox")
+            self._gzip = _accepts_gzip(self.headers.get("Accept-Encoding"))
             self._carry_out(
                 self._exchange.answer(
-                    body, soap_action, request_id, authorization, self._received_at
+                    body,
+                    soap_action,
+                    request_id,
+                    authorization,
+                    self._received_at,
+                    anchor_mailbox=anchor_mailbox,
                 )
             )
         elif path.startswith(CONTROL_PREFIX):
@@ -172,8 +217,12 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
                 self._reset_connection()
 
     def _send(self, reply: Reply) -> None:
-        self._send_head(reply.status, reply.content_type, len(reply.body), reply.headers)
-        self.wfile.write(reply.body)
+        body, headers = reply.body, reply.headers
+        if getattr(self, "_gzip", False) and body:
+            # As IIS with dynamic compression: only for a client that asked for gzip.
+            body, headers = gzip.compress(body), (*headers, ("Content-Encoding", "gzip"))
+        self._send_head(reply.status, reply.content_type, len(body), headers)
+        self.wfile.write(body)
 
     def _stream(self, reply: StreamedReply) -> None:
         self._send_head(reply.status, reply.content_type, reply.length)
@@ -202,6 +251,20 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
         self.close_connection = True
+
+
+def _accepts_gzip(accept_encoding: str | None) -> bool:
+    """Tell whether an Accept-Encoding field allows gzip (RFC 9110 section 12.5.3)."""
+    for element in (accept_encoding or "").split(","):
+        coding, _, parameters = element.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        weight = parameters.strip().lower().removeprefix("q=").strip() or "1"
+        try:
+            return float(weight) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def _within_limit(size: int, already_read: int) -> int:

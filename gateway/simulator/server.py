@@ -15,9 +15,11 @@ from types import FrameType, TracebackType
 from gateway import wire
 from gateway.simulator.calls import CallBook
 from gateway.simulator.control import CONTROL_PREFIX
+from gateway.simulator.deployment import Deployment
 from gateway.simulator.exchange import FakeExchange
 from gateway.simulator.faults import FaultBook
 from gateway.simulator.handler import HttpServer
+from gateway.simulator.idle import IdlePolicy
 from gateway.simulator.journal import RequestJournal
 from gateway.simulator.schema import EwsSchema
 
@@ -40,14 +42,22 @@ class SimulatorServer:
         schema_dir: str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         chance: Callable[[], float] = random.random,
+        mailbox_servers: int = 1,
+        idle: IdlePolicy | None = None,
     ) -> None:
+        def new_book() -> CallBook:
+            return CallBook(step_seconds=step_seconds, clock=clock)
+
+        deployment = Deployment(mailbox_servers, new_book) if mailbox_servers > 1 else None
         self.exchange = FakeExchange(
-            calls=CallBook(step_seconds=step_seconds, clock=clock),
+            calls=new_book(),
             faults=FaultBook(chance=chance),
             journal=RequestJournal(),
             schema=None if schema_dir is None else EwsSchema.load(schema_dir),
             latency_ms=latency_ms,
+            deployment=deployment,
         )
+        self.exchange.idle_policy = idle
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._httpd = HttpServer((host, port), family, self.exchange)
         self._lock = threading.Lock()
@@ -115,6 +125,7 @@ class SimulatorServer:
             self._stopped = True
             looping, thread = self._looping, self._thread
         self.exchange.faults.release_hangs()
+        self._httpd.closing.set()
         if looping:
             self._httpd.shutdown()
         self._httpd.server_close()
@@ -142,6 +153,8 @@ def start_in_thread(
     *,
     clock: Callable[[], float] = time.monotonic,
     chance: Callable[[], float] = random.random,
+    mailbox_servers: int = 1,
+    idle: IdlePolicy | None = None,
 ) -> SimulatorServer:
     """Bind the simulator and serve it in a daemon thread; port 0 picks a free port."""
     server = SimulatorServer(
@@ -152,6 +165,8 @@ def start_in_thread(
         schema_dir=schema_dir,
         clock=clock,
         chance=chance,
+        mailbox_servers=mailbox_servers,
+        idle=idle,
     )
     return server.start()
 
@@ -161,11 +176,20 @@ def serve_forever(
     latency_ms: int = 0,
     step_seconds: float = 1.0,
     schema_dir: str | Path | None = None,
+    *,
+    mailbox_servers: int = 1,
+    idle: IdlePolicy | None = None,
 ) -> None:
     """Serve the simulator in the foreground until Ctrl-C or SIGTERM, after a loud banner."""
     host, port = parse_bind(bind)
     server = SimulatorServer(
-        host, port, latency_ms=latency_ms, step_seconds=step_seconds, schema_dir=schema_dir
+        host,
+        port,
+        latency_ms=latency_ms,
+        step_seconds=step_seconds,
+        schema_dir=schema_dir,
+        mailbox_servers=mailbox_servers,
+        idle=idle,
     )
     print(server.banner(), file=sys.stderr, flush=True)
     restore_sigterm = _stop_on_sigterm()
