@@ -101,7 +101,9 @@ class IdempotentCalls:
     def place(self, owner: str, key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
         """Answer the request with KEY from OWNER whose body hashes to FINGERPRINT."""
         store_key = KEY_PREFIX + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
-        pending = json.dumps({"state": PENDING, "fingerprint": fingerprint})
+        pending = json.dumps(
+            {"state": PENDING, "fingerprint": fingerprint, "startedAt": time.time()}
+        )
         deadline = time.monotonic() + self._wait_s
         while True:
             existing = self._store.claim(store_key, pending, KEY_TTL_S)
@@ -109,7 +111,7 @@ class IdempotentCalls:
                 return self._first(store_key, fingerprint, place)
             record = self._settled(store_key, existing, deadline)
             if record is not None:
-                return _answer_from(record, fingerprint)
+                return _answer_from(record, fingerprint, stale_after_s=self._wait_s)
 
     def _first(self, store_key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
         try:
@@ -150,12 +152,14 @@ class IdempotentCalls:
             self._store.release(store_key)
 
 
-def _answer_from(record: dict[str, Any], fingerprint: str) -> Answer:
+def _answer_from(record: dict[str, Any], fingerprint: str, *, stale_after_s: float) -> Answer:
     if record["fingerprint"] != fingerprint:
         raise IdempotencyKeyReused(
             "this Idempotency-Key was first used with another body; use a new key"
         )
-    if record["state"] == UNKNOWN:
+    # Pending far past Exchange's deadline: the process that dialled died mid-call.
+    stale = record["state"] == PENDING and time.time() - record["startedAt"] > 2 * stale_after_s
+    if record["state"] == UNKNOWN or stale:
         raise IdempotencyOutcomeUnknown(
             "the first request with this Idempotency-Key failed after reaching Exchange, so "
             "a call may have been placed; check before dialling again with a new key"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -11,9 +14,21 @@ import pytest
 import redis
 from flask import Flask
 
-from gateway.errors import EwsUnprocessable, SharedStateUnavailable, UpstreamTimeout
+from gateway.errors import (
+    EwsUnprocessable,
+    IdempotencyOutcomeUnknown,
+    SharedStateUnavailable,
+    UpstreamTimeout,
+)
 from gateway.ews import PlacedCall
-from gateway.idempotency import KEY_TTL_S, IdempotentCalls, MemoryKeys, RedisKeys
+from gateway.idempotency import (
+    KEY_PREFIX,
+    KEY_TTL_S,
+    Answer,
+    IdempotentCalls,
+    MemoryKeys,
+    RedisKeys,
+)
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
 from tests.test_api import FakeExchange
 
@@ -174,3 +189,21 @@ def test_an_unreachable_redis_fails_an_idempotent_post_closed_with_503(
     assert sample(app, 'ews_gateway_redis_errors_total{feature="idempotency"}') == 1
     assert without_key.status_code == 201
     assert len(fake.calls) == 1  # only the POST without a key dialled
+
+
+def test_a_key_left_pending_by_a_process_that_died_mid_call_answers_outcome_unknown() -> None:
+    store = MemoryKeys()
+    calls = IdempotentCalls(store, wait_s=0.1)
+    dialled: list[int] = []
+
+    def dial() -> Answer:
+        dialled.append(1)
+        return Answer(201, {"callId": "c", "ewsResponseCode": "NoError"}, "/calls/c")
+
+    calls.place("alice", "k", "fp", dial)  # another key, used and finished
+    crashed = json.dumps({"state": "pending", "fingerprint": "fp", "startedAt": time.time() - 60})
+    store.put(KEY_PREFIX + hashlib.sha256(b"alice\0lost").hexdigest(), crashed, KEY_TTL_S)
+
+    with pytest.raises(IdempotencyOutcomeUnknown):
+        calls.place("alice", "lost", "fp", dial)
+    assert dialled == [1]
