@@ -6,8 +6,9 @@ process's memory. The answer carries the IETF httpapi draft's fields
 (draft-ietf-httpapi-ratelimit-headers-10): `RateLimit-Policy: "calls";q=10;w=60` and
 `RateLimit: "calls";r=7`, plus `;t=` seconds to reset and `Retry-After` once refused.
 
-Redis unreachable: limits fail OPEN. The request goes on unlimited, a warning is logged and
-`ews_gateway_redis_errors_total{feature="rate_limit"}` counts it; the dial policy still holds.
+Redis unreachable: limits fail OPEN. The request goes on unlimited, a warning is logged (at
+most every 10 s per process) and `ews_gateway_redis_errors_total{feature="rate_limit"}`
+counts every failure; the dial policy still holds.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ LOG = logging.getLogger("gateway")
 KEY_PREFIX = "ews-gateway:limits"
 CALLS = "calls"
 REQUESTS = "requests"
+WARN_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Quotas:
             if text is not None
         }
         self._on_storage_error = on_storage_error
+        self._warned_at = float("-inf")
 
     def limits(self, quota: str) -> bool:
         """Whether QUOTA (`calls` or `requests`) is limited at all."""
@@ -79,11 +82,7 @@ class Quotas:
                 return Charge(policy, f'"{quota}";r={item.amount - count}')
             reset_s = max(1, math.ceil(self._storage.get_expiry(key) - time.time()))
         except StorageError as error:
-            self._on_storage_error()
-            LOG.warning(
-                "rate limit storage unreachable; letting the request through",
-                extra={"quota": quota, "error": type(error.storage_error).__name__},
-            )
+            self._storage_failed(quota, error)
             return None
         raise RateLimited(
             f"this caller's {quota} limit ({item.amount} per {window_s} s) is spent; "
@@ -91,6 +90,17 @@ class Quotas:
             retry_after_s=reset_s,
             headers={"RateLimit-Policy": policy, "RateLimit": f'"{quota}";r=0;t={reset_s}'},
         )
+
+    def _storage_failed(self, quota: str, error: StorageError) -> None:
+        self._on_storage_error()
+        now = time.monotonic()
+        # Every failure is counted; the warning, at most every WARN_EVERY_S, not per request.
+        if now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
+            LOG.warning(
+                "rate limit storage unreachable; letting requests through unlimited",
+                extra={"quota": quota, "error": type(error.storage_error).__name__},
+            )
 
 
 def build_storage(redis_url: str | None, pool: ConnectionPool | None) -> Storage:

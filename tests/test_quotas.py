@@ -99,5 +99,6 @@ def test_an_unreachable_store_lets_requests_through_with_a_warning(
         charges = [quotas.charge(CALLS, "alice") for _ in range(3)]
 
     assert charges == [None, None, None]
-    assert len(failures) == 3
-    assert "rate limit storage unreachable" in caplog.text
+    assert len(failures) == 3  # each failure counted
+    warnings = [r for r in caplog.records if "rate limit storage unreachable" in r.message]
+    assert len(warnings) == 1  # but an outage does not write a warning per request
