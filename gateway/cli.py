@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from gateway.config import Config, ConfigError
 from gateway.serving import serve
 from gateway.simulator import serve_forever
+from gateway.simulator.acceptor import AUTH_MODES, acceptor_for
 from gateway.simulator.idle import IDLE_ACTIONS, InvalidIdlePolicy, idle_policy
+from gateway.simulator.server import TlsIdentity
 
 DEMO_BIND = "127.0.0.1:8080"
 SIMULATOR_BIND = "127.0.0.1:8081"
@@ -76,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
         default="close",
         help="how: close (FIN), reset (RST) or drop (never answer again); default %(default)s",
     )
+    simulator.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="none",
+        help="authenticate EWS requests as IIS does; NTLM accounts come from NTLM_USER_FILE",
+    )
+    simulator.add_argument("--accounts", help="for --auth basic: user:password lines")
+    simulator.add_argument("--keytab", help="for --auth kerberos: the HTTP/host service keys")
+    simulator.add_argument("--tls-cert", help="serve https with this PEM certificate (and key)")
+    simulator.add_argument("--tls-key", help="the PEM key of --tls-cert")
     simulator.set_defaults(run=_simulator)
     return parser
 
@@ -94,6 +106,13 @@ def _simulator(args: argparse.Namespace) -> int:
         )
     except InvalidIdlePolicy as error:
         raise SystemExit(f"ews-gateway simulator: --idle-seconds: {error}") from None
+    try:
+        acceptor = acceptor_for(args.auth, accounts=args.accounts, keytab=args.keytab)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"ews-gateway simulator: {error}") from None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("ews-gateway simulator: --tls-cert and --tls-key go together")
+    tls = TlsIdentity(args.tls_cert, args.tls_key) if args.tls_cert else None
     serve_forever(
         bind=args.bind,
         latency_ms=args.latency_ms,
@@ -101,6 +120,8 @@ def _simulator(args: argparse.Namespace) -> int:
         schema_dir=args.schema_dir,
         mailbox_servers=args.mailbox_servers,
         idle=idle,
+        acceptor=acceptor,
+        tls=tls,
     )
     return 0
 

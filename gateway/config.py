@@ -6,6 +6,7 @@ raises `ConfigError` with one line naming the variable at fault.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,12 @@ ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-EWS_AUTH_MODES = ("none", "basic", "ntlm", "bearer")
+EWS_AUTH_MODES = ("none", "basic", "ntlm", "kerberos", "negotiate", "bearer")
+# The modes that need GSSAPI (the kerberos extra), and what to install for it.
+GSSAPI_MODES = ("kerberos", "negotiate")
+GSSAPI_INSTALL = "pip install 'ews-call-gateway[kerberos]' (builds against libkrb5-dev)"
+# An SPN as EWS_SPN takes it: SERVICE/host; the realm comes from krb5.conf.
+SERVICE_PRINCIPAL = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9.-]+")
 GATEWAY_AUTH_MODES = ("none", "apikey", "jwt")
 IMPERSONATION_MODES = ("none", "token")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -55,6 +61,9 @@ class Config:
     ews_username: str = ""
     ews_password: str = field(default="", repr=False)
     ews_bearer_token: str = field(default="", repr=False)
+    ews_bearer_token_file: str | None = None
+    ews_keytab: str | None = None
+    ews_spn: str | None = None
     ews_verify_tls: bool = True
     ews_ca_bundle: str | None = None
     api_keys_file: str | None = None
@@ -116,6 +125,9 @@ class Config:
             ews_username=env.text("EWS_USERNAME"),
             ews_password=env.secret("EWS_PASSWORD"),
             ews_bearer_token=env.secret("EWS_BEARER_TOKEN"),
+            ews_bearer_token_file=env.text("EWS_BEARER_TOKEN_FILE") or None,
+            ews_keytab=env.path("EWS_KEYTAB"),
+            ews_spn=env.text("EWS_SPN") or None,
             ews_verify_tls=env.flag("EWS_VERIFY_TLS", default=True),
             ews_ca_bundle=env.path("EWS_CA_BUNDLE"),
             api_keys_file=env.path("GATEWAY_API_KEYS_FILE"),
@@ -171,6 +183,8 @@ class Config:
             raise ConfigError("EWS_BEARER_TOKEN holds characters a bearer token cannot have")
         if self.ews_auth == "ntlm" and not (self.ews_username and self.ews_password):
             raise ConfigError("EWS_AUTH=ntlm needs EWS_USERNAME and EWS_PASSWORD")
+        if self.ews_auth in GSSAPI_MODES:
+            self._check_kerberos()
         if self.gateway_auth == "apikey" and not self.api_keys_file:
             raise ConfigError("GATEWAY_AUTH=apikey needs GATEWAY_API_KEYS_FILE")
         if self.gateway_auth == "jwt":
@@ -185,6 +199,19 @@ class Config:
             raise ConfigError(
                 "EWS_IMPERSONATION=token needs GATEWAY_AUTH=jwt (the mailbox comes from the token)"
             )
+
+    def _check_kerberos(self) -> None:
+        if importlib.util.find_spec("gssapi") is None:
+            raise ConfigError(f"EWS_AUTH={self.ews_auth} needs GSSAPI: {GSSAPI_INSTALL}")
+        if self.ews_password and self.ews_keytab:
+            raise ConfigError(f"EWS_AUTH={self.ews_auth}: set EWS_PASSWORD or EWS_KEYTAB, not both")
+        if (self.ews_password or self.ews_keytab) and not self.ews_username:
+            raise ConfigError(
+                f"EWS_AUTH={self.ews_auth} with EWS_PASSWORD or EWS_KEYTAB needs EWS_USERNAME "
+                "(user@REALM)"
+            )
+        if self.ews_spn and SERVICE_PRINCIPAL.fullmatch(self.ews_spn) is None:
+            raise ConfigError("EWS_SPN must be SERVICE/host, e.g. HTTP/mail.corp.example.com")
 
     def _check_jwt(self) -> None:
         if bool(self.jwt_jwks_url) == bool(self.jwt_public_key):

@@ -8,6 +8,7 @@ one retry of Exchange's short back-offs) and reports each call to an observer.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -171,7 +172,7 @@ class EwsClient:
 
     def _headers(self, operation: str, request_id: str, mailbox: str | None) -> dict[str, str]:
         """Return the fields Microsoft asks EWS clients to send, for routing and correlation."""
-        client_request_id = str(uuid.uuid4())
+        client_request_id = _new_guid()
         logs.add_request_fields({"clientRequestId": client_request_id})
         headers = {
             "Content-Type": CONTENT_TYPE,
@@ -180,9 +181,10 @@ class EwsClient:
             "client-request-id": client_request_id,
             "return-client-request-id": "true",
         }
-        # Exchange 2013+ front ends route by it to the mailbox's own server.
+        # Exchange 2013+ front ends route by it to the mailbox's own server. An address an
+        # HTTP header cannot carry as ASCII goes without: routed by the account instead.
         anchor = mailbox or self._anchor_mailbox
-        if anchor:
+        if anchor and anchor.isascii():
             headers["X-AnchorMailbox"] = anchor
         return headers
 
@@ -227,6 +229,12 @@ class EwsClient:
 
 
 ResultT = TypeVar("ResultT")
+
+
+def _new_guid() -> str:
+    """Return a random (version 4) GUID for client-request-id."""
+    # A correlation id, not a secret: the random module spares uuid4's system call per call.
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 def _log_fields(diagnostics: Mapping[str, str]) -> dict[str, str]:

@@ -154,40 +154,24 @@ class _AnswerReader:
     other than chunked, and the reuse verdict.
     """
 
-    __slots__ = (
-        "_body",
-        "_extra",
-        "_fields",
-        "_head_bytes",
-        "_head_only",
-        "_in_trailers",
-        "_interim",
-        "_max_body_bytes",
-        "_parser",
-        "_progressed",
-        "_quiet_bytes",
-        "complete",
-        "head_complete",
-        "headers",
-        "status",
-    )
+    # Class-level defaults: only what changes is set per answer (this is on every call's path).
+    _head_bytes = 0
+    _quiet_bytes = 0
+    _progressed = False
+    _interim = 0
+    _fields = 0
+    _in_trailers = False
+    _extra = False
+    status = 0
+    head_complete = False
+    complete = False
 
     def __init__(self, max_body_bytes: int, *, head_only: bool = False) -> None:
         self._max_body_bytes = max_body_bytes
         self._head_only = head_only
         self._parser = httptools.HttpResponseParser(self)
         self._body = bytearray()
-        self._head_bytes = 0
-        self._quiet_bytes = 0
-        self._progressed = False
-        self._interim = 0
-        self._fields = 0
-        self._in_trailers = False
-        self._extra = False
         self.headers: dict[str, str] = {}
-        self.status = 0
-        self.head_complete = False
-        self.complete = False
 
     def feed(self, data: bytes) -> None:
         """Parse the next bytes received; raise a GatewayError for an invalid answer."""

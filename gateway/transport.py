@@ -38,7 +38,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from gateway import __version__, connector, http1
@@ -58,9 +58,9 @@ USER_AGENT = f"ews-call-gateway/{__version__}"
 # Exchange's diagnostic fields, logged with the request (Microsoft's EWS client guidance).
 DIAGNOSTIC_FIELDS = ("request-id", "x-feserver", "x-beserver", "x-calculatedbetarget", "x-diaginfo")
 
-# How writing to a reused connection fails when Exchange closed it as idle just
-# before the request went out.
-_STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError)
+# How a reused connection fails when Exchange (or a balancer) closed it as idle just
+# as the request went out: on TLS, a close without close_notify is an EOF error.
+_STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Connection:
             arm_timeout(self.sock, _time_left(deadline))
             try:
                 data: bytes = self.sock.recv(READ_CHUNK_BYTES)
-            except ConnectionResetError as error:
+            except _STALE_CONNECTION_ERRORS as error:
                 if not received:
                     raise _Stale(sent=True) from error
                 raise
@@ -135,6 +135,9 @@ class Authenticator(Protocol):
     def challenged(self, connection: Connection, answer: http1.Answer) -> str | None:
         """Answer a 401 on this connection with the Authorization to send the request again
         with, or None to give up (the 401 is then Exchange's answer)."""
+
+    def answered(self, connection: Connection, answer: http1.Answer) -> None:
+        """See the answer (not a 401) that ends the request; raise a GatewayError to refuse it."""
 
 
 class ExchangeTransport:
@@ -267,7 +270,11 @@ class ExchangeTransport:
         authorization = authenticator.authorization(connection)
         for _ in range(MAX_AUTH_ROUNDS):
             answer = connection.round_trip(self._with(request, authorization), deadline)
-            if answer.status != 401 or not answer.reusable:
+            if answer.status != 401:
+                # May end a handshake, or refuse it (an unreadable answer, a 400 to its token).
+                authenticator.answered(connection, answer)
+                return answer
+            if not answer.reusable:
                 return answer
             authorization = authenticator.challenged(connection, answer)
             if authorization is None:
@@ -370,8 +377,7 @@ class ExchangeTransport:
             ) from None
 
 
-@dataclass(frozen=True, slots=True)
-class _Request:
+class _Request(NamedTuple):
     """One request: its bytes (without an authenticator's Authorization), and their parts."""
 
     formatted: bytes

@@ -15,13 +15,16 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway import connector
+from gateway import connector, http1
 from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
-from gateway.transport import MAX_REPLY_BYTES, ExchangeTransport
+from gateway.ews import EwsClient
+from gateway.resilience import BreakerState, CircuitBreaker, UpstreamPolicy
+from gateway.transport import MAX_REPLY_BYTES, Connection, ExchangeTransport
 from tests.test_transport import (
     ANSWER,
     ENVELOPE,
@@ -450,3 +453,161 @@ def test_an_exchange_offering_only_an_old_protocol_version_is_logged_as_such(
         server.server_close()
     # The server answers the gateway's TLS 1.2+ hello with a protocol_version alert.
     assert reason == "tlsv1 alert protocol version"
+
+
+@pytest.mark.network
+def test_a_stale_pooled_connection_never_counts_toward_the_circuit_breaker(
+    raw_servers: RawServers, transports: Transports
+) -> None:
+    """Exchange closing an idle connection as it is reused is not Exchange failing."""
+    success = (Path(__file__).parent / "fixtures" / "disconnect_success.xml").read_bytes()
+    requests: list[bytes] = []
+
+    def close_the_first_connection_when_reused(connection: socket.socket) -> None:
+        requests.append(read_request(connection))
+        connection.sendall(http_answer(success))
+        if len(server.connections) == 1:
+            requests.append(read_request(connection))
+            connection.close()
+        else:
+            requests.append(read_request(connection))
+            connection.sendall(http_answer(success))
+
+    server = raw_servers(close_the_first_connection_when_reused)
+    changes: list[BreakerState] = []
+    breaker = CircuitBreaker(1, 30, on_change=changes.append)  # one counted failure opens it
+    client = EwsClient(
+        transports(server.url),
+        server_version="Exchange2013",
+        policy=UpstreamPolicy(timeout_s=5, breaker=breaker),
+    )
+    for call_id in ("call-1", "call-2", "call-3"):
+        assert client.disconnect_call(call_id, request_id="req").ews_code == "NoError"
+    assert changes == []
+    assert len(server.connections) == 2
+
+
+# The seam authentication plugs into
+
+
+class ChallengeOnce:
+    """An authenticator answering one 401 challenge on the connection that received it."""
+
+    def __init__(self) -> None:
+        self.connected_with: list[bytes | None] = []
+        self.answered_with: list[int] = []
+
+    def connected(self, connection: Connection, deadline: float) -> None:
+        self.connected_with.append(connection.peer_certificate)
+        connection.auth_state = "fresh"
+
+    def authorization(self, connection: Connection) -> str | None:
+        return "Test initial" if connection.auth_state == "fresh" else None
+
+    def challenged(self, connection: Connection, answer: http1.Answer) -> str | None:
+        connection.auth_state = "authenticated"
+        return "Test answer-to-" + (answer.header("WWW-Authenticate") or "").removeprefix("Test ")
+
+    def answered(self, connection: Connection, answer: http1.Answer) -> None:
+        self.answered_with.append(answer.status)
+
+
+@pytest.mark.network
+def test_an_authenticator_answers_a_401_on_the_same_connection_then_needs_no_header(
+    raw_servers: RawServers, transports: Transports
+) -> None:
+    seen: list[str] = []
+
+    def challenge_then_accept(connection: socket.socket) -> None:
+        for _ in range(3):
+            request = read_request(connection).decode("latin-1")
+            authorization = next(
+                (line for line in request.split("\r\n") if line.startswith("Authorization:")), ""
+            )
+            seen.append(authorization)
+            if authorization == "Authorization: Test initial":
+                connection.sendall(
+                    b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Test nonce-7\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                )
+            else:
+                connection.sendall(http_answer())
+
+    server = raw_servers(challenge_then_accept)
+    authenticator = ChallengeOnce()
+    transport = transports(server.url, authenticator=authenticator)
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
+    assert seen == ["Authorization: Test initial", "Authorization: Test answer-to-nonce-7", ""]
+    # Each request's final answer, never a 401 leg.
+    assert authenticator.answered_with == [200, 200]
+    assert len(server.connections) == 1
+    assert authenticator.connected_with == [None]  # plain http: no certificate to bind to
+
+
+@pytest.mark.network
+def test_an_authenticator_sees_exchanges_certificate_for_channel_binding(
+    exchange_certificate: Certificate,
+    tls_exchanges: Callable[[Certificate], TlsExchange],
+    transports: Transports,
+) -> None:
+    server = tls_exchanges(exchange_certificate)
+    authenticator = ChallengeOnce()
+    transport = transports(
+        server.url, ca_bundle=str(exchange_certificate.cert_path), authenticator=authenticator
+    )
+    transport.post(ENVELOPE, REQUEST_HEADERS)
+    der = ssl.PEM_cert_to_DER_cert(exchange_certificate.cert_path.read_text())
+    assert authenticator.connected_with == [der]
+
+
+# 8. IDNA 2008 host names
+
+
+@pytest.mark.network
+def test_an_idna_2008_host_is_resolved_and_named_as_its_a_labels(
+    exchange: FakeExchange, transports: Transports
+) -> None:
+    asked: list[str] = []
+
+    def resolve(host: str, port: int) -> list[connector.Address]:
+        asked.append(host)
+        return [(socket.AF_INET, ("127.0.0.1", port))]
+
+    url = f"http://straße.example:{exchange.server_port}{EWS_PATH}"
+    transports(url, resolver=resolve).post(ENVELOPE, REQUEST_HEADERS)
+    assert asked == ["xn--strae-oqa.example"]  # IDNA 2003 would ask for strasse.example
+    assert exchange.received[0].headers["Host"] == f"xn--strae-oqa.example:{exchange.server_port}"
+
+
+@pytest.mark.network
+def test_an_idempotent_call_on_a_reused_tls_connection_closed_unanswered_is_sent_again(
+    exchange_certificate: Certificate, raw_servers: RawServers, transports: Transports
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(exchange_certificate.cert_path, exchange_certificate.key_path)
+    requests: list[bytes] = []
+    wrapped: list[ssl.SSLSocket] = []  # they own the accepted sockets now
+
+    def serve_tls(connection: socket.socket) -> None:
+        tls = context.wrap_socket(connection, server_side=True)
+        wrapped.append(tls)
+        requests.append(read_request(tls))
+        tls.sendall(http_answer())
+        if len(server.connections) == 1:
+            requests.append(read_request(tls))
+            # No close_notify (Python sends one only on unwrap): the TCP connection just
+            # ends, as a balancer's idle close does.
+            tls.close()
+
+    server = raw_servers(serve_tls)
+    url = server.url.replace("http://", "https://")
+    transport = transports(url, ca_bundle=str(exchange_certificate.cert_path))
+    try:
+        transport.post(ENVELOPE, REQUEST_HEADERS, idempotent=True)
+        assert transport.post(ENVELOPE, REQUEST_HEADERS, idempotent=True).body == ANSWER
+        assert (len(requests), len(server.connections)) == (3, 2)
+    finally:
+        transport.close()
+        for tls in wrapped:
+            tls.close()

@@ -157,6 +157,14 @@ def test_a_call_impersonating_nobody_is_anchored_on_the_configured_mailbox() -> 
     assert sent_headers("svc@example.com", None)["X-AnchorMailbox"] == "svc@example.com"
 
 
+@pytest.mark.parametrize("mailbox", ["łukasz@example.com", "jürgen@example.com"])
+def test_a_mailbox_no_header_can_carry_as_ascii_is_impersonated_without_an_anchor(
+    mailbox: str,
+) -> None:
+    # Exchange 2013/2016 addresses are ASCII; the call still goes, routed by the account.
+    assert "X-AnchorMailbox" not in sent_headers("svc@example.com", mailbox)
+
+
 def test_without_impersonation_or_a_configured_anchor_no_anchor_is_sent() -> None:
     assert "X-AnchorMailbox" not in sent_headers(None, None)
 

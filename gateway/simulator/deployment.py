@@ -3,13 +3,15 @@
 Each mailbox lives on one mailbox server, and Unified Messaging runs there
 too: a call lives on the server of the mailbox that placed it. The front end
 (Client Access) routes each EWS request to one back end: by X-AnchorMailbox
-when the client sends it, else by the authenticated account's own mailbox
-(which is why Microsoft asks impersonating EWS clients to send the
-impersonated address as X-AnchorMailbox). A call asked of a server that does
-not hold it is
-unknown there: ErrorInvalidPhoneCallId, as any call id that server never
-issued. Answers carry the routing diagnostics Exchange adds (X-FEServer,
-X-BEServer, X-CalculatedBETarget, X-DiagInfo, request-id).
+when the client sends it, else to the authenticated account's own mailbox
+server. Source: Microsoft's "Managing Affinity for EWS Impersonation in
+Exchange 2013 and Exchange Online (W15)" (2013), which asks impersonating
+clients to send X-AnchorMailbox matching the ExchangeImpersonation header.
+What Exchange answers when a call id is asked of a server that never issued
+it is not documented; the simulator answers ErrorInvalidPhoneCallId, as for
+any call id unknown to the server that handles the request. Answers carry
+the routing diagnostics Exchange adds (X-FEServer, X-BEServer,
+X-CalculatedBETarget, X-DiagInfo, request-id).
 """
 
 from __future__ import annotations

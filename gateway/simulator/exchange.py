@@ -137,13 +137,13 @@ class FakeExchange:
         return bad_answer(fired, request.operation)
 
     def _perform(self, request: EwsRequest, place: _Placement, warning: str | None = None) -> Reply:
-        result = self._operations[request.operation](request, self._book(request, place))
+        result = self._operations[request.operation](request, self._calls_for(request, place))
         if warning is not None and result.response_class == SUCCESS:
             result = replace(result, response_class=WARNING, message_text=warning)
         headers = Deployment.diagnostics(place.server) if place.server else ()
         return Reply(200, operation_response(request.operation, result), headers=headers)
 
-    def _book(self, request: EwsRequest, place: _Placement) -> CallBook:
+    def _calls_for(self, request: EwsRequest, place: _Placement) -> CallBook:
         """Return the call book an operation works on: one server's, with several."""
         if self.deployment is None or place.server is None or place.home is None:
             return self.calls
