@@ -7,6 +7,7 @@ raises `ConfigError` with one line naming the variable at fault.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,7 @@ class Config:
     ews_impersonation: str = "none"
     cors_origins: tuple[str, ...] = ()
     bind: str = "0.0.0.0:8080"
+    read_timeout_s: float = 10.0
     workers: int | None = None
     threads: int | None = None
     log_level: str = "info"
@@ -138,7 +140,10 @@ class Config:
             jwt_mailbox_claim=env.text("GATEWAY_JWT_MAILBOX_CLAIM") or "email",
             ews_impersonation=env.choice("EWS_IMPERSONATION", IMPERSONATION_MODES, default="none"),
             cors_origins=env.origins("GATEWAY_CORS_ORIGINS"),
-            bind=env.text("GATEWAY_BIND") or cls.bind,
+            bind=env.bind("GATEWAY_BIND", default=cls.bind),
+            read_timeout_s=env.number(
+                "GATEWAY_READ_TIMEOUT_SECONDS", default=10.0, low=0.5, high=300.0
+            ),
             workers=env.count("GATEWAY_WORKERS"),
             threads=env.count("GATEWAY_THREADS"),
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
@@ -299,6 +304,12 @@ class _Env:
             raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
         return value
 
+    def bind(self, name: str, *, default: str) -> str:
+        """Read a listen address: HOST:PORT, or [IPv6]:PORT, with a port from 1 to 65535."""
+        value = self.text(name) or default
+        check_bind(value, name)
+        return value
+
     def count(self, name: str) -> int | None:
         raw = self.text(name)
         if not raw:
@@ -409,6 +420,32 @@ class _Env:
 def _or_default(value: int | None, default: int) -> int:
     # Not `value or default`: 0 is a setting (show no digit at all).
     return default if value is None else value
+
+
+def check_bind(value: str, name: str) -> None:
+    """Raise ConfigError naming NAME unless VALUE is HOST:PORT or [IPv6]:PORT."""
+    host, colon, port = value.rpartition(":")
+    example = "e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080"
+    if not colon or not host:
+        raise ConfigError(f"{name} must be HOST:PORT ({example}), got {value!r}")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: the port must be a number from 1 to 65535, got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]") or not _is_ipv6(host[1:-1]):
+            raise ConfigError(f"{name}: {host!r} is not a bracketed IPv6 address ({example})")
+    elif ":" in host or not _HOST.fullmatch(host):
+        raise ConfigError(f"{name}: {host!r} is not a host name or address ({example})")
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load() -> Config:

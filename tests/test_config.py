@@ -384,3 +384,44 @@ def test_secrets_never_appear_in_the_repr(tmp_path: Path) -> None:
     assert "hunter2-password" not in repr(basic)
     assert "eyJ-secret-token" not in repr(bearer)
     assert "svc" in repr(basic)
+
+
+# GATEWAY_BIND and GATEWAY_READ_TIMEOUT_SECONDS
+
+
+@pytest.mark.parametrize(
+    "bind", ["127.0.0.1:8082", "0.0.0.0:1", "gateway.internal:65535", "[::1]:8080", "[::]:80"]
+)
+def test_a_listen_address_with_host_and_port_is_taken_as_given(bind: str) -> None:
+    assert from_env(GATEWAY_BIND=bind).bind == bind
+
+
+@pytest.mark.parametrize(
+    ("bind", "says"),
+    [
+        ("8082", "must be HOST:PORT"),
+        ("localhost", "must be HOST:PORT"),
+        (":8080", "must be HOST:PORT"),
+        ("127.0.0.1:99999", "port must be a number from 1 to 65535"),
+        ("127.0.0.1:0", "port must be a number from 1 to 65535"),
+        ("127.0.0.1:http", "port must be a number from 1 to 65535"),
+        ("::1:8080", "is not a host name or address"),
+        ("[::1:8080", "is not a bracketed IPv6 address"),
+        ("[not-ipv6]:8080", "is not a bracketed IPv6 address"),
+        ("host name:8080", "is not a host name or address"),
+    ],
+)
+def test_a_listen_address_without_a_host_or_a_valid_port_is_refused_in_one_line(
+    bind: str, says: str
+) -> None:
+    message = rejects(GATEWAY_BIND=bind)
+
+    assert message.startswith("GATEWAY_BIND")
+    assert says in message
+    assert "\n" not in message
+
+
+def test_the_read_timeout_defaults_to_ten_seconds_and_is_bounded() -> None:
+    assert from_env().read_timeout_s == 10.0
+    assert from_env(GATEWAY_READ_TIMEOUT_SECONDS="2.5").read_timeout_s == 2.5
+    assert "GATEWAY_READ_TIMEOUT_SECONDS" in rejects(GATEWAY_READ_TIMEOUT_SECONDS="0")
