@@ -94,6 +94,7 @@ def test_the_demo_sets_a_permissive_dial_policy_and_says_so(
     monkeypatch.setattr(cli, "serve", served.append)
     monkeypatch.setattr(cli, "_wait_until_up", lambda *_args: None)
     monkeypatch.setattr(cli, "_free_loopback_port", lambda: 9)
+    monkeypatch.setattr(cli, "ensure_can_listen", lambda *_args: None)
     monkeypatch.setattr(cli.subprocess, "Popen", FakeProcess)
     monkeypatch.delenv("GATEWAY_DIAL_ALLOW", raising=False)
 
