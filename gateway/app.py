@@ -11,7 +11,7 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api, sharedstate, upstream_auth
+from gateway import __version__, api, callscreen, sharedstate, upstream_auth
 from gateway.audit import AuditTrail
 from gateway.callers import build_authenticator
 from gateway.config import Config
@@ -22,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.ownership import CallIds
 from gateway.quotas import Quotas, build_storage
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
+from gateway.streams import EventStreams
 from gateway.transport import ExchangeTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
@@ -49,15 +50,26 @@ def create_app(
             observer=metrics,
             policy=build_policy(config, metrics),
         )
+    state = state or api.ServiceState()
+    state.streams = EventStreams(
+        ews,
+        poll_interval_s=config.events_poll_s,
+        max_streams=config.events_max_streams,
+        poll_threads=config.poll_threads,
+        observer=metrics,
+    )
     app.extensions["gateway"] = {
         "ews": ews,
         "metrics": metrics,
-        "state": state or api.ServiceState(),
+        "state": state,
+        "streams": state.streams,
         "callers": build_authenticator(config),
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
         **build_guards(config, metrics),
     }
     api.register(app)
+    if config.demo_page:
+        callscreen.register(app)
     if config.cors_origins:
         allow_browsers(app, config.cors_origins)
     return app
@@ -76,6 +88,7 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
             "X-Request-ID",
             "X-API-Key",
             "Idempotency-Key",
+            "Last-Event-ID",
         ],
         expose_headers=[
             "Location",
