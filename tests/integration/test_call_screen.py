@@ -66,6 +66,7 @@ def gateway(step_simulator: Server, page_origin: str, tmp_path: Path) -> Iterato
         "GATEWAY_AUTH": "apikey",
         "GATEWAY_API_KEYS_FILE": str(keys),
         "GATEWAY_CORS_ORIGINS": page_origin,
+        "GATEWAY_DIAL_ALLOW": "*",
         "GATEWAY_BIND": f"127.0.0.1:{port}",
         "GATEWAY_WORKERS": "2",
         "GATEWAY_EVENTS_POLL_SECONDS": "0.25",
