@@ -772,6 +772,8 @@ export interface operations {
             400: components["responses"]["InvalidRequest"];
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
+            404: components["responses"]["CallNotFound"];
+            429: components["responses"]["TooManyRequests"];
             /**
              * @description This worker already holds `GATEWAY_EVENTS_MAX_STREAMS` streams
              *     (`too-many-streams`, `Retry-After: 2`), or the instance is shutting
