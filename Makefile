@@ -2,9 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys; print(hashlib.sha1(open("pyproject.toml","rb").read()).hexdigest()[:12])')
+# Every dependency, with hashes: the image installs LOCK, the venv DEV_LOCK (LOCK + dev tools).
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib; print(hashlib.sha1(open("pyproject.toml","rb").read() + open("$(DEV_LOCK)","rb").read()).hexdigest()[:12])')
+# uv resolves for the image's Python; it keeps the pins already in the lock files unless
+# asked to move them (make lock LOCK_FLAGS=--upgrade). setuptools builds the project.
+LOCK_COMPILE := $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--custom-compile-command 'make lock' pyproject.toml deploy/build-requirements.in $(LOCK_FLAGS)
 
-.PHONY: demo test lint unit integration soak benchmark benchmark-quick clean
+.PHONY: demo test lint unit integration soak benchmark benchmark-quick lock audit clean
 
 demo: $(STAMP)
 	$(BIN)/ews-gateway demo
@@ -33,10 +40,19 @@ benchmark: $(STAMP)
 benchmark-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
-$(STAMP): pyproject.toml
+# Regenerate both lock files after a change to pyproject.toml's dependencies.
+lock: $(STAMP)
+	$(LOCK_COMPILE) --extra dev -o $(DEV_LOCK)
+	$(LOCK_COMPILE) --constraint $(DEV_LOCK) -o $(LOCK)
+
+# Known vulnerabilities in the locked set (pip-audit; any finding fails, see .ci/audit.py).
+audit: $(STAMP)
+	$(BIN)/python .ci/audit.py $(DEV_LOCK)
+
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 

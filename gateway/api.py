@@ -19,7 +19,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter, Rule
 
-from gateway import validation
+from gateway import tracing, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
 from gateway.ews import PhoneCalls
@@ -168,6 +168,7 @@ def start_request() -> None:
     state.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
     state.ews_code = None
     state.upstream_outcome = None
+    state.span = tracing.start_request(request.method, request.headers, state.request_id)
     gateway = current_app.extensions["gateway"]
     gateway["metrics"].in_progress.inc()
     state.caller = ANONYMOUS
@@ -188,9 +189,12 @@ def finish_request(response: Response) -> Response:
     route = route_label(request.url_rule)
     metrics: Metrics = current_app.extensions["gateway"]["metrics"]
     metrics.http_request(request.method, route, response.status_code, seconds)
+    if state.span is not None:
+        state.span.finish(route, response.status_code)
     ACCESS_LOG.info(
         "request",
         extra={
+            "traceId": None if state.span is None else state.span.trace_id,
             "requestId": state.request_id,
             "method": request.method,
             "route": route,
@@ -208,6 +212,9 @@ def end_request(_error: BaseException | None) -> None:
     if "started" in g:
         _, metrics = services()
         metrics.in_progress.dec()
+    span = g.get("span")
+    if span is not None:
+        span.close()
 
 
 @functools.cache

@@ -62,6 +62,9 @@ class Config:
     metrics_dir: str | None = None
     # None: serving's default (about 250,000, with jitter); 0: never recycle.
     max_requests: int | None = None
+    # OpenTelemetry: on when an OTLP endpoint is set; the SDK reads the other OTEL_* itself.
+    tracing: bool = False
+    trace_service_name: str = "ews-gateway"
     max_in_flight: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
@@ -108,6 +111,8 @@ class Config:
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
             max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
+            tracing=env.tracing(),
+            trace_service_name=env.text("OTEL_SERVICE_NAME") or "ews-gateway",
             max_in_flight=env.count("EWS_MAX_IN_FLIGHT"),
             breaker_failures=env.count("EWS_BREAKER_FAILURES") or 5,
             breaker_cooldown_s=env.number(
@@ -216,6 +221,26 @@ class _Env:
         if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
             raise ConfigError(f"{name} must be a whole number from 0 to {high:,}, got {raw!r}")
         return int(raw)
+
+    def tracing(self) -> bool:
+        """Whether to export traces: OpenTelemetry's variables, over OTLP/HTTP only."""
+        endpoint = self.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or self.text(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        exporter = self.text("OTEL_TRACES_EXPORTER") or "otlp"
+        if exporter not in ("otlp", "none"):
+            raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp or none, got {exporter!r}")
+        if not endpoint or exporter == "none" or self.flag("OTEL_SDK_DISABLED", default=False):
+            return False
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            if self.text(name) not in ("", "http/protobuf"):
+                raise ConfigError(f"{name} must be http/protobuf, got {self.text(name)!r}")
+        self.url(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+            if self.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            else "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        return True
 
     def flag(self, name: str, *, default: bool) -> bool:
         raw = self.text(name).lower()

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import tenacity
 
-from gateway import replies, wire
+from gateway import replies, tracing, wire
 from gateway.envelopes import EnvelopeBuilder
 from gateway.errors import GatewayError, GatewayOverloaded
 from gateway.replies import Answer, CallInformation, Disconnected, PlacedCall
@@ -162,15 +162,19 @@ class EwsClient:
     ) -> ResultT:
         """Make one call to Exchange and read its result; every outcome is observed once."""
         started = time.perf_counter()
-        try:
-            with self._policy.guard():
-                reply = self._transport.post(envelope, headers, deadline=deadline)
-            answer = replies.read_answer(operation, reply)
-            result = read_result(answer)
-        except GatewayError as error:
-            self._observe(operation, error.outcome or "invalid_response", error.ews_code, started)
-            raise
-        self._observe(operation, "success", answer.code, started)
+        with tracing.exchange_call(operation) as call:
+            try:
+                with self._policy.guard():
+                    reply = self._transport.post(envelope, headers, deadline=deadline)
+                answer = replies.read_answer(operation, reply)
+                result = read_result(answer)
+            except GatewayError as error:
+                outcome = error.outcome or "invalid_response"
+                self._observe(operation, outcome, error.ews_code, started)
+                call.answered(outcome, error.ews_code)
+                raise
+            self._observe(operation, "success", answer.code, started)
+            call.answered("success", answer.code)
         return result
 
     def _may_retry(self, retry_state: tenacity.RetryCallState) -> bool:
