@@ -14,7 +14,7 @@ LOCK_COMPILE := $(BIN)/uv pip compile --quiet --generate-hashes --python-version
 .PHONY: demo test lint unit integration soak benchmark benchmark-quick lock audit clean
 
 demo: $(STAMP)
-	$(BIN)/ews-gateway demo
+	$(BIN)/ews-gateway demo --simulator-bind 127.0.0.1:8081
 
 test: $(STAMP) lint
 	$(BIN)/pytest --cov --cov-report=term
@@ -49,12 +49,24 @@ lock: $(STAMP)
 audit: $(STAMP)
 	$(BIN)/python .ci/audit.py $(DEV_LOCK)
 
+# Targets started at once (make demo and make test in a fresh clone) build the environment
+# one after the other, not over each other: the first holds the lock, the others wait for it
+# and then find the stamp. flock is util-linux's (every Linux); without it, no lock.
+VENV_LOCK := $(if $(shell command -v flock),flock $(VENV).lock,)
+
+# The locked versions, checked against their hashes, then the project without dependencies.
+# GSSAPI (the kerberos extra, not locked: it builds with a C compiler against libkrb5-dev)
+# is added where it can be; without it the Kerberos tests skip.
 $(STAMP): pyproject.toml $(DEV_LOCK)
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(DEV_LOCK)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	rm -f $(VENV)/.installed-*
-	touch $@
+	$(VENV_LOCK) sh -ec '\
+	test -f $@ && exit 0; \
+	$(PYTHON) -m venv $(VENV); \
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(DEV_LOCK); \
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .; \
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kerberos]" >/dev/null 2>&1 \
+	  || echo "note: the kerberos extra was not built (needs a C compiler and libkrb5-dev)"; \
+	rm -f $(VENV)/.installed-*; \
+	touch $@'
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis
+	rm -rf $(VENV) $(VENV).lock .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis

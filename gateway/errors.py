@@ -35,6 +35,8 @@ class GatewayError(Exception):
         self.ews_code = ews_code
         self.retry_after_s = retry_after_s
         self.warning = warning
+        # Exchange's HTTP status, when its answer got that far (for the log line).
+        self.upstream_status: int | None = None
 
 
 # Caller-side problems: Exchange is never contacted.
@@ -68,6 +70,80 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     slug = "unsupported-media-type"
     title = "Unsupported media type"
+
+
+# The HTTP exchange itself: the request cannot be served as it was sent. The gateway's
+# front door (gateway.frontdoor) raises these for requests gunicorn refuses before the
+# app sees them; the app raises them for routing and protocol failures.
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    slug = "not-found"
+    title = "No such route"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed on this route"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    slug = "request-timeout"
+    title = "The request did not arrive in time"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    slug = "request-entity-too-large"
+    title = "The request body is too large"
+
+
+class UriTooLong(GatewayError):
+    status = 414
+    slug = "uri-too-long"
+    title = "The request URL is too long"
+
+
+class ExpectationFailed(GatewayError):
+    status = 417
+    slug = "expectation-failed"
+    title = "The Expect header cannot be met"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    slug = "request-header-fields-too-large"
+    title = "The request headers are too large or too many"
+
+
+class MalformedRequest(GatewayError):
+    status = 400
+    slug = "malformed-request"
+    title = "The request is not valid HTTP/1.1"
+
+
+class TransferCodingNotImplemented(GatewayError):
+    status = 501
+    slug = "not-implemented"
+    title = "The request's transfer coding is not supported"
+
+
+# Werkzeug's routing and protocol errors, in the gateway's words (any other status: generic).
+ERROR_BY_REQUEST_STATUS: dict[int, type[GatewayError]] = {
+    400: MalformedRequest,
+    404: RouteNotFound,
+    405: MethodNotAllowed,
+    408: RequestTimeout,
+    413: BodyTooLarge,
+    414: UriTooLong,
+    415: UnsupportedMediaType,
+    417: ExpectationFailed,
+    431: HeadersTooLarge,
+    501: TransferCodingNotImplemented,
+}
 
 
 # What Exchange said, by ResponseCode.
@@ -204,6 +280,48 @@ def error_for_response_code(
     detail = f"Exchange answered {code}: {message}" if message else f"Exchange answered {code}"
     return error_class(
         detail, ews_code=code, retry_after_s=retry_after_s, outcome=outcome, back_off_s=back_off_s
+    )
+
+
+# What an HTTP status means when Exchange (or a balancer in front of it) answered no SOAP.
+# 440 Login Timeout is a forms-based login page in front of EWS: credentials, like 401.
+ERROR_BY_HTTP_STATUS: dict[int, tuple[type[GatewayError], str]] = {
+    401: (
+        UpstreamAuthFailed,
+        "Upstream authentication failed: Exchange refused the gateway's credentials",
+    ),
+    403: (
+        UpstreamAuthFailed,
+        "Upstream authentication failed: Exchange refused the gateway's credentials",
+    ),
+    440: (
+        UpstreamAuthFailed,
+        "Upstream authentication failed: a login page stands in front of EWS (Login Timeout)",
+    ),
+    429: (EwsBusy, "Exchange answered Too Many Requests"),
+    503: (EwsUnavailable, "Exchange answered HTTP 503 Service Unavailable"),
+    504: (UpstreamTimeout, "A gateway in front of Exchange timed out waiting for it"),
+}
+
+
+def error_for_http_status(status: int, retry_after_s: int | None) -> GatewayError | None:
+    """Translate an HTTP status that carries no SOAP answer; None for any other status.
+
+    retry_after_s is Exchange's Retry-After in whole seconds, when it sent a usable one.
+    """
+    row = ERROR_BY_HTTP_STATUS.get(status)
+    if row is None:
+        return None
+    error_class, detail = row
+    if error_class is EwsBusy and retry_after_s is None:
+        retry_after_s = DEFAULT_RETRY_AFTER_S  # throttled callers are always told when to return
+    if error_class is UpstreamAuthFailed:
+        retry_after_s = None
+    return error_class(
+        f"{detail} (HTTP {status})",
+        retry_after_s=retry_after_s,
+        back_off_s=retry_after_s,
+        outcome="http_error",
     )
 
 

@@ -8,29 +8,49 @@ one retry of Exchange's short back-offs) and reports each call to an observer.
 
 from __future__ import annotations
 
+import random
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import tenacity
 
-from gateway import replies, tracing, wire
+from gateway import logs, replies, tracing, wire
 from gateway.envelopes import EnvelopeBuilder
 from gateway.errors import GatewayError, GatewayOverloaded
 from gateway.replies import Answer, CallInformation, Disconnected, PlacedCall
-from gateway.resilience import UpstreamPolicy
+from gateway.resilience import IDEMPOTENT_OPERATIONS, UpstreamPolicy
 from gateway.transport import UpstreamReply
 
 CONTENT_TYPE = "text/xml; charset=utf-8"
+# Exchange's diagnostic fields (lower case, as the transport gives them) and their log names.
+LOG_FIELD_BY_DIAGNOSTIC = {
+    "request-id": "exchangeRequestId",
+    "x-feserver": "exchangeFrontEnd",
+    "x-beserver": "exchangeBackEnd",
+    "x-calculatedbetarget": "exchangeBackEndTarget",
+    "x-diaginfo": "exchangeDiagInfo",
+}
+# Exchange's values are logged, not trusted: a bounded length each.
+MAX_DIAGNOSTIC_CHARS = 200
 
 
 class Transport(Protocol):
     """Sends one envelope to Exchange (gateway.transport.ExchangeTransport in production)."""
 
     def post(
-        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+        idempotent: bool = False,
     ) -> UpstreamReply:
-        """Return Exchange's whole answer by the deadline (monotonic), or raise a GatewayError."""
+        """Return Exchange's whole answer by the deadline (monotonic), or raise a GatewayError.
+
+        idempotent: the request may be sent again if a reused connection closes unanswered.
+        """
 
 
 class UpstreamObserver(Protocol):
@@ -73,10 +93,12 @@ class EwsClient:
         transport: Transport,
         *,
         server_version: str,
+        anchor_mailbox: str | None = None,
         observer: UpstreamObserver | None = None,
         policy: UpstreamPolicy | None = None,
     ) -> None:
         self._envelopes = EnvelopeBuilder(server_version)
+        self._anchor_mailbox = anchor_mailbox
         self._transport = transport
         self._observer = observer
         self._policy = policy or UpstreamPolicy()
@@ -135,11 +157,7 @@ class EwsClient:
     ) -> ResultT:
         """Send one operation and read its result; every outcome is observed once."""
         envelope = self.build_envelope(operation, body, mailbox)
-        headers = {
-            "Content-Type": CONTENT_TYPE,
-            "SOAPAction": f'"{wire.soap_action(operation)}"',
-            "X-Request-ID": request_id,
-        }
+        headers = self._headers(operation, request_id, mailbox)
         deadline = time.monotonic() + self._policy.timeout_s
         started = time.perf_counter()
         try:
@@ -152,6 +170,24 @@ class EwsClient:
             raise
         return result
 
+    def _headers(self, operation: str, request_id: str, mailbox: str | None) -> dict[str, str]:
+        """Return the fields Microsoft asks EWS clients to send, for routing and correlation."""
+        client_request_id = _new_guid()
+        logs.add_request_fields({"clientRequestId": client_request_id})
+        headers = {
+            "Content-Type": CONTENT_TYPE,
+            "SOAPAction": f'"{wire.soap_action(operation)}"',
+            "X-Request-ID": request_id,
+            "client-request-id": client_request_id,
+            "return-client-request-id": "true",
+        }
+        # Exchange 2013+ front ends route by it to the mailbox's own server. An address an
+        # HTTP header cannot carry as ASCII goes without: routed by the account instead.
+        anchor = mailbox or self._anchor_mailbox
+        if anchor and anchor.isascii():
+            headers["X-AnchorMailbox"] = anchor
+        return headers
+
     def _attempt(
         self,
         operation: str,
@@ -162,19 +198,29 @@ class EwsClient:
     ) -> ResultT:
         """Make one call to Exchange and read its result; every outcome is observed once."""
         started = time.perf_counter()
+        reply = None
         with tracing.exchange_call(operation) as call:
             try:
                 with self._policy.guard():
-                    reply = self._transport.post(envelope, headers, deadline=deadline)
+                    reply = self._transport.post(
+                        envelope,
+                        headers,
+                        deadline=deadline,
+                        idempotent=operation in IDEMPOTENT_OPERATIONS,
+                    )
+                if reply.diagnostics:
+                    logs.add_request_fields(_log_fields(reply.diagnostics))
                 answer = replies.read_answer(operation, reply)
                 result = read_result(answer)
             except GatewayError as error:
+                if reply is not None:
+                    error.upstream_status = reply.status
                 outcome = error.outcome or "invalid_response"
                 self._observe(operation, outcome, error.ews_code, started)
-                call.answered(outcome, error.ews_code)
+                call.answered(outcome, error.ews_code, reply)
                 raise
             self._observe(operation, "success", answer.code, started)
-            call.answered("success", answer.code)
+            call.answered("success", answer.code, reply)
         return result
 
     def _may_retry(self, retry_state: tenacity.RetryCallState) -> bool:
@@ -190,6 +236,20 @@ class EwsClient:
 
 
 ResultT = TypeVar("ResultT")
+
+
+def _new_guid() -> str:
+    """Return a random (version 4) GUID for client-request-id."""
+    # A correlation id, not a secret: the random module spares uuid4's system call per call.
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+
+
+def _log_fields(diagnostics: Mapping[str, str]) -> dict[str, str]:
+    return {
+        LOG_FIELD_BY_DIAGNOSTIC[name]: value[:MAX_DIAGNOSTIC_CHARS]
+        for name, value in diagnostics.items()
+        if name in LOG_FIELD_BY_DIAGNOSTIC
+    }
 
 
 def _exchange_back_off(retry_state: tenacity.RetryCallState) -> float:

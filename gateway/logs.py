@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -25,3 +26,22 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Python warnings from libraries would be plain-text lines among the JSON ones.
     logging.captureWarnings(True)
+
+
+# Fields the layers below the HTTP API add to the current request's log line
+# (Exchange's correlation ids); gateway.api starts a fresh set per request.
+_REQUEST_FIELDS: ContextVar[dict[str, str] | None] = ContextVar("request_fields", default=None)
+
+
+def start_request_fields() -> dict[str, str]:
+    """Begin the current request's extra log fields; return them (empty) for its log line."""
+    fields: dict[str, str] = {}
+    _REQUEST_FIELDS.set(fields)
+    return fields
+
+
+def add_request_fields(fields: dict[str, str]) -> None:
+    """Add fields to the current request's log line (nothing outside a request)."""
+    current = _REQUEST_FIELDS.get()
+    if current is not None:
+        current.update(fields)

@@ -9,8 +9,11 @@ its cost per request.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from lxml import etree
@@ -19,8 +22,8 @@ from gateway import wire
 from gateway.errors import (
     EwsUnavailable,
     GatewayError,
-    UpstreamAuthFailed,
     UpstreamBadResponse,
+    error_for_http_status,
     error_for_response_code,
 )
 from gateway.transport import UpstreamReply
@@ -158,35 +161,39 @@ def _classify(message: etree._Element) -> Answer:
 
 
 def _raise_for_http_status(reply: UpstreamReply) -> None:
-    """Map the HTTP statuses that carry no SOAP answer at all."""
+    """Map the HTTP statuses that carry no SOAP answer (the table is in gateway.errors)."""
     status = reply.status
+    if status in (200, 500):
+        return
     if 300 <= status < 400:
         raise UpstreamBadResponse(
             f"Exchange redirected the request (HTTP {status}), usually to its error page",
             outcome="http_error",
         )
-    if status in (401, 403):
-        raise UpstreamAuthFailed(
-            "Upstream authentication failed: Exchange refused the gateway's credentials "
-            f"(HTTP {status})",
-            outcome="http_error",
-        )
-    if status == 503:
-        retry_after_s = _retry_after_seconds(reply.retry_after)
-        raise EwsUnavailable(
-            "Exchange answered HTTP 503 Service Unavailable",
-            retry_after_s=retry_after_s,
-            back_off_s=retry_after_s,
-            outcome="http_error",
-        )
-    if status not in (200, 500):
-        raise UpstreamBadResponse(f"Exchange answered HTTP {status}", outcome="http_error")
+    error = error_for_http_status(status, retry_after_seconds(reply.retry_after))
+    if error is not None:
+        raise error
+    raise UpstreamBadResponse(f"Exchange answered HTTP {status}", outcome="http_error")
 
 
-def _retry_after_seconds(header: str | None) -> int | None:
-    if header is not None and header.strip().isdigit():
-        return int(header.strip())
-    return None
+def retry_after_seconds(header: str | None, now: datetime | None = None) -> int | None:
+    """Read Retry-After as whole seconds from now: delay-seconds or an HTTP-date (RFC 9110 10.2.3).
+
+    A date in the past is 0; anything unreadable is None.
+    """
+    if header is None:
+        return None
+    value = header.strip()
+    if value.isascii() and value.isdigit():
+        return int(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses as naive
+        when = when.replace(tzinfo=UTC)
+    seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(0, math.ceil(seconds))
 
 
 def _parse_envelope(reply: UpstreamReply) -> etree._Element:

@@ -27,6 +27,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway import __version__
+from gateway.transport import UpstreamReply
+
+# Exchange's values are recorded, not trusted: a bounded length.
+MAX_REQUEST_ID_CHARS = 200
 
 _tracer: trace.Tracer | None = None
 _provider: TracerProvider | None = None
@@ -105,13 +109,17 @@ class ExchangeCall:
     def __init__(self, span: trace.Span) -> None:
         self._span = span
 
-    def answered(self, outcome: str, ews_code: str | None, request_id: str | None = None) -> None:
-        """Record the outcome (as in the metrics), the EWS ResponseCode and Exchange's id."""
+    def answered(self, outcome: str, ews_code: str | None, reply: UpstreamReply | None) -> None:
+        """Record the outcome (as in the metrics), the EWS ResponseCode, and from Exchange's
+        HTTP answer (None if there was none) its status and its `request-id`."""
         self._span.set_attribute("ews.outcome", outcome)
         if ews_code is not None:
             self._span.set_attribute("ews.response_code", ews_code)
-        if request_id is not None:
-            self._span.set_attribute("ews.request_id", request_id)
+        if reply is not None:
+            self._span.set_attribute("http.response.status_code", reply.status)
+            request_id = reply.diagnostics.get("request-id")
+            if request_id is not None:
+                self._span.set_attribute("ews.request_id", request_id[:MAX_REQUEST_ID_CHARS])
         if outcome != "success":
             self._span.set_status(Status(StatusCode.ERROR, outcome))
 
@@ -122,7 +130,7 @@ class _Unrecorded(ExchangeCall, AbstractContextManager[ExchangeCall]):
     def __init__(self) -> None:
         pass
 
-    def answered(self, outcome: str, ews_code: str | None, request_id: str | None = None) -> None:
+    def answered(self, outcome: str, ews_code: str | None, reply: UpstreamReply | None) -> None:
         """Record nothing."""
 
     def __exit__(self, *_exc: object) -> None:

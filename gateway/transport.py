@@ -1,65 +1,143 @@
 """HTTP to Exchange: the only module that opens connections upstream.
 
-ExchangeTransport speaks HTTP/1.1 itself (gateway.http1) over a small pool of
-keep-alive sockets shared by all threads. Its one use, POST an envelope and
-read one answer, is small, and general clients cost far more CPU on it than
-the exchange on the socket does. Measured single-threaded against a local
-nginx, one call took about 140 microseconds of CPU through http.client (the
-email package parsing headers, two writes per request), about 150 through h11
-and about 220 through urllib3's pool, against about 40 for the bare write and
-read; this transport takes about 70.
+ExchangeTransport speaks HTTP/1.1 itself (gateway.http1: llhttp reads the
+answers) over a small pool of keep-alive connections shared by all threads.
+Its one use, POST an envelope and read one answer, is small, and general
+clients cost far more CPU on it than the exchange on the socket does.
+Measured single-threaded against a local nginx, one call took about 140
+microseconds of CPU through http.client, about 150 through h11 and about 220
+through urllib3's pool, against about 40 for the bare write and read; this
+transport took about 70 with the hand-written reader, a few less with llhttp.
 
-It stays safe by being strict rather than general. An answer must be framed
-as RFC 9112 says, without ambiguity; the head, every line and the body are
-capped, a declared size before the body is read. A connection carries another
-request only after a complete HTTP/1.1 answer framed by its length or chunks,
-without Connection: close and with nothing sent after it; anything irregular
-closes it.
+A connection carries another request only after a complete HTTP/1.1 answer
+framed by its length or chunks, without Connection: close and with nothing
+sent after it; anything irregular closes it. A connection idle longer than
+idle_s (EWS_CONNECTION_IDLE_SECONDS) is closed, never reused: balancers and
+NATs drop idle flows silently after a few minutes. TCP keepalive is on.
 
 Redirects are never followed (Exchange redirects to an HTML error page). One
-deadline bounds connecting, the TLS handshake, sending, waiting for the answer
-and reading its body, however slowly it trickles in. The one retry is a fresh
-connection when a reused one turns out closed before the request could be
-written.
+deadline bounds resolving the name, reaching any of its addresses (or the
+proxy), the tunnel, the TLS handshake, sending, waiting for the answer and
+reading its body, however slowly it trickles in. A request is sent again on a
+new connection only when a reused one turns out closed: before the request
+was written (always safe), or, for an idempotent operation, before any byte
+of an answer came back. PlayOnPhone is never sent twice.
 
-gateway.ntlm shares the deadline helpers, the size cap and the error translation.
+Authentication plugs in per connection (Authenticator): it sees each new
+connection after TLS (its peer certificate, for channel binding), gives the
+Authorization for each request and may answer a 401 on the same connection.
 """
 
 from __future__ import annotations
 
+import logging
 import select
-import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
-from gateway import http1
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from gateway import __version__, connector, http1
+from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.proxy import Proxy
 
+LOG = logging.getLogger("gateway.transport")
 # EWS answers for the phone-call operations are a few kilobytes; anything far
-# larger is not a real answer.
+# larger is not a real answer. Also the cap on a decompressed body.
 MAX_REPLY_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 # How far a step may outlast the deadline rather than re-arm the socket's timeout.
 TIMEOUT_SLACK_S = 0.005
+# 401s an authenticator may answer on one connection: NTLM needs two round trips.
+MAX_AUTH_ROUNDS = 3
+USER_AGENT = f"ews-call-gateway/{__version__}"
+# Exchange's diagnostic fields, logged with the request (Microsoft's EWS client guidance).
+DIAGNOSTIC_FIELDS = ("request-id", "x-feserver", "x-beserver", "x-calculatedbetarget", "x-diaginfo")
 
-# How writing to a reused connection fails when Exchange closed it as idle just
-# before the request went out.
-_STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError)
+# How a reused connection fails when Exchange (or a balancer) closed it as idle just
+# as the request went out: on TLS, a close without close_notify is an EOF error.
+_STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
 
 
 @dataclass(frozen=True)
 class UpstreamReply:
-    """An HTTP answer from Exchange, fully read."""
+    """An HTTP answer from Exchange, fully read (and decompressed)."""
 
     status: int
     content_type: str
     retry_after: str | None
     location: str | None
     body: bytes
+    # Exchange's diagnostic fields that were present, by lower-case name.
+    diagnostics: Mapping[str, str] = field(default_factory=dict)
+
+
+class Connection:
+    """One connection to Exchange, kept alive between requests."""
+
+    __slots__ = ("auth_state", "idle_since", "peer_certificate", "reused", "sock")
+
+    def __init__(self, sock: Any, peer_certificate: bytes | None) -> None:
+        self.sock = sock
+        # Exchange's certificate (DER) on https: what tls-server-end-point binds to.
+        self.peer_certificate = peer_certificate
+        # Whatever the authenticator keeps for this connection (an NTLM context, say).
+        self.auth_state: Any = None
+        self.idle_since = time.monotonic()
+        self.reused = False
+
+    def round_trip(self, request: bytes, deadline: float) -> http1.Answer:
+        """Send one request and read its whole answer by the deadline.
+
+        Raises _Stale when the connection turns out closed before any byte of an answer.
+        """
+        arm_timeout(self.sock, _time_left(deadline))
+        try:
+            self.sock.sendall(request)
+        except _STALE_CONNECTION_ERRORS as error:
+            raise _Stale(sent=False) from error
+        received = False
+
+        def receive() -> bytes:
+            nonlocal received
+            # Re-armed before every read: a body trickling in must still end by the deadline.
+            arm_timeout(self.sock, _time_left(deadline))
+            try:
+                data: bytes = self.sock.recv(READ_CHUNK_BYTES)
+            except _STALE_CONNECTION_ERRORS as error:
+                if not received:
+                    raise _Stale(sent=True) from error
+                raise
+            if not data and not received:
+                raise _Stale(sent=True)
+            received = True
+            return data
+
+        return http1.read_answer(receive, MAX_REPLY_BYTES)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Authenticator(Protocol):
+    """How the gateway proves itself to Exchange, per connection and per request."""
+
+    def connected(self, connection: Connection, deadline: float) -> None:
+        """Prepare a new connection (TLS done) before its first request."""
+
+    def authorization(self, connection: Connection) -> str | None:
+        """Return the Authorization value for the next request on this connection, if any."""
+
+    def challenged(self, connection: Connection, answer: http1.Answer) -> str | None:
+        """Answer a 401 on this connection with the Authorization to send the request again
+        with, or None to give up (the 401 is then Exchange's answer)."""
+
+    def answered(self, connection: Connection, answer: http1.Answer) -> None:
+        """See the answer (not a 401) that ends the request; raise a GatewayError to refuse it."""
 
 
 class ExchangeTransport:
@@ -77,133 +155,297 @@ class ExchangeTransport:
         verify_tls: bool = True,
         ca_bundle: str | None = None,
         authorization: str | None = None,
+        authenticator: Authenticator | None = None,
         pool_size: int = 16,
+        idle_s: float = 30.0,
+        proxy: Proxy | None = None,
+        resolver: connector.Resolver = connector.system_resolver,
     ) -> None:
         parts = urlsplit(url)
         default_port = 443 if parts.scheme == "https" else 80
-        self._host = parts.hostname or ""
+        host = parts.hostname or ""
+        self._host = host if host.isascii() else http1.ascii_host(host)
         self._port = parts.port or default_port
         self._host_field = http1.host_field(self._host, self._port, default_port)
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._timeout_s = timeout_s
         self._tls = _tls_context(verify_tls, ca_bundle) if parts.scheme == "https" else None
-        self._own_headers = {"User-Agent": "ews-call-gateway"}
+        self._proxy = proxy
+        self._resolver = resolver
+        self._own_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if proxy is not None and self._tls is None:
+            # Plain http through a proxy: the absolute URL, credentials on each request.
+            self._target = f"http://{self._host_field}{self._target}"
+            if proxy.authorization:
+                self._own_headers["Proxy-Authorization"] = proxy.authorization
         if authorization:
+            # The same on every request (basic, bearer): formatted with the other fields.
             self._own_headers["Authorization"] = authorization
+        self._authenticator = authenticator
         # A URL or credential that cannot be sent fails here, at start-up.
         http1.format_request(self._target, self._host_field, self._own_headers, b"")
         self._pool_size = pool_size
-        self._idle: list[socket.socket] = []
+        self._idle_s = idle_s
+        self._idle: list[Connection] = []
         self._idle_lock = threading.Lock()
         self._closed = False
 
     def post(
-        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+        idempotent: bool = False,
     ) -> UpstreamReply:
-        """Send one request and return the whole answer by the deadline, or raise a GatewayError."""
+        """Send one request and return the whole answer by the deadline, or raise a GatewayError.
+
+        idempotent: the request may go again when a reused connection closes before
+        any byte of its answer (GetPhoneCallInformation, DisconnectPhoneCall).
+        """
         deadline = time.monotonic() + seconds_left(deadline, self._timeout_s)
-        request = http1.format_request(
-            self._target, self._host_field, {**headers, **self._own_headers}, body
+        fields = {**headers, **self._own_headers}
+        # Formatted before connecting: a header that cannot be sent never costs a connection.
+        request = _Request(
+            http1.format_request(self._target, self._host_field, fields, body), fields, body
         )
         try:
-            sock = self._send_on_idle(request, deadline)
-            if sock is None:
-                sock = self._connect(deadline)
-                _send(sock, request, deadline)
-            return self._receive(sock, deadline)
+            answer = self._exchange(request, deadline, idempotent)
         except OSError as exc:
             raise translate_os_error(exc) from None
+        return _reply(answer)
 
     def close(self) -> None:
         """Close every idle connection; connections in use are closed when their call ends."""
         with self._idle_lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
+        for connection in idle:
+            connection.close()
 
-    def _take_idle(self) -> socket.socket | None:
+    def _exchange(self, request: _Request, deadline: float, idempotent: bool) -> http1.Answer:
+        """Ask on an idle connection, or a new one; again on a new one if the idle one was stale."""
+        connection = self._take_idle()
+        if connection is not None:
+            try:
+                return self._ask(connection, request, deadline)
+            except _Stale as stale:
+                # Exchange closed the idle connection as the request went out. Only a request
+                # never written, or an idempotent one, may go again: Exchange may have acted
+                # on the request (and dialled) before the connection dropped.
+                if stale.sent and not idempotent:
+                    raise _unanswered() from None
+                LOG.debug("a reused connection to Exchange had closed; asking on a new one")
+        connection = self._connect(deadline)
+        try:
+            return self._ask(connection, request, deadline)
+        except _Stale:
+            raise _unanswered() from None
+
+    def _ask(self, connection: Connection, request: _Request, deadline: float) -> http1.Answer:
+        """Send the request on this connection, answering authentication challenges on it."""
+        try:
+            authenticator = self._authenticator
+            if authenticator is None:
+                answer = connection.round_trip(request.formatted, deadline)
+            else:
+                answer = self._ask_authenticated(connection, request, authenticator, deadline)
+        except BaseException:
+            connection.close()
+            raise
+        if answer.reusable:
+            self._keep_idle(connection)
+        else:
+            connection.close()
+        return answer
+
+    def _ask_authenticated(
+        self,
+        connection: Connection,
+        request: _Request,
+        authenticator: Authenticator,
+        deadline: float,
+    ) -> http1.Answer:
+        """Send with the authenticator's Authorization; answer its 401s on the same connection."""
+        authorization = authenticator.authorization(connection)
+        for _ in range(MAX_AUTH_ROUNDS):
+            answer = connection.round_trip(self._with(request, authorization), deadline)
+            if answer.status != 401:
+                # May end a handshake, or refuse it (an unreadable answer, a 400 to its token).
+                authenticator.answered(connection, answer)
+                return answer
+            if not answer.reusable:
+                return answer
+            authorization = authenticator.challenged(connection, answer)
+            if authorization is None:
+                return answer
+        return answer
+
+    def _with(self, request: _Request, authorization: str | None) -> bytes:
+        """Return the request's bytes carrying this Authorization."""
+        if authorization is None:
+            return request.formatted
+        fields = {**request.fields, "Authorization": authorization}
+        return http1.format_request(self._target, self._host_field, fields, request.body)
+
+    def _take_idle(self) -> Connection | None:
         """Return the most recently used idle connection that is still sound, if any."""
         while True:
             # Last in, first out: the newest connection is the furthest from Exchange's
             # idle timeout, and the oldest ones age out unused.
             with self._idle_lock:
-                if not self._idle:
-                    return None
-                sock = self._idle.pop()
-            if not _is_dropped(sock):
-                return sock
-            sock.close()
+                expired = self._expire_idle()
+                connection = self._idle.pop() if self._idle else None
+            for old in expired:
+                old.close()
+            if connection is None:
+                return None
+            if not _is_dropped(connection.sock):
+                connection.reused = True
+                return connection
+            connection.close()
 
-    def _keep_idle(self, sock: socket.socket) -> None:
+    def _expire_idle(self) -> list[Connection]:
+        """Take out the connections idle longer than idle_s, oldest first; lock held."""
+        oldest_allowed = time.monotonic() - self._idle_s
+        count = 0
+        while count < len(self._idle) and self._idle[count].idle_since < oldest_allowed:
+            count += 1
+        expired = self._idle[:count]
+        del self._idle[:count]
+        return expired
+
+    def _keep_idle(self, connection: Connection) -> None:
+        connection.idle_since = time.monotonic()
         with self._idle_lock:
-            if not self._closed and len(self._idle) < self._pool_size:
-                self._idle.append(sock)
-                return
-        sock.close()
+            expired = self._expire_idle()
+            keep = not self._closed and len(self._idle) < self._pool_size
+            if keep:
+                self._idle.append(connection)
+        for old in expired:
+            old.close()
+        if not keep:
+            connection.close()
 
-    def _connect(self, deadline: float) -> socket.socket:
-        """Open a new connection, TLS handshake included, in the time left."""
-        sock = socket.create_connection((self._host, self._port), timeout=_time_left(deadline))
+    def _connect(self, deadline: float) -> Connection:
+        """Open a new connection (proxy tunnel and TLS handshake included) in the time left."""
+        proxy = self._proxy
+        host, port = (proxy.host, proxy.port) if proxy else (self._host, self._port)
+        addresses = connector.resolve(host, port, deadline, self._resolver)
+        sock: Any = connector.connect_first(addresses, deadline)
         try:
-            # The request goes out in one write; waiting to coalesce it only adds delay.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connector.tune(sock)
+            if proxy is not None and self._tls is not None:
+                self._tunnel(sock, proxy, deadline)
+            certificate = None
             if self._tls is not None:
                 arm_timeout(sock, _time_left(deadline))
-                sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+                sock = self._handshake(sock)
+                certificate = sock.getpeercert(binary_form=True)
+            connection = Connection(sock, certificate)
+            if self._authenticator is not None:
+                self._authenticator.connected(connection, deadline)
         except BaseException:
             sock.close()
             raise
-        return sock
+        return connection
 
-    def _send_on_idle(self, request: bytes, deadline: float) -> socket.socket | None:
-        """Send on a reused connection; None if Exchange closed it before the request went out."""
-        sock = self._take_idle()
-        if sock is None:
-            return None
+    def _tunnel(self, sock: Any, proxy: Proxy, deadline: float) -> None:
+        """Ask the proxy for a tunnel to Exchange; a refusal is a connection error."""
+        name = f"[{self._host}]" if ":" in self._host else self._host
+        status = connector.open_tunnel(sock, f"{name}:{self._port}", proxy.authorization, deadline)
+        if not 200 <= status < 300:
+            # The proxy's address is safe to name; its credentials never are.
+            raise UpstreamUnreachable(
+                f"The proxy {proxy.address} refused the tunnel to Exchange (HTTP {status})",
+                outcome="connection_error",
+            )
+
+    def _handshake(self, sock: Any) -> ssl.SSLSocket:
+        """Run the TLS handshake; a failure is logged with its reason."""
+        assert self._tls is not None
         try:
-            _send(sock, request, deadline)
-        except _STALE_CONNECTION_ERRORS:
-            # Nothing reached Exchange, so sending again on a new connection is safe, even
-            # for PlayOnPhone. A connection dropped after the request went out is not
-            # retried: Exchange may have acted on the request (and dialled).
-            return None
-        return sock
+            return self._tls.wrap_socket(sock, server_hostname=self._host)
+        except ssl.SSLError as error:
+            reason = tls_reason(error)
+            LOG.warning(
+                "TLS handshake with Exchange failed",
+                extra={"tlsReason": reason, "exchangeHost": self._host},
+            )
+            raise UpstreamUnreachable(
+                f"The TLS connection to Exchange failed: {reason}", outcome="connection_error"
+            ) from None
 
-    def _receive(self, sock: socket.socket, deadline: float) -> UpstreamReply:
-        """Read the whole answer by the deadline; any failure closes the connection."""
 
-        def receive() -> bytes:
-            # Re-armed before every read: a body trickling in must still end by the deadline.
-            arm_timeout(sock, _time_left(deadline))
-            return sock.recv(READ_CHUNK_BYTES)
+class _Request(NamedTuple):
+    """One request: its bytes (without an authenticator's Authorization), and their parts."""
 
-        try:
-            answer = http1.read_answer(receive, MAX_REPLY_BYTES)
-        except BaseException:
-            sock.close()
-            raise
-        if answer.reusable:
-            self._keep_idle(sock)
-        else:
-            sock.close()
-        return UpstreamReply(
-            status=answer.status,
-            content_type=answer.header("Content-Type") or "",
-            retry_after=answer.header("Retry-After"),
-            location=answer.header("Location"),
-            body=answer.body,
+    formatted: bytes
+    fields: Mapping[str, str]
+    body: bytes
+
+
+class _Stale(Exception):
+    """The connection closed before any byte of an answer; sent: whether the request went out."""
+
+    def __init__(self, *, sent: bool) -> None:
+        super().__init__("the connection closed before any answer")
+        self.sent = sent
+
+
+def _unanswered() -> UpstreamUnreachable:
+    return UpstreamUnreachable(
+        "Exchange closed the connection before answering", outcome="connection_error"
+    )
+
+
+def _reply(answer: http1.Answer) -> UpstreamReply:
+    headers = answer.headers
+    return UpstreamReply(
+        status=answer.status,
+        content_type=headers.get("content-type") or "",
+        retry_after=headers.get("retry-after"),
+        location=headers.get("location"),
+        body=_decoded(answer.body, headers.get("content-encoding")),
+        diagnostics={name: headers[name] for name in DIAGNOSTIC_FIELDS if name in headers},
+    )
+
+
+def _decoded(body: bytes, coding: str | None) -> bytes:
+    """Undo gzip or deflate within the size cap, should Exchange compress though never asked.
+
+    The inflated size is capped, not the compressed one: kilobytes can inflate to gigabytes.
+    """
+    kind = (coding or "").strip().lower()
+    if kind in ("", "identity"):
+        return body
+    if kind not in ("gzip", "x-gzip", "deflate"):
+        raise UpstreamBadResponse(
+            "Exchange's answer is in a content coding the gateway cannot read",
+            outcome="invalid_response",
         )
-
-
-def _send(sock: socket.socket, request: bytes, deadline: float) -> None:
-    """Write the request in the time left; a failure closes the connection."""
+    if kind == "deflate":
+        # RFC 9110's deflate is zlib-wrapped; some servers send it raw.
+        wbits = zlib.MAX_WBITS if body[:1] == b"x" else -zlib.MAX_WBITS
+    else:
+        wbits = 16 + zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
     try:
-        arm_timeout(sock, _time_left(deadline))
-        sock.sendall(request)
-    except BaseException:
-        sock.close()
-        raise
+        plain = inflater.decompress(body, MAX_REPLY_BYTES + 1)
+    except zlib.error:
+        raise UpstreamBadResponse(
+            f"Exchange's {kind} answer is corrupt", outcome="invalid_response"
+        ) from None
+    if len(plain) > MAX_REPLY_BYTES:
+        raise UpstreamBadResponse(
+            f"Exchange's answer exceeded {MAX_REPLY_BYTES} bytes once decompressed",
+            outcome="invalid_response",
+        )
+    if not inflater.eof:
+        raise UpstreamBadResponse(
+            f"Exchange's {kind} answer is cut short", outcome="invalid_response"
+        )
+    return plain
 
 
 def seconds_left(deadline: float | None, timeout_s: float) -> float:
@@ -224,7 +466,7 @@ def _time_left(deadline: float) -> float:
     return remaining_s
 
 
-def arm_timeout(sock: socket.socket, seconds: float) -> None:
+def arm_timeout(sock: Any, seconds: float) -> None:
     """Bound the next blocking step on sock to about this many seconds."""
     # Setting a timeout is a system call that lets other threads take the GIL; most
     # steps of a call start within microseconds of the last, so the timeout set
@@ -244,7 +486,7 @@ def _tls_context(verify_tls: bool, ca_bundle: str | None) -> ssl.SSLContext:
     return context
 
 
-def _is_dropped(sock: socket.socket) -> bool:
+def _is_dropped(sock: Any) -> bool:
     """Tell whether Exchange closed an idle connection or sent on it unasked."""
     # Answers followed by unasked bytes are never kept, so only the socket can hold any.
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -253,6 +495,14 @@ def _is_dropped(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def tls_reason(error: ssl.SSLError) -> str:
+    """Say why a TLS handshake failed: the certificate check's message, else OpenSSL's reason."""
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"certificate verify failed: {error.verify_message}"
+    reason = error.reason or type(error).__name__
+    return str(reason).replace("_", " ").lower()
 
 
 def translate_os_error(exc: OSError) -> GatewayError:

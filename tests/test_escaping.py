@@ -44,7 +44,12 @@ class RecordingTransport:
     bodies: list[bytes] = field(default_factory=list)
 
     def post(
-        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+        idempotent: bool = False,
     ) -> UpstreamReply:
         self.bodies.append(body)
         return UpstreamReply(

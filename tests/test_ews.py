@@ -108,7 +108,12 @@ class RecordedExchange:
     sent: list[SentRequest] = field(default_factory=list)
 
     def post(
-        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+        idempotent: bool = False,
     ) -> UpstreamReply:
         self.sent.append(SentRequest(body, dict(headers)))
         if schema_available():

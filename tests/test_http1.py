@@ -157,7 +157,8 @@ def encode_chunked(body: bytes, cuts: list[int], draw: st.DrawFn) -> bytes:
     """The body in chunks cut at these offsets, sizes in any hex form, with extensions."""
     inner = sorted({cut for cut in cuts if 0 < cut < len(body)})
     bounds = [0, *inner, len(body)] if body else [0]
-    extensions = st.sampled_from([b"", b";name", b";name=value", b' ;a="quoted";b', b"\t;x=1"])
+    # Whitespace before an extension, which RFC 9112 tolerates, llhttp refuses: tested by hand.
+    extensions = st.sampled_from([b"", b";name", b";name=value", b';a="quoted";b', b";x=1;y"])
     sizes = st.sampled_from(["{:x}", "{:X}", "{:04x}"])
     encoded = b""
     for start, end in itertools.pairwise(bounds):
@@ -180,7 +181,7 @@ def valid_answers(draw: st.DrawFn) -> GeneratedAnswer:
         body, framing = b"", draw(st.sampled_from(["length", "close"]))
     else:
         body = draw(st.binary(max_size=CAP))
-        framing = draw(st.sampled_from(["length", "repeated length", "chunked", "close"]))
+        framing = draw(st.sampled_from(["length", "chunked", "close"]))
     if framing == "chunked":
         cuts = draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=6))
         fields += b"Transfer-Encoding: chunked\r\n"
@@ -188,8 +189,7 @@ def valid_answers(draw: st.DrawFn) -> GeneratedAnswer:
     elif framing == "close":
         payload = body
     else:
-        copies = 2 if framing == "repeated length" else 1
-        fields += b"Content-Length: %d\r\n" % len(body) * copies
+        fields += b"Content-Length: %d\r\n" % len(body)
         payload = body
     interim = draw(st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\n\r\n"]))
     data = interim + status_line + b"\r\n" + fields + b"\r\n" + payload
@@ -267,12 +267,6 @@ def test_whitespace_around_a_field_value_is_not_part_of_it() -> None:
 def test_repeated_fields_are_joined_in_order() -> None:
     reply = read(with_length(b"", OK_HEAD + b"X-Seen: one\r\nX-Seen: two\r\n"))
     assert reply.header("X-Seen") == "one, two"
-
-
-def test_identical_repeated_content_lengths_are_one_length() -> None:
-    head = OK_HEAD + b"Content-Length: 5\r\nContent-Length: 5, 5\r\n"
-    reply = read(answer(head, b"hello"))
-    assert (reply.body, reply.reusable) == (b"hello", True)
 
 
 def test_a_chunked_answer_is_joined_and_its_trailers_discarded() -> None:
@@ -355,6 +349,10 @@ INVALID_ANSWERS = {
     "both lengths": answer(
         OK_HEAD + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", b"2\r\nok\r\n0\r\n\r\n"
     ),
+    # RFC 9112 section 6.3 lets a recipient refuse even identical repeats; llhttp does.
+    "repeated identical lengths": answer(
+        OK_HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n", b"ok"
+    ),
     "differing lengths": answer(OK_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n", b"ok!"),
     "differing lengths in one field": answer(OK_HEAD + b"Content-Length: 2, 3\r\n", b"ok!"),
     "negative length": answer(OK_HEAD + b"Content-Length: -1\r\n"),
@@ -378,6 +376,9 @@ INVALID_ANSWERS = {
     "negative chunk size": answer(OK_HEAD + b"Transfer-Encoding: chunked\r\n", b"-2\r\nok\r\n"),
     "chunk size after whitespace": answer(
         OK_HEAD + b"Transfer-Encoding: chunked\r\n", b" 2\r\nok\r\n0\r\n\r\n"
+    ),
+    "whitespace before a chunk extension": answer(
+        OK_HEAD + b"Transfer-Encoding: chunked\r\n", b"2 ;a=b\r\nok\r\n0\r\n\r\n"
     ),
     "chunk without its line end": answer(
         OK_HEAD + b"Transfer-Encoding: chunked\r\n", b"2\r\nokXX0\r\n\r\n"
@@ -441,15 +442,31 @@ def test_a_content_length_above_the_cap_is_refused_before_the_body_is_read() -> 
     refusal(answer(OK_HEAD + b"Content-Length: 1" + b"0" * 5000 + b"\r\n"))
 
 
-def test_a_chunk_above_the_cap_is_refused_before_it_is_read() -> None:
-    refusal(answer(OK_HEAD + b"Transfer-Encoding: chunked\r\n", b"%x\r\n" % (CAP + 1)))
+def test_a_chunk_size_too_large_to_hold_is_refused_at_once() -> None:
     refusal(answer(OK_HEAD + b"Transfer-Encoding: chunked\r\n", b"f" * 1000 + b"\r\n"))
 
 
-def test_chunks_adding_up_to_more_than_the_cap_are_refused_before_the_last_is_read() -> None:
+def test_a_chunk_above_the_cap_is_refused_once_the_body_passes_the_cap() -> None:
+    # llhttp does not tell a chunk's size; its data is refused at the cap's first excess byte.
+    chunk = b"%x\r\n" % (CAP + 1) + b"x" * (CAP + 1)
+    refusal(answer(OK_HEAD + b"Transfer-Encoding: chunked\r\n", chunk))
+
+
+def test_chunks_adding_up_to_more_than_the_cap_are_refused_at_the_first_excess_byte() -> None:
     half = CAP // 2
     first = b"%x\r\n%s\r\n" % (half, b"x" * half)
-    refusal(answer(OK_HEAD + b"Transfer-Encoding: chunked\r\n", first + b"%x\r\n" % (half + 1)))
+    second = b"%x\r\n%s" % (half + 1, b"x" * (half + 1))
+    refusal(answer(OK_HEAD + b"Transfer-Encoding: chunked\r\n", first + second))
+
+
+def test_a_body_sent_a_byte_per_chunk_is_read_whole() -> None:
+    body = bytes(range(256)) * (CAP // 256)
+    assert read(chunked(*(body[i : i + 1] for i in range(len(body))))).body == body
+
+
+def test_bare_lf_line_ends_are_refused_at_once_on_a_connection_left_open() -> None:
+    # Waiting for a CRLF that never comes would cost the whole deadline.
+    refusal(b"HTTP/1.1 200 OK\nContent-Type: text/xml\nContent-Length: 2\n\nok")
 
 
 def test_a_body_running_past_the_cap_until_the_close_is_refused() -> None:
@@ -512,8 +529,9 @@ def test_a_trailer_block_of_more_fields_than_allowed_is_refused() -> None:
 
 
 def test_a_head_at_its_cap_is_accepted_and_one_byte_more_refused() -> None:
+    # The cap counts every byte of the head, line ends and the empty line included.
     status_line = b"HTTP/1.1 200 OK"
-    filler = b"X-Filler: " + b"x" * (MAX_HEAD_BYTES - len(status_line) - 10)
+    filler = b"X-Filler: " + b"x" * (MAX_HEAD_BYTES - len(status_line) - 10 - 6)
     assert read(answer(status_line + b"\r\n" + filler + b"\r\n"), closes=True).status == 200
     refusal(answer(status_line + b"\r\n" + filler + b"x\r\n"))
 
@@ -598,6 +616,9 @@ def test_a_request_is_one_bytes_object_with_exactly_these_bytes() -> None:
         ("::1", 8080, 80, "[::1]:8080"),
         ("2001:db8::7", 443, 443, "[2001:db8::7]"),
         ("exchänge.example.com", 443, 443, "xn--exchnge-8wa.example.com"),
+        # IDNA 2008: "ß" is a letter of its own, not "ss" as IDNA 2003 had it.
+        ("straße.example", 443, 443, "xn--strae-oqa.example"),
+        ("EXCHÄNGE.example.com", 443, 443, "xn--exchnge-8wa.example.com"),
     ],
 )
 def test_the_host_field_names_the_port_only_when_not_the_default_in_ascii_ipv6_bracketed(

@@ -49,7 +49,12 @@ class ScriptedExchange:
     deadlines: list[float | None] = field(default_factory=list)
 
     def post(
-        self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        deadline: float | None = None,
+        idempotent: bool = False,
     ) -> UpstreamReply:
         self.deadlines.append(deadline)
         step = self.script.pop(0)

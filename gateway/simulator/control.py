@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from gateway.simulator.calls import CallView
 from gateway.simulator.exchange import FakeExchange
 from gateway.simulator.faults import InvalidFaultRule, parse_rules
+from gateway.simulator.idle import InvalidIdlePolicy, parse_idle_policy
 from gateway.simulator.outcomes import Reply
 
 CONTROL_PREFIX = "/simulator/"
@@ -49,17 +50,23 @@ def _health(_exchange: FakeExchange, _body: bytes) -> Reply:
 
 
 def _list_calls(exchange: FakeExchange, _body: bytes) -> Reply:
+    if exchange.deployment is not None:
+        calls = [_call_json(call, server) for server, call in exchange.deployment.all_calls()]
+        return json_reply(200, calls)
     return json_reply(200, [_call_json(call) for call in exchange.calls.all_calls()])
 
 
-def _call_json(call: CallView) -> dict[str, object]:
-    return {
+def _call_json(call: CallView, server: str | None = None) -> dict[str, object]:
+    described: dict[str, object] = {
         "id": call.call_id,
         "mailbox": call.mailbox,
         "state": call.phase.state,
         "connectionFailureCause": call.phase.failure_cause,
         "dialString": call.dial_string,
     }
+    if server is not None:
+        described["server"] = server
+    return described
 
 
 def _list_requests(exchange: FakeExchange, _body: bytes) -> Reply:
@@ -93,9 +100,30 @@ def _clear_faults(exchange: FakeExchange, body: bytes) -> Reply:
     return _list_faults(exchange, body)
 
 
+def _show_idle(exchange: FakeExchange, _body: bytes) -> Reply:
+    policy = exchange.idle_policy
+    return json_reply(200, {"idle": None if policy is None else policy.as_json()})
+
+
+def _set_idle(exchange: FakeExchange, body: bytes) -> Reply:
+    try:
+        exchange.idle_policy = parse_idle_policy(json.loads(body))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json_reply(400, {"error": "the body is not UTF-8 JSON"})
+    except InvalidIdlePolicy as error:
+        return json_reply(400, {"error": str(error)})
+    return _show_idle(exchange, body)
+
+
+def _clear_idle(exchange: FakeExchange, body: bytes) -> Reply:
+    exchange.idle_policy = None
+    return _show_idle(exchange, body)
+
+
 _ROUTES: Mapping[str, Mapping[str, _Route]] = {
     "health": {"GET": _health},
     "calls": {"GET": _list_calls},
     "requests": {"GET": _list_requests, "DELETE": _clear_requests},
     "faults": {"GET": _list_faults, "PUT": _replace_faults, "DELETE": _clear_faults},
+    "idle": {"GET": _show_idle, "PUT": _set_idle, "DELETE": _clear_idle},
 }

@@ -9,6 +9,7 @@ from dataclasses import replace
 from gateway import wire
 from gateway.simulator.bad_answers import bad_answer
 from gateway.simulator.calls import CallBook, is_dialable
+from gateway.simulator.deployment import Deployment, authenticated_account
 from gateway.simulator.envelopes import (
     ERROR,
     SUCCESS,
@@ -18,6 +19,7 @@ from gateway.simulator.envelopes import (
     soap_fault,
 )
 from gateway.simulator.faults import FaultBook
+from gateway.simulator.idle import IdlePolicy
 from gateway.simulator.journal import RecordedRequest, RequestJournal
 from gateway.simulator.outcomes import Outcome, Reply
 from gateway.simulator.parsing import EwsRequest, RequestRejected, read_request
@@ -50,17 +52,22 @@ class FakeExchange:
         latency_ms: int = 0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        deployment: Deployment | None = None,
     ) -> None:
         if latency_ms < 0:
             raise ValueError(f"latency_ms must not be negative, not {latency_ms!r}")
         self.calls = calls
+        # Several mailbox servers behind a front end; None: one server holding `calls`.
+        self.deployment = deployment
+        # How idle kept-alive connections end; None: after the handler's long default.
+        self.idle_policy: IdlePolicy | None = None
         self.faults = faults
         self.journal = journal
         self._schema = schema
         self._latency_s = latency_ms / 1000
         self._sleep = sleep
         self._clock = clock
-        self._operations: dict[str, Callable[[EwsRequest], OperationResult]] = {
+        self._operations: dict[str, Callable[[EwsRequest, CallBook], OperationResult]] = {
             wire.PLAY_ON_PHONE: self._play_on_phone,
             wire.GET_PHONE_CALL_INFORMATION: self._get_phone_call_information,
             wire.DISCONNECT_PHONE_CALL: self._disconnect_phone_call,
@@ -73,6 +80,8 @@ class FakeExchange:
         request_id: str | None,
         authorization: str | None = None,
         received_at: float | None = None,
+        *,
+        anchor_mailbox: str | None = None,
     ) -> Outcome:
         """Record the request, then answer it or misbehave as the first firing rule says.
 
@@ -81,7 +90,7 @@ class FakeExchange:
         request take part of the latency rather than adding to it, as with a real server.
         """
         due = (self._clock() if received_at is None else received_at) + self._latency_s
-        outcome = self._answer_now(body, soap_action, request_id, authorization)
+        outcome = self._answer_now(body, soap_action, request_id, authorization, anchor_mailbox)
         if self._latency_s and (left := due - self._clock()) > 0:
             self._sleep(left)
         return outcome
@@ -92,6 +101,7 @@ class FakeExchange:
         soap_action: str | None,
         request_id: str | None,
         authorization: str | None,
+        anchor_mailbox: str | None = None,
     ) -> Outcome:
         try:
             request = read_request(body, soap_action, self._schema)
@@ -102,41 +112,78 @@ class FakeExchange:
                 )
             )
             return Reply(500, soap_fault(wire.ERROR_SCHEMA_VALIDATION, rejected.message))
+        place = _Placement(request, authorization, anchor_mailbox, self.deployment)
         self.journal.record(
             RecordedRequest(
-                request.operation, request_id, request.mailbox, soap_action, body, authorization
+                request.operation,
+                request_id,
+                request.mailbox,
+                soap_action,
+                body,
+                authorization,
+                anchor_mailbox,
+                place.server,
+                place.home,
             )
         )
         fired = self.faults.pick(request.operation)
         if fired is None:
-            return self._perform(request)
+            return self._perform(request, place)
         if fired.rule.kind == "latency":
             self._sleep((fired.rule.number("ms") or 0) / 1000)
-            return self._perform(request)
+            return self._perform(request, place)
         if fired.rule.kind == "warning":
-            return self._perform(request, warning=fired.rule.text("message"))
+            return self._perform(request, place, warning=fired.rule.text("message"))
         return bad_answer(fired, request.operation)
 
-    def _perform(self, request: EwsRequest, warning: str | None = None) -> Reply:
-        result = self._operations[request.operation](request)
+    def _perform(self, request: EwsRequest, place: _Placement, warning: str | None = None) -> Reply:
+        result = self._operations[request.operation](request, self._calls_for(request, place))
         if warning is not None and result.response_class == SUCCESS:
             result = replace(result, response_class=WARNING, message_text=warning)
-        return Reply(200, operation_response(request.operation, result))
+        headers = Deployment.diagnostics(place.server) if place.server else ()
+        return Reply(200, operation_response(request.operation, result), headers=headers)
 
-    def _play_on_phone(self, request: EwsRequest) -> OperationResult:
+    def _calls_for(self, request: EwsRequest, place: _Placement) -> CallBook:
+        """Return the call book an operation works on: one server's, with several."""
+        if self.deployment is None or place.server is None or place.home is None:
+            return self.calls
+        # A new call lives where its mailbox lives; the others look only where they were sent.
+        server = place.home if request.operation == wire.PLAY_ON_PHONE else place.server
+        return self.deployment.servers[server]
+
+    def _play_on_phone(self, request: EwsRequest, calls: CallBook) -> OperationResult:
         item_id = request.item_id or ""
         if not item_id or item_id.startswith(MISSING_ITEM_PREFIX):
             return MISSING_ITEM
         dial_string = request.dial_string or ""
         if not is_dialable(dial_string):
             return UNDIALABLE
-        call = self.calls.place(request.mailbox, dial_string)
+        call = calls.place(request.mailbox, dial_string)
         return OperationResult(phone_call_id=call.call_id)
 
-    def _get_phone_call_information(self, request: EwsRequest) -> OperationResult:
-        call = self.calls.look_up(request.mailbox, request.phone_call_id or "")
+    def _get_phone_call_information(self, request: EwsRequest, calls: CallBook) -> OperationResult:
+        call = calls.look_up(request.mailbox, request.phone_call_id or "")
         return UNKNOWN_CALL if call is None else OperationResult(phase=call.phase)
 
-    def _disconnect_phone_call(self, request: EwsRequest) -> OperationResult:
-        call = self.calls.hang_up(request.mailbox, request.phone_call_id or "")
+    def _disconnect_phone_call(self, request: EwsRequest, calls: CallBook) -> OperationResult:
+        call = calls.hang_up(request.mailbox, request.phone_call_id or "")
         return UNKNOWN_CALL if call is None else OperationResult()
+
+
+class _Placement:
+    """Where a request goes among several mailbox servers: routed, and its mailbox's home."""
+
+    __slots__ = ("home", "server")
+
+    def __init__(
+        self,
+        request: EwsRequest,
+        authorization: str | None,
+        anchor_mailbox: str | None,
+        deployment: Deployment | None,
+    ) -> None:
+        self.server: str | None = None
+        self.home: str | None = None
+        if deployment is not None:
+            self.server = deployment.route(anchor_mailbox, authorization)
+            self.home = deployment.home_of(request.mailbox or authenticated_account(authorization))

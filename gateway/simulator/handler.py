@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
+import select
 import socket
 import socketserver
+import ssl
 import struct
 import sys
+import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from gateway import wire
+from gateway.simulator.acceptor import Acceptor, Session
 from gateway.simulator.control import (
     CONTROL_PREFIX,
     handle_control,
@@ -24,6 +30,8 @@ from gateway.simulator.outcomes import ConnectionReset, Outcome, Reply, Silence,
 
 SERVER_HEADER = "EwsCallGatewaySimulator/0.1"
 IDLE_CONNECTION_TIMEOUT_S = 120.0
+# How long a connection the idle policy "dropped" is held unanswered (or until the server stops).
+DROPPED_CONNECTION_HOLD_S = 300.0
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_DISCARDED_BYTES = 16 * MAX_REQUEST_BYTES
 
@@ -41,10 +49,31 @@ class HttpServer(ThreadingHTTPServer):
     # The default backlog of 5 drops connections when a benchmark opens many at once.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], family: int, exchange: FakeExchange) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: int,
+        exchange: FakeExchange,
+        *,
+        acceptor: Acceptor | None = None,
+        tls: ssl.SSLContext | None = None,
+        channel_binding: bytes | None = None,
+    ) -> None:
         self.address_family = family
         self.exchange = exchange
+        self.acceptor = acceptor
+        self.tls = tls
+        self.channel_binding = channel_binding
+        # Set when the simulator stops: connections held by the idle policy let go.
+        self.closing = threading.Event()
         super().__init__(address, EwsRequestHandler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        # The handshake runs in the connection's own thread, not in the accepting one.
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our own name, which can stall for seconds.
@@ -53,7 +82,7 @@ class HttpServer(ThreadingHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         # Clients that hang up mid-answer are routine here (timeouts, hang and huge rules).
-        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError | ssl.SSLError):
             return
         super().handle_error(request, client_address)  # type: ignore[arg-type]
 
@@ -65,6 +94,47 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
     timeout = IDLE_CONNECTION_TIMEOUT_S
     # Headers and body go out in separate writes; Nagle would hold the body back ~40 ms.
     disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        """Finish the TLS handshake, if any, and start the connection's authentication."""
+        server = cast(HttpServer, self.server)
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(self.timeout)
+            self.request.do_handshake()
+        super().setup()
+        self._session: Session | None = None
+        if server.acceptor is not None:
+            self._session = server.acceptor.session(server.channel_binding)
+
+    def handle(self) -> None:
+        """Serve requests on the connection, ending it when idle as the idle policy says."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection and self._wait_for_next_request():
+            self.handle_one_request()
+
+    def _wait_for_next_request(self) -> bool:
+        """Wait for the next request; False once the idle policy ended the connection."""
+        policy = self._exchange.idle_policy
+        if policy is None:
+            return True  # the handler's own timeout bounds the wait
+        readable, _, _ = select.select([self.connection], [], [], policy.after_s)
+        if readable:
+            return True
+        if policy.action == "reset":
+            self._reset_connection()
+        elif policy.action == "drop":
+            self._hold_unanswered()
+        return False
+
+    def _hold_unanswered(self) -> None:
+        """Take what arrives and never answer, as a path that forgot the flow."""
+        closing = cast(HttpServer, self.server).closing
+        deadline = time.monotonic() + DROPPED_CONNECTION_HOLD_S
+        while not closing.is_set() and time.monotonic() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable and not self.connection.recv(65536):
+                return
 
     def parse_request(self) -> bool:
         """Note when the request arrived (its first line is in), then read its head."""
@@ -103,6 +173,7 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         return cast(HttpServer, self.server).exchange
 
     def _route(self, method: str) -> None:
+        self._gzip = False
         path = urlsplit(self.path).path
         try:
             body = self._read_body()
@@ -114,18 +185,31 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             if method != "POST":
                 self._send(method_not_allowed(method, path, ["POST"]))
                 return
-            soap_action = self.headers.get("SOAPAction")
-            request_id = self.headers.get("X-Request-ID")
-            authorization = self.headers.get("Authorization")
-            self._carry_out(
-                self._exchange.answer(
-                    body, soap_action, request_id, authorization, self._received_at
-                )
-            )
+            self._answer_ews(body)
         elif path.startswith(CONTROL_PREFIX):
             self._send(handle_control(self._exchange, method, path, body))
         else:
             self._send(not_found(path))
+
+    def _answer_ews(self, body: bytes) -> None:
+        """Answer an EWS request once its sender is authenticated; a 401 acts on nothing."""
+        authorization = self.headers.get("Authorization")
+        self._gzip = _accepts_gzip(self.headers.get("Accept-Encoding"))
+        admission = self._session.admit(authorization) if self._session is not None else ()
+        if isinstance(admission, Reply):
+            self._send(admission)
+            return
+        outcome = self._exchange.answer(
+            body,
+            self.headers.get("SOAPAction"),
+            self.headers.get("X-Request-ID"),
+            authorization,
+            self._received_at,
+            anchor_mailbox=self.headers.get("X-AnchorMailbox"),
+        )
+        if admission and isinstance(outcome, Reply):
+            outcome = replace(outcome, headers=outcome.headers + admission)
+        self._carry_out(outcome)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").strip().lower() == "chunked":
@@ -172,8 +256,12 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
                 self._reset_connection()
 
     def _send(self, reply: Reply) -> None:
-        self._send_head(reply.status, reply.content_type, len(reply.body), reply.headers)
-        self.wfile.write(reply.body)
+        body, headers = reply.body, reply.headers
+        if getattr(self, "_gzip", False) and body:
+            # As IIS with dynamic compression: only for a client that asked for gzip.
+            body, headers = gzip.compress(body), (*headers, ("Content-Encoding", "gzip"))
+        self._send_head(reply.status, reply.content_type, len(body), headers)
+        self.wfile.write(body)
 
     def _stream(self, reply: StreamedReply) -> None:
         self._send_head(reply.status, reply.content_type, reply.length)
@@ -202,6 +290,20 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
         self.close_connection = True
+
+
+def _accepts_gzip(accept_encoding: str | None) -> bool:
+    """Tell whether an Accept-Encoding field allows gzip (RFC 9110 section 12.5.3)."""
+    for element in (accept_encoding or "").split(","):
+        coding, _, parameters = element.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        weight = parameters.strip().lower().removeprefix("q=").strip() or "1"
+        try:
+            return float(weight) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def _within_limit(size: int, already_read: int) -> int:

@@ -20,10 +20,15 @@ class RecordedRequest:
     body: bytes
     # Recorded so tests can check the credentials a gateway sent; this is a test double.
     authorization: str | None = None
+    anchor_mailbox: str | None = None
+    # With several mailbox servers: the one the front end sent the request to, and the one
+    # the mailbox (else the authenticated account) lives on.
+    server: str | None = None
+    home_server: str | None = None
 
     def as_json(self) -> dict[str, object]:
         """Describe the request as the control API shows it."""
-        return {
+        described: dict[str, object] = {
             "operation": self.operation,
             "requestId": self.request_id,
             "mailbox": self.mailbox,
@@ -31,6 +36,14 @@ class RecordedRequest:
             "body": self.body.decode("utf-8", errors="replace"),
             "authorization": self.authorization,
         }
+        # Shown only where they say something: an anchor sent, several mailbox servers.
+        optional = {
+            "anchorMailbox": self.anchor_mailbox,
+            "server": self.server,
+            "homeServer": self.home_server,
+        }
+        described.update((name, value) for name, value in optional.items() if value is not None)
+        return described
 
 
 class RequestJournal:

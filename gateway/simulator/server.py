@@ -5,19 +5,24 @@ from __future__ import annotations
 import random
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
 from gateway import wire
+from gateway.simulator.acceptor import Acceptor, channel_binding_of
 from gateway.simulator.calls import CallBook
 from gateway.simulator.control import CONTROL_PREFIX
+from gateway.simulator.deployment import Deployment
 from gateway.simulator.exchange import FakeExchange
 from gateway.simulator.faults import FaultBook
 from gateway.simulator.handler import HttpServer
+from gateway.simulator.idle import IdlePolicy
 from gateway.simulator.journal import RequestJournal
 from gateway.simulator.schema import EwsSchema
 
@@ -25,6 +30,19 @@ DEFAULT_BIND = "127.0.0.1:8081"
 # Short enough that stop() returns promptly, long enough not to spin.
 POLL_INTERVAL_S = 0.05
 _BIND_EXAMPLE = "use HOST:PORT, e.g. 127.0.0.1:8081 or [::1]:8081"
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """The simulator's certificate and key (PEM files), to serve https."""
+
+    cert_path: str
+    key_path: str
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_path, self.key_path)
+        return context
 
 
 class SimulatorServer:
@@ -40,16 +58,34 @@ class SimulatorServer:
         schema_dir: str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         chance: Callable[[], float] = random.random,
+        mailbox_servers: int = 1,
+        idle: IdlePolicy | None = None,
+        acceptor: Acceptor | None = None,
+        tls: TlsIdentity | None = None,
     ) -> None:
+        def new_book() -> CallBook:
+            return CallBook(step_seconds=step_seconds, clock=clock)
+
+        deployment = Deployment(mailbox_servers, new_book) if mailbox_servers > 1 else None
         self.exchange = FakeExchange(
-            calls=CallBook(step_seconds=step_seconds, clock=clock),
+            calls=new_book(),
             faults=FaultBook(chance=chance),
             journal=RequestJournal(),
             schema=None if schema_dir is None else EwsSchema.load(schema_dir),
             latency_ms=latency_ms,
+            deployment=deployment,
         )
+        self.exchange.idle_policy = idle
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._httpd = HttpServer((host, port), family, self.exchange)
+        self._scheme = "http" if tls is None else "https"
+        self._httpd = HttpServer(
+            (host, port),
+            family,
+            self.exchange,
+            acceptor=acceptor,
+            tls=None if tls is None else tls.context(),
+            channel_binding=None if tls is None else channel_binding_of(tls.cert_path),
+        )
         self._lock = threading.Lock()
         self._looping = False
         self._stopped = False
@@ -59,7 +95,8 @@ class SimulatorServer:
     def url(self) -> str:
         """Return the base URL, e.g. http://127.0.0.1:8081 (no path)."""
         host, port = str(self._httpd.server_address[0]), self._httpd.server_address[1]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        name = f"[{host}]" if ":" in host else host
+        return f"{self._scheme}://{name}:{port}"
 
     @property
     def ews_url(self) -> str:
@@ -115,6 +152,7 @@ class SimulatorServer:
             self._stopped = True
             looping, thread = self._looping, self._thread
         self.exchange.faults.release_hangs()
+        self._httpd.closing.set()
         if looping:
             self._httpd.shutdown()
         self._httpd.server_close()
@@ -142,6 +180,8 @@ def start_in_thread(
     *,
     clock: Callable[[], float] = time.monotonic,
     chance: Callable[[], float] = random.random,
+    mailbox_servers: int = 1,
+    idle: IdlePolicy | None = None,
 ) -> SimulatorServer:
     """Bind the simulator and serve it in a daemon thread; port 0 picks a free port."""
     server = SimulatorServer(
@@ -152,6 +192,8 @@ def start_in_thread(
         schema_dir=schema_dir,
         clock=clock,
         chance=chance,
+        mailbox_servers=mailbox_servers,
+        idle=idle,
     )
     return server.start()
 
@@ -161,11 +203,24 @@ def serve_forever(
     latency_ms: int = 0,
     step_seconds: float = 1.0,
     schema_dir: str | Path | None = None,
+    *,
+    mailbox_servers: int = 1,
+    idle: IdlePolicy | None = None,
+    acceptor: Acceptor | None = None,
+    tls: TlsIdentity | None = None,
 ) -> None:
     """Serve the simulator in the foreground until Ctrl-C or SIGTERM, after a loud banner."""
     host, port = parse_bind(bind)
     server = SimulatorServer(
-        host, port, latency_ms=latency_ms, step_seconds=step_seconds, schema_dir=schema_dir
+        host,
+        port,
+        latency_ms=latency_ms,
+        step_seconds=step_seconds,
+        schema_dir=schema_dir,
+        mailbox_servers=mailbox_servers,
+        idle=idle,
+        acceptor=acceptor,
+        tls=tls,
     )
     print(server.banner(), file=sys.stderr, flush=True)
     restore_sigterm = _stop_on_sigterm()

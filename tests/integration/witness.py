@@ -67,9 +67,9 @@ class WitnessedExchange(FakeExchange):
     """A FakeExchange that writes which rule answered each request."""
 
     def __init__(self, witness: TextIO) -> None:
-        self._book = WitnessFaultBook()
+        self._witness_book = WitnessFaultBook()
         super().__init__(
-            calls=CallBook(step_seconds=0.2), faults=self._book, journal=RequestJournal()
+            calls=CallBook(step_seconds=0.2), faults=self._witness_book, journal=RequestJournal()
         )
         self._witness = witness
         self._lock = threading.Lock()
@@ -81,10 +81,19 @@ class WitnessedExchange(FakeExchange):
         request_id: str | None,
         authorization: str | None = None,
         received_at: float | None = None,
+        *,
+        anchor_mailbox: str | None = None,
     ) -> Outcome:
-        self._book.forget_pick()
-        outcome = super().answer(body, soap_action, request_id, authorization, received_at)
-        line = f"{request_id}\t{_label(self._book.last_pick())}\t{time.time():.6f}\n"
+        self._witness_book.forget_pick()
+        outcome = super().answer(
+            body,
+            soap_action,
+            request_id,
+            authorization,
+            received_at,
+            anchor_mailbox=anchor_mailbox,
+        )
+        line = f"{request_id}\t{_label(self._witness_book.last_pick())}\t{time.time():.6f}\n"
         with self._lock:
             self._witness.write(line)
             self._witness.flush()

@@ -1,0 +1,121 @@
+"""The outbound proxy to Exchange: which one, if any, as curl chooses it.
+
+curl's rules (libcurl's CURLOPT_PROXY and CURLOPT_NOPROXY, and its
+environment variables): `https_proxy` / `HTTPS_PROXY` for https URLs,
+`http_proxy` for http URLs (only the lower-case name, since `HTTP_PROXY` can
+be set by a CGI request's `Proxy:` header; the upper-case one is read here
+too, as most clients do, because the gateway is no CGI program), `all_proxy`
+/ `ALL_PROXY` for either; the lower-case variant wins. `no_proxy` /
+`NO_PROXY` is a comma-separated list: `*` matches every host; a name matches
+itself and its subdomains (a leading dot is ignored); an IP address or a CIDR
+range matches addresses, given literally in EWS_URL. Names are compared
+without case and without a trailing dot. A proxy URL without a scheme is
+http://, and one without a port is port 1080, as for curl; credentials in it
+become Proxy-Authorization.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+# curl reads the lower-case name first.
+PROXY_VARIABLES = {
+    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+}
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+# curl's port for a proxy URL that names none.
+CURL_DEFAULT_PROXY_PORT = 1080
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """A forward proxy: its address and the Proxy-Authorization value its URL carried."""
+
+    host: str
+    port: int
+    # Never logged or shown in a repr: it is a credential.
+    authorization: str | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        """host:port without credentials, safe to log."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def proxy_from_environment(environ: Mapping[str, str], url: str) -> tuple[Proxy | None, str]:
+    """Return the proxy for requests to url (None: connect directly) and the variable it came from.
+
+    Raises ValueError, naming the variable, when the proxy URL cannot be used.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    for name in PROXY_VARIABLES[parts.scheme]:
+        value = environ.get(name, "").strip()
+        if value:
+            if bypasses_proxy(_no_proxy(environ), host):
+                return None, ""
+            return parse_proxy_url(value, name), name
+    return None, ""
+
+
+def parse_proxy_url(value: str, name: str) -> Proxy:
+    """Read a proxy URL such as http://user:secret@proxy.example.com:3128."""
+    parts = urlsplit(value if "://" in value else f"http://{value}")
+    try:
+        port = parts.port or CURL_DEFAULT_PROXY_PORT
+    except ValueError:
+        raise ValueError(f"{name} has a port outside 1-65535") from None
+    if parts.scheme != "http":
+        raise ValueError(f"{name} must be an http:// proxy (CONNECT is used for https)")
+    if not parts.hostname or port == 0:
+        raise ValueError(f"{name} must name a proxy host and a port from 1 to 65535")
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+    return Proxy(parts.hostname, port, authorization)
+
+
+def bypasses_proxy(no_proxy: str, host: str) -> bool:
+    """Tell whether NO_PROXY's list exempts this host (lower case, no trailing dot)."""
+    address = _address(host)
+    for entry in (item.strip().lower() for item in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if address is not None:
+            if _address_matches(entry, address):
+                return True
+            continue
+        name = entry.lstrip(".").rstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
+def _no_proxy(environ: Mapping[str, str]) -> str:
+    for name in NO_PROXY_VARIABLES:
+        if name in environ:
+            return environ[name]
+    return ""
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _address_matches(entry: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    try:
+        network = ipaddress.ip_network(entry.strip("[]"), strict=False)
+    except ValueError:
+        return False
+    return address.version == network.version and address in network
