@@ -98,8 +98,20 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def traced_gateway(simulator: Server, receiver: Receiver, tmp_path: Path) -> Iterator[Server]:
+def deployment(tmp_path: Path) -> Iterator[Server]:
+    """The simulator as a front end with two mailbox servers: it sends Exchange's `request-id`."""
+    port = free_port()
+    args = ["simulator", "--bind", f"127.0.0.1:{port}", "--mailbox-servers", "2"]
+    base_url = f"http://127.0.0.1:{port}"
+    server = start(args, {}, base_url, "/simulator/health", tmp_path / "sim.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def traced_gateway(deployment: Server, receiver: Receiver, tmp_path: Path) -> Iterator[Server]:
     """`serve` with two workers exporting spans to the receiver."""
+    simulator = deployment
     port = free_port()
     env = gateway_env(
         simulator,
@@ -182,6 +194,13 @@ def test_the_request_log_line_carries_the_trace_id(
     time.sleep(0.2)  # the log line is written right after the span ends
     lines = access_lines(traced_gateway)
     assert lines[request_id]["traceId"] == trace_id
+    # The client span names Exchange's own id for the call, as the log line does.
+    [client] = [
+        got for got in receiver.by_trace(trace_id) if got.span.kind == Span.SPAN_KIND_CLIENT
+    ]
+    assert lines[request_id]["exchangeRequestId"]
+    assert client.attribute("ews.request_id") == lines[request_id]["exchangeRequestId"]
+    assert client.attribute("http.response.status_code") == lines[request_id]["upstreamStatus"]
     # A request without traceparent starts a trace of its own, named in its line too.
     new_trace = lines[untraced.headers["X-Request-ID"]]["traceId"]
     assert new_trace not in (None, trace_id)
