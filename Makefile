@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib; print(hashlib.
 LOCK_COMPILE := $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
 	--custom-compile-command 'make lock' pyproject.toml deploy/build-requirements.in $(LOCK_FLAGS)
 
-.PHONY: demo test lint unit integration soak benchmark benchmark-quick lock audit clean
+.PHONY: demo test lint unit integration soak benchmark benchmark-quick client lock audit clean
 
 demo: $(STAMP)
 	$(BIN)/ews-gateway demo --simulator-bind 127.0.0.1:8081
@@ -36,9 +36,15 @@ soak: $(STAMP)
 # The gateway against a hand-written Flask + requests baseline (see benchmarks/README.md).
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.watchers
 
 benchmark-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks.watchers --quick
+
+# The TypeScript client, regenerated from openapi.yaml and built (tests/integration checks it).
+client:
+	cd clients/typescript && npm ci --no-audit --no-fund && npm run generate && npm run build
 
 # Regenerate both lock files after a change to pyproject.toml's dependencies.
 lock: $(STAMP)
