@@ -90,26 +90,36 @@ def ascii_host(host: str) -> str:
         raise ValueError(f"the host name is not a valid IDNA 2008 name ({error})") from None
 
 
-def format_request(target: str, host: str, headers: Mapping[str, str], body: bytes) -> bytes:
+def format_request(
+    target: str, host: str, headers: Mapping[str, str], body: bytes, *, checked: str = ""
+) -> bytes:
     """Return a whole POST request, head and body, as one bytes object to send at once.
 
-    host is a value from host_field. A header that could split the request (CR,
-    LF or NUL, a name that is not a token) or that would frame it differently is
-    a ValueError: callers pass values they checked.
+    host is a value from host_field; checked is field lines from format_fields, sent
+    after headers (the transport's own, checked once). A header that could split the
+    request (CR, LF or NUL, a name that is not a token) or that would frame it
+    differently is a ValueError: callers pass values they checked.
     """
     if _TARGET.fullmatch(target) is None:
         raise ValueError(
             "the request target must be an absolute path (or http URL) of printable ASCII"
         )
-    lines = [f"POST {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{format_fields(headers)}{checked}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1") + body
+
+
+def format_fields(headers: Mapping[str, str]) -> str:
+    """Return header fields as lines ending in CRLF; ValueError for one that cannot be sent."""
+    lines = []
     for name, value in headers.items():
         if _TOKEN.fullmatch(name) is None or name.lower() in _FRAMING_FIELDS:
             raise ValueError(f"{name!r} cannot be sent as a header name")
         if _FIELD_VALUE.fullmatch(value) is None:
             raise ValueError(f"the {name} header's value holds a character it cannot carry")
         lines.append(f"{name}: {value}\r\n")
-    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-    return "".join(lines).encode("latin-1") + body
+    return "".join(lines)
 
 
 def format_connect(authority: str, headers: Mapping[str, str]) -> bytes:

@@ -169,18 +169,24 @@ class ExchangeTransport:
         self._tls = _tls_context(verify_tls, ca_bundle) if parts.scheme == "https" else None
         self._proxy = proxy
         self._resolver = resolver
-        self._own_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        # return-client-request-id: Exchange echoes the client-request-id, for its logs and ours.
+        own_headers = {
+            "User-Agent": USER_AGENT,
+            "Accept-Encoding": "identity",
+            "return-client-request-id": "true",
+        }
         if proxy is not None and self._tls is None:
             # Plain http through a proxy: the absolute URL, credentials on each request.
             self._target = f"http://{self._host_field}{self._target}"
             if proxy.authorization:
-                self._own_headers["Proxy-Authorization"] = proxy.authorization
+                own_headers["Proxy-Authorization"] = proxy.authorization
         if authorization:
             # The same on every request (basic, bearer): formatted with the other fields.
-            self._own_headers["Authorization"] = authorization
+            own_headers["Authorization"] = authorization
         self._authenticator = authenticator
-        # A URL or credential that cannot be sent fails here, at start-up.
-        http1.format_request(self._target, self._host_field, self._own_headers, b"")
+        # Checked and formatted once; a URL or credential that cannot be sent fails here.
+        self._own_fields = http1.format_fields(own_headers)
+        http1.format_request(self._target, self._host_field, {}, b"", checked=self._own_fields)
         self._pool_size = pool_size
         self._idle_s = idle_s
         self._idle: list[Connection] = []
@@ -201,11 +207,11 @@ class ExchangeTransport:
         any byte of its answer (GetPhoneCallInformation, DisconnectPhoneCall).
         """
         deadline = time.monotonic() + seconds_left(deadline, self._timeout_s)
-        fields = {**headers, **self._own_headers}
         # Formatted before connecting: a header that cannot be sent never costs a connection.
-        request = _Request(
-            http1.format_request(self._target, self._host_field, fields, body), fields, body
+        formatted = http1.format_request(
+            self._target, self._host_field, headers, body, checked=self._own_fields
         )
+        request = _Request(formatted, headers, body)
         try:
             answer = self._exchange(request, deadline, idempotent)
         except OSError as exc:
@@ -279,7 +285,9 @@ class ExchangeTransport:
         if authorization is None:
             return request.formatted
         fields = {**request.fields, "Authorization": authorization}
-        return http1.format_request(self._target, self._host_field, fields, request.body)
+        return http1.format_request(
+            self._target, self._host_field, fields, request.body, checked=self._own_fields
+        )
 
     def _take_idle(self) -> Connection | None:
         """Return the most recently used idle connection that is still sound, if any."""
@@ -300,12 +308,15 @@ class ExchangeTransport:
 
     def _expire_idle(self) -> list[Connection]:
         """Take out the connections idle longer than idle_s, oldest first; lock held."""
+        idle = self._idle
         oldest_allowed = time.monotonic() - self._idle_s
-        count = 0
-        while count < len(self._idle) and self._idle[count].idle_since < oldest_allowed:
+        if not idle or idle[0].idle_since >= oldest_allowed:
+            return []  # the usual case: even the oldest is young enough
+        count = 1
+        while count < len(idle) and idle[count].idle_since < oldest_allowed:
             count += 1
-        expired = self._idle[:count]
-        del self._idle[:count]
+        expired = idle[:count]
+        del idle[:count]
         return expired
 
     def _keep_idle(self, connection: Connection) -> None:
