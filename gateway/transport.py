@@ -39,14 +39,13 @@ import select
 import ssl
 import threading
 import time
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from gateway import __version__, connector, http1
-from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
 from gateway.proxy import Proxy
 
 LOG = logging.getLogger("gateway.transport")
@@ -414,46 +413,9 @@ def _reply(answer: http1.Answer) -> UpstreamReply:
         content_type=headers.get("content-type") or "",
         retry_after=headers.get("retry-after"),
         location=headers.get("location"),
-        body=_decoded(answer.body, headers.get("content-encoding")),
+        body=http1.decode_content(answer.body, headers.get("content-encoding"), MAX_REPLY_BYTES),
         diagnostics={name: headers[name] for name in DIAGNOSTIC_FIELDS if name in headers},
     )
-
-
-def _decoded(body: bytes, coding: str | None) -> bytes:
-    """Undo gzip or deflate within the size cap, should Exchange compress though never asked.
-
-    The inflated size is capped, not the compressed one: kilobytes can inflate to gigabytes.
-    """
-    kind = (coding or "").strip().lower()
-    if kind in ("", "identity"):
-        return body
-    if kind not in ("gzip", "x-gzip", "deflate"):
-        raise UpstreamBadResponse(
-            "Exchange's answer is in a content coding the gateway cannot read",
-            outcome="invalid_response",
-        )
-    if kind == "deflate":
-        # RFC 9110's deflate is zlib-wrapped; some servers send it raw.
-        wbits = zlib.MAX_WBITS if body[:1] == b"x" else -zlib.MAX_WBITS
-    else:
-        wbits = 16 + zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        plain = inflater.decompress(body, MAX_REPLY_BYTES + 1)
-    except zlib.error:
-        raise UpstreamBadResponse(
-            f"Exchange's {kind} answer is corrupt", outcome="invalid_response"
-        ) from None
-    if len(plain) > MAX_REPLY_BYTES:
-        raise UpstreamBadResponse(
-            f"Exchange's answer exceeded {MAX_REPLY_BYTES} bytes once decompressed",
-            outcome="invalid_response",
-        )
-    if not inflater.eof:
-        raise UpstreamBadResponse(
-            f"Exchange's {kind} answer is cut short", outcome="invalid_response"
-        )
-    return plain
 
 
 def seconds_left(deadline: float | None, timeout_s: float) -> float:
