@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys; print(hash
 .PHONY: demo test lint unit integration soak benchmark benchmark-quick clean
 
 demo: $(STAMP)
-	$(BIN)/ews-gateway demo
+	$(BIN)/ews-gateway demo --simulator-bind 127.0.0.1:8081
 
 test: $(STAMP) lint
 	$(BIN)/pytest --cov --cov-report=term
@@ -33,12 +33,23 @@ benchmark: $(STAMP)
 benchmark-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
+# Targets started at once (make demo and make test in a fresh clone) build the environment
+# one after the other, not over each other: the first holds the lock, the others wait for it
+# and then find the stamp. flock is util-linux's (every Linux); without it, no lock.
+LOCK := $(if $(shell command -v flock),flock $(VENV).lock,)
+
+# GSSAPI (the kerberos extra) builds with a C compiler against libkrb5-dev; without them the
+# Kerberos tests skip.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	rm -f $(VENV)/.installed-*
-	touch $@
+	$(LOCK) sh -ec '\
+	test -f $@ && exit 0; \
+	$(PYTHON) -m venv $(VENV); \
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip; \
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"; \
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kerberos]" >/dev/null 2>&1 \
+	  || echo "note: the kerberos extra was not built (needs a C compiler and libkrb5-dev)"; \
+	rm -f $(VENV)/.installed-*; \
+	touch $@'
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis
+	rm -rf $(VENV) $(VENV).lock .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis

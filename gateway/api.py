@@ -8,6 +8,7 @@ a metric sample and one log line.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import time
@@ -16,12 +17,18 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
-from werkzeug.exceptions import HTTPException
-from werkzeug.routing import BaseConverter, Rule
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
 from gateway import logs, validation
 from gateway.callers import ANONYMOUS
-from gateway.errors import GatewayError, InvalidRequest, UnsupportedMediaType
+from gateway.errors import (
+    ERROR_BY_REQUEST_STATUS,
+    GatewayError,
+    InvalidRequest,
+    RouteNotFound,
+    UnsupportedMediaType,
+)
 from gateway.ews import PhoneCalls
 from gateway.metrics import Metrics
 
@@ -140,15 +147,20 @@ def openapi() -> Response:
 
 
 def _json_body() -> Any:
+    """Return the parsed JSON body (`null` included: validation says what it must be)."""
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
     try:
-        body = request.get_json(silent=True)
+        return json.loads(request.get_data(cache=False), parse_constant=_refuse_constant)
     except RecursionError:  # deep nesting: a few kilobytes can exhaust the parser's stack
-        body = None
-    if body is None:
-        raise InvalidRequest("the body is not valid JSON")
-    return body
+        raise InvalidRequest("the body nests too deeply") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a refused constant
+        raise InvalidRequest(f"the body is not valid JSON: {error}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    """Refuse NaN and +-Infinity, which Python's json reads but RFC 8259 does not allow."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _json(body: dict[str, Any], status: int, warning: str | None = None) -> Response:
@@ -159,7 +171,7 @@ def _json(body: dict[str, Any], status: int, warning: str | None = None) -> Resp
     return response
 
 
-def start_request() -> None:
+def start_request() -> Response | None:
     """Give the request an id, start its clock and find out who is calling."""
     # Each use of the g proxy costs a context lookup: take the object once.
     state = g._get_current_object()
@@ -168,18 +180,42 @@ def start_request() -> None:
     state.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
     state.ews_code = None
     state.upstream_outcome = None
+    state.upstream_status = None
+    state.error_detail = None
+    state.log_level = logging.INFO
     # Exchange's correlation ids, added by the EWS layer, join the request's log line.
     state.upstream_log_fields = logs.start_request_fields()
     gateway = current_app.extensions["gateway"]
     gateway["metrics"].in_progress.inc()
     state.caller = ANONYMOUS
-    # Probes, the spec and CORS preflights (which carry no credentials) answer to anyone.
-    if not (
-        request.method == "OPTIONS"
-        or request.url_rule is None
-        or request.endpoint in PUBLIC_ENDPOINTS
-    ):
+    # CORS preflights carry no credentials; probes and the spec answer to anyone.
+    if request.method == "OPTIONS":
+        return _options()
+    if not (request.url_rule is None or request.endpoint in PUBLIC_ENDPOINTS):
         state.caller = gateway["callers"].authenticate(request.headers)
+    return None
+
+
+def _options() -> Response:
+    """Answer OPTIONS: 204 with Allow on a route, and a CORS preflight for any path.
+
+    A preflight fails in the browser unless it succeeds, so one to an unknown path (or for a
+    method the route lacks) also succeeds: the browser then sends the request itself and shows
+    the real 404 or 405 instead of a CORS error. flask-cors adds the preflight's headers.
+    """
+    error = request.routing_exception
+    is_preflight = (
+        "Origin" in request.headers and "Access-Control-Request-Method" in request.headers
+    )
+    if isinstance(error, NotFound) and not isinstance(error, MethodNotAllowed) and not is_preflight:
+        raise error
+    response = Response(status=204)
+    del response.headers["Content-Type"]  # no content, so no type (Werkzeug's default is HTML)
+    if request.url_rule is not None:
+        adapter = current_app.create_url_adapter(request)
+        assert adapter is not None  # there is one for every request
+        response.headers["Allow"] = ", ".join(sorted(adapter.allowed_methods()))
+    return response
 
 
 def finish_request(response: Response) -> Response:
@@ -190,20 +226,34 @@ def finish_request(response: Response) -> Response:
     route = route_label(request.url_rule)
     metrics: Metrics = current_app.extensions["gateway"]["metrics"]
     metrics.http_request(request.method, route, response.status_code, seconds)
-    ACCESS_LOG.info(
-        "request",
-        extra={
-            "requestId": state.request_id,
-            "method": request.method,
-            "route": route,
-            "status": response.status_code,
-            "durationMs": round(seconds * 1000, 2),
-            "upstreamOutcome": state.upstream_outcome or ("success" if state.ews_code else None),
-            "ewsResponseCode": state.ews_code,
-            **state.get("upstream_log_fields", {}),
-        },
-    )
+    fields = {
+        "requestId": state.request_id,
+        "method": request.method,
+        "route": route,
+        "status": response.status_code,
+        "durationMs": round(seconds * 1000, 2),
+    }
+    fields.update(_upstream_fields(state))
+    if state.error_detail is not None:
+        fields["detail"] = state.error_detail
+    ACCESS_LOG.log(state.log_level, "request", extra=fields)
     return response
+
+
+def _upstream_fields(state: Any) -> dict[str, Any]:
+    """Return what the log line says about the call to Exchange: its outcome, status and code.
+
+    Each is None when Exchange was not called; Exchange's correlation ids (request-id,
+    X-FEServer...) follow, as the EWS layer found them.
+    """
+    succeeded = state.upstream_outcome is None and bool(state.ews_code)
+    return {
+        "upstreamOutcome": "success" if succeeded else state.upstream_outcome,
+        # A successful EWS result only ever comes in an HTTP 200 answer.
+        "upstreamStatus": 200 if succeeded else state.upstream_status,
+        "ewsResponseCode": state.ews_code,
+        **state.get("upstream_log_fields", {}),
+    }
 
 
 def end_request(_error: BaseException | None) -> None:
@@ -224,9 +274,13 @@ def route_label(rule: Rule | None) -> str:
 
 
 def handle_gateway_error(error: GatewayError) -> Response:
-    """Render a gateway error as problem+json."""
-    g.ews_code = error.ews_code
-    g.upstream_outcome = error.outcome
+    """Render a gateway error as problem+json; its log line says why, at the level it merits."""
+    state = g._get_current_object()
+    state.ews_code = error.ews_code
+    state.upstream_outcome = error.outcome
+    state.upstream_status = error.upstream_status
+    state.error_detail = error.detail
+    state.log_level = _LOG_LEVEL_BY_STATUS.get(error.status, logging.INFO)
     response = _problem_response(
         error.status, error.slug, error.title, error.detail, ews_code=error.ews_code
     )
@@ -239,18 +293,67 @@ def handle_gateway_error(error: GatewayError) -> Response:
 
 
 def handle_http_exception(error: HTTPException) -> Response:
-    """Render Werkzeug's routing and protocol errors (404, 405, 413...) as problem+json."""
+    """Render Werkzeug's routing and protocol errors (404, 405, 413...) in the gateway's words."""
+    if isinstance(error, MethodNotAllowed):
+        return _method_not_allowed(error)
     status = error.code or 500
-    slug = (error.name or "error").lower().replace(" ", "-")
-    response = _problem_response(status, slug, error.name, error.description or error.name)
-    if status == 405 and error.valid_methods:  # type: ignore[attr-defined]
-        response.headers["Allow"] = ", ".join(error.valid_methods)  # type: ignore[attr-defined]
+    problem = ERROR_BY_REQUEST_STATUS.get(status)
+    if problem is None:
+        return _problem_response(status, "http-error", "Request cannot be served", str(error.name))
+    detail = _DETAIL_BY_STATUS.get(status, problem.title)
+    return handle_gateway_error(problem(detail.format(method=request.method, path=request.path)))
+
+
+# 502-504 are Exchange (or the service that vouches for callers) failing the call; 500 is
+# the gateway's own failure. Anything else is the caller's and routine.
+_LOG_LEVEL_BY_STATUS = {
+    500: logging.ERROR,
+    502: logging.WARNING,
+    503: logging.WARNING,
+    504: logging.WARNING,
+}
+
+
+# What a caller reads for each of Werkzeug's errors, instead of Werkzeug's own sentences.
+_DETAIL_BY_STATUS = {
+    404: "no route matches {method} {path}; see /openapi.yaml",
+    413: "the body is larger than the 16 KiB a request may carry",
+}
+
+
+def _method_not_allowed(error: MethodNotAllowed) -> Response:
+    """Answer 405 with Allow, counted under the route; a stray trailing slash is 404 instead."""
+    path = request.path
+    adapter = current_app.create_url_adapter(request)
+    assert adapter is not None  # there is one for every request
+    if path.endswith("/") and _matches(adapter, path.rstrip("/"), request.method):
+        return handle_gateway_error(
+            RouteNotFound(f"no route matches {request.method} {path}; did you mean {path[:-1]}?")
+        )
+    allowed = sorted(error.valid_methods or ())
+    if allowed:
+        request.url_rule = adapter.match(path, method=allowed[0], return_rule=True)[0]
+    problem = ERROR_BY_REQUEST_STATUS[405](
+        f"{request.method} is not allowed here; use {', '.join(allowed)}"
+    )
+    response = handle_gateway_error(problem)
+    response.headers["Allow"] = ", ".join(allowed)
     return response
+
+
+def _matches(adapter: MapAdapter, path: str, method: str) -> bool:
+    try:
+        adapter.match(path, method=method)
+    except HTTPException:
+        return False
+    return True
 
 
 def handle_unexpected(error: Exception) -> Response:
     """Log an unexpected failure with its traceback; the caller sees only a 500 problem."""
     LOG.exception("unexpected error", extra={"requestId": g.get("request_id")})
+    g.error_detail = f"unexpected {type(error).__name__}"
+    g.log_level = logging.ERROR
     return _problem_response(
         500, "internal-error", "Internal error", "an unexpected error occurred"
     )

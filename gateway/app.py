@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import base64
 import re
 from importlib import resources
+from urllib.parse import urlsplit
 
 from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api
+from gateway import __version__, api, upstream_auth
 from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.metrics import Metrics
-from gateway.ntlm import NtlmTransport
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.transport import ExchangeTransport
 
@@ -85,31 +84,15 @@ def build_policy(config: Config, metrics: Metrics) -> UpstreamPolicy:
 
 def build_transport(config: Config) -> Transport:
     """Build the HTTP transport to Exchange with the configured credentials."""
-    if config.ews_auth == "ntlm":
-        return NtlmTransport(
-            config.ews_url,
-            timeout_s=config.ews_timeout_s,
-            username=config.ews_username,
-            password=config.ews_password,
-            verify_tls=config.ews_verify_tls,
-            ca_bundle=config.ews_ca_bundle,
-        )
+    host = urlsplit(config.ews_url).hostname or ""
     return ExchangeTransport(
         config.ews_url,
         timeout_s=config.ews_timeout_s,
         verify_tls=config.ews_verify_tls,
         ca_bundle=config.ews_ca_bundle,
-        authorization=_upstream_authorization(config),
+        authorization=upstream_auth.static_authorization(config),
+        authenticator=upstream_auth.build_authenticator(config, host),
         pool_size=config.upstream_slots,
         idle_s=config.connection_idle_s,
         proxy=config.ews_proxy,
     )
-
-
-def _upstream_authorization(config: Config) -> str | None:
-    if config.ews_auth == "basic":
-        pair = f"{config.ews_username}:{config.ews_password}".encode()
-        return "Basic " + base64.b64encode(pair).decode("ascii")
-    if config.ews_auth == "bearer":
-        return f"Bearer {config.ews_bearer_token}"
-    return None

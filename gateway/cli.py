@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from gateway.config import Config, ConfigError
-from gateway.serving import serve
+from gateway.config import Config, ConfigError, check_bind
+from gateway.serving import ensure_can_listen, serve
 from gateway.simulator import serve_forever
+from gateway.simulator.acceptor import AUTH_MODES, acceptor_for
 from gateway.simulator.idle import IDLE_ACTIONS, InvalidIdlePolicy, idle_policy
+from gateway.simulator.server import TlsIdentity
 
 DEMO_BIND = "127.0.0.1:8080"
 SIMULATOR_BIND = "127.0.0.1:8081"
@@ -40,10 +42,37 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the gateway in production (gunicorn)")
     serve.set_defaults(run=_serve)
-    demo = commands.add_parser("demo", help="run the gateway against the built-in EWS simulator")
+    demo = commands.add_parser(
+        "demo",
+        help="run the gateway against the built-in EWS simulator",
+        description="Run the gateway (caller authentication off) against the built-in EWS "
+        "simulator, both on loopback: no Exchange server is involved and no phone rings.",
+    )
+    demo.add_argument(
+        "--bind",
+        type=_listen_address("--bind"),
+        default=None,
+        metavar="HOST:PORT",
+        help=f"where the gateway listens (default: GATEWAY_BIND, else {DEMO_BIND})",
+    )
+    demo.add_argument(
+        "--simulator-bind",
+        type=_listen_address("--simulator-bind"),
+        default=None,
+        metavar="HOST:PORT",
+        help="where the EWS simulator listens: its EWS endpoint and its control API "
+        "(/simulator/faults, /simulator/requests, /simulator/calls); default: a free "
+        "loopback port",
+    )
     demo.set_defaults(run=_demo)
     simulator = commands.add_parser("simulator", help="run the EWS simulator alone")
-    simulator.add_argument("--bind", default=SIMULATOR_BIND, help="HOST:PORT (default %(default)s)")
+    simulator.add_argument(
+        "--bind",
+        type=_listen_address("--bind"),
+        default=SIMULATOR_BIND,
+        metavar="HOST:PORT",
+        help="where the simulator listens (default %(default)s)",
+    )
     simulator.add_argument(
         "--latency-ms",
         type=int,
@@ -74,8 +103,33 @@ def _parser() -> argparse.ArgumentParser:
         default="close",
         help="how: close (FIN), reset (RST) or drop (never answer again); default %(default)s",
     )
+    simulator.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="none",
+        help="authenticate EWS requests as IIS does; NTLM accounts come from NTLM_USER_FILE",
+    )
+    simulator.add_argument("--accounts", help="for --auth basic: user:password lines")
+    simulator.add_argument("--keytab", help="for --auth kerberos: the HTTP/host service keys")
+    simulator.add_argument("--tls-cert", help="serve https with this PEM certificate (and key)")
+    simulator.add_argument("--tls-key", help="the PEM key of --tls-cert")
     simulator.set_defaults(run=_simulator)
     return parser
+
+
+def _listen_address(option: str) -> Callable[[str], str]:
+    """Return an argparse type that accepts HOST:PORT or [IPv6]:PORT for OPTION."""
+
+    def listen_address(value: str) -> str:
+        try:
+            check_bind(value, option)
+        except ConfigError as error:
+            # argparse names the option itself.
+            message = str(error).removeprefix(f"{option}: ").removeprefix(f"{option} ")
+            raise argparse.ArgumentTypeError(message) from None
+        return value
+
+    return listen_address
 
 
 def _serve(_args: argparse.Namespace) -> int:
@@ -92,6 +146,13 @@ def _simulator(args: argparse.Namespace) -> int:
         )
     except InvalidIdlePolicy as error:
         raise SystemExit(f"ews-gateway simulator: --idle-seconds: {error}") from None
+    try:
+        acceptor = acceptor_for(args.auth, accounts=args.accounts, keytab=args.keytab)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"ews-gateway simulator: {error}") from None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("ews-gateway simulator: --tls-cert and --tls-key go together")
+    tls = TlsIdentity(args.tls_cert, args.tls_key) if args.tls_cert else None
     serve_forever(
         bind=args.bind,
         latency_ms=args.latency_ms,
@@ -99,26 +160,31 @@ def _simulator(args: argparse.Namespace) -> int:
         schema_dir=args.schema_dir,
         mailbox_servers=args.mailbox_servers,
         idle=idle,
+        acceptor=acceptor,
+        tls=tls,
     )
     return 0
 
 
-def _demo(_args: argparse.Namespace) -> int:
-    port = _free_loopback_port()
+def _demo(args: argparse.Namespace) -> int:
+    bind_setting = "--bind" if args.bind else "GATEWAY_BIND"
+    simulator_bind = args.simulator_bind or f"127.0.0.1:{_free_loopback_port()}"
+    environ = {
+        **os.environ,
+        "EWS_URL": f"http://{simulator_bind}/EWS/Exchange.asmx",
+        "GATEWAY_AUTH": "none",
+        "GATEWAY_BIND": args.bind or os.environ.get("GATEWAY_BIND", DEMO_BIND),
+    }
+    config = Config.from_env(environ)
+    # Both ports are checked before anything starts or is printed: a busy one is one line.
+    ensure_can_listen(config.bind, bind_setting)
+    ensure_can_listen(simulator_bind, "--simulator-bind")
     simulator = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "simulator", "--bind", f"127.0.0.1:{port}"]
+        [sys.executable, "-m", "gateway", "simulator", "--bind", simulator_bind]
     )
     try:
-        ews_url = f"http://127.0.0.1:{port}/EWS/Exchange.asmx"
-        _wait_until_up(f"http://127.0.0.1:{port}/simulator/health", simulator)
-        environ = {
-            **os.environ,
-            "EWS_URL": ews_url,
-            "GATEWAY_AUTH": "none",
-            "GATEWAY_BIND": os.environ.get("GATEWAY_BIND", DEMO_BIND),
-        }
-        config = Config.from_env(environ)
-        _print_demo_banner(config.bind, ews_url)
+        _wait_until_up(f"http://{simulator_bind}/simulator/health", simulator)
+        _print_demo_banner(config.bind, simulator_bind)
         serve(config)
     finally:
         simulator.terminate()
@@ -146,8 +212,10 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("ews-gateway: the EWS simulator did not start in time")
 
 
-def _print_demo_banner(bind: str, ews_url: str) -> None:
+def _print_demo_banner(bind: str, simulator_bind: str) -> None:
     base = f"http://{bind}"
+    ews_url = f"http://{simulator_bind}/EWS/Exchange.asmx"
+    faults = f"http://{simulator_bind}/simulator/faults"
     print(
         f"""
 ==========================================================================
@@ -162,6 +230,11 @@ Try it:
   curl -si {base}/calls/<callId from the answer>
   curl -si -X DELETE {base}/calls/<callId>
   curl -s {base}/metrics | grep ews_gateway_
+Make the simulator fail like Exchange (kinds and their parameters: README):
+  curl -s -X PUT {faults} -H 'Content-Type: application/json' \\
+       -d '{{"faults": [{{"kind": "busy", "backOffMs": 3000, "count": 1}}]}}'
+  curl -s -X DELETE {faults}
+  curl -s http://{simulator_bind}/simulator/requests
 """,
         file=sys.stderr,
         flush=True,

@@ -6,6 +6,8 @@ raises `ConfigError` with one line naming the variable at fault.
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -28,7 +30,12 @@ ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-EWS_AUTH_MODES = ("none", "basic", "ntlm", "bearer")
+EWS_AUTH_MODES = ("none", "basic", "ntlm", "kerberos", "negotiate", "bearer")
+# The modes that need GSSAPI (the kerberos extra), and what to install for it.
+GSSAPI_MODES = ("kerberos", "negotiate")
+GSSAPI_INSTALL = "pip install 'ews-call-gateway[kerberos]' (builds against libkrb5-dev)"
+# An SPN as EWS_SPN takes it: SERVICE/host; the realm comes from krb5.conf.
+SERVICE_PRINCIPAL = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9.-]+")
 GATEWAY_AUTH_MODES = ("none", "apikey", "jwt")
 IMPERSONATION_MODES = ("none", "token")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -55,6 +62,9 @@ class Config:
     ews_username: str = ""
     ews_password: str = field(default="", repr=False)
     ews_bearer_token: str = field(default="", repr=False)
+    ews_bearer_token_file: str | None = None
+    ews_keytab: str | None = None
+    ews_spn: str | None = None
     ews_verify_tls: bool = True
     ews_ca_bundle: str | None = None
     api_keys_file: str | None = None
@@ -66,6 +76,7 @@ class Config:
     ews_impersonation: str = "none"
     cors_origins: tuple[str, ...] = ()
     bind: str = "0.0.0.0:8080"
+    read_timeout_s: float = 10.0
     workers: int | None = None
     threads: int | None = None
     log_level: str = "info"
@@ -106,6 +117,9 @@ class Config:
             ews_username=env.text("EWS_USERNAME"),
             ews_password=env.secret("EWS_PASSWORD"),
             ews_bearer_token=env.secret("EWS_BEARER_TOKEN"),
+            ews_bearer_token_file=env.text("EWS_BEARER_TOKEN_FILE") or None,
+            ews_keytab=env.path("EWS_KEYTAB"),
+            ews_spn=env.text("EWS_SPN") or None,
             ews_verify_tls=env.flag("EWS_VERIFY_TLS", default=True),
             ews_ca_bundle=env.path("EWS_CA_BUNDLE"),
             api_keys_file=env.path("GATEWAY_API_KEYS_FILE"),
@@ -116,7 +130,10 @@ class Config:
             jwt_mailbox_claim=env.text("GATEWAY_JWT_MAILBOX_CLAIM") or "email",
             ews_impersonation=env.choice("EWS_IMPERSONATION", IMPERSONATION_MODES, default="none"),
             cors_origins=env.origins("GATEWAY_CORS_ORIGINS"),
-            bind=env.text("GATEWAY_BIND") or cls.bind,
+            bind=env.bind("GATEWAY_BIND", default=cls.bind),
+            read_timeout_s=env.number(
+                "GATEWAY_READ_TIMEOUT_SECONDS", default=10.0, low=0.5, high=300.0
+            ),
             workers=env.count("GATEWAY_WORKERS"),
             threads=env.count("GATEWAY_THREADS"),
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
@@ -150,6 +167,8 @@ class Config:
             raise ConfigError("EWS_BEARER_TOKEN holds characters a bearer token cannot have")
         if self.ews_auth == "ntlm" and not (self.ews_username and self.ews_password):
             raise ConfigError("EWS_AUTH=ntlm needs EWS_USERNAME and EWS_PASSWORD")
+        if self.ews_auth in GSSAPI_MODES:
+            self._check_kerberos()
         if self.gateway_auth == "apikey" and not self.api_keys_file:
             raise ConfigError("GATEWAY_AUTH=apikey needs GATEWAY_API_KEYS_FILE")
         if self.gateway_auth == "jwt":
@@ -162,6 +181,19 @@ class Config:
             raise ConfigError(
                 "EWS_IMPERSONATION=token needs GATEWAY_AUTH=jwt (the mailbox comes from the token)"
             )
+
+    def _check_kerberos(self) -> None:
+        if importlib.util.find_spec("gssapi") is None:
+            raise ConfigError(f"EWS_AUTH={self.ews_auth} needs GSSAPI: {GSSAPI_INSTALL}")
+        if self.ews_password and self.ews_keytab:
+            raise ConfigError(f"EWS_AUTH={self.ews_auth}: set EWS_PASSWORD or EWS_KEYTAB, not both")
+        if (self.ews_password or self.ews_keytab) and not self.ews_username:
+            raise ConfigError(
+                f"EWS_AUTH={self.ews_auth} with EWS_PASSWORD or EWS_KEYTAB needs EWS_USERNAME "
+                "(user@REALM)"
+            )
+        if self.ews_spn and SERVICE_PRINCIPAL.fullmatch(self.ews_spn) is None:
+            raise ConfigError("EWS_SPN must be SERVICE/host, e.g. HTTP/mail.corp.example.com")
 
     def _check_jwt(self) -> None:
         if bool(self.jwt_jwks_url) == bool(self.jwt_public_key):
@@ -251,6 +283,12 @@ class _Env:
             raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
         return value
 
+    def bind(self, name: str, *, default: str) -> str:
+        """Read a listen address: HOST:PORT, or [IPv6]:PORT, with a port from 1 to 65535."""
+        value = self.text(name) or default
+        check_bind(value, name)
+        return value
+
     def count(self, name: str) -> int | None:
         raw = self.text(name)
         if not raw:
@@ -305,6 +343,32 @@ class _Env:
             return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {file_name!r} ({exc.strerror})") from None
+
+
+def check_bind(value: str, name: str) -> None:
+    """Raise ConfigError naming NAME unless VALUE is HOST:PORT or [IPv6]:PORT."""
+    host, colon, port = value.rpartition(":")
+    example = "e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080"
+    if not colon or not host:
+        raise ConfigError(f"{name} must be HOST:PORT ({example}), got {value!r}")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: the port must be a number from 1 to 65535, got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]") or not _is_ipv6(host[1:-1]):
+            raise ConfigError(f"{name}: {host!r} is not a bracketed IPv6 address ({example})")
+    elif ":" in host or not _HOST.fullmatch(host):
+        raise ConfigError(f"{name}: {host!r} is not a host name or address ({example})")
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load() -> Config:

@@ -35,6 +35,8 @@ class GatewayError(Exception):
         self.ews_code = ews_code
         self.retry_after_s = retry_after_s
         self.warning = warning
+        # Exchange's HTTP status, when its answer got that far (for the log line).
+        self.upstream_status: int | None = None
 
 
 # Caller-side problems: Exchange is never contacted.
@@ -68,6 +70,80 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     slug = "unsupported-media-type"
     title = "Unsupported media type"
+
+
+# The HTTP exchange itself: the request cannot be served as it was sent. The gateway's
+# front door (gateway.frontdoor) raises these for requests gunicorn refuses before the
+# app sees them; the app raises them for routing and protocol failures.
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    slug = "not-found"
+    title = "No such route"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method not allowed on this route"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    slug = "request-timeout"
+    title = "The request did not arrive in time"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    slug = "request-entity-too-large"
+    title = "The request body is too large"
+
+
+class UriTooLong(GatewayError):
+    status = 414
+    slug = "uri-too-long"
+    title = "The request URL is too long"
+
+
+class ExpectationFailed(GatewayError):
+    status = 417
+    slug = "expectation-failed"
+    title = "The Expect header cannot be met"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    slug = "request-header-fields-too-large"
+    title = "The request headers are too large or too many"
+
+
+class MalformedRequest(GatewayError):
+    status = 400
+    slug = "malformed-request"
+    title = "The request is not valid HTTP/1.1"
+
+
+class TransferCodingNotImplemented(GatewayError):
+    status = 501
+    slug = "not-implemented"
+    title = "The request's transfer coding is not supported"
+
+
+# Werkzeug's routing and protocol errors, in the gateway's words (any other status: generic).
+ERROR_BY_REQUEST_STATUS: dict[int, type[GatewayError]] = {
+    400: MalformedRequest,
+    404: RouteNotFound,
+    405: MethodNotAllowed,
+    408: RequestTimeout,
+    413: BodyTooLarge,
+    414: UriTooLong,
+    415: UnsupportedMediaType,
+    417: ExpectationFailed,
+    431: HeadersTooLarge,
+    501: TransferCodingNotImplemented,
+}
 
 
 # What Exchange said, by ResponseCode.

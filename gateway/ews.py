@@ -202,6 +202,7 @@ class EwsClient:
     ) -> ResultT:
         """Make one call to Exchange and read its result; every outcome is observed once."""
         started = time.perf_counter()
+        reply = None
         try:
             with self._policy.guard():
                 reply = self._transport.post(
@@ -215,6 +216,8 @@ class EwsClient:
             answer = replies.read_answer(operation, reply)
             result = read_result(answer)
         except GatewayError as error:
+            if reply is not None:
+                error.upstream_status = reply.status
             self._observe(operation, error.outcome or "invalid_response", error.ews_code, started)
             raise
         self._observe(operation, "success", answer.code, started)

@@ -9,8 +9,10 @@ import logging
 import os
 import select
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,11 +23,12 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway import metrics
+from gateway import frontdoor, metrics
 from gateway.api import ServiceState
 from gateway.app import create_app
 from gateway.callers import build_authenticator
-from gateway.config import Config
+from gateway.config import Config, ConfigError
+from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 
 LOG = logging.getLogger("gateway")
@@ -50,7 +53,11 @@ MAX_REQUESTS_JITTER_SHARE = 0.1
 # microseconds of an answer. The thread that answered waits this long for it,
 # which spares two hand-offs through the worker's main thread (about a tenth of
 # a request's CPU); then the connection goes back to the main thread's poller.
+# A pipelined request already read is served at once, without waiting.
 NEXT_REQUEST_WAIT_S = 0.002
+# How long, and for how many bytes, a closing connection reads what its client still sends.
+CLOSE_LINGER_S = 1.0
+CLOSE_LINGER_MAX_BYTES = 64 * 1024
 
 
 def default_workers() -> int:
@@ -77,6 +84,10 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "graceful_timeout": int(config.ews_timeout_s) + GRACEFUL_MARGIN_S,
         # Longer than the balancer's idle timeout, so the balancer closes idle connections first.
         "keepalive": KEEPALIVE_S,
+        # What one request head may hold (frontdoor: fits large bearer tokens, bounds memory).
+        "limit_request_line": frontdoor.LIMIT_REQUEST_LINE,
+        "limit_request_fields": frontdoor.LIMIT_REQUEST_FIELDS,
+        "limit_request_field_size": frontdoor.LIMIT_REQUEST_FIELD_SIZE,
         # Bound slow leaks; the jitter staggers the restarts.
         "max_requests": max_requests,
         "max_requests_jitter": int(max_requests * MAX_REQUESTS_JITTER_SHARE),
@@ -96,7 +107,13 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
 
 
 class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
-    """gthread worker that drains before it stops and serves busy connections in one thread.
+    """gthread worker that reads requests the gateway's way, drains before it stops and serves
+    busy connections in one thread.
+
+    Reading: each connection gets the gateway's parser (gateway.frontdoor), which bounds a
+    request's reading by one deadline, and a request refused before the app (limits, malformed
+    HTTP, too slow) is answered as the gateway answers everything: problem+json, X-Request-ID,
+    CORS, a metric and a log line.
 
     Draining: gunicorn's own gthread worker stops accepting at once but keeps its listening
     sockets open until its last request ends, so a client that connects meanwhile completes the
@@ -108,8 +125,11 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     Busy connections: gthread passes a kept-alive connection from the thread that answered to
     the main thread's poller and back to a thread for each request. This worker lets the thread
     that answered serve the next request itself when it arrives within NEXT_REQUEST_WAIT_S,
-    unless other connections are waiting for a thread or the worker is stopping.
+    unless other connections are waiting for a thread or the worker is stopping; a pipelined
+    request already read is served at once.
     """
+
+    wsgi: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -117,7 +137,32 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         self._waiting_for_thread = 0
         self._waiting_lock = threading.Lock()
 
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self._flask = self.wsgi
+        self.wsgi = self._closing_when_needed(self.wsgi)
+
+    def _closing_when_needed(self, app: Any) -> Callable[[Any, Any], Any]:
+        """Wrap APP so an answer says Connection: close when the connection cannot be reused.
+
+        gunicorn decides keep-alive before the app runs, and drops a Connection header the app
+        sets: a worker told to stop meanwhile, or a body that could not be read to its end,
+        must still say close (RFC 9112 section 9.6).
+        """
+
+        def serve(environ: Any, start_response: Any) -> Any:
+            body = app(environ, start_response)
+            if not self.alive or environ["wsgi.input"].failed:
+                start_response.__self__.force_close()
+            return body
+
+        return serve
+
     def enqueue_req(self, conn: Any) -> None:
+        if conn.parser is None:
+            conn.parser = frontdoor.GatewayRequestParser(
+                self.cfg, conn.sock, conn.client, read_timeout_s=self.app.config.read_timeout_s
+            )
         with self._waiting_lock:
             self._waiting_for_thread += 1
         super().enqueue_req(conn)
@@ -129,12 +174,42 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         # `True` only: gunicorn also returns False (close) and a marker (wait in the poller).
         while keep_alive is True and self._next_request_is_here(conn):
             keep_alive = super().handle(conn)
+        if keep_alive is False:
+            _close_gently(conn.sock)
         return keep_alive
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if conn.sock.fileno() == -1:  # closed by the thread that answered: _close_gently
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)
 
     def _next_request_is_here(self, conn: Any) -> bool:
         if not self.alive or self._waiting_for_thread:
             return False
+        if conn.parser.unreader.buf.getbuffer().nbytes:
+            return True  # pipelined: read along with the request just answered
         return _readable_within(conn.sock, NEXT_REQUEST_WAIT_S)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        frontdoor.refuse(
+            client,
+            exc,
+            req,
+            cors_origins=self.app.config.cors_origins,
+            metrics=self._flask.extensions["gateway"]["metrics"],
+        )
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # A body the app left unread is drained against a fresh deadline: the app's own
+        # time (a slow Exchange) is not the client's.
+        conn.parser.unreader.start_request()
+        try:
+            return bool(super()._keepalive_after(conn, keepalive))
+        except GatewayError:
+            # Draining a body the app left unread failed (malformed, too slow) after the
+            # answer went out: close the connection, never write a second answer.
+            return False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # /readyz answers 503 from now on, also on connections that are already open.
@@ -164,13 +239,13 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
     """gunicorn application that builds the gateway in each worker."""
 
     def __init__(self, config: Config, *, scratch_dir: str | None = None) -> None:
-        self._config = config
+        self.config = config
         self._scratch_dir = scratch_dir
         self.state = ServiceState()
         super().__init__()
 
     def load_config(self) -> None:
-        for key, value in gunicorn_options(self._config).items():
+        for key, value in gunicorn_options(self.config).items():
             self.cfg.set(key, value)
         if "control_socket_disable" in self.cfg.settings:
             # One shared control socket path would collide between instances on a host.
@@ -180,13 +255,15 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set("on_exit", _remover(self._scratch_dir))
 
     def load(self) -> Any:
-        return create_app(self._config, state=self.state)
+        return create_app(self.config, state=self.state)
 
 
 def serve(config: Config) -> None:
     """Run the gateway under gunicorn until it is told to stop."""
     configure_logging(config.log_level)
-    # Fail here, with one line, rather than in every worker after the port is bound.
+    # Fail here, with one line and nothing left behind, rather than after five retries
+    # to bind or in every worker after the port is bound.
+    ensure_can_listen(config.bind, "GATEWAY_BIND")
     build_authenticator(config)
     if config.gateway_auth == "none":
         LOG.warning(
@@ -201,14 +278,40 @@ def serve(config: Config) -> None:
     metrics.share_across_processes(metrics_dir)
     # A directory serve made itself is removed at exit; a configured one is left for inspection.
     scratch_dir = metrics_dir if config.metrics_dir is None else None
-    GatewayServer(replace(config, metrics_dir=metrics_dir), scratch_dir=scratch_dir).run()
+    master = os.getpid()
+    try:
+        GatewayServer(replace(config, metrics_dir=metrics_dir), scratch_dir=scratch_dir).run()
+    finally:
+        # gunicorn runs on_exit only after a clean start; a start that failed (the port
+        # taken meanwhile) leaves here too. Workers, forked from this frame, leave it as well.
+        if scratch_dir is not None and os.getpid() == master:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def ensure_can_listen(bind: str, setting: str) -> None:
+    """Raise ConfigError naming SETTING unless BIND (HOST:PORT, checked) can be listened on now."""
+    host, _, port = bind.rpartition(":")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"{setting}: cannot resolve {host!r} ({error.strerror})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        # As gunicorn binds: a port in TIME_WAIT is free, one with a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"{setting}: cannot listen on {bind}: {error.strerror}") from None
 
 
 def _fresh_metrics_dir(configured: str | None) -> str:
     """Return an empty directory for multiprocess metrics, wiping any old samples."""
     if configured is None:
         parent = RAM_DISK if RAM_DISK.is_dir() else None
-        return tempfile.mkdtemp(prefix="ews-gateway-metrics-", dir=parent)
+        # The pid tells which process a directory belongs to (and which may be removed).
+        return tempfile.mkdtemp(prefix=f"ews-gateway-metrics-{os.getpid()}-", dir=parent)
     path = Path(configured)
     if path.exists():
         shutil.rmtree(path)
@@ -231,6 +334,33 @@ def _remover(directory: str) -> Callable[[Any], None]:
         shutil.rmtree(directory, ignore_errors=True)
 
     return remove
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Close a connection in the thread that answered on it, after the answer has left.
+
+    As RFC 9112 section 9.6 asks: send FIN, read what the client still sends for a moment (so
+    unread bytes do not turn the close into a reset that can destroy the answer), then close.
+    gunicorn does this in the worker's main thread for up to 2 s, where a slow client would
+    stall accepting and every other connection; here it holds only this thread, and briefly.
+    """
+    deadline = time.monotonic() + CLOSE_LINGER_S
+    drained = 0
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while drained < CLOSE_LINGER_MAX_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            data = sock.recv(8192)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass  # the client is gone: nothing to wait for
+    finally:
+        sock.close()
 
 
 def _readable_within(sock: Any, seconds: float) -> bool:

@@ -139,6 +139,9 @@ class Authenticator(Protocol):
         """Answer a 401 on this connection with the Authorization to send the request again
         with, or None to give up (the 401 is then Exchange's answer)."""
 
+    def answered(self, connection: Connection, answer: http1.Answer) -> None:
+        """See the answer (not a 401) that ends the request; raise a GatewayError to refuse it."""
+
 
 class ExchangeTransport:
     """POST SOAP envelopes to one Exchange endpoint over pooled keep-alive connections.
@@ -276,7 +279,11 @@ class ExchangeTransport:
         authorization = authenticator.authorization(connection)
         for _ in range(MAX_AUTH_ROUNDS):
             answer = connection.round_trip(self._with(request, authorization), deadline)
-            if answer.status != 401 or not answer.reusable:
+            if answer.status != 401:
+                # May end a handshake, or refuse it (an unreadable answer, a 400 to its token).
+                authenticator.answered(connection, answer)
+                return answer
+            if not answer.reusable:
                 return answer
             authorization = authenticator.challenged(connection, answer)
             if authorization is None:

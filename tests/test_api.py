@@ -339,6 +339,15 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.UpstreamBadResponse: 502,
     errors.UpstreamUnreachable: 502,
     errors.UpstreamTimeout: 504,
+    errors.RouteNotFound: 404,
+    errors.MethodNotAllowed: 405,
+    errors.RequestTimeout: 408,
+    errors.BodyTooLarge: 413,
+    errors.UriTooLong: 414,
+    errors.ExpectationFailed: 417,
+    errors.HeadersTooLarge: 431,
+    errors.MalformedRequest: 400,
+    errors.TransferCodingNotImplemented: 501,
 }
 
 
@@ -695,7 +704,7 @@ def test_a_nonstandard_method_is_counted_as_other_so_callers_cannot_mint_series(
 
     text = scrape(client)
 
-    assert 'method="other",route="<unmatched>",status="405"} 3.0' in text
+    assert 'method="other",route="/calls/<call_id>",status="405"} 3.0' in text
     assert "BREW" not in text
     assert "PROPFIND" not in text
 
@@ -751,3 +760,215 @@ def test_failed_and_unmatched_requests_are_logged_too(
         first.headers["X-Request-ID"],
         second.headers["X-Request-ID"],
     ]
+
+
+def test_a_405_on_a_real_route_is_counted_under_that_route(client: FlaskClient) -> None:
+    client.put("/calls/abc")
+    client.delete("/calls")
+
+    text = scrape(client)
+
+    assert (
+        'ews_gateway_http_requests_total{method="PUT",route="/calls/<call_id>",status="405"} 1.0'
+        in (text)
+    )
+    assert (
+        'ews_gateway_http_requests_total{method="DELETE",route="/calls",status="405"} 1.0' in text
+    )
+    assert "<unmatched>" not in text
+
+
+# The gateway's own words, whatever failed
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "error_class"),
+    [
+        ("GET", "/no/such/route", None, 404, errors.RouteNotFound),
+        ("PUT", "/calls/abc", None, 405, errors.MethodNotAllowed),
+        ("POST", "/calls", {"padding": "x" * 20000}, 413, errors.BodyTooLarge),
+    ],
+)
+def test_routing_and_protocol_errors_speak_the_gateways_words_not_werkzeugs(
+    client: FlaskClient,
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+    error_class: type[errors.GatewayError],
+) -> None:
+    problem = assert_problem(client.open(path, method=method, json=body), status)
+
+    assert problem["title"] == error_class.title
+    assert problem["type"] == f"urn:ews-gateway:problem:{error_class.slug}"
+    assert "If you entered the URL manually" not in problem["detail"]
+    assert "The method is not allowed" not in problem["detail"]
+    assert "The data value transmitted exceeds" not in problem["detail"]
+
+
+def test_a_post_to_calls_with_a_trailing_slash_is_404_pointing_at_post_calls(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    response = client.post("/calls/", json={"itemId": "item-1", "dialString": "100"})
+
+    problem = assert_problem(response, 404)
+    assert "POST /calls/" in problem["detail"]
+    assert "/calls?" in problem["detail"]
+    assert "Allow" not in response.headers
+    assert fake.calls == []
+
+
+def test_a_405_lists_exactly_the_methods_of_the_route(client: FlaskClient) -> None:
+    response = client.post("/calls/abc")
+
+    assert_problem(response, 405)
+    assert response.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS"
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b'"text"', b"42"])
+def test_a_json_body_that_is_not_an_object_is_400_saying_it_must_be_one(
+    client: FlaskClient, fake: FakeExchange, body: bytes
+) -> None:
+    response = client.post("/calls", data=body, content_type="application/json")
+
+    problem = assert_problem(response, 400)
+    assert problem["detail"] == "the body must be a JSON object with itemId and dialString"
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_and_are_refused_with_400(
+    client: FlaskClient, fake: FakeExchange, constant: str
+) -> None:
+    body = f'{{"itemId": "item-1", "dialString": "100", "x": {constant}}}'.encode()
+
+    response = client.post("/calls", data=body, content_type="application/json")
+
+    problem = assert_problem(response, 400)
+    assert problem["detail"].startswith("the body is not valid JSON")
+    assert constant in problem["detail"]
+    assert fake.calls == []
+
+
+def test_options_without_an_origin_is_204_with_allow_and_no_html(client: FlaskClient) -> None:
+    response = client.options("/calls/abc")
+
+    assert response.status_code == 204
+    assert response.data == b""
+    assert "text/html" not in response.headers.get("Content-Type", "")
+    assert response.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS"
+    assert response.headers["X-Request-ID"]
+
+
+def test_options_on_an_unknown_path_without_an_origin_is_a_404_problem(client: FlaskClient) -> None:
+    assert_problem(client.options("/no/such/route"), 404)
+
+
+# Log lines that say why
+
+
+def the_access_record(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
+    [record] = access_records(caplog)
+    return record
+
+
+def test_an_exchange_failure_is_logged_as_a_warning_with_its_status_code_and_detail(
+    client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    error = errors.UpstreamAuthFailed(
+        "Exchange refused the gateway's credentials (HTTP 401)", outcome="http_error"
+    )
+    error.upstream_status = 401
+    fake.error = error
+
+    client.get("/calls/call-42")
+
+    record = the_access_record(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.__dict__["status"] == 502
+    assert record.__dict__["upstreamStatus"] == 401
+    assert record.__dict__["upstreamOutcome"] == "http_error"
+    assert record.__dict__["detail"] == "Exchange refused the gateway's credentials (HTTP 401)"
+
+
+def test_an_exchange_outage_and_bad_credentials_read_differently_in_the_log(
+    client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    down = errors.EwsUnavailable("Exchange answered HTTP 503", outcome="http_error")
+    down.upstream_status = 503
+    fake.error = down
+
+    client.get("/calls/call-42")
+
+    record = the_access_record(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.__dict__["status"] == 503
+    assert record.__dict__["upstreamStatus"] == 503
+    assert record.__dict__["detail"] == "Exchange answered HTTP 503"
+
+
+def test_an_ews_error_is_logged_with_its_code_and_detail(
+    client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    fake.error = errors.error_for_response_code(
+        "ErrorInvalidPhoneCallId", "The phone call ID is not valid.", outcome="ews_error"
+    )
+    fake.error.upstream_status = 200
+
+    client.get("/calls/call-42")
+
+    record = the_access_record(caplog)
+    assert record.levelno == logging.INFO
+    assert record.__dict__["status"] == 404
+    assert record.__dict__["upstreamStatus"] == 200
+    assert record.__dict__["ewsResponseCode"] == "ErrorInvalidPhoneCallId"
+    assert record.__dict__["detail"] == (
+        "Exchange answered ErrorInvalidPhoneCallId: The phone call ID is not valid."
+    )
+
+
+def test_a_success_is_logged_at_info_with_exchanges_200_and_no_detail(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+
+    client.delete("/calls/call-42")
+
+    record = the_access_record(caplog)
+    assert record.levelno == logging.INFO
+    assert record.__dict__["upstreamOutcome"] == "success"
+    assert record.__dict__["upstreamStatus"] == 200
+    assert record.__dict__["ewsResponseCode"] == "NoError"
+    assert "detail" not in record.__dict__
+
+
+def test_a_caller_error_is_logged_at_info_with_its_detail(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+
+    client.get("/calls/a%20b")
+
+    record = the_access_record(caplog)
+    assert record.levelno == logging.INFO
+    assert record.__dict__["detail"].startswith("callId must be")
+    assert record.__dict__["upstreamStatus"] is None
+    assert record.__dict__["upstreamOutcome"] is None
+
+
+def test_the_gateways_own_500_is_logged_as_an_error_without_the_exception_text(
+    client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    fake.error = RuntimeError("password=hunter2")
+
+    client.get("/calls/call-42")
+
+    record = the_access_record(caplog)
+    assert record.levelno == logging.ERROR
+    assert record.__dict__["status"] == 500
+    assert record.__dict__["detail"] == "unexpected RuntimeError"
+    assert "hunter2" not in record.getMessage() + str(record.__dict__)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -290,9 +292,85 @@ def test_a_bearer_token_that_could_not_be_sent_is_rejected_without_echoing_it(to
     assert token not in message
 
 
-@pytest.mark.parametrize("value", ["kerberos", "Basic", "digest"])
+@pytest.mark.parametrize("value", ["Kerberos", "Basic", "digest", "spnego"])
 def test_ews_auth_is_limited_to_the_allowed_values(value: str) -> None:
     assert "EWS_AUTH" in rejects(EWS_AUTH=value)
+
+
+@pytest.mark.parametrize("mode", ["kerberos", "negotiate"])
+def test_kerberos_without_gssapi_says_in_one_line_what_to_install(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "gssapi" else real_find_spec(name)
+    )
+
+    message = rejects(EWS_AUTH=mode)
+
+    assert message == (
+        f"EWS_AUTH={mode} needs GSSAPI: pip install 'ews-call-gateway[kerberos]' "
+        "(builds against libkrb5-dev)"
+    )
+
+
+@pytest.fixture
+def gssapi_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether GSSAPI is installed is not what these tests are about: say it is."""
+    real_find_spec = importlib.util.find_spec
+    installed = importlib.machinery.ModuleSpec("gssapi", None)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name: installed if name == "gssapi" else real_find_spec(name),
+    )
+
+
+@pytest.mark.usefixtures("gssapi_installed")
+def test_kerberos_takes_a_keytab_a_password_or_the_ticket_cache(tmp_path: Path) -> None:
+    keytab = secret_file(tmp_path, "", name="gateway.keytab")
+
+    by_keytab = from_env(EWS_AUTH="kerberos", EWS_KEYTAB=keytab, EWS_USERNAME="svc@CORP.EXAMPLE")
+    by_password = from_env(EWS_AUTH="negotiate", EWS_USERNAME="svc@CORP", EWS_PASSWORD="pw")
+    by_cache = from_env(EWS_AUTH="kerberos", EWS_SPN="HTTP/cas01.corp.example.com")
+
+    assert (by_keytab.ews_keytab, by_keytab.ews_password) == (keytab, "")
+    assert (by_password.ews_username, by_password.ews_keytab) == ("svc@CORP", None)
+    assert (by_cache.ews_spn, by_cache.ews_username) == ("HTTP/cas01.corp.example.com", "")
+
+
+@pytest.mark.usefixtures("gssapi_installed")
+def test_kerberos_refuses_a_password_and_a_keytab_together(tmp_path: Path) -> None:
+    keytab = secret_file(tmp_path, "", name="gateway.keytab")
+
+    message = rejects(EWS_AUTH="kerberos", EWS_KEYTAB=keytab, EWS_USERNAME="u", EWS_PASSWORD="p")
+
+    assert "EWS_PASSWORD or EWS_KEYTAB" in message
+
+
+@pytest.mark.usefixtures("gssapi_installed")
+def test_a_keytab_without_the_principal_it_is_for_is_refused(tmp_path: Path) -> None:
+    keytab = secret_file(tmp_path, "", name="gateway.keytab")
+
+    assert "EWS_USERNAME" in rejects(EWS_AUTH="kerberos", EWS_KEYTAB=keytab)
+
+
+def test_a_keytab_that_does_not_exist_is_refused_naming_the_variable() -> None:
+    assert "EWS_KEYTAB" in rejects(EWS_AUTH="kerberos", EWS_KEYTAB="/nonexistent/gw.keytab")
+
+
+@pytest.mark.parametrize("spn", ["HTTP/mail.example.com@CORP", "mail.example.com", "HTTP/"])
+@pytest.mark.usefixtures("gssapi_installed")
+def test_an_spn_not_of_the_form_service_slash_host_is_refused(spn: str) -> None:
+    assert "EWS_SPN" in rejects(EWS_AUTH="kerberos", EWS_SPN=spn)
+
+
+def test_the_bearer_token_file_is_remembered_to_be_read_again(tmp_path: Path) -> None:
+    token_file = secret_file(tmp_path, "eyJ.first.sig\n")
+
+    config = from_env(EWS_AUTH="bearer", EWS_BEARER_TOKEN_FILE=token_file)
+
+    assert (config.ews_bearer_token, config.ews_bearer_token_file) == ("eyJ.first.sig", token_file)
 
 
 def test_the_log_level_is_limited_to_the_allowed_values() -> None:
@@ -306,3 +384,44 @@ def test_secrets_never_appear_in_the_repr(tmp_path: Path) -> None:
     assert "hunter2-password" not in repr(basic)
     assert "eyJ-secret-token" not in repr(bearer)
     assert "svc" in repr(basic)
+
+
+# GATEWAY_BIND and GATEWAY_READ_TIMEOUT_SECONDS
+
+
+@pytest.mark.parametrize(
+    "bind", ["127.0.0.1:8082", "0.0.0.0:1", "gateway.internal:65535", "[::1]:8080", "[::]:80"]
+)
+def test_a_listen_address_with_host_and_port_is_taken_as_given(bind: str) -> None:
+    assert from_env(GATEWAY_BIND=bind).bind == bind
+
+
+@pytest.mark.parametrize(
+    ("bind", "says"),
+    [
+        ("8082", "must be HOST:PORT"),
+        ("localhost", "must be HOST:PORT"),
+        (":8080", "must be HOST:PORT"),
+        ("127.0.0.1:99999", "port must be a number from 1 to 65535"),
+        ("127.0.0.1:0", "port must be a number from 1 to 65535"),
+        ("127.0.0.1:http", "port must be a number from 1 to 65535"),
+        ("::1:8080", "is not a host name or address"),
+        ("[::1:8080", "is not a bracketed IPv6 address"),
+        ("[not-ipv6]:8080", "is not a bracketed IPv6 address"),
+        ("host name:8080", "is not a host name or address"),
+    ],
+)
+def test_a_listen_address_without_a_host_or_a_valid_port_is_refused_in_one_line(
+    bind: str, says: str
+) -> None:
+    message = rejects(GATEWAY_BIND=bind)
+
+    assert message.startswith("GATEWAY_BIND")
+    assert says in message
+    assert "\n" not in message
+
+
+def test_the_read_timeout_defaults_to_ten_seconds_and_is_bounded() -> None:
+    assert from_env().read_timeout_s == 10.0
+    assert from_env(GATEWAY_READ_TIMEOUT_SECONDS="2.5").read_timeout_s == 2.5
+    assert "GATEWAY_READ_TIMEOUT_SECONDS" in rejects(GATEWAY_READ_TIMEOUT_SECONDS="0")

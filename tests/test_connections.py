@@ -495,6 +495,7 @@ class ChallengeOnce:
 
     def __init__(self) -> None:
         self.connected_with: list[bytes | None] = []
+        self.answered_with: list[int] = []
 
     def connected(self, connection: Connection, deadline: float) -> None:
         self.connected_with.append(connection.peer_certificate)
@@ -506,6 +507,9 @@ class ChallengeOnce:
     def challenged(self, connection: Connection, answer: http1.Answer) -> str | None:
         connection.auth_state = "authenticated"
         return "Test answer-to-" + (answer.header("WWW-Authenticate") or "").removeprefix("Test ")
+
+    def answered(self, connection: Connection, answer: http1.Answer) -> None:
+        self.answered_with.append(answer.status)
 
 
 @pytest.mark.network
@@ -535,6 +539,8 @@ def test_an_authenticator_answers_a_401_on_the_same_connection_then_needs_no_hea
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
     assert seen == ["Authorization: Test initial", "Authorization: Test answer-to-nonce-7", ""]
+    # Each request's final answer, never a 401 leg.
+    assert authenticator.answered_with == [200, 200]
     assert len(server.connections) == 1
     assert authenticator.connected_with == [None]  # plain http: no certificate to bind to
 

@@ -252,3 +252,32 @@ def test_an_unlisted_origin_with_a_valid_token_still_gets_no_cors_headers(
     answer = client.delete("/calls/abc", headers=headers)
 
     assert list(access_control_headers(answer.headers.items())) == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/no/such/route", 404), ("DELETE", "/calls", 405), ("POST", "/calls/abc", 405)],
+)
+def test_a_browser_sees_the_real_404_or_405_not_a_cors_failure(
+    client: FlaskClient, method: str, path: str, status: int
+) -> None:
+    answer = preflight(client, APP_ORIGIN, method=method, path=path)
+
+    assert answer.status_code == 204
+    assert answer.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    assert method in answer.headers["Access-Control-Allow-Methods"]
+
+    actual = client.open(path, method=method, headers={"Origin": APP_ORIGIN})
+
+    assert actual.status_code == status
+    assert actual.mimetype == "application/problem+json"
+    assert actual.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    assert "X-Request-ID" in actual.headers["Access-Control-Expose-Headers"]
+
+
+def test_a_preflight_to_an_unknown_path_from_an_unlisted_origin_allows_nothing(
+    client: FlaskClient,
+) -> None:
+    answer = preflight(client, "https://evil.example.com", path="/no/such/route")
+
+    assert list(access_control_headers(answer.headers)) == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import http.server
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,8 +14,8 @@ from pathlib import Path
 import pytest
 import spnego
 
-from gateway.ntlm import NtlmTransport
-from gateway.transport import UpstreamReply
+from gateway.transport import ExchangeTransport, UpstreamReply
+from gateway.upstream_auth import Credentials, SecurityContextAuth
 
 pytestmark = pytest.mark.network
 
@@ -28,6 +30,9 @@ class NtlmExchange(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), NtlmHandler)
         self.handshakes = 0
+        self.acted_on = 0
+        # Compress answers with this content coding, as a misconfigured IIS does unasked.
+        self.compression: str | None = None
         self.users: list[str] = []
         self.lock = threading.Lock()
 
@@ -54,7 +59,7 @@ class NtlmHandler(http.server.BaseHTTPRequestHandler):
         if scheme == "NTLM" and token:
             self._handshake(base64.b64decode(token))
         elif self.authenticated_as is not None:
-            self._answer(200, b"<ok/>")
+            self._act()
         else:
             self._answer(401, b"", challenge="NTLM")
 
@@ -74,12 +79,24 @@ class NtlmHandler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.handshakes += 1
             self.server.users.append(str(self.authenticated_as))
+        self._act()
+
+    def _act(self) -> None:
+        """Carry out the request (place the call, say): once per request that gets here."""
+        with self.server.lock:
+            self.server.acted_on += 1
         self._answer(200, b"<ok/>")
 
     def _answer(self, status: int, body: bytes, challenge: str | None = None) -> None:
         self.send_response(status)
         if challenge:
             self.send_header("WWW-Authenticate", challenge)
+        if self.server.compression == "gzip":
+            body = gzip.compress(body)
+            self.send_header("Content-Encoding", "gzip")
+        elif self.server.compression == "deflate":
+            body = zlib.compress(body)
+            self.send_header("Content-Encoding", "deflate")
         self.send_header("Content-Type", "text/xml; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -100,11 +117,13 @@ def exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NtlmEx
     thread.join()
 
 
-def transport_for(exchange: NtlmExchange, password: str = PASSWORD) -> NtlmTransport:
-    return NtlmTransport(exchange.url, timeout_s=5, username=f"{DOMAIN}\\{USER}", password=password)
+def transport_for(exchange: NtlmExchange, password: str = PASSWORD) -> ExchangeTransport:
+    credentials = Credentials(f"{DOMAIN}\\{USER}", password)
+    auth = SecurityContextAuth("ntlm", credentials, "127.0.0.1", "HTTP")
+    return ExchangeTransport(exchange.url, timeout_s=5, authenticator=auth)
 
 
-def post(transport: NtlmTransport) -> UpstreamReply:
+def post(transport: ExchangeTransport) -> UpstreamReply:
     return transport.post(b"<envelope/>", {"Content-Type": "text/xml; charset=utf-8"})
 
 
@@ -138,3 +157,17 @@ def test_concurrent_threads_each_authenticate_their_own_connection(exchange: Ntl
     assert [reply.status for reply in replies] == [200] * 64
     # At most one handshake per thread's connection: later requests reuse it.
     assert 1 <= exchange.handshakes <= 8
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
+def test_answers_compressed_or_not_are_read_and_the_request_acted_on_once(
+    exchange: NtlmExchange, compression: str | None
+) -> None:
+    exchange.compression = compression
+    transport = transport_for(exchange)
+    try:
+        reply = post(transport)
+    finally:
+        transport.close()
+    assert (reply.status, reply.body) == (200, b"<ok/>")
+    assert (exchange.handshakes, exchange.acted_on) == (1, 1)

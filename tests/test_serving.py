@@ -105,3 +105,11 @@ def test_python_warnings_are_logged_as_json_lines_like_everything_else() -> None
     record = json.loads(line)
     assert record["level"] == "WARNING"
     assert "a library complains" in record["message"]
+
+
+def test_a_head_may_carry_a_large_bearer_token_within_deliberate_limits() -> None:
+    settings = options()
+
+    assert settings["limit_request_field_size"] == 16 * 1024  # a 12 KB JWT fits
+    assert settings["limit_request_fields"] == 100
+    assert settings["limit_request_line"] == 8190  # gunicorn's largest short of unlimited

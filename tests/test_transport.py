@@ -25,8 +25,8 @@ from cryptography.x509.oid import NameOID
 from gateway import __version__
 from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
 from gateway.ews import Transport
-from gateway.ntlm import NtlmTransport
 from gateway.transport import MAX_REPLY_BYTES, ExchangeTransport, UpstreamReply
+from gateway.upstream_auth import Credentials, SecurityContextAuth
 
 EWS_PATH = "/EWS/Exchange.asmx"
 SOAP_XML = "text/xml; charset=utf-8"
@@ -329,22 +329,23 @@ def transports() -> Iterator[Transports]:
         transport.close()
 
 
-# Either transport the gateway builds (EWS_AUTH=ntlm or not), for what both must do alike.
+# The transport with a per-request scheme and with a per-connection one (EWS_AUTH=ntlm),
+# for what both must do alike.
 AnyTransports = Callable[..., Transport]
 
 
 @pytest.fixture(params=["pooled", "ntlm"])
 def any_transports(request: pytest.FixtureRequest) -> Iterator[AnyTransports]:
     """Build transports of one kind, closed before the servers they talk to."""
-    opened: list[ExchangeTransport | NtlmTransport] = []
+    opened: list[ExchangeTransport] = []
 
     def open_transport(url: str, **options: Any) -> Transport:
         options = {"timeout_s": 5.0, **options}
         if request.param == "ntlm":
-            # Servers that ask for no authentication get none: NTLM starts at a 401.
-            opened.append(NtlmTransport(url, username="CORP\\svc", password="pw", **options))
-        else:
-            opened.append(ExchangeTransport(url, **options))
+            # A server that ignores the handshake's first token answers the request itself.
+            credentials = Credentials("CORP\\svc", "pw")
+            options["authenticator"] = SecurityContextAuth("ntlm", credentials, "127.0.0.1", "HTTP")
+        opened.append(ExchangeTransport(url, **options))
         return opened[-1]
 
     yield open_transport

@@ -6,15 +6,18 @@ import gzip
 import select
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from gateway import wire
+from gateway.simulator.acceptor import Acceptor, Session
 from gateway.simulator.control import (
     CONTROL_PREFIX,
     handle_control,
@@ -46,12 +49,31 @@ class HttpServer(ThreadingHTTPServer):
     # The default backlog of 5 drops connections when a benchmark opens many at once.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], family: int, exchange: FakeExchange) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: int,
+        exchange: FakeExchange,
+        *,
+        acceptor: Acceptor | None = None,
+        tls: ssl.SSLContext | None = None,
+        channel_binding: bytes | None = None,
+    ) -> None:
         self.address_family = family
         self.exchange = exchange
+        self.acceptor = acceptor
+        self.tls = tls
+        self.channel_binding = channel_binding
         # Set when the simulator stops: connections held by the idle policy let go.
         self.closing = threading.Event()
         super().__init__(address, EwsRequestHandler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        # The handshake runs in the connection's own thread, not in the accepting one.
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our own name, which can stall for seconds.
@@ -60,7 +82,7 @@ class HttpServer(ThreadingHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         # Clients that hang up mid-answer are routine here (timeouts, hang and huge rules).
-        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError | ssl.SSLError):
             return
         super().handle_error(request, client_address)  # type: ignore[arg-type]
 
@@ -72,6 +94,17 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
     timeout = IDLE_CONNECTION_TIMEOUT_S
     # Headers and body go out in separate writes; Nagle would hold the body back ~40 ms.
     disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        """Finish the TLS handshake, if any, and start the connection's authentication."""
+        server = cast(HttpServer, self.server)
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(self.timeout)
+            self.request.do_handshake()
+        super().setup()
+        self._session: Session | None = None
+        if server.acceptor is not None:
+            self._session = server.acceptor.session(server.channel_binding)
 
     def handle(self) -> None:
         """Serve requests on the connection, ending it when idle as the idle policy says."""
@@ -152,25 +185,31 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             if method != "POST":
                 self._send(method_not_allowed(method, path, ["POST"]))
                 return
-            soap_action = self.headers.get("SOAPAction")
-            request_id = self.headers.get("X-Request-ID")
-            authorization = self.headers.get("Authorization")
-            anchor_mailbox = self.headers.get("X-AnchorMailbox")
-            self._gzip = _accepts_gzip(self.headers.get("Accept-Encoding"))
-            self._carry_out(
-                self._exchange.answer(
-                    body,
-                    soap_action,
-                    request_id,
-                    authorization,
-                    self._received_at,
-                    anchor_mailbox=anchor_mailbox,
-                )
-            )
+            self._answer_ews(body)
         elif path.startswith(CONTROL_PREFIX):
             self._send(handle_control(self._exchange, method, path, body))
         else:
             self._send(not_found(path))
+
+    def _answer_ews(self, body: bytes) -> None:
+        """Answer an EWS request once its sender is authenticated; a 401 acts on nothing."""
+        authorization = self.headers.get("Authorization")
+        self._gzip = _accepts_gzip(self.headers.get("Accept-Encoding"))
+        admission = self._session.admit(authorization) if self._session is not None else ()
+        if isinstance(admission, Reply):
+            self._send(admission)
+            return
+        outcome = self._exchange.answer(
+            body,
+            self.headers.get("SOAPAction"),
+            self.headers.get("X-Request-ID"),
+            authorization,
+            self._received_at,
+            anchor_mailbox=self.headers.get("X-AnchorMailbox"),
+        )
+        if admission and isinstance(outcome, Reply):
+            outcome = replace(outcome, headers=outcome.headers + admission)
+        self._carry_out(outcome)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").strip().lower() == "chunked":

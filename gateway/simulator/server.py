@@ -5,14 +5,17 @@ from __future__ import annotations
 import random
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
 from gateway import wire
+from gateway.simulator.acceptor import Acceptor, channel_binding_of
 from gateway.simulator.calls import CallBook
 from gateway.simulator.control import CONTROL_PREFIX
 from gateway.simulator.deployment import Deployment
@@ -27,6 +30,19 @@ DEFAULT_BIND = "127.0.0.1:8081"
 # Short enough that stop() returns promptly, long enough not to spin.
 POLL_INTERVAL_S = 0.05
 _BIND_EXAMPLE = "use HOST:PORT, e.g. 127.0.0.1:8081 or [::1]:8081"
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """The simulator's certificate and key (PEM files), to serve https."""
+
+    cert_path: str
+    key_path: str
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_path, self.key_path)
+        return context
 
 
 class SimulatorServer:
@@ -44,6 +60,8 @@ class SimulatorServer:
         chance: Callable[[], float] = random.random,
         mailbox_servers: int = 1,
         idle: IdlePolicy | None = None,
+        acceptor: Acceptor | None = None,
+        tls: TlsIdentity | None = None,
     ) -> None:
         def new_book() -> CallBook:
             return CallBook(step_seconds=step_seconds, clock=clock)
@@ -59,7 +77,15 @@ class SimulatorServer:
         )
         self.exchange.idle_policy = idle
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._httpd = HttpServer((host, port), family, self.exchange)
+        self._scheme = "http" if tls is None else "https"
+        self._httpd = HttpServer(
+            (host, port),
+            family,
+            self.exchange,
+            acceptor=acceptor,
+            tls=None if tls is None else tls.context(),
+            channel_binding=None if tls is None else channel_binding_of(tls.cert_path),
+        )
         self._lock = threading.Lock()
         self._looping = False
         self._stopped = False
@@ -69,7 +95,8 @@ class SimulatorServer:
     def url(self) -> str:
         """Return the base URL, e.g. http://127.0.0.1:8081 (no path)."""
         host, port = str(self._httpd.server_address[0]), self._httpd.server_address[1]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        name = f"[{host}]" if ":" in host else host
+        return f"{self._scheme}://{name}:{port}"
 
     @property
     def ews_url(self) -> str:
@@ -179,6 +206,8 @@ def serve_forever(
     *,
     mailbox_servers: int = 1,
     idle: IdlePolicy | None = None,
+    acceptor: Acceptor | None = None,
+    tls: TlsIdentity | None = None,
 ) -> None:
     """Serve the simulator in the foreground until Ctrl-C or SIGTERM, after a loud banner."""
     host, port = parse_bind(bind)
@@ -190,6 +219,8 @@ def serve_forever(
         schema_dir=schema_dir,
         mailbox_servers=mailbox_servers,
         idle=idle,
+        acceptor=acceptor,
+        tls=tls,
     )
     print(server.banner(), file=sys.stderr, flush=True)
     restore_sigterm = _stop_on_sigterm()

@@ -1,0 +1,335 @@
+"""The front door: reading requests off the socket, and answering those that cannot be read.
+
+gunicorn parses each request before the app sees it and answers the ones it refuses (a head
+or URL over its limits, a malformed request line or chunked body) with its own HTML page.
+Here the gateway takes that over: its parser keeps what it read of a refused head, so the
+answer is a problem+json with the caller's X-Request-ID and, for an allowed origin, CORS
+headers a browser needs to read it; and one deadline bounds reading a request's head and
+body, so a client that trickles bytes gets 408 and gives its thread back.
+
+Rests on gunicorn 27's HTTP/1 parser (gunicorn.http.parser, gunicorn.http.message): the
+Python parser reads the head through `Request.read_into`, and bodies through the unreader's
+`chunk`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import select
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+
+from gunicorn.http import errors as parse_errors
+from gunicorn.http.body import Body, ChunkedReader
+from gunicorn.http.message import Request
+from gunicorn.http.parser import RequestParser
+from gunicorn.http.unreader import SocketUnreader
+
+from gateway import errors, validation
+from gateway.api import UNMATCHED_ROUTE
+from gateway.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
+
+ACCESS_LOG = logging.getLogger("gateway.access")
+LOG = logging.getLogger("gateway")
+
+# What gunicorn may hold of one request head, set deliberately (README, "Limits"):
+# a request line of up to 8,190 bytes (gunicorn's maximum short of unlimited; a call id
+# percent-encoded is at most 1,536), 100 header lines, each up to 16 KiB, which fits the
+# largest bearer tokens identity providers issue (10-12 KB with many group claims).
+LIMIT_REQUEST_LINE = 8190
+LIMIT_REQUEST_FIELDS = 100
+LIMIT_REQUEST_FIELD_SIZE = 16 * 1024
+# How much more of a refused head is read to find its Origin and X-Request-ID headers.
+MAX_EXTRA_HEAD_BYTES = 64 * 1024
+EXTRA_HEAD_WAIT_S = 0.5
+CORS_EXPOSED_HEADERS = "Location, Retry-After, X-Request-ID"
+
+_HEADER = re.compile(rb"^(origin|x-request-id)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
+
+# Where a refused request's CallerFacts travel: on the exception gunicorn hands to the worker.
+_FACTS = "gateway_caller_facts"
+_MALFORMED = "the request is not valid HTTP/1.1 (RFC 9112)"
+_HEADERS_TOO_LARGE = (
+    f"send at most {LIMIT_REQUEST_FIELDS} header lines of at most "
+    f"{LIMIT_REQUEST_FIELD_SIZE // 1024} KiB each"
+)
+# gunicorn's parse errors as the gateway's, with what the caller reads (never its own bytes,
+# which may hold a token). Anything else gunicorn raises is the gateway's own 500.
+_ERROR_BY_PARSE_ERROR: tuple[tuple[type[Exception], type[errors.GatewayError], str], ...] = (
+    (
+        parse_errors.LimitRequestLine,
+        errors.UriTooLong,
+        f"the request line must be at most {LIMIT_REQUEST_LINE} bytes",
+    ),
+    (parse_errors.LimitRequestHeaders, errors.HeadersTooLarge, _HEADERS_TOO_LARGE),
+    (
+        parse_errors.UnsupportedTransferCoding,
+        errors.TransferCodingNotImplemented,
+        "send the body with Content-Length or Transfer-Encoding: chunked",
+    ),
+    (parse_errors.ExpectationFailed, errors.ExpectationFailed, "only 100-continue is supported"),
+    (parse_errors.ForbiddenProxyRequest, errors.Forbidden, "this peer may not send PROXY lines"),
+    (parse_errors.InvalidChunkSize, errors.MalformedRequest, "the chunked body is malformed"),
+    (
+        parse_errors.ChunkMissingTerminator,
+        errors.MalformedRequest,
+        "the chunked body is malformed",
+    ),
+    (parse_errors.InvalidChunkExtension, errors.MalformedRequest, "the chunked body is malformed"),
+    (parse_errors.ParseException, errors.MalformedRequest, _MALFORMED),
+)
+
+
+def as_gateway_error(error: BaseException) -> errors.GatewayError | None:
+    """Return the gateway error for a refused request, or None if the gateway itself failed."""
+    if isinstance(error, errors.GatewayError):
+        return error
+    if isinstance(error, parse_errors.ConfigurationProblem):
+        return None
+    for parse_error, gateway_error, detail in _ERROR_BY_PARSE_ERROR:
+        if isinstance(error, parse_error):
+            return gateway_error(detail)
+    return None
+
+
+class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
+    """Read a request off its socket, all of it (head and body) within TIMEOUT_S seconds.
+
+    The clock starts when a thread begins reading the request, which gthread does once its
+    first bytes have arrived; an idle kept-alive connection waits in the poller instead.
+    """
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        super().__init__(sock)
+        self.timeout_s = timeout_s
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+
+    def start_request(self) -> None:
+        """Start the clock for the next request on this connection."""
+        self.started = time.monotonic()
+        self.deadline = self.started + self.timeout_s
+
+    def chunk(self, size_hint: int | None = None) -> bytes:
+        size = self.mxchunk
+        if size_hint and size_hint > size:
+            size = min(size_hint, self.max_body_chunk)
+        # Checked before every read: a client trickling just fast enough that each read
+        # finds a byte waiting must not escape the deadline either.
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._too_slow()
+        try:
+            # What has arrived costs no more than gunicorn's own read: no timeout to set.
+            return cast(bytes, self.sock.recv(size, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            pass
+        poll = select.poll()
+        poll.register(self.sock, select.POLLIN)
+        if not poll.poll(remaining * 1000):
+            raise self._too_slow()
+        return cast(bytes, self.sock.recv(size))
+
+    def _too_slow(self) -> errors.RequestTimeout:
+        return errors.RequestTimeout(
+            f"the whole request must arrive within {self.timeout_s:g} seconds"
+        )
+
+
+class CallerBody(Body):  # type: ignore[misc]
+    """A chunked request body whose framing errors are the caller's (400), not the gateway's."""
+
+    def _read_reader(self, size: int) -> bytes:
+        try:
+            data: bytes = super()._read_reader(size)
+        except parse_errors.ParseException as error:
+            refused = as_gateway_error(error)
+            raise (refused or errors.MalformedRequest(_MALFORMED)) from None
+        return data
+
+
+class GatewayRequest(Request):  # type: ignore[misc]
+    """gunicorn's request, timed by the deadline, keeping what it read of a head it refuses."""
+
+    body: Any
+
+    def __init__(self, cfg: Any, unreader: Any, peer_addr: Any, req_number: int = 1) -> None:
+        self.head = bytearray()
+        unreader.start_request()
+        try:
+            super().__init__(cfg, unreader, peer_addr, req_number)
+        except (parse_errors.ParseException, errors.GatewayError) as error:
+            if isinstance(error, parse_errors.LimitRequestLine):
+                self._read_more_of_head(unreader)
+            facts = CallerFacts.from_head(bytes(self.head), getattr(self, "method", None))
+            setattr(error, _FACTS, replace(facts, started=unreader.started))
+            raise
+
+    def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
+        self.head = buf  # the buffer the head is read into: kept for a refusal's answer
+        super().read_into(unreader, buf, stop)
+
+    def set_body_reader(self) -> None:
+        super().set_body_reader()
+        if isinstance(self.body.reader, ChunkedReader):
+            self.body = CallerBody(self.body.reader)
+
+    def _read_more_of_head(self, unreader: Any) -> None:
+        """Read on past an overlong request line to the headers, within bounds."""
+        limit = len(self.head) + MAX_EXTRA_HEAD_BYTES
+        # The headers come along with the line, or not at all: the answer waits briefly.
+        unreader.deadline = min(unreader.deadline, time.monotonic() + EXTRA_HEAD_WAIT_S)
+        try:
+            while b"\r\n\r\n" not in self.head and len(self.head) < limit:
+                data = unreader.read()
+                if not data:
+                    return
+                self.head.extend(data)
+        except (OSError, errors.GatewayError):
+            return
+
+
+class GatewayRequestParser(RequestParser):  # type: ignore[misc]
+    """gunicorn's HTTP/1 parser with the gateway's request class and read deadline."""
+
+    mesg_class = GatewayRequest
+
+    def __init__(
+        self, cfg: Any, source: socket.socket, source_addr: Any, *, read_timeout_s: float
+    ) -> None:
+        super().__init__(cfg, source, source_addr)
+        self.unreader = DeadlineUnreader(source, read_timeout_s)
+
+
+@dataclass(frozen=True)
+class CallerFacts:
+    """What the answer to a refused request needs from it: each field may be unknown."""
+
+    method: str | None = None
+    request_id: str | None = None
+    origin: str | None = None
+    # When reading the request began (time.monotonic()), if known.
+    started: float | None = None
+
+    @classmethod
+    def from_head(cls, head: bytes, method: str | None = None) -> CallerFacts:
+        """Read the method, X-Request-ID and Origin from the raw bytes of a request head."""
+        head = head.split(b"\r\n\r\n", 1)[0]  # the body is no place for headers
+        if method is None:
+            method = head.split(b" ", 1)[0].decode("latin-1") if b" " in head[:16] else None
+        found = {name.lower(): value for name, value in _HEADER.findall(head)}
+        return cls(
+            method=method,
+            request_id=_text(found.get(b"x-request-id")),
+            origin=_text(found.get(b"origin")),
+        )
+
+    @classmethod
+    def of_failure(cls, error: BaseException, request: Any) -> CallerFacts:
+        """Return the facts a refused head left on ERROR, else those of the parsed REQUEST."""
+        facts: CallerFacts | None = getattr(error, _FACTS, None)
+        if facts is not None:
+            return facts
+        if request is None:
+            return cls()
+        headers = dict(request.headers)
+        return cls(
+            request.method,
+            headers.get("X-REQUEST-ID"),
+            headers.get("ORIGIN"),
+            getattr(request.unreader, "started", None),
+        )
+
+    @property
+    def method_label(self) -> str:
+        return self.method if self.method in STANDARD_METHODS else OTHER_METHOD
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def answer(
+    problem: errors.GatewayError, request_id: str, origin: str | None, cors_origins: Sequence[str]
+) -> bytes:
+    """Render a whole HTTP/1.1 answer: problem+json, X-Request-ID, CORS for an allowed origin."""
+    body = json.dumps(
+        {
+            "type": f"urn:ews-gateway:problem:{problem.slug}",
+            "title": problem.title,
+            "status": problem.status,
+            "detail": problem.detail,
+            "requestId": request_id,
+        }
+    ).encode()
+    lines = [
+        f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}",
+        f"Date: {formatdate(usegmt=True)}",
+        "Content-Type: application/problem+json",
+        f"Content-Length: {len(body)}",
+        f"X-Request-ID: {request_id}",
+        "Connection: close",
+    ]
+    if origin is not None and origin.lower() in (allowed.lower() for allowed in cors_origins):
+        lines += [
+            f"Access-Control-Allow-Origin: {origin}",
+            f"Access-Control-Expose-Headers: {CORS_EXPOSED_HEADERS}",
+            "Vary: Origin",
+        ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def request_id_for(caller_id: str | None) -> str:
+    """Return the caller's X-Request-ID if it is sane, else a new one (as the app does)."""
+    if caller_id is not None and validation.is_sane_request_id(caller_id):
+        return caller_id
+    return uuid.uuid4().hex
+
+
+def refuse(
+    sock: socket.socket,
+    error: BaseException,
+    request: Any,
+    *,
+    cors_origins: Sequence[str],
+    metrics: Metrics,
+) -> None:
+    """Answer a request that failed before the app could, then count and log it like any other.
+
+    ERROR is what gunicorn raised; REQUEST is the parsed request, if parsing got that far.
+    """
+    problem = as_gateway_error(error)
+    if problem is None:
+        LOG.error("unexpected error before the app was called", exc_info=error)
+        problem = errors.GatewayError("an unexpected error occurred")
+    facts = CallerFacts.of_failure(error, request)
+    request_id = request_id_for(facts.request_id)
+    # If the caller is gone, the refusal is still counted and logged.
+    with contextlib.suppress(OSError):
+        sock.sendall(answer(problem, request_id, facts.origin, cors_origins))
+    seconds = 0.0 if facts.started is None else time.monotonic() - facts.started
+    metrics.http_request(facts.method_label, UNMATCHED_ROUTE, problem.status, seconds)
+    ACCESS_LOG.log(
+        logging.ERROR if problem.status == 500 else logging.INFO,
+        "request",
+        extra={
+            "requestId": request_id,
+            "method": facts.method_label,
+            "route": UNMATCHED_ROUTE,
+            "status": problem.status,
+            "durationMs": round(seconds * 1000, 2),
+            "upstreamOutcome": None,
+            "upstreamStatus": None,
+            "ewsResponseCode": None,
+            "detail": problem.detail,
+        },
+    )

@@ -1,0 +1,322 @@
+"""The gateway's own credentials at Exchange (EWS_AUTH): every scheme, one transport.
+
+`basic` and `bearer` add an Authorization header to each request. `ntlm`,
+`kerberos` and `negotiate` authenticate a connection, as IIS does: the
+transport (gateway.transport's Authenticator seam) hands each new connection
+to SecurityContextAuth, which runs a pyspnego context over it with the
+request itself; the connection then carries further requests
+unauthenticated, as long as it stays in the pool. Over https each handshake
+carries the TLS channel binding (RFC 5929 `tls-server-end-point`), so
+Exchange's Extended Protection accepts it. Kerberos tickets come from
+gateway.tickets.
+
+A leg answered 401 was not acted on, so the request may go out again; the
+answer the handshake ends with is the one Exchange acted on, and it is never
+repeated. Security tokens are made and read only by pyspnego.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import spnego
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from spnego.channel_bindings import GssChannelBindings
+
+from gateway.config import BEARER_TOKEN, Config
+from gateway.errors import UpstreamAuthFailed
+from gateway.http1 import Answer
+from gateway.tickets import TicketCache
+from gateway.transport import Authenticator, Connection
+
+LOG = logging.getLogger(__name__)
+
+# The HTTP scheme each EWS_AUTH mode speaks, and pyspnego's name for its protocol.
+SCHEMES = {
+    "ntlm": ("NTLM", "ntlm"),
+    "kerberos": ("Negotiate", "kerberos"),
+    "negotiate": ("Negotiate", "negotiate"),
+}
+
+
+class BearerToken:
+    """EWS_AUTH=bearer: an OAuth access token, re-read when its file changes.
+
+    Token files are rotated by whatever issues the tokens (a sidecar, a mounted
+    secret); the file's identity (inode, size, modification time) is checked at
+    most every CHECK_INTERVAL_S (a stat took about 6 microseconds here, a tenth
+    of a call's transport CPU) and the token read again when it moved. After a
+    401 the file is read again whatever the stat says, once per request.
+    """
+
+    CHECK_INTERVAL_S = 1.0
+
+    def __init__(self, token: str, path: str | None = None) -> None:
+        self._path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._seen = self._identity()
+        self._checked_at = time.monotonic()
+        self._header = f"Bearer {token}"
+
+    def connected(self, connection: Connection, deadline: float) -> None:
+        """Nothing to prepare: the token goes with each request."""
+
+    def authorization(self, connection: Connection) -> str | None:
+        # auth_state: whether this request already read the file again after a 401.
+        connection.auth_state = False
+        now = time.monotonic()
+        if self._path is not None and now - self._checked_at >= self.CHECK_INTERVAL_S:
+            self._checked_at = now
+            if self._identity() != self._seen:
+                self._reload()
+        return self._header
+
+    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+        if connection.auth_state:
+            return None
+        connection.auth_state = True
+        before = self._header
+        self._reload()
+        # A 401 was not acted on: the request may go again, with a token that changed.
+        return self._header if self._header != before else None
+
+    def answered(self, connection: Connection, answer: Answer) -> None:
+        """Nothing to check: bearer tokens carry no answer from Exchange."""
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            status = os.stat(self._path)
+        except OSError:
+            return None
+        return status.st_ino, status.st_size, status.st_mtime_ns
+
+    def _reload(self) -> None:
+        """Read the token file; a missing, partly written or invalid token keeps the last one."""
+        with self._lock:
+            self._seen = self._identity()
+            try:
+                token = self._path.read_text(encoding="utf-8").strip() if self._path else ""
+            except (OSError, UnicodeDecodeError) as exc:
+                LOG.warning("EWS_BEARER_TOKEN_FILE cannot be read (%s)", type(exc).__name__)
+                return
+            if BEARER_TOKEN.fullmatch(token) is None:
+                LOG.warning("EWS_BEARER_TOKEN_FILE holds no valid bearer token; keeping the last")
+                return
+            self._header = f"Bearer {token}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who the gateway is, for pyspnego: a password, a keytab, or the ticket cache."""
+
+    username: str | None
+    password: str | None = None
+    keytab: str | None = None
+
+
+@dataclass
+class _Handshake:
+    """A connection's security context: the token to send next, and whether it is done."""
+
+    context: spnego.ContextProxy
+    pending: bytes | None
+    done: bool = False
+    # Whether this request already authenticated the connection again after a 401.
+    restarted: bool = False
+
+
+class SecurityContextAuth:
+    """EWS_AUTH=ntlm, kerberos or negotiate: one pyspnego context per connection.
+
+    Every leg carries the request itself; a leg answered 401 was not acted on.
+    Once a handshake ends, the connection carries requests without Authorization.
+    """
+
+    # How long credentials Exchange refused are not sent again: each refused NTLM or
+    # Kerberos logon counts toward the account's lockout at the domain controller.
+    HOLD_REFUSAL_S = 30.0
+
+    def __init__(self, mode: str, credentials: Credentials, host: str, service: str) -> None:
+        self._refused_until = 0.0
+        self._scheme, self._protocol = SCHEMES[mode]
+        self._credentials = credentials
+        self._host = host
+        self._service = service
+        # Kerberos with a password or keytab: one ticket for every connection. NTLM
+        # needs none, and the ticket cache mode (neither) is MIT's own.
+        wants_tickets = mode != "ntlm" and (credentials.password or credentials.keytab)
+        self._tickets = TicketCache(credentials) if wants_tickets else None
+
+    def connected(self, connection: Connection, deadline: float) -> None:
+        connection.auth_state = self._start(connection)
+
+    def authorization(self, connection: Connection) -> str | None:
+        state: _Handshake = connection.auth_state
+        if state.done:
+            state.restarted = False  # a new request may authenticate a forgotten connection once
+            return None
+        if state.pending is None:
+            # A handshake that ended in a 401 left the connection unauthenticated.
+            state = connection.auth_state = self._start(connection)
+        return self._send(state)
+
+    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+        state: _Handshake = connection.auth_state
+        if state.done:
+            if state.restarted:
+                return None
+            # A kept connection answered 401: Exchange forgot it (a restart, a balancer
+            # moving it). The request was not acted on; a new handshake may carry it.
+            connection.auth_state = self._start(connection)
+            connection.auth_state.restarted = True
+            return self._send(connection.auth_state)
+        offered = _offered_token(answer, self._scheme)
+        if offered is None:
+            # Credentials refused, or an NTLM negotiate answered without a challenge:
+            # the 401 is Exchange's answer, mapped like any other.
+            self._refused_until = time.monotonic() + self.HOLD_REFUSAL_S
+            return None
+        state.pending = _step(state.context, offered)
+        return self._send(state)
+
+    def answered(self, connection: Connection, answer: Answer) -> None:
+        state: _Handshake = connection.auth_state
+        if state.done:
+            return
+        if answer.status == 400:
+            # IIS answers 400 to an Authorization it cannot read (a header too large for
+            # http.sys, a token it cannot parse).
+            raise _failed("Exchange refused the authentication handshake (HTTP 400)")
+        offered = _offered_token(answer, self._scheme)
+        if offered is not None and not state.context.complete:
+            # Kerberos mutual authentication: Exchange proves who it is in the last token.
+            _step(state.context, offered)
+        state.done = True
+
+    def _who(self) -> tuple[Any, str | None]:
+        """Return the credentials for pyspnego: the shared ticket, else what is configured."""
+        credentials = self._credentials
+        if self._tickets is None:
+            return credentials.username, credentials.password
+        try:
+            ticket = self._tickets.credential()
+        except Exception as exc:  # krb5's errors: unknown principal, wrong password, no KDC
+            if self._protocol == "negotiate" and credentials.password is not None:
+                # Negotiate falls back to NTLM, as Windows clients do; pyspnego tries
+                # Kerberos with the password once more on the way.
+                LOG.info("no Kerberos ticket for Negotiate (%s); trying NTLM", type(exc).__name__)
+                return credentials.username, credentials.password
+            raise _library_failed("could not get a Kerberos ticket", exc) from None
+        if self._protocol == "negotiate" and credentials.password is not None:
+            # Kerberos from the shared ticket, NTLM from the password.
+            return [ticket, spnego.Password(credentials.username or "", credentials.password)], None
+        return ticket, None
+
+    def _send(self, state: _Handshake) -> str:
+        token, state.pending = state.pending or b"", None
+        return f"{self._scheme} {base64.b64encode(token).decode('ascii')}"
+
+    def _start(self, connection: Connection) -> _Handshake:
+        """Start a security context bound to this connection's TLS certificate."""
+        if time.monotonic() < self._refused_until:
+            raise _failed(
+                f"Exchange refused the gateway's credentials less than {self.HOLD_REFUSAL_S:g} s "
+                "ago; they are not sent again before then"
+            )
+        bindings = None
+        if connection.peer_certificate is not None:
+            end_point = certificate_hash(connection.peer_certificate)
+            bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
+        username, password = self._who()
+        try:
+            context = spnego.client(
+                username,
+                password,
+                hostname=self._host,
+                service=self._service,
+                channel_bindings=bindings,
+                protocol=self._protocol,
+            )
+        except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
+            raise _library_failed("could not start", exc) from None
+        return _Handshake(context, _step(context, None))
+
+
+def _step(context: spnego.ContextProxy, token: bytes | None) -> bytes | None:
+    try:
+        return context.step(token)
+    except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
+        raise _library_failed("failed", exc) from None
+
+
+def certificate_hash(der_certificate: bytes) -> bytes:
+    """Return the RFC 5929 tls-server-end-point hash of Exchange's certificate.
+
+    The certificate's own signature hash, except SHA-256 where that is MD5 or SHA-1
+    (RFC 5929 section 4.1), and where the signature names none (Ed25519).
+    """
+    certificate = x509.load_der_x509_certificate(der_certificate)
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(der_certificate)
+    return digest.finalize()
+
+
+def _offered_token(answer: Answer, scheme: str) -> bytes | None:
+    """Return the token Exchange sent for the scheme in WWW-Authenticate, if any."""
+    for challenge in (answer.header("WWW-Authenticate") or "").split(","):
+        name, _, value = challenge.strip().partition(" ")
+        if name.lower() == scheme.lower() and value.strip():
+            try:
+                return base64.b64decode(value.strip(), validate=True)
+            except binascii.Error:
+                raise _failed("Exchange sent a challenge that is not base64") from None
+    return None
+
+
+def _library_failed(what: str, exc: Exception) -> UpstreamAuthFailed:
+    # The library's message says why (no such principal, clock skew, wrong binding) and
+    # holds no secret; it goes to the log, the caller gets its kind.
+    LOG.warning("authentication to Exchange %s: %s: %s", what, type(exc).__name__, exc)
+    return _failed(f"the security library {what} ({type(exc).__name__})")
+
+
+def _failed(reason: str) -> UpstreamAuthFailed:
+    return UpstreamAuthFailed(f"Upstream authentication failed: {reason}", outcome="http_error")
+
+
+def static_authorization(config: Config) -> str | None:
+    """Return the Authorization every request carries as it is (EWS_AUTH=basic), if any."""
+    if config.ews_auth != "basic":
+        return None
+    pair = f"{config.ews_username}:{config.ews_password}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def build_authenticator(config: Config, host: str) -> Authenticator | None:
+    """Build the configured per-connection authentication to Exchange, whose host is host."""
+    mode = config.ews_auth
+    if mode == "bearer":
+        return BearerToken(config.ews_bearer_token, config.ews_bearer_token_file)
+    if mode in SCHEMES:
+        service, _, spn_host = (config.ews_spn or f"HTTP/{host}").partition("/")
+        credentials = Credentials(
+            username=config.ews_username or None,
+            password=config.ews_password or None,
+            keytab=config.ews_keytab,
+        )
+        return SecurityContextAuth(mode, credentials, spn_host, service)
+    return None

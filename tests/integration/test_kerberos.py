@@ -1,0 +1,311 @@
+"""EWS_AUTH=kerberos and negotiate against a real MIT KDC and a Kerberos-only Exchange.
+
+The suite starts krb5kdc with a throwaway realm (k5test) on a free loopback
+port; the gateway gets its tickets there and authenticates, over TLS with the
+channel binding required, to the simulator's Negotiate acceptor, which reads
+its keys from a keytab.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from gateway import upstream_auth
+from gateway.simulator import SimulatorServer
+from gateway.simulator.acceptor import KerberosAcceptor
+from gateway.simulator.server import TlsIdentity
+from gateway.tickets import TicketCache
+from tests.test_transport import Certificate, self_signed_certificate
+from tests.test_upstream_auth import Gateway, https_url, placed_calls
+
+k5test = pytest.importorskip("k5test", reason="k5test (the dev extra) is not installed")
+pytest.importorskip(
+    "gssapi", reason="GSSAPI is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
+)
+
+if shutil.which("krb5kdc") is None and not Path("/usr/sbin/krb5kdc").exists():
+    pytest.skip("krb5kdc (Debian krb5-kdc) is not installed", allow_module_level=True)
+
+REALM = "GATEWAY.TEST"
+SERVICE = f"HTTP/localhost@{REALM}"
+ACCOUNT, PASSWORD = f"svc-gateway@{REALM}", "Kerberos-Password-1"
+KEYTAB_ACCOUNT = f"svc-keytab@{REALM}"
+
+
+class Realm:
+    """A running KDC and what the gateway and the acceptor need from it."""
+
+    def __init__(self, tmp: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.k5 = k5test.K5Realm(
+            realm=REALM,
+            portbase=port,
+            create_host=False,
+            get_creds=False,
+            krb5_conf={"libdefaults": {"rdns": "false", "dns_canonicalize_hostname": "false"}},
+        )
+        self.service_keytab = str(tmp / "http.keytab")
+        self.client_keytab = str(tmp / "svc-keytab.keytab")
+        self.k5.addprinc(SERVICE)
+        self.k5.extract_keytab(SERVICE, self.service_keytab)
+        self.k5.addprinc(ACCOUNT, PASSWORD)
+        self.k5.addprinc(KEYTAB_ACCOUNT)
+        self.k5.extract_keytab(KEYTAB_ACCOUNT, self.client_keytab)
+
+    def tickets_issued_to(self, principal: str) -> Counter[str]:
+        """Count the KDC's AS_REQ and TGS_REQ log lines that issued principal a ticket."""
+        log = Path(self.k5.tmpdir, "kdc.log").read_text(encoding="utf-8", errors="replace")
+        issued = Counter[str]()
+        for line in log.splitlines():
+            if "ISSUE" in line and f"{principal} for" in line:
+                issued["AS_REQ" if "AS_REQ" in line else "TGS_REQ"] += 1
+        return issued
+
+    def ticket_requests_of(self, principal: str) -> int:
+        """Count the KDC's log lines of AS requests for principal, answered or refused."""
+        log = Path(self.k5.tmpdir, "kdc.log").read_text(encoding="utf-8", errors="replace")
+        asked = f"{principal} for krbtgt/"
+        return sum(1 for line in log.splitlines() if "AS_REQ" in line and asked in line)
+
+    def stop(self) -> None:
+        self.k5.stop()
+        shutil.rmtree(self.k5.tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
+    started = Realm(tmp_path_factory.mktemp("realm"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), names)
+
+
+@pytest.fixture
+def kerberos_env(realm: Realm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the process's Kerberos library at the test realm, with an empty ticket cache."""
+    monkeypatch.setenv("KRB5_CONFIG", realm.k5.env["KRB5_CONFIG"])
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{tmp_path / 'ccache'}")
+    monkeypatch.setenv("KRB5RCACHEDIR", str(tmp_path))
+    monkeypatch.delenv("KRB5_KTNAME", raising=False)
+    monkeypatch.delenv("KRB5_CLIENT_KTNAME", raising=False)
+
+
+@pytest.fixture
+def exchange(
+    realm: Realm, certificate: Certificate, kerberos_env: None
+) -> Iterator[tuple[SimulatorServer, KerberosAcceptor]]:
+    acceptor = KerberosAcceptor(realm.service_keytab)
+    tls = TlsIdentity(str(certificate.cert_path), str(certificate.key_path))
+    simulator = SimulatorServer(acceptor=acceptor, tls=tls).start()
+    yield simulator, acceptor
+    simulator.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_gateways() -> Iterator[None]:
+    yield
+    while Gateway.opened:
+        Gateway.opened.pop().close()
+
+
+def kerberos_gateway(
+    simulator: SimulatorServer, certificate: Certificate, **environ: str
+) -> Gateway:
+    return Gateway(
+        {
+            "EWS_URL": https_url(simulator),
+            "EWS_CA_BUNDLE": str(certificate.cert_path),
+            "EWS_AUTH": "kerberos",
+            **environ,
+        }
+    )
+
+
+def test_a_password_gets_a_ticket_and_one_handshake_serves_later_calls(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+
+    answers = [gateway.place_call() for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [201, 201, 201]
+    assert acceptor.users == [ACCOUNT]
+    assert placed_calls(simulator) == 3
+
+
+def test_new_connections_share_one_ticket_granting_ticket(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate, realm: Realm
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+    tickets_before = realm.tickets_issued_to(ACCOUNT)
+    # A closed pool keeps no connection: every call opens and authenticates a new one.
+    gateway.close()
+
+    answers = [gateway.place_call() for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [201, 201, 201]
+    assert acceptor.users == [ACCOUNT] * 3
+    assert realm.tickets_issued_to(ACCOUNT) - tickets_before == {"AS_REQ": 1, "TGS_REQ": 1}
+
+
+def test_a_ticket_near_its_end_is_asked_for_again(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    realm: Realm,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator, _acceptor = exchange
+    # Every ticket the KDC issues (10 h here) is "near its end" for this test.
+    monkeypatch.setattr(TicketCache, "RENEW_BEFORE_S", 10 * 24 * 3600)
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+    tickets_before = realm.tickets_issued_to(ACCOUNT)
+    gateway.close()
+
+    answers = [gateway.place_call() for _ in range(2)]
+
+    assert [answer.status_code for answer in answers] == [201, 201]
+    assert (realm.tickets_issued_to(ACCOUNT) - tickets_before)["AS_REQ"] == 2
+
+
+def test_negotiate_with_a_keytab_authenticates_with_kerberos(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate, realm: Realm
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(
+        simulator,
+        certificate,
+        EWS_AUTH="negotiate",
+        EWS_KEYTAB=realm.client_keytab,
+        EWS_USERNAME=KEYTAB_ACCOUNT,
+    )
+
+    assert gateway.place_call().status_code == 201
+    assert acceptor.users == [KEYTAB_ACCOUNT]
+
+
+def test_without_password_or_keytab_mit_fills_the_ticket_cache_from_the_client_keytab(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    realm: Realm,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    simulator, acceptor = exchange
+    # MIT's own way: an empty ticket cache, filled from KRB5_CLIENT_KTNAME when needed.
+    monkeypatch.setenv("KRB5_CLIENT_KTNAME", realm.client_keytab)
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=KEYTAB_ACCOUNT)
+
+    assert gateway.place_call().status_code == 201
+    assert acceptor.users == [KEYTAB_ACCOUNT]
+
+
+def test_a_configured_spn_names_the_service_ticket(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(
+        simulator,
+        certificate,
+        EWS_USERNAME=ACCOUNT,
+        EWS_PASSWORD=PASSWORD,
+        EWS_SPN="HTTP/cas.unknown.test",
+    )
+
+    answer = gateway.place_call()
+
+    # The KDC knows no such service: the configured name, not the URL's host, was asked for.
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert acceptor.users == []
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [(ACCOUNT, "wrong-password"), (f"nobody@{REALM}", PASSWORD)],
+    ids=["wrong-password", "unknown-principal"],
+)
+def test_credentials_the_kdc_refuses_are_upstream_authentication_failed(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    username: str,
+    password: str,
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=username, EWS_PASSWORD=password)
+
+    answer = gateway.place_call()
+
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert gateway.upstream("http_error") == 1
+    assert (acceptor.users, placed_calls(simulator)) == ([], 0)
+
+
+@pytest.mark.parametrize(
+    "binding",
+    [lambda _der: b"\x5a" * 32, None],
+    ids=["for another certificate", "none"],
+)
+def test_without_the_right_channel_binding_the_ticket_is_refused(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    monkeypatch: pytest.MonkeyPatch,
+    binding: Callable[[bytes], bytes] | None,
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+    if binding is None:
+        monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+    else:
+        monkeypatch.setattr(upstream_auth, "certificate_hash", binding)
+
+    answer = gateway.place_call()
+
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert (acceptor.users, placed_calls(simulator)) == ([], 0)
+
+
+def test_a_kept_connection_exchange_forgot_gets_a_new_handshake(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
+    assert gateway.place_call().status_code == 201
+
+    acceptor.forget_connections()
+
+    assert gateway.place_call().status_code == 201
+    assert acceptor.users == [ACCOUNT, ACCOUNT]
+    assert placed_calls(simulator) == 2
+
+
+def test_a_refused_password_is_not_sent_to_the_kdc_again_for_a_while(
+    exchange: tuple[SimulatorServer, KerberosAcceptor], certificate: Certificate, realm: Realm
+) -> None:
+    simulator, _acceptor = exchange
+    gateway = kerberos_gateway(
+        simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD="another-wrong-password"
+    )
+    requests_before = realm.ticket_requests_of(ACCOUNT)
+
+    answers = [gateway.place_call() for _ in range(3)]
+
+    assert [answer.status_code for answer in answers] == [502, 502, 502]
+    # One try at the KDC: the next calls get its refusal, and the account is not locked out.
+    assert realm.ticket_requests_of(ACCOUNT) - requests_before == 1
