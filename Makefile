@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys; print(hashlib.sha1(open("pyproject.toml","rb").read()).hexdigest()[:12])')
 
-.PHONY: demo test lint unit integration soak benchmark benchmark-quick clean
+.PHONY: demo test lint unit integration soak benchmark benchmark-quick client clean
 
 demo: $(STAMP)
 	$(BIN)/ews-gateway demo --simulator-bind 127.0.0.1:8081
@@ -29,9 +29,15 @@ soak: $(STAMP)
 # The gateway against a hand-written Flask + requests baseline (see benchmarks/README.md).
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.watchers
 
 benchmark-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+	$(BIN)/python -m benchmarks.watchers --quick
+
+# The TypeScript client, regenerated from openapi.yaml and built (tests/integration checks it).
+client:
+	cd clients/typescript && npm ci --no-audit --no-fund && npm run generate && npm run build
 
 # Targets started at once (make demo and make test in a fresh clone) build the environment
 # one after the other, not over each other: the first holds the lock, the others wait for it

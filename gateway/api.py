@@ -20,7 +20,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway import logs, validation
+from gateway import events, logs, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
@@ -31,6 +31,7 @@ from gateway.errors import (
 )
 from gateway.ews import PhoneCalls
 from gateway.metrics import Metrics
+from gateway.streams import EventStreams, Watch
 
 PROBLEM_JSON = "application/problem+json"
 ACCESS_LOG = logging.getLogger("gateway.access")
@@ -53,10 +54,17 @@ class CallIdConverter(BaseConverter):
 
 
 class ServiceState:
-    """Whether this process should take traffic (it stops while draining)."""
+    """Whether this process should take traffic (it stops while draining), and its streams."""
 
     def __init__(self) -> None:
         self.draining = False
+        self.streams: EventStreams | None = None
+
+    def begin_draining(self) -> None:
+        """Answer /readyz 503 from now on and end the open event streams."""
+        self.draining = True
+        if self.streams is not None:
+            self.streams.drain()
 
 
 def services() -> tuple[PhoneCalls, Metrics]:
@@ -96,12 +104,20 @@ def place_call() -> Response:
     return response
 
 
+def authorized_call(call_id: str) -> str:
+    """Return the EWS id of the caller's call once the id is valid and the caller may see it.
+
+    GET and the event stream both go through here.
+    """
+    return validation.check_call_id(call_id)
+
+
 @bp.get("/calls/<call_id:call_id>")
 def get_call(call_id: str) -> Response:
     """Show the state of a call."""
     ews, _ = services()
     info = ews.get_call_information(
-        validation.check_call_id(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
+        authorized_call(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
     )
     g.ews_code = info.ews_code
     body: dict[str, Any] = {
@@ -115,6 +131,24 @@ def get_call(call_id: str) -> Response:
     if info.sip_response_text is not None:
         body["sipResponseText"] = info.sip_response_text
     return _json(body, 200, info.warning)
+
+
+@bp.get("/calls/<call_id:call_id>/events")
+def watch_call(call_id: str) -> Response:
+    """Stream the call's state: the current one, then each change, until Disconnected."""
+    watch = Watch(
+        call_id,
+        authorized_call(call_id),
+        g.caller.mailbox,
+        g.request_id,
+        events.parse_last_event_id(request.headers.get("Last-Event-ID")),
+    )
+    if request.method == "HEAD":
+        return Response(status=200, mimetype="text/event-stream")
+    streams: EventStreams = current_app.extensions["gateway"]["streams"]
+    # gunicorn lends its socket so the pump can take the connection over from this thread.
+    sock = request.environ.get("gunicorn.socket")
+    return streams.response(watch, sock, request.environ.get("SERVER_PROTOCOL", ""))
 
 
 @bp.get("/livez")
@@ -150,8 +184,11 @@ def _json_body() -> Any:
     """Return the parsed JSON body (`null` included: validation says what it must be)."""
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
+    data = request.get_data(cache=False)
+    if request.content_length is not None and len(data) < request.content_length:
+        raise InvalidRequest("the request body ended before its announced length")
     try:
-        return json.loads(request.get_data(cache=False), parse_constant=_refuse_constant)
+        return json.loads(data, parse_constant=_refuse_constant)
     except RecursionError:  # deep nesting: a few kilobytes can exhaust the parser's stack
         raise InvalidRequest("the body nests too deeply") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a refused constant
@@ -316,6 +353,7 @@ _LOG_LEVEL_BY_STATUS = {
 
 # What a caller reads for each of Werkzeug's errors, instead of Werkzeug's own sentences.
 _DETAIL_BY_STATUS = {
+    400: "the request body could not be read",
     404: "no route matches {method} {path}; see /openapi.yaml",
     413: "the body is larger than the 16 KiB a request may carry",
 }

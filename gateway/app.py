@@ -10,12 +10,13 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api, upstream_auth
+from gateway import __version__, api, callscreen, upstream_auth
 from gateway.callers import build_authenticator
 from gateway.config import Config
 from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.metrics import Metrics
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
+from gateway.streams import EventStreams
 from gateway.transport import ExchangeTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
@@ -43,14 +44,25 @@ def create_app(
             observer=metrics,
             policy=build_policy(config, metrics),
         )
+    state = state or api.ServiceState()
+    state.streams = EventStreams(
+        ews,
+        poll_interval_s=config.events_poll_s,
+        max_streams=config.events_max_streams,
+        poll_threads=config.poll_threads,
+        observer=metrics,
+    )
     app.extensions["gateway"] = {
         "ews": ews,
         "metrics": metrics,
-        "state": state or api.ServiceState(),
+        "state": state,
+        "streams": state.streams,
         "callers": build_authenticator(config),
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
     }
     api.register(app)
+    if config.demo_page:
+        callscreen.register(app)
     if config.cors_origins:
         allow_browsers(app, config.cors_origins)
     return app
@@ -63,7 +75,13 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
         # Compiled patterns are matched whole; a plain string may be taken for a regex.
         origins=[re.compile(re.escape(origin) + r"\Z", re.IGNORECASE) for origin in origins],
         methods=["GET", "POST", "DELETE"],
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-API-Key"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "X-Request-ID",
+            "X-API-Key",
+            "Last-Event-ID",
+        ],
         expose_headers=["Location", "Retry-After", "X-Request-ID"],
         max_age=600,
         vary_header=True,

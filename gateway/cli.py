@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from gateway.config import Config, ConfigError, check_bind
 from gateway.serving import ensure_can_listen, serve
@@ -175,7 +176,8 @@ def _demo(args: argparse.Namespace) -> int:
         "GATEWAY_AUTH": "none",
         "GATEWAY_BIND": args.bind or os.environ.get("GATEWAY_BIND", DEMO_BIND),
     }
-    config = Config.from_env(environ)
+    # Only the demo serves the call screen (never `serve`).
+    config = replace(Config.from_env(environ), demo_page=True)
     # Both ports are checked before anything starts or is printed: a busy one is one line.
     ensure_can_listen(config.bind, bind_setting)
     ensure_can_listen(simulator_bind, "--simulator-bind")
@@ -224,10 +226,12 @@ def _print_demo_banner(bind: str, simulator_bind: str) -> None:
   No real Exchange server is involved and no phone will ring.
   Caller authentication is OFF (GATEWAY_AUTH=none).
 ==========================================================================
+Call screen: {base}/demo/
 Try it:
   curl -si -X POST {base}/calls -H 'Content-Type: application/json' \\
        -d '{{"itemId": "AAMkADemoVoiceMail", "dialString": "+15551234567"}}'
   curl -si {base}/calls/<callId from the answer>
+  curl -N {base}/calls/<callId>/events
   curl -si -X DELETE {base}/calls/<callId>
   curl -s {base}/metrics | grep ews_gateway_
 Make the simulator fail like Exchange (kinds and their parameters: README):

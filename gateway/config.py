@@ -91,6 +91,10 @@ class Config:
     anchor_mailbox: str | None = None
     # The outbound proxy to Exchange (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), if any.
     ews_proxy: Proxy | None = None
+    events_poll_s: float = 1.0
+    events_max_streams: int = 1000
+    # Set by `ews-gateway demo` only (never from the environment): serve the call screen.
+    demo_page: bool = False
 
     @property
     def threads_per_worker(self) -> int:
@@ -101,6 +105,11 @@ class Config:
         """Calls to Exchange one worker may have in flight; the rest answer 503 at once."""
         # Keep threads free for probes and /metrics even when every call hangs.
         return self.max_in_flight or max(1, self.threads_per_worker - RESERVED_THREADS)
+
+    @property
+    def poll_threads(self) -> int:
+        """Threads one worker polls watched calls on: half the bulkhead, the rest for requests."""
+        return max(1, self.upstream_slots // 2)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -152,6 +161,12 @@ class Config:
             ),
             anchor_mailbox=env.mailbox("EWS_ANCHOR_MAILBOX"),
             ews_proxy=env.proxy(),
+            events_poll_s=env.number(
+                "GATEWAY_EVENTS_POLL_SECONDS", default=1.0, low=0.1, high=60.0
+            ),
+            events_max_streams=env.count_in(
+                "GATEWAY_EVENTS_MAX_STREAMS", default=1000, low=1, high=100_000
+            ),
         )
         config.check_consistency()
         return config
@@ -303,6 +318,14 @@ class _Env:
             return None
         if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
             raise ConfigError(f"{name} must be a whole number from 0 to {high:,}, got {raw!r}")
+        return int(raw)
+
+    def count_in(self, name: str, *, default: int, low: int, high: int) -> int:
+        raw = self.text(name)
+        if not raw:
+            return default
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
         return int(raw)
 
     def flag(self, name: str, *, default: bool) -> bool:

@@ -230,6 +230,21 @@ class UpstreamTimeout(GatewayError):
     title = "Exchange did not answer in time"
 
 
+# Event streams (GET /calls/{callId}/events).
+
+
+class StreamLimitReached(GatewayError):
+    status = 503
+    slug = "too-many-streams"
+    title = "This worker holds as many event streams as it may"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    slug = "shutting-down"
+    title = "This instance is shutting down"
+
+
 # Exchange's MessageText is passed on, but bounded: a caller needs the gist, not a dump.
 MAX_MESSAGE_CHARS = 300
 

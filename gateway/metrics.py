@@ -60,6 +60,8 @@ SCRAPE_LOCK = ".scrape.lock"
 # stall behind a stopped worker.
 FOLD_LOCK_WAIT_S = 5.0
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# From a poll's answer to the event on a watcher's socket: milliseconds when all is well.
+DELIVERY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -126,6 +128,24 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.circuit_open.set(0)
+        self.event_streams_open = Gauge(
+            "ews_gateway_event_streams_open",
+            "Event streams (GET /calls/{callId}/events) open now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.event_calls_polled = Gauge(
+            "ews_gateway_event_calls_polled",
+            "Calls polled for their watchers now (one poller per call per worker).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.event_delivery = Histogram(
+            "ews_gateway_event_delivery_seconds",
+            "Time from the poll's answer to the event written to the watcher's connection.",
+            buckets=DELIVERY_BUCKETS_S,
+            registry=self.registry,
+        )
         build_info = Gauge(
             "ews_gateway_build_info",
             "The running gateway's version.",
@@ -165,6 +185,22 @@ class Metrics:
     def circuit_changed(self, state: BreakerState) -> None:
         """Show the circuit breaker's state (half-open counts as open)."""
         self.circuit_open.set(0 if state is BreakerState.CLOSED else 1)
+
+    def stream_opened(self) -> None:
+        """Count an event stream handed to the pump."""
+        self.event_streams_open.inc()
+
+    def stream_closed(self) -> None:
+        """Count an event stream that ended."""
+        self.event_streams_open.dec()
+
+    def calls_polled(self, count: int) -> None:
+        """Show how many calls this worker polls now."""
+        self.event_calls_polled.set(count)
+
+    def event_delivered(self, seconds: float) -> None:
+        """Record how long an event took from Exchange's answer to its watcher's socket."""
+        self.event_delivery.observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """Render the text exposition (summed over workers in multiprocess mode)."""

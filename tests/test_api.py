@@ -348,6 +348,8 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.HeadersTooLarge: 431,
     errors.MalformedRequest: 400,
     errors.TransferCodingNotImplemented: 501,
+    errors.StreamLimitReached: 503,
+    errors.ShuttingDown: 503,
 }
 
 

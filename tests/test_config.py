@@ -425,3 +425,36 @@ def test_the_read_timeout_defaults_to_ten_seconds_and_is_bounded() -> None:
     assert from_env().read_timeout_s == 10.0
     assert from_env(GATEWAY_READ_TIMEOUT_SECONDS="2.5").read_timeout_s == 2.5
     assert "GATEWAY_READ_TIMEOUT_SECONDS" in rejects(GATEWAY_READ_TIMEOUT_SECONDS="0")
+
+
+# GATEWAY_EVENTS_POLL_SECONDS, GATEWAY_EVENTS_MAX_STREAMS
+
+
+def test_event_streams_poll_every_second_and_hold_a_thousand_streams_by_default() -> None:
+    config = from_env()
+
+    assert config.events_poll_s == 1.0
+    assert config.events_max_streams == 1000
+    assert config.demo_page is False
+
+
+def test_event_stream_settings_are_read() -> None:
+    config = from_env(GATEWAY_EVENTS_POLL_SECONDS="0.5", GATEWAY_EVENTS_MAX_STREAMS="5000")
+
+    assert config.events_poll_s == 0.5
+    assert config.events_max_streams == 5000
+
+
+@pytest.mark.parametrize("raw", ["0", "0.05", "61", "fast", "nan"])
+def test_a_poll_interval_out_of_range_is_rejected_naming_the_variable(raw: str) -> None:
+    assert "GATEWAY_EVENTS_POLL_SECONDS" in rejects(GATEWAY_EVENTS_POLL_SECONDS=raw)
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "1.5", "many", "100001", "\u00b2"])
+def test_a_stream_limit_that_is_not_a_sane_whole_number_is_rejected_naming_it(raw: str) -> None:
+    assert "GATEWAY_EVENTS_MAX_STREAMS" in rejects(GATEWAY_EVENTS_MAX_STREAMS=raw)
+
+
+def test_half_the_bulkhead_polls_watched_calls() -> None:
+    assert from_env(GATEWAY_THREADS="64").poll_threads == 30
+    assert from_env(GATEWAY_THREADS="2").poll_threads == 1

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socket
+from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from gunicorn.config import Config as GunicornConfig
 from gunicorn.http import errors as parse_errors
+from prometheus_client import CollectorRegistry
 
 from gateway import errors, frontdoor, serving
+from gateway.config import Config
 from gateway.frontdoor import CallerFacts
+from gateway.metrics import Metrics
 
 APP_ORIGIN = "https://app.example.com"
 
@@ -124,3 +131,108 @@ def test_a_pipelined_request_already_read_is_served_without_waiting_for_the_sock
         worker = SimpleNamespace(alive=True, _waiting_for_thread=0)
 
         assert serving.GatewayThreadWorker._next_request_is_here(worker, conn) is True
+
+
+# The parser on a socket pair: what gunicorn would hand the worker
+
+
+@pytest.fixture
+def gunicorn_config() -> Any:
+    cfg = GunicornConfig()
+    for name, value in serving.gunicorn_options(
+        Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
+    ).items():
+        if name.startswith("limit_request"):
+            cfg.set(name, value)
+    return cfg
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    server, client = socket.socketpair()
+    with server, client:
+        yield server, client
+
+
+def parser(cfg: Any, sock: socket.socket, timeout_s: float = 5.0) -> Any:
+    return frontdoor.GatewayRequestParser(cfg, sock, ("127.0.0.1", 1), read_timeout_s=timeout_s)
+
+
+def test_a_well_formed_request_parses_as_gunicorn_would(gunicorn_config: Any, pair: Any) -> None:
+    server, client = pair
+    client.sendall(b"GET /calls/abc?x=1 HTTP/1.1\r\nHost: g\r\nX-Request-ID: r-1\r\n\r\n")
+
+    request = next(parser(gunicorn_config, server))
+
+    assert (request.method, request.path, request.query) == ("GET", "/calls/abc", "x=1")
+    assert ("X-REQUEST-ID", "r-1") in request.headers
+
+
+def test_a_refused_head_carries_its_facts_to_the_answer(
+    gunicorn_config: Any, pair: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, client = pair
+    client.sendall(
+        b"POST /calls HTTP/1.1\r\nOrigin: " + APP_ORIGIN.encode() + b"\r\n"
+        b"X-Request-ID: r-2\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n"
+    )
+    with pytest.raises(parse_errors.LimitRequestHeaders) as refused:
+        next(parser(gunicorn_config, server))
+    registry = CollectorRegistry()
+    metrics = Metrics("test", registry)
+    caplog.set_level(logging.INFO, logger="gateway.access")
+
+    frontdoor.refuse(server, refused.value, None, cors_origins=(APP_ORIGIN,), metrics=metrics)
+
+    status_line, headers, problem = parse_answer(client.recv(65536))
+    assert status_line == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert headers["X-Request-ID"] == "r-2"
+    assert headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    assert problem["requestId"] == "r-2"
+    labels = {"method": "POST", "route": "<unmatched>", "status": "431"}
+    assert registry.get_sample_value("ews_gateway_http_requests_total", labels) == 1.0
+    [record] = [r for r in caplog.records if r.name == "gateway.access"]
+    assert (record.__dict__["requestId"], record.__dict__["status"]) == ("r-2", 431)
+
+
+def test_a_head_that_does_not_arrive_in_time_is_a_408(gunicorn_config: Any, pair: Any) -> None:
+    server, client = pair
+    client.sendall(b"GET /livez HTTP/1.1\r\nX-Request-ID: r-3\r\n")
+
+    with pytest.raises(errors.RequestTimeout) as slow:
+        next(parser(gunicorn_config, server, timeout_s=0.2))
+
+    assert CallerFacts.of_failure(slow.value, None).request_id == "r-3"
+
+
+def test_a_malformed_chunked_body_is_the_callers_400(gunicorn_config: Any, pair: Any) -> None:
+    server, client = pair
+    client.sendall(
+        b"POST /calls HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\n{}\r\n0\r\n\r\n"
+    )
+    request = next(parser(gunicorn_config, server))
+
+    with pytest.raises(errors.MalformedRequest, match="chunked body is malformed"):
+        request.body.read()
+    assert request.body.failed is True
+
+
+def test_a_failure_of_the_gateway_itself_is_a_500_logged_with_its_traceback(
+    pair: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, client = pair
+    caplog.set_level(logging.INFO)
+
+    frontdoor.refuse(
+        server,
+        RuntimeError("boom"),
+        None,
+        cors_origins=(),
+        metrics=Metrics("t", CollectorRegistry()),
+    )
+
+    status_line, _, problem = parse_answer(client.recv(65536))
+    assert status_line == "HTTP/1.1 500 Internal Server Error"
+    assert problem["detail"] == "an unexpected error occurred"
+    assert any(r.exc_info and r.levelno == logging.ERROR for r in caplog.records)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway.config import Config
-from gateway.serving import GatewayServer, gunicorn_options
+from gateway import serving
+from gateway.config import Config, ConfigError
+from gateway.serving import GatewayServer, ensure_can_listen, gunicorn_options
 
 BASE_ENV = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
 # nginx's proxy_read_timeout and keepalive_timeout, and AWS ALB's idle timeout, default to 60 s.
@@ -113,3 +116,40 @@ def test_a_head_may_carry_a_large_bearer_token_within_deliberate_limits() -> Non
     assert settings["limit_request_field_size"] == 16 * 1024  # a 12 KB JWT fits
     assert settings["limit_request_fields"] == 100
     assert settings["limit_request_line"] == 8190  # gunicorn's largest short of unlimited
+
+
+@pytest.mark.network
+def test_a_port_another_process_listens_on_is_refused_in_one_line_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        with pytest.raises(ConfigError) as refused:
+            ensure_can_listen(bind, "--bind")
+
+    assert str(refused.value) == f"--bind: cannot listen on {bind}: Address already in use"
+    ensure_can_listen(bind, "--bind")  # free again once its listener is gone
+
+
+def test_a_closing_connection_sends_fin_and_is_closed_by_the_thread_that_answered() -> None:
+    server, client = socket.socketpair()
+    with client:
+        client.sendall(b"what the client still sent")
+        client.shutdown(socket.SHUT_WR)
+
+        serving._close_gently(server)
+
+        assert server.fileno() == -1
+        assert client.recv(100) == b""  # FIN: the client sees the end of the answer
+
+
+def test_a_connection_closed_by_its_thread_is_counted_off_once() -> None:
+    server, client = socket.socketpair()
+    server.close()
+    client.close()
+    worker = SimpleNamespace(nr_conns=3)
+
+    serving.GatewayThreadWorker.finish_request(worker, SimpleNamespace(sock=server), None)
+
+    assert worker.nr_conns == 2

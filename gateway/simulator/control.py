@@ -120,7 +120,16 @@ def _clear_idle(exchange: FakeExchange, body: bytes) -> Reply:
     return _show_idle(exchange, body)
 
 
+def _index(_exchange: FakeExchange, _body: bytes) -> Reply:
+    """List the control API, so the URL the banner prints is a working start."""
+    endpoints = {
+        CONTROL_PREFIX + name: sorted(methods) for name, methods in _ROUTES.items() if name
+    }
+    return json_reply(200, {"simulator": True, "endpoints": endpoints})
+
+
 _ROUTES: Mapping[str, Mapping[str, _Route]] = {
+    "": {"GET": _index},
     "health": {"GET": _health},
     "calls": {"GET": _list_calls},
     "requests": {"GET": _list_requests, "DELETE": _clear_requests},

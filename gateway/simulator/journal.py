@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-JOURNAL_SIZE = 200
+# Enough for event-stream tests to count every poll of a minute's watching (100 calls
+# polled each second by two workers is 12,000 requests); a request is about 1 KB.
+JOURNAL_SIZE = 20_000
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class RecordedRequest:
     # the mailbox (else the authenticated account) lives on.
     server: str | None = None
     home_server: str | None = None
+    # Wall-clock seconds when the request arrived, so tests can count requests per interval.
+    received_at: float = field(default_factory=time.time)
 
     def as_json(self) -> dict[str, object]:
         """Describe the request as the control API shows it."""
@@ -35,6 +40,7 @@ class RecordedRequest:
             "soapAction": self.soap_action,
             "body": self.body.decode("utf-8", errors="replace"),
             "authorization": self.authorization,
+            "receivedAt": self.received_at,
         }
         # Shown only where they say something: an anchor sent, several mailbox servers.
         optional = {

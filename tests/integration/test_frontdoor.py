@@ -391,3 +391,17 @@ def test_an_answer_finished_while_the_worker_stops_says_connection_close(
 
     assert answer.status == 404  # Exchange's answer for an unknown call, after the delay
     assert answer.headers["connection"] == "close"
+
+
+def test_a_body_cut_short_is_a_400_saying_so(gateway: Server, simulator: Server) -> None:
+    with connect(gateway) as sock:
+        sock.sendall(
+            head("POST /calls HTTP/1.1", "Content-Type: application/json", "Content-Length: 100")
+            + b'{"itemId": "AAMkADemo"'
+        )
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_answers(sock)[0]
+
+    problem = answer.problem(400)
+    assert problem["detail"] == "the request body ended before its announced length"
+    assert simulator_requests(simulator) == []

@@ -1,6 +1,6 @@
 """The EWS simulator plus a witness: a line per EWS request naming the fault rule that fired.
 
-The simulator's own request journal keeps only the last 200 requests and does not say which
+The simulator's own request journal keeps only the last 20,000 requests and does not say which
 rule fired, so a soak cannot tell from it what a given caller should have got. This wraps the
 simulator's public parts (FakeExchange, FaultBook, HttpServer) without changing them: the
 fault book remembers, per handler thread, the rule it picked, and the exchange writes

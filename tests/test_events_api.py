@@ -1,0 +1,188 @@
+"""GET /calls/{callId}/events through the app: what is decided before the stream starts.
+
+The request runs through Flask's test client with one end of a socket pair as the
+socket gunicorn lends; the other end reads what the pump writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+from flask import Flask
+from prometheus_client import CollectorRegistry
+
+from gateway import api
+from gateway.app import create_app
+from gateway.config import Config
+from gateway.ews import CallInformation, EwsClient
+from gateway.handoff import HandedOff
+from tests.test_api import FakeExchange, assert_problem
+
+ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    server_end, watcher_end = socket.socketpair()
+    watcher_end.settimeout(5)
+    yield server_end, watcher_end
+    server_end.close()
+    watcher_end.close()
+
+
+def build(tmp_path: Path, **settings: object) -> tuple[Flask, api.ServiceState]:
+    keys = tmp_path / "keys"
+    keys.write_text(hashlib.sha256(b"k3y").hexdigest() + "\n")
+    config = Config(
+        ews_url="http://exchange.invalid/EWS/Exchange.asmx",
+        gateway_auth="apikey",
+        api_keys_file=str(keys),
+        cors_origins=(ORIGIN,),
+        **settings,  # type: ignore[arg-type]
+    )
+    state = api.ServiceState()
+    app = create_app(
+        config, ews=cast(EwsClient, FakeExchange()), registry=CollectorRegistry(), state=state
+    )
+    return app, state
+
+
+def watch(app: Flask, path: str, sock: socket.socket | None, **headers: str) -> object:
+    environ: dict[str, object] = {"SERVER_PROTOCOL": "HTTP/1.1"}
+    if sock is not None:
+        environ["gunicorn.socket"] = sock
+    return app.test_client().get(path, headers=headers, environ_overrides=environ)
+
+
+def test_the_stream_head_carries_cors_and_the_request_id_and_the_first_state(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    app, state = build(tmp_path)
+    server_end, watcher_end = pair
+
+    with pytest.raises(HandedOff):
+        watch(
+            app,
+            "/calls/call-1/events",
+            server_end,
+            **{"X-API-Key": "k3y", "Origin": ORIGIN, "X-Request-ID": "watch-1"},
+        )
+    head = watcher_end.recv(65536)
+    while b"event: state" not in head:
+        head += watcher_end.recv(65536)
+
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert f"Access-Control-Allow-Origin: {ORIGIN}".encode() in head
+    assert b"X-Request-ID: watch-1\r\n" in head
+    assert b"Cache-Control: no-store\r\n" in head
+    data = head.split(b"data: ", 1)[1].split(b"\n", 1)[0]
+    assert json.loads(data)["state"] == "Connected"
+    assert state.streams is not None
+    state.streams.drain()
+    assert state.streams.wait_closed(2)
+
+
+def test_without_credentials_it_is_401_before_any_stream(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    app, _ = build(tmp_path)
+    response = watch(app, "/calls/call-1/events", pair[0])
+
+    assert_problem(response, 401)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("last_event_id", ["abc", "1-XYZ", "99999999999-0123456789ab"])
+def test_a_last_event_id_this_gateway_never_sent_is_400(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket], last_event_id: str
+) -> None:
+    app, _ = build(tmp_path)
+    response = watch(
+        app, "/calls/call-1/events", pair[0], **{"X-API-Key": "k3y", "Last-Event-ID": last_event_id}
+    )
+
+    body = assert_problem(response, 400)  # type: ignore[arg-type]
+    assert "Last-Event-ID" in body["detail"]
+
+
+def test_a_bad_call_id_is_400_before_any_stream(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    app, _ = build(tmp_path)
+    response = watch(app, "/calls/" + "x" * 513 + "/events", pair[0], **{"X-API-Key": "k3y"})
+
+    assert_problem(response, 400)  # type: ignore[arg-type]
+
+
+def test_beyond_the_stream_limit_it_is_503_with_retry_after(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    app, state = build(tmp_path, events_max_streams=1)
+    with pytest.raises(HandedOff):
+        watch(app, "/calls/call-1/events", pair[0], **{"X-API-Key": "k3y"})
+    other_server, other_watcher = socket.socketpair()
+    with other_server, other_watcher:
+        response = watch(
+            app, "/calls/call-1/events", other_server, **{"X-API-Key": "k3y", "Origin": ORIGIN}
+        )
+
+    body = assert_problem(response, 503)  # type: ignore[arg-type]
+    assert body["type"] == "urn:ews-gateway:problem:too-many-streams"
+    assert response.headers["Retry-After"] == "2"  # type: ignore[attr-defined]
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN  # type: ignore[attr-defined]
+    assert state.streams is not None
+    state.streams.drain()
+    assert state.streams.wait_closed(2)
+
+
+def test_a_server_that_lends_no_socket_gets_the_stream_relayed_through_its_thread(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(hashlib.sha256(b"k3y").hexdigest() + "\n")
+    ended = FakeExchange()
+    ended.information = CallInformation(
+        state="Disconnected",
+        connection_failure_cause="NoAnswer",
+        sip_response_code=480,
+        sip_response_text="Temporarily Unavailable",
+        ews_code="NoError",
+    )
+    config = Config(
+        ews_url="http://exchange.invalid/EWS/Exchange.asmx",
+        gateway_auth="apikey",
+        api_keys_file=str(keys),
+    )
+    app = create_app(config, ews=cast(EwsClient, ended), registry=CollectorRegistry())
+    response = watch(app, "/calls/call-1/events", None, **{"X-API-Key": "k3y"})
+
+    assert response.status_code == 200  # type: ignore[attr-defined]
+    assert response.mimetype == "text/event-stream"  # type: ignore[attr-defined]
+    text = response.get_data(as_text=True)  # type: ignore[attr-defined]
+    assert text.startswith("id: 1-")
+    assert "event: state\n" in text
+    data = json.loads(text.split("data: ", 1)[1].split("\n", 1)[0])
+    assert data["state"] == "Disconnected"
+    assert data["sipResponseCode"] == 480
+    assert text.endswith("\n\n"), "the stream ended after Disconnected"
+
+
+def test_a_browser_may_send_last_event_id_across_origins(tmp_path: Path) -> None:
+    app, _ = build(tmp_path)
+    response = app.test_client().options(
+        "/calls/call-1/events",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "X-API-Key, Last-Event-ID",
+        },
+    )
+
+    allowed = response.headers["Access-Control-Allow-Headers"].lower()
+    assert "last-event-id" in allowed
+    assert "x-api-key" in allowed
