@@ -16,9 +16,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway import http1
-from gateway.proxy import Proxy, proxy_from_environment
+from gateway.proxy import Proxy, proxy_for
 from gateway.wire import EXCHANGE_VERSIONS
 
+# The proxy variables curl reads for each scheme of EWS_URL, the lower-case name first.
+PROXY_VARIABLES = {
+    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+}
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
 # An SMTP address in printable ASCII, as a header value can carry it.
 ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
@@ -269,11 +275,13 @@ class _Env:
         url = self.text("EWS_URL")
         if not url:
             return None
+        names = PROXY_VARIABLES[urlsplit(url).scheme]
+        variable = next((name for name in names if self.text(name)), "")
+        no_proxy = next((self._environ[n] for n in NO_PROXY_VARIABLES if n in self._environ), "")
         try:
-            proxy, _variable = proxy_from_environment(self._environ, url)
+            return proxy_for(url, self.text(variable) if variable else "", variable, no_proxy)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        return proxy
 
     def choice(self, name: str, options: Sequence[str], *, default: str | None) -> str:
         value = self.text(name) or default
