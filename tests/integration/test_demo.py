@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +121,35 @@ def test_serve_refuses_a_listen_address_without_host_and_port_in_one_line(
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make (the README's command)")
+def test_make_demo_listens_where_the_readme_says_to_move_it_when_8080_is_taken(
+    tmp_path: Path,
+) -> None:
+    gateway_bind = f"127.0.0.1:{free_port()}"
+    simulator_bind = f"127.0.0.1:{free_port()}"
+    # The environment this test runs in stands for the one `make` builds.
+    here = f"BIN={Path(sys.executable).parent}"
+    command = ["make", "--no-print-directory", "-C", str(README.parent), "demo", "STAMP=", here]
+    command += [f"DEMO_BIND={gateway_bind}", f"SIMULATOR_BIND={simulator_bind}"]
+    log = (tmp_path / "make-demo.log").open("wb")
+    make = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and make.poll() is None:
+            try:
+                if http("GET", f"http://{gateway_bind}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert http("GET", f"http://{gateway_bind}/readyz").status == 200
+        assert http("GET", f"http://{simulator_bind}/simulator/health").status == 200
+    finally:
+        os.killpg(make.pid, signal.SIGTERM)
+        make.wait(30)
+        log.close()
+    assert "make demo DEMO_BIND=127.0.0.1:9080 SIMULATOR_BIND=127.0.0.1:9081" in README.read_text()
+
+
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[tuple[Server, str]]:
     """`ews-gateway demo` on two free ports; yields it and its banner."""
@@ -179,3 +212,84 @@ def test_the_readmes_fault_examples_work_as_written_against_the_demo(
     assert "Retry-After: 3" in result.stdout
     assert '"kind": "latency"' in result.stdout
     assert result.stdout.rstrip().endswith('"faults": []\n}'.rstrip())
+
+
+def readme_session_blocks() -> list[str]:
+    """The `$ command` / output blocks of the README's "Trying it" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Trying it") : text.index("The simulator's conventions")]
+    return [block for block in section.split("```sh\n")[1:] if block.startswith("$ ")]
+
+
+def readme_session(block: str) -> list[tuple[str, str]]:
+    """Split a block into (command, output it shows) pairs; continued lines joined."""
+    pairs: list[tuple[str, str]] = []
+    for part in block[: block.index("```")].split("\n$ ")[0:]:
+        lines = part.removeprefix("$ ").split("\n")
+        command = lines.pop(0)
+        while command.endswith("\\"):
+            command = command[:-1] + lines.pop(0)
+        pairs.append((command, "\n".join(lines).strip()))
+    return pairs
+
+
+def matches(shown: object, real: object) -> bool:
+    """Whether REAL is what SHOWN shows: equal, with "..." standing for the rest of a string."""
+    if isinstance(shown, str) and shown.endswith("..."):
+        return isinstance(real, str) and real.startswith(shown.removesuffix("..."))
+    if isinstance(shown, dict) and isinstance(real, dict):
+        return shown.keys() == real.keys() and all(matches(shown[k], real[k]) for k in shown)
+    return shown == real
+
+
+def check_answer(command: str, shown: str, real: str, call_id: str) -> None:
+    """The status, headers and JSON body the README shows are what curl printed."""
+    shown_head, _, shown_body = shown.partition("\n\n")
+    if shown.startswith("HTTP/"):
+        # text mode has turned CRLF into LF
+        real_head, _, real_body = real.partition("\n\n")
+        shown_lines = shown_head.splitlines()
+        assert real_head.splitlines()[0] == shown_lines[0], command
+        real_headers = dict(line.split(": ", 1) for line in real_head.splitlines()[1:])
+        for line in shown_lines[1:]:
+            name, value = line.split(": ", 1)
+            assert name in real_headers, f"{command}: no {name}"
+            if name == "Content-Type":
+                assert real_headers[name] == value, command
+            if name == "Location":
+                assert real_headers[name] == f"/calls/{call_id}", command
+    else:
+        shown_body, real_body = shown_head, real
+    if shown_body:
+        expected = json.loads(shown_body.replace("\n", ""))
+        if "callId" in expected:
+            expected["callId"] = "..."
+        assert matches(expected, json.loads(real_body)), f"{command}:\n{real_body}"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (the README's examples)")
+def test_the_readmes_call_examples_answer_as_shown_against_the_demo(
+    demo: tuple[Server, str],
+) -> None:
+    server, _ = demo
+    port = server.url.rsplit(":", 1)[1]
+    call_id = ""
+    for block in readme_session_blocks():
+        for command, shown in readme_session(block):
+            if command.startswith("CALL="):
+                continue
+            if "seconds later" in command:
+                time.sleep(2.5)  # the simulator's call: Connecting, Alerted, then Connected
+            script = command.replace("localhost:8080", f"127.0.0.1:{port}")
+            result = subprocess.run(
+                ["bash", "-c", script],
+                env={**os.environ, "CALL": call_id},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+            if "-X POST" in command:
+                call_id = json.loads(result.stdout.split("\n\n", 1)[1])["callId"]
+            check_answer(command, shown, result.stdout, call_id)
+    assert call_id, "the README places a call"
