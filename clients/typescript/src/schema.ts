@@ -690,6 +690,9 @@ export interface operations {
             400: components["responses"]["InvalidRequest"];
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
+            408: components["responses"]["RequestTimeout"];
+            414: components["responses"]["UriTooLong"];
+            431: components["responses"]["HeadersTooLarge"];
             /**
              * @description This worker already holds `GATEWAY_EVENTS_MAX_STREAMS` streams
              *     (`too-many-streams`, `Retry-After: 2`), or the instance is shutting
