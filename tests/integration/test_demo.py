@@ -55,6 +55,21 @@ def test_demo_help_describes_both_listen_addresses() -> None:
     assert "/simulator/faults" in result.stdout
 
 
+def test_simulator_help_names_its_endpoints_and_every_option_the_readme_gives() -> None:
+    result = run_gateway("simulator", "--help")
+
+    assert result.returncode == 0
+    assert "/EWS/Exchange.asmx" in result.stdout
+    assert "/simulator/faults" in result.stdout
+    assert "(default 127.0.0.1:8081)" in result.stdout
+    readme = README.read_text(encoding="utf-8")
+    about = readme[readme.index("Run the simulator alone") : readme.index("## Frontends")]
+    options = set(re.findall(r"(?<![-\w])--[a-z][a-z-]+", about)) - {"--simulator-bind"}
+    assert {"--latency-ms", "--step-seconds", "--tls-key"} <= options
+    for option in options:
+        assert option in result.stdout, option
+
+
 @pytest.mark.parametrize("option", ["--bind", "--simulator-bind"])
 def test_demo_on_a_busy_port_fails_in_one_line_before_any_banner_leaving_nothing(
     busy_port: int, option: str
