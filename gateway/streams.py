@@ -395,9 +395,10 @@ class EventStreams:
         stream.release()
         if self._observer is not None:
             self._observer.stream_closed()
-        stream.sock.close()
+        # Logged before the watcher sees the end, so a line is never missing when it has.
         level, fields = _closing_line(stream, reason)
         LOG.log(level, "event stream closed", extra=fields)
+        stream.sock.close()
 
     def _observe_pollers(self) -> None:
         if self._observer is not None:
