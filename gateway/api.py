@@ -20,7 +20,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway import events, logs, validation
+from gateway import events, logs, tracing, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
@@ -222,6 +222,7 @@ def start_request() -> Response | None:
     state.log_level = logging.INFO
     # Exchange's correlation ids, added by the EWS layer, join the request's log line.
     state.upstream_log_fields = logs.start_request_fields()
+    state.span = tracing.start_request(request.method, request.headers, state.request_id)
     gateway = current_app.extensions["gateway"]
     gateway["metrics"].in_progress.inc()
     state.caller = ANONYMOUS
@@ -263,8 +264,11 @@ def finish_request(response: Response) -> Response:
     route = route_label(request.url_rule)
     metrics: Metrics = current_app.extensions["gateway"]["metrics"]
     metrics.http_request(request.method, route, response.status_code, seconds)
+    if state.span is not None:
+        state.span.finish(route, response.status_code)
     fields = {
         "requestId": state.request_id,
+        "traceId": None if state.span is None else state.span.trace_id,
         "method": request.method,
         "route": route,
         "status": response.status_code,
@@ -298,6 +302,9 @@ def end_request(_error: BaseException | None) -> None:
     if "started" in g:
         _, metrics = services()
         metrics.in_progress.dec()
+    span = g.get("span")
+    if span is not None:
+        span.close()
 
 
 @functools.cache

@@ -16,9 +16,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway import http1
-from gateway.proxy import Proxy, proxy_from_environment
+from gateway.proxy import Proxy, proxy_for
 from gateway.wire import EXCHANGE_VERSIONS
 
+# The proxy variables curl reads for each scheme of EWS_URL, the lower-case name first.
+PROXY_VARIABLES = {
+    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+}
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
 # An SMTP address in printable ASCII, as a header value can carry it.
 ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
@@ -77,6 +83,9 @@ class Config:
     metrics_dir: str | None = None
     # None: serving's default (about 250,000, with jitter); 0: never recycle.
     max_requests: int | None = None
+    # OpenTelemetry: on when an OTLP endpoint is set; the SDK reads the other OTEL_* itself.
+    tracing: bool = False
+    trace_service_name: str = "ews-gateway"
     max_in_flight: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
@@ -142,6 +151,8 @@ class Config:
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
             max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
+            tracing=env.tracing(),
+            trace_service_name=env.text("OTEL_SERVICE_NAME") or "ews-gateway",
             max_in_flight=env.count("EWS_MAX_IN_FLIGHT"),
             breaker_failures=env.count("EWS_BREAKER_FAILURES") or 5,
             breaker_cooldown_s=env.number(
@@ -264,11 +275,13 @@ class _Env:
         url = self.text("EWS_URL")
         if not url:
             return None
+        names = PROXY_VARIABLES[urlsplit(url).scheme]
+        variable = next((name for name in names if self.text(name)), "")
+        no_proxy = next((self._environ[n] for n in NO_PROXY_VARIABLES if n in self._environ), "")
         try:
-            proxy, _variable = proxy_from_environment(self._environ, url)
+            return proxy_for(url, self.text(variable) if variable else "", variable, no_proxy)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        return proxy
 
     def choice(self, name: str, options: Sequence[str], *, default: str | None) -> str:
         value = self.text(name) or default
@@ -311,6 +324,26 @@ class _Env:
         if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
             raise ConfigError(f"{name} must be a whole number from 0 to {high:,}, got {raw!r}")
         return int(raw)
+
+    def tracing(self) -> bool:
+        """Whether to export traces: OpenTelemetry's variables, over OTLP/HTTP only."""
+        endpoint = self.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or self.text(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        exporter = self.text("OTEL_TRACES_EXPORTER") or "otlp"
+        if exporter not in ("otlp", "none"):
+            raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp or none, got {exporter!r}")
+        if not endpoint or exporter == "none" or self.flag("OTEL_SDK_DISABLED", default=False):
+            return False
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            if self.text(name) not in ("", "http/protobuf"):
+                raise ConfigError(f"{name} must be http/protobuf, got {self.text(name)!r}")
+        self.url(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+            if self.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            else "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        return True
 
     def count_in(self, name: str, *, default: int, low: int, high: int) -> int:
         raw = self.text(name)

@@ -23,7 +23,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway import frontdoor, metrics
+from gateway import frontdoor, metrics, tracing
 from gateway.api import ServiceState
 from gateway.app import create_app
 from gateway.callers import build_authenticator
@@ -105,6 +105,7 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "logconfig_dict": _gunicorn_log_config(config.log_level),
         "proc_name": "ews-gateway",
         "child_exit": _worker_exited(config.metrics_dir),
+        **_tracing_hooks(config),
     }
     if RAM_DISK.is_dir():
         # Heartbeat files on disk can stall a worker when the disk is slow.
@@ -352,6 +353,20 @@ def _worker_exited(metrics_dir: str | None) -> Callable[[Any, Any], None]:
             metrics.fold_dead_worker(metrics_dir, worker.pid)
 
     return fold
+
+
+def _tracing_hooks(config: Config) -> dict[str, Callable[..., None]]:
+    """Start tracing in each worker after the fork; flush its spans when it exits."""
+    if not config.tracing:
+        return {}
+
+    def start(_server: Any, _worker: Any) -> None:
+        tracing.start_worker(config.trace_service_name)
+
+    def stop(_server: Any, _worker: Any) -> None:
+        tracing.stop_worker()
+
+    return {"post_fork": start, "worker_exit": stop}
 
 
 def _remover(directory: str) -> Callable[[Any], None]:
