@@ -668,10 +668,14 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The stream of the call's states. */
+            /** @description The stream of the call's states. The connection closes when the stream ends. */
             200: {
                 headers: {
                     "X-Request-ID": components["headers"]["RequestId"];
+                    /** @description `no-store`: no cache keeps a stream. */
+                    "Cache-Control"?: "no-store";
+                    /** @description `no`: nginx passes each event on as it comes, unbuffered. */
+                    "X-Accel-Buffering"?: "no";
                     [name: string]: unknown;
                 };
                 content: {
