@@ -308,3 +308,68 @@ def test_the_readmes_call_examples_answer_as_shown_against_the_demo(
                 call_id = json.loads(result.stdout.split("\n\n", 1)[1])["callId"]
             check_answer(command, shown, result.stdout, call_id)
     assert call_id, "the README places a call"
+
+
+def readme_event_stream_examples() -> list[tuple[str, str]]:
+    """The README's `curl -N` examples of the event stream, with the output each shows."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Frontends") :]
+    block = section[section.index("```sh\n$ curl -N") + 6 :]
+    return readme_session(block)
+
+
+def sse_events(text: str) -> list[dict[str, str]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append(fields)
+    return events
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (the README's examples)")
+def test_the_readmes_event_stream_examples_stream_as_shown_against_the_demo(
+    demo: tuple[Server, str],
+) -> None:
+    server, _ = demo
+    port = server.url.rsplit(":", 1)[1]
+    placed = http(
+        "POST",
+        f"{server.url}/calls",
+        body={"itemId": "AAMkADemoVoiceMail", "dialString": "+15551234567"},
+    )
+    call_id = placed.json()["callId"]
+    examples = readme_event_stream_examples()
+    assert [command for command, _ in examples] == [
+        "curl -N localhost:8080/calls/$CALL/events",
+        "curl -N localhost:8080/calls/no-such-call/events",
+    ]
+    for command, shown in examples:
+        script = command.replace("localhost:8080", f"127.0.0.1:{port}")
+        script = script.replace("curl -N", "curl -N --max-time 30")  # a stream that never ends
+        with subprocess.Popen(
+            ["bash", "-c", script],
+            env={**os.environ, "CALL": call_id},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as watcher:
+            assert watcher.stdout is not None
+            real = ""
+            if "$CALL" in command:  # the README's watcher sees the call answered, then hung up
+                while '"state":"Connected"' not in real:
+                    line = watcher.stdout.readline()
+                    assert line, f"the stream ended before Connected:\n{real}"
+                    real += line
+                assert http("DELETE", f"{server.url}/calls/{call_id}").status == 200
+            real += watcher.stdout.read()  # to the end of the stream
+        assert watcher.returncode == 0, real
+        expected, received = sse_events(shown), sse_events(real)
+        assert [e.keys() for e in received] == [e.keys() for e in expected], real
+        for want, got in zip(expected, received, strict=True):
+            assert got.get("id") == want.get("id"), real  # the id names the state itself
+            assert got["event"] == want["event"], real
+            shown_data = json.loads(want["data"].replace(",...}", "}"))
+            real_data = json.loads(got["data"])
+            if want["data"].endswith(",...}"):  # the README shows the problem's first fields
+                real_data = {key: real_data[key] for key in shown_data}
+            assert matches(shown_data, real_data), real
