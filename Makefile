@@ -13,8 +13,14 @@ LOCK_COMPILE := $(BIN)/uv pip compile --quiet --generate-hashes --python-version
 
 .PHONY: demo test lint unit integration soak benchmark benchmark-quick client lock audit clean
 
+# Where the demo listens; on a machine where 8080 or 8081 is taken:
+# make demo DEMO_BIND=127.0.0.1:9080 SIMULATOR_BIND=127.0.0.1:9081 (DEMO_BIND unset: GATEWAY_BIND,
+# else 127.0.0.1:8080).
+DEMO_BIND ?=
+SIMULATOR_BIND ?= 127.0.0.1:8081
+
 demo: $(STAMP)
-	$(BIN)/ews-gateway demo --simulator-bind 127.0.0.1:8081
+	$(BIN)/ews-gateway demo $(if $(DEMO_BIND),--bind $(DEMO_BIND) )--simulator-bind $(SIMULATOR_BIND)
 
 test: $(STAMP) lint
 	$(BIN)/pytest --cov --cov-report=term

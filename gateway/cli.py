@@ -68,7 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         "loopback port",
     )
     demo.set_defaults(run=_demo)
-    simulator = commands.add_parser("simulator", help="run the EWS simulator alone")
+    simulator = commands.add_parser(
+        "simulator",
+        help="run the EWS simulator alone",
+        description="Run the built-in EWS simulator: an Exchange that places no real calls. "
+        "Its EWS endpoint is /EWS/Exchange.asmx; its control API (/simulator/faults to "
+        "inject Exchange's failures, /simulator/calls, /simulator/requests) is listed at "
+        "/simulator/. The README lists the fault kinds.",
+    )
     simulator.add_argument(
         "--bind",
         type=_listen_address("--bind"),
@@ -80,24 +87,34 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-ms",
         type=int,
         default=0,
-        help="answer every EWS request this long after it arrived",
+        metavar="MS",
+        help="answer every EWS request MS milliseconds after it arrived (default %(default)s)",
     )
     simulator.add_argument(
-        "--step-seconds", type=float, default=1.0, help="time between call state changes"
+        "--step-seconds",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="time between a call's state changes (default %(default)s)",
     )
     simulator.add_argument(
-        "--schema-dir", default=None, help="validate requests against the EWS schema in this folder"
+        "--schema-dir",
+        default=None,
+        metavar="DIR",
+        help="validate requests against the EWS schema in this folder",
     )
     simulator.add_argument(
         "--mailbox-servers",
         type=int,
         default=1,
+        metavar="N",
         help="mailbox servers behind one front end, routing by X-AnchorMailbox (default 1)",
     )
     simulator.add_argument(
         "--idle-seconds",
         type=float,
         default=None,
+        metavar="SECONDS",
         help="end a kept-alive connection idle this long (with --idle-action)",
     )
     simulator.add_argument(
@@ -112,10 +129,16 @@ def _parser() -> argparse.ArgumentParser:
         default="none",
         help="authenticate EWS requests as IIS does; NTLM accounts come from NTLM_USER_FILE",
     )
-    simulator.add_argument("--accounts", help="for --auth basic: user:password lines")
-    simulator.add_argument("--keytab", help="for --auth kerberos: the HTTP/host service keys")
-    simulator.add_argument("--tls-cert", help="serve https with this PEM certificate (and key)")
-    simulator.add_argument("--tls-key", help="the PEM key of --tls-cert")
+    simulator.add_argument(
+        "--accounts", metavar="FILE", help="for --auth basic: user:password lines"
+    )
+    simulator.add_argument(
+        "--keytab", metavar="FILE", help="for --auth kerberos: the HTTP/host service keys"
+    )
+    simulator.add_argument(
+        "--tls-cert", metavar="FILE", help="serve https with this PEM certificate (and key)"
+    )
+    simulator.add_argument("--tls-key", metavar="FILE", help="the PEM key of --tls-cert")
     simulator.set_defaults(run=_simulator)
     return parser
 

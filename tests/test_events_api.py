@@ -96,6 +96,7 @@ def test_the_stream_head_carries_cors_and_the_request_id_and_the_first_state(
     assert f"Access-Control-Allow-Origin: {ORIGIN}".encode() in head
     assert b"X-Request-ID: watch-1\r\n" in head
     assert b"Cache-Control: no-store\r\n" in head
+    assert b"X-Accel-Buffering: no\r\n" in head
     data = head.split(b"data: ", 1)[1].split(b"\n", 1)[0]
     assert json.loads(data)["state"] == "Connected"
     assert state.streams is not None

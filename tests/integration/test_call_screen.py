@@ -161,6 +161,9 @@ def test_the_call_screen_places_a_call_shows_it_live_hangs_up_and_shows_problems
     wait_for(browser, lambda d: "Try again in 3 s." in text_of(d, "problem"), "Retry-After")
     assert "Exchange is throttling requests (503)" in text_of(browser, "problem")
     assert text_of(browser, "state") == "No call"
+    # No call was placed: the screen no longer names the one watched before.
+    assert text_of(browser, "call-id") == ""
+    assert not browser.find_element("id", "hang-up").is_enabled()
 
 
 def test_the_demo_serves_the_call_screen_and_serve_does_not(

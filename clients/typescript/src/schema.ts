@@ -750,10 +750,14 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The stream of the call's states. */
+            /** @description The stream of the call's states. The connection closes when the stream ends. */
             200: {
                 headers: {
                     "X-Request-ID": components["headers"]["RequestId"];
+                    /** @description `no-store`: no cache keeps a stream. */
+                    "Cache-Control"?: "no-store";
+                    /** @description `no`: nginx passes each event on as it comes, unbuffered. */
+                    "X-Accel-Buffering"?: "no";
                     [name: string]: unknown;
                 };
                 content: {
@@ -773,7 +777,10 @@ export interface operations {
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
             404: components["responses"]["CallNotFound"];
+            408: components["responses"]["RequestTimeout"];
+            414: components["responses"]["UriTooLong"];
             429: components["responses"]["TooManyRequests"];
+            431: components["responses"]["HeadersTooLarge"];
             /**
              * @description This worker already holds `GATEWAY_EVENTS_MAX_STREAMS` streams
              *     (`too-many-streams`, `Retry-After: 2`), or the instance is shutting
