@@ -197,12 +197,12 @@ def test_caller_b_gets_404_for_caller_as_call_through_either_instance_and_an_ope
     unknown = "gw1.AAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA.never-placed"
 
     refused = [
-        http(method, call_url(gateway, some_id), headers=bob)
+        http(method, call_url(gateway, some_id) + suffix, headers=bob)
         for gateway in (one, two)
-        for method in ("GET", "DELETE")
+        for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/events"))
         for some_id in (call_id, unknown)
     ]
-    assert [answer.status for answer in refused] == [404] * 8
+    assert [answer.status for answer in refused] == [404] * 12
     bodies = {json.dumps({**a.json(), "requestId": None}, sort_keys=True) for a in refused}
     assert len(bodies) == 1  # the same problem for another caller's call and for no call
     assert operations(simulator) == ["PlayOnPhone"]  # Bob never reached Exchange
@@ -216,11 +216,21 @@ def test_caller_b_gets_404_for_caller_as_call_through_either_instance_and_an_ope
         "GetPhoneCallInformation",
         "DisconnectPhoneCall",
     ]
+    # Alice watches her call through the other instance: it streams, and ends hung up.
+    watched = http("GET", call_url(two, call_id) + "/events", headers=alice)
+    assert watched.status == 200
+    assert watched.headers["Content-Type"].startswith("text/event-stream")
+    states = [
+        json.loads(line.removeprefix(b"data:"))["state"]
+        for line in watched.body.splitlines()
+        if line.startswith(b"data:")
+    ]
+    assert states == ["Disconnected"]
 
     entries = audit_entries(one, two)
-    # One line per action: the POST, Bob's eight refusals, the operator's DELETE.
-    assert len(entries) == 10
-    assert sum(e["outcome"] == "refused-ownership" for e in entries) == 8
+    # One line per action: the POST, Bob's twelve refusals, the operator's DELETE.
+    assert len(entries) == 14
+    assert sum(e["outcome"] == "refused-ownership" for e in entries) == 12
     assert {e["subject"] for e in entries} == {"alice", "bob", "ops"}
     logs = one.log() + two.log()
     for header in (alice, bob, operator):
