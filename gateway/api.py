@@ -191,17 +191,8 @@ def get_call(call_id: str) -> Response:
         authorized_call(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
     )
     g.ews_code = info.ews_code
-    body: dict[str, Any] = {
-        "callId": call_id,
-        "state": info.state,
-        "connectionFailureCause": info.connection_failure_cause,
-        "ewsResponseCode": info.ews_code,
-    }
-    if info.sip_response_code is not None:
-        body["sipResponseCode"] = info.sip_response_code
-    if info.sip_response_text is not None:
-        body["sipResponseText"] = info.sip_response_text
-    return _json(body, 200, info.warning)
+    # The same fields, warning included, as each state event of the call's stream.
+    return _json({"callId": call_id, **events.call_body(info)}, 200)
 
 
 @bp.get("/calls/<call_id:call_id>/events")
