@@ -2,12 +2,25 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib,sys; print(hashlib.sha1(open("pyproject.toml","rb").read()).hexdigest()[:12])')
+# Every dependency, with hashes: the image installs LOCK, the venv DEV_LOCK (LOCK + dev tools).
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib; print(hashlib.sha1(open("pyproject.toml","rb").read() + open("$(DEV_LOCK)","rb").read()).hexdigest()[:12])')
+# uv resolves for the image's Python; it keeps the pins already in the lock files unless
+# asked to move them (make lock LOCK_FLAGS=--upgrade). setuptools builds the project.
+LOCK_COMPILE := $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--custom-compile-command 'make lock' pyproject.toml deploy/build-requirements.in $(LOCK_FLAGS)
 
-.PHONY: demo test lint unit integration soak benchmark benchmark-quick client clean
+.PHONY: demo test lint unit integration soak benchmark benchmark-quick client lock audit clean
+
+# Where the demo listens; on a machine where 8080 or 8081 is taken:
+# make demo DEMO_BIND=127.0.0.1:9080 SIMULATOR_BIND=127.0.0.1:9081 (DEMO_BIND unset: GATEWAY_BIND,
+# else 127.0.0.1:8080).
+DEMO_BIND ?=
+SIMULATOR_BIND ?= 127.0.0.1:8081
 
 demo: $(STAMP)
-	$(BIN)/ews-gateway demo --simulator-bind 127.0.0.1:8081
+	$(BIN)/ews-gateway demo $(if $(DEMO_BIND),--bind $(DEMO_BIND) )--simulator-bind $(SIMULATOR_BIND)
 
 test: $(STAMP) lint
 	$(BIN)/pytest --cov --cov-report=term
@@ -39,19 +52,29 @@ benchmark-quick: $(STAMP)
 client:
 	cd clients/typescript && npm ci --no-audit --no-fund && npm run generate && npm run build
 
+# Regenerate both lock files after a change to pyproject.toml's dependencies.
+lock: $(STAMP)
+	$(LOCK_COMPILE) --extra dev -o $(DEV_LOCK)
+	$(LOCK_COMPILE) --constraint $(DEV_LOCK) -o $(LOCK)
+
+# Known vulnerabilities in the locked set (pip-audit; any finding fails, see .ci/audit.py).
+audit: $(STAMP)
+	$(BIN)/python .ci/audit.py $(DEV_LOCK)
+
 # Targets started at once (make demo and make test in a fresh clone) build the environment
 # one after the other, not over each other: the first holds the lock, the others wait for it
 # and then find the stamp. flock is util-linux's (every Linux); without it, no lock.
-LOCK := $(if $(shell command -v flock),flock $(VENV).lock,)
+VENV_LOCK := $(if $(shell command -v flock),flock $(VENV).lock,)
 
-# GSSAPI (the kerberos extra) builds with a C compiler against libkrb5-dev; without them the
-# Kerberos tests skip.
-$(STAMP): pyproject.toml
-	$(LOCK) sh -ec '\
+# The locked versions, checked against their hashes, then the project without dependencies.
+# GSSAPI (the kerberos extra, not locked: it builds with a C compiler against libkrb5-dev)
+# is added where it can be; without it the Kerberos tests skip.
+$(STAMP): pyproject.toml $(DEV_LOCK)
+	$(VENV_LOCK) sh -ec '\
 	test -f $@ && exit 0; \
 	$(PYTHON) -m venv $(VENV); \
-	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip; \
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"; \
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(DEV_LOCK); \
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .; \
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kerberos]" >/dev/null 2>&1 \
 	  || echo "note: the kerberos extra was not built (needs a C compiler and libkrb5-dev)"; \
 	rm -f $(VENV)/.installed-*; \

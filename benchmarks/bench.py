@@ -96,6 +96,12 @@ class Bench:
             | {
                 "EWS_URL": ews_url,
                 "GATEWAY_AUTH": "none",
+                "GATEWAY_DIAL_ALLOW": "*",
+                # Limits counted on every request, high enough never to refuse the load.
+                "GATEWAY_RATE_LIMIT_CALLS": "10000000/minute",
+                "GATEWAY_RATE_LIMIT_REQUESTS": "10000000/minute",
+                # Every gateway the benchmark starts accepts the call ids the others issued.
+                "GATEWAY_CALL_ID_KEY": "benchmark-call-id-key-shared-by-every-gateway",
                 "GATEWAY_BIND": f"127.0.0.1:{port}",
                 "GATEWAY_WORKERS": str(WORKERS),
                 "GATEWAY_THREADS": str(self.threads),

@@ -98,7 +98,7 @@ def zero_latency(
     """Throughput and latency at `connections` against an upstream that answers at once."""
     plan = bench.plan
     loads = {
-        name: Load(service.url, "DELETE", _call_path(call_id), plan.connections, plan.round_s)
+        name: Load(service.url, "DELETE", _path(name, call_id), plan.connections, plan.round_s)
         for name, service in targets.items()
     }
     return _alternating_rounds(bench, targets, loads)
@@ -109,11 +109,11 @@ def low_load(
 ) -> dict[str, list[LoadResult]]:
     """Latency on one connection: through the gateway, the baseline, and to the upstream."""
     plan = bench.plan
-    body = _disconnect_envelope(call_id)
+    body = _disconnect_envelope(exchange_id(call_id))
     loads = {
         UPSTREAM: Load(fast_upstream.url, "POST", upstream.EWS_PATH, 1, plan.low_load_s, body),
         **{
-            name: Load(service.url, "DELETE", _call_path(call_id), 1, plan.low_load_s)
+            name: Load(service.url, "DELETE", _path(name, call_id), 1, plan.low_load_s)
             for name, service in targets.items()
         },
     }
@@ -137,7 +137,7 @@ def slow_exchange(bench: Bench, results: Results) -> dict[str, list[LoadResult]]
     plan = bench.plan
     targets = {GATEWAY: gateway, BASELINE: baseline, UPSTREAM: simulator}
     loads = {
-        name: Load(service.url, "DELETE", _call_path(call_id), plan.slow_connections, plan.slow_s)
+        name: Load(service.url, "DELETE", _path(name, call_id), plan.slow_connections, plan.slow_s)
         for name, service in targets.items()
         if name != UPSTREAM
     }
@@ -148,7 +148,7 @@ def slow_exchange(bench: Bench, results: Results) -> dict[str, list[LoadResult]]
         upstream.EWS_PATH,
         plan.slow_connections,
         plan.slow_s,
-        _disconnect_envelope(call_id),
+        _disconnect_envelope(exchange_id(call_id)),
     )
     measured = _alternating_rounds(bench, targets, loads)
     bench.stop(gateway)
@@ -218,3 +218,13 @@ def _disconnect_envelope(call_id: str) -> bytes:
 
 def _call_path(call_id: str) -> str:
     return "/calls/" + quote(call_id, safe="")
+
+
+def exchange_id(call_id: str) -> str:
+    """Return Exchange's id inside a call id the gateway signed (gw1.<owner>.<mac>.<EWS id>)."""
+    return call_id.split(".", 3)[3] if call_id.startswith("gw1.") else call_id
+
+
+def _path(target: str, call_id: str) -> str:
+    """The gateway takes the id it issued; the baseline knows only Exchange's id."""
+    return _call_path(call_id if target == GATEWAY else exchange_id(call_id))

@@ -144,6 +144,9 @@ def _run(plan: Plan, workdir: Path, services: list[Service]) -> str:
         "PATH": "/usr/bin:/bin",
         "EWS_URL": f"{simulator.url}/EWS/Exchange.asmx",
         "GATEWAY_AUTH": "none",
+        "GATEWAY_DIAL_ALLOW": "*",
+        # One caller places every watched call: a quota well above the plan's calls.
+        "GATEWAY_RATE_LIMIT_CALLS": "10000/minute",
         "GATEWAY_BIND": f"127.0.0.1:{gw_port}",
         "GATEWAY_WORKERS": "2",
         "GATEWAY_EVENTS_POLL_SECONDS": str(POLL_S),

@@ -20,17 +20,26 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway import events, logs, validation
+from gateway import events, idempotency, logs, tracing, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
+    CallNotFound,
+    DialStringNotAllowed,
     GatewayError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    IdempotencyOutcomeUnknown,
     InvalidRequest,
+    RateLimited,
     RouteNotFound,
     UnsupportedMediaType,
 )
 from gateway.ews import PhoneCalls
+from gateway.idempotency import Answer
 from gateway.metrics import Metrics
+from gateway.ownership import owner_of
+from gateway.quotas import CALLS, REQUESTS
 from gateway.streams import EventStreams, Watch
 
 PROBLEM_JSON = "application/problem+json"
@@ -41,6 +50,22 @@ UNMATCHED_ROUTE = "<unmatched>"
 PUBLIC_ENDPOINTS = frozenset(
     {"gateway.livez", "gateway.readyz", "gateway.metrics", "gateway.openapi"}
 )
+# Call-control routes: each request to them is one audit line; reads only when refused.
+AUDITED_ACTIONS = {
+    "gateway.place_call": "place-call",
+    "gateway.disconnect_call": "hang-up",
+    "gateway.get_call": "read-call",
+    "gateway.watch_call": "watch-call",
+}
+ALWAYS_AUDITED = frozenset({"gateway.place_call", "gateway.disconnect_call"})
+# Refusals by the gateway's own rules, by the metric's `reason` label.
+REFUSAL_BY_ERROR: dict[type[GatewayError], str] = {
+    DialStringNotAllowed: "dial_string",
+    RateLimited: "rate_limit",
+    IdempotencyKeyInUse: "idempotency_in_use",
+    IdempotencyOutcomeUnknown: "idempotency_uncertain",
+    IdempotencyKeyReused: "idempotency_mismatch",
+}
 _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 bp = Blueprint("gateway", __name__)
@@ -73,12 +98,28 @@ def services() -> tuple[PhoneCalls, Metrics]:
     return ext["ews"], ext["metrics"]
 
 
+def authorized_call(call_id: str) -> str:
+    """Return the EWS id behind a caller's call id, or raise the 404 of an unknown call.
+
+    Every route that names a call (GET, DELETE, the event stream) goes through here; the
+    rule itself is gateway.ownership.CallIds.ews_call_id(call_id, caller).
+    """
+    g.call_id = call_id
+    checked = validation.check_call_id(call_id)
+    try:
+        ews_id: str = current_app.extensions["gateway"]["call_ids"].ews_call_id(checked, g.caller)
+    except CallNotFound:
+        g.refusal = "ownership"
+        raise
+    return ews_id
+
+
 @bp.delete("/calls/<call_id:call_id>")
 def disconnect_call(call_id: str) -> Response:
     """Hang up a call."""
     ews, _ = services()
     result = ews.disconnect_call(
-        validation.check_call_id(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
+        authorized_call(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
     )
     g.ews_code = result.ews_code
     body = {"callId": call_id, "status": "disconnected", "ewsResponseCode": result.ews_code}
@@ -88,28 +129,58 @@ def disconnect_call(call_id: str) -> Response:
 @bp.post("/calls")
 def place_call() -> Response:
     """Start a call that plays a voice item on a phone."""
-    ews, _ = services()
+    gateway = current_app.extensions["gateway"]
     order = validation.parse_place_call(_json_body())
-    result = ews.play_on_phone(
+    g.dial_string = order.dial_string
+    gateway["dial_policy"].check(order.dial_string)
+    header = request.headers.get("Idempotency-Key")
+    if header is None:
+        answer = _dial(order)
+    else:
+        fields = {
+            "itemId": order.item_id,
+            "itemChangeKey": order.item_change_key,
+            "dialString": order.dial_string,
+        }
+        answer = gateway["idempotency"].place(
+            owner_of(g.caller),
+            idempotency.parse_key(header),
+            idempotency.fingerprint(fields),
+            functools.partial(_dial, order),
+        )
+    if answer.replayed:
+        gateway["metrics"].replayed()
+        g.audit_outcome = "replayed"
+    g.call_id = answer.body["callId"]
+    g.ews_code = answer.body["ewsResponseCode"]
+    response = _json(dict(answer.body), answer.status)
+    response.headers["Location"] = answer.location
+    return response
+
+
+def _dial(order: validation.PlaceCall) -> Answer:
+    """Charge the caller's call quota, have Exchange dial and sign the call id for the caller."""
+    gateway = current_app.extensions["gateway"]
+    _charge(CALLS)
+    result = gateway["ews"].play_on_phone(
         order.item_id,
         order.dial_string,
         change_key=order.item_change_key,
         request_id=g.request_id,
         mailbox=g.caller.mailbox,
     )
-    g.ews_code = result.ews_code
-    body = {"callId": result.call_id, "ewsResponseCode": result.ews_code}
-    response = _json(body, 201, result.warning)
-    response.headers["Location"] = "/calls/" + quote(result.call_id, safe="")
-    return response
+    call_id = gateway["call_ids"].issue(result.call_id, g.caller)
+    body = {"callId": call_id, "ewsResponseCode": result.ews_code}
+    if result.warning:
+        body["warning"] = result.warning
+    return Answer(201, body, "/calls/" + quote(call_id, safe=""))
 
 
-def authorized_call(call_id: str) -> str:
-    """Return the EWS id of the caller's call once the id is valid and the caller may see it.
-
-    GET and the event stream both go through here.
-    """
-    return validation.check_call_id(call_id)
+def _charge(quota: str) -> None:
+    """Count this request against the caller's QUOTA (429 once spent); note the fields."""
+    charge = current_app.extensions["gateway"]["quotas"].charge(quota, owner_of(g.caller))
+    if charge is not None:
+        g.rate_limits.append(charge)
 
 
 @bp.get("/calls/<call_id:call_id>")
@@ -120,17 +191,8 @@ def get_call(call_id: str) -> Response:
         authorized_call(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
     )
     g.ews_code = info.ews_code
-    body: dict[str, Any] = {
-        "callId": call_id,
-        "state": info.state,
-        "connectionFailureCause": info.connection_failure_cause,
-        "ewsResponseCode": info.ews_code,
-    }
-    if info.sip_response_code is not None:
-        body["sipResponseCode"] = info.sip_response_code
-    if info.sip_response_text is not None:
-        body["sipResponseText"] = info.sip_response_text
-    return _json(body, 200, info.warning)
+    # The same fields, warning included, as each state event of the call's stream.
+    return _json({"callId": call_id, **events.call_body(info)}, 200)
 
 
 @bp.get("/calls/<call_id:call_id>/events")
@@ -217,11 +279,13 @@ def start_request() -> Response | None:
     state.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
     state.ews_code = None
     state.upstream_outcome = None
+    state.rate_limits = []
     state.upstream_status = None
     state.error_detail = None
     state.log_level = logging.INFO
     # Exchange's correlation ids, added by the EWS layer, join the request's log line.
     state.upstream_log_fields = logs.start_request_fields()
+    state.span = tracing.start_request(request.method, request.headers, state.request_id)
     gateway = current_app.extensions["gateway"]
     gateway["metrics"].in_progress.inc()
     state.caller = ANONYMOUS
@@ -230,6 +294,7 @@ def start_request() -> Response | None:
         return _options()
     if not (request.url_rule is None or request.endpoint in PUBLIC_ENDPOINTS):
         state.caller = gateway["callers"].authenticate(request.headers)
+        _charge(REQUESTS)
     return None
 
 
@@ -259,12 +324,20 @@ def finish_request(response: Response) -> Response:
     """Stamp the request id, count the request and write its log line."""
     state = g._get_current_object()
     response.headers["X-Request-ID"] = state.request_id
+    if state.get("rate_limits") and "RateLimit" not in response.headers:
+        response.headers["RateLimit-Policy"] = ", ".join(c.policy for c in state.rate_limits)
+        response.headers["RateLimit"] = ", ".join(c.remaining for c in state.rate_limits)
+    if request.endpoint in ALWAYS_AUDITED or state.get("refusal"):
+        _audit(state, response.status_code)
     seconds = time.perf_counter() - state.started
     route = route_label(request.url_rule)
     metrics: Metrics = current_app.extensions["gateway"]["metrics"]
     metrics.http_request(request.method, route, response.status_code, seconds)
+    if state.span is not None:
+        state.span.finish(route, response.status_code)
     fields = {
         "requestId": state.request_id,
+        "traceId": None if state.span is None else state.span.trace_id,
         "method": request.method,
         "route": route,
         "status": response.status_code,
@@ -275,6 +348,23 @@ def finish_request(response: Response) -> Response:
         fields["detail"] = state.error_detail
     ACCESS_LOG.log(state.log_level, "request", extra=fields)
     return response
+
+
+def _audit(state: Any, status: int) -> None:
+    """Write the request's audit line: who did what to which call, and how it ended."""
+    outcome = state.get("audit_outcome")
+    if outcome is None:
+        refusal = state.get("refusal")
+        outcome = f"refused-{refusal}" if refusal else state.get("problem") or "ok"
+    current_app.extensions["gateway"]["audit"].record(
+        action=AUDITED_ACTIONS.get(request.endpoint or "", request.method.lower()),
+        outcome=outcome,
+        status=status,
+        request_id=state.request_id,
+        caller=state.get("caller", ANONYMOUS),
+        call_id=state.get("call_id"),
+        dial_string=state.get("dial_string"),
+    )
 
 
 def _upstream_fields(state: Any) -> dict[str, Any]:
@@ -298,6 +388,9 @@ def end_request(_error: BaseException | None) -> None:
     if "started" in g:
         _, metrics = services()
         metrics.in_progress.dec()
+    span = g.get("span")
+    if span is not None:
+        span.close()
 
 
 @functools.cache
@@ -318,9 +411,14 @@ def handle_gateway_error(error: GatewayError) -> Response:
     state.upstream_status = error.upstream_status
     state.error_detail = error.detail
     state.log_level = _LOG_LEVEL_BY_STATUS.get(error.status, logging.INFO)
+    refusal = REFUSAL_BY_ERROR.get(type(error)) or state.get("refusal")
+    if refusal:
+        state.refusal = refusal
+        current_app.extensions["gateway"]["metrics"].refused(refusal)
     response = _problem_response(
         error.status, error.slug, error.title, error.detail, ews_code=error.ews_code
     )
+    response.headers.update(error.headers)
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
     challenge = current_app.extensions["gateway"]["callers"].challenge
@@ -400,6 +498,7 @@ def handle_unexpected(error: Exception) -> Response:
 def _problem_response(
     status: int, slug: str, title: str, detail: str, *, ews_code: str | None = None
 ) -> Response:
+    g.problem = slug
     body: dict[str, Any] = {
         "type": f"urn:ews-gateway:problem:{slug}",
         "title": title,

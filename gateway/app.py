@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 from importlib import resources
 from urllib.parse import urlsplit
 
@@ -10,11 +11,16 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api, callscreen, upstream_auth
+from gateway import __version__, api, callscreen, sharedstate, upstream_auth
+from gateway.audit import AuditTrail
 from gateway.callers import build_authenticator
 from gateway.config import Config
+from gateway.dialing import ALLOW_ALL, DialPolicy
 from gateway.ews import EwsClient, PhoneCalls, Transport
+from gateway.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
 from gateway.metrics import Metrics
+from gateway.ownership import CallIds
+from gateway.quotas import Quotas, build_storage
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.streams import EventStreams
 from gateway.transport import ExchangeTransport
@@ -59,6 +65,7 @@ def create_app(
         "streams": state.streams,
         "callers": build_authenticator(config),
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
+        **build_guards(config, metrics),
     }
     api.register(app)
     if config.demo_page:
@@ -80,12 +87,45 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
             "Content-Type",
             "X-Request-ID",
             "X-API-Key",
+            "Idempotency-Key",
             "Last-Event-ID",
         ],
-        expose_headers=["Location", "Retry-After", "X-Request-ID"],
+        expose_headers=[
+            "Location",
+            "Retry-After",
+            "X-Request-ID",
+            "RateLimit",
+            "RateLimit-Policy",
+        ],
         max_age=600,
         vary_header=True,
     )
+
+
+def build_guards(config: Config, metrics: Metrics) -> dict[str, object]:
+    """Build call ownership, the dial policy, rate limits, idempotency and the audit trail."""
+    client = sharedstate.connect(config)
+    store: KeyStore = MemoryKeys()
+    if client is not None:
+        store = RedisKeys(client, on_error=lambda: metrics.redis_failed("idempotency"))
+    # Without a configured key (tests, single processes) ids hold for this app only; serve
+    # makes one before its workers fork so they agree.
+    return {
+        "call_ids": CallIds(config.call_id_key or secrets.token_bytes(32)),
+        # No policy only outside serve, which refuses to start without one.
+        "dial_policy": DialPolicy(config.dial_allow or (ALLOW_ALL,)),
+        "quotas": Quotas(
+            build_storage(config.redis_url, client.connection_pool if client else None),
+            calls=config.rate_limit_calls,
+            requests=config.rate_limit_requests,
+            on_storage_error=lambda: metrics.redis_failed("rate_limit"),
+        ),
+        # Duplicates wait as long as the first request may take (deadline plus a retry's wait).
+        "idempotency": IdempotentCalls(
+            store, wait_s=config.ews_timeout_s + config.retry_max_back_off_s + 1
+        ),
+        "audit": AuditTrail(config.audit_dial_digits),
+    }
 
 
 def build_policy(config: Config, metrics: Metrics) -> UpstreamPolicy:

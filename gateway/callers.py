@@ -32,13 +32,21 @@ MAX_MAILBOX_CHARS = 320
 
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated caller; `mailbox` is set when calls run as the caller's own mailbox."""
+    """An authenticated caller; `mailbox` is set when calls run as the caller's own mailbox.
+
+    `subject` is the JWT `sub`, or `apikey:` and the first 16 hex digits of the key's SHA-256
+    (never the key); `operator` callers may act on any call (gateway.ownership).
+    """
 
     subject: str | None = None
     mailbox: str | None = None
+    operator: bool = False
 
 
 ANONYMOUS = Caller()
+# GATEWAY_AUTH=none: every caller is this one, which owns every call, wherever it was placed.
+OPEN_CALLER = Caller(operator=True)
+API_KEY_ID_HEX_DIGITS = 16
 
 
 class Authenticator(Protocol):
@@ -58,8 +66,8 @@ class OpenGateway:
     challenge: str | None = None
 
     def authenticate(self, headers: Mapping[str, str]) -> Caller:
-        """Accept every caller."""
-        return ANONYMOUS
+        """Accept every caller as the one anonymous caller."""
+        return OPEN_CALLER
 
 
 class ApiKeys:
@@ -99,7 +107,8 @@ class ApiKeys:
             matched |= hmac.compare_digest(presented, digest)
         if not matched:
             raise Unauthenticated("the API key is not valid")
-        return ANONYMOUS
+        # The digest's prefix names the key in audit lines and call ownership, never the key.
+        return Caller(subject="apikey:" + presented.hex()[:API_KEY_ID_HEX_DIGITS])
 
 
 class KeySource(Protocol):
@@ -197,8 +206,10 @@ class JwtBearer:
         issuer: str,
         audience: str,
         mailbox_claim: str | None = None,
+        operator_claim: tuple[str, str] | None = None,
     ) -> None:
         self._keys = keys
+        self._operator_claim = operator_claim
         self._issuer = issuer
         self._audience = audience
         self._mailbox_claim = mailbox_claim
@@ -222,10 +233,23 @@ class JwtBearer:
             )
         except jwt.PyJWTError as error:
             raise Unauthenticated(f"the bearer token is not valid: {error}") from None
-        subject = claims.get("sub") if isinstance(claims.get("sub"), str) else None
-        if self._mailbox_claim is None:
-            return Caller(subject=subject)
-        return Caller(subject=subject, mailbox=self._mailbox(claims))
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            # Calls belong to their caller's subject: a token naming nobody could own nothing.
+            raise Unauthenticated("the bearer token has no sub claim")
+        mailbox = None if self._mailbox_claim is None else self._mailbox(claims)
+        return Caller(subject=subject, mailbox=mailbox, operator=self._is_operator(claims))
+
+    def _is_operator(self, claims: Mapping[str, Any]) -> bool:
+        """Whether the token carries GATEWAY_OPERATOR_CLAIM's value (a string, a
+        space-separated list such as OAuth's `scope`, or a JSON list such as `roles`)."""
+        if self._operator_claim is None:
+            return False
+        name, wanted = self._operator_claim
+        value = claims.get(name)
+        if isinstance(value, str):
+            return wanted in value.split(" ")
+        return isinstance(value, list) and wanted in value
 
     def _mailbox(self, claims: Mapping[str, Any]) -> str:
         mailbox = claims.get(self._mailbox_claim or "")
@@ -261,5 +285,6 @@ def build_authenticator(config: Config) -> Authenticator:
             issuer=config.jwt_issuer,
             audience=config.jwt_audience,
             mailbox_claim=mailbox_claim,
+            operator_claim=config.operator_claim,
         )
     return OpenGateway()

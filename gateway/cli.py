@@ -22,6 +22,8 @@ from gateway.simulator.server import TlsIdentity
 DEMO_BIND = "127.0.0.1:8080"
 SIMULATOR_BIND = "127.0.0.1:8081"
 SIMULATOR_START_TIMEOUT_S = 10.0
+# The simulator dials nobody, so the demo lets every dial string through (and says so).
+DEMO_DIAL_ALLOW = "*"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,7 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         "loopback port",
     )
     demo.set_defaults(run=_demo)
-    simulator = commands.add_parser("simulator", help="run the EWS simulator alone")
+    simulator = commands.add_parser(
+        "simulator",
+        help="run the EWS simulator alone",
+        description="Run the built-in EWS simulator: an Exchange that places no real calls. "
+        "Its EWS endpoint is /EWS/Exchange.asmx; its control API (/simulator/faults to "
+        "inject Exchange's failures, /simulator/calls, /simulator/requests) is listed at "
+        "/simulator/. The README lists the fault kinds.",
+    )
     simulator.add_argument(
         "--bind",
         type=_listen_address("--bind"),
@@ -78,24 +87,34 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-ms",
         type=int,
         default=0,
-        help="answer every EWS request this long after it arrived",
+        metavar="MS",
+        help="answer every EWS request MS milliseconds after it arrived (default %(default)s)",
     )
     simulator.add_argument(
-        "--step-seconds", type=float, default=1.0, help="time between call state changes"
+        "--step-seconds",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="time between a call's state changes (default %(default)s)",
     )
     simulator.add_argument(
-        "--schema-dir", default=None, help="validate requests against the EWS schema in this folder"
+        "--schema-dir",
+        default=None,
+        metavar="DIR",
+        help="validate requests against the EWS schema in this folder",
     )
     simulator.add_argument(
         "--mailbox-servers",
         type=int,
         default=1,
+        metavar="N",
         help="mailbox servers behind one front end, routing by X-AnchorMailbox (default 1)",
     )
     simulator.add_argument(
         "--idle-seconds",
         type=float,
         default=None,
+        metavar="SECONDS",
         help="end a kept-alive connection idle this long (with --idle-action)",
     )
     simulator.add_argument(
@@ -110,10 +129,16 @@ def _parser() -> argparse.ArgumentParser:
         default="none",
         help="authenticate EWS requests as IIS does; NTLM accounts come from NTLM_USER_FILE",
     )
-    simulator.add_argument("--accounts", help="for --auth basic: user:password lines")
-    simulator.add_argument("--keytab", help="for --auth kerberos: the HTTP/host service keys")
-    simulator.add_argument("--tls-cert", help="serve https with this PEM certificate (and key)")
-    simulator.add_argument("--tls-key", help="the PEM key of --tls-cert")
+    simulator.add_argument(
+        "--accounts", metavar="FILE", help="for --auth basic: user:password lines"
+    )
+    simulator.add_argument(
+        "--keytab", metavar="FILE", help="for --auth kerberos: the HTTP/host service keys"
+    )
+    simulator.add_argument(
+        "--tls-cert", metavar="FILE", help="serve https with this PEM certificate (and key)"
+    )
+    simulator.add_argument("--tls-key", metavar="FILE", help="the PEM key of --tls-cert")
     simulator.set_defaults(run=_simulator)
     return parser
 
@@ -174,6 +199,7 @@ def _demo(args: argparse.Namespace) -> int:
         **os.environ,
         "EWS_URL": f"http://{simulator_bind}/EWS/Exchange.asmx",
         "GATEWAY_AUTH": "none",
+        "GATEWAY_DIAL_ALLOW": os.environ.get("GATEWAY_DIAL_ALLOW", DEMO_DIAL_ALLOW),
         "GATEWAY_BIND": args.bind or os.environ.get("GATEWAY_BIND", DEMO_BIND),
     }
     # Only the demo serves the call screen (never `serve`).
@@ -186,7 +212,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     try:
         _wait_until_up(f"http://{simulator_bind}/simulator/health", simulator)
-        _print_demo_banner(config.bind, simulator_bind)
+        _print_demo_banner(config, simulator_bind)
         serve(config)
     finally:
         simulator.terminate()
@@ -214,8 +240,9 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit("ews-gateway: the EWS simulator did not start in time")
 
 
-def _print_demo_banner(bind: str, simulator_bind: str) -> None:
-    base = f"http://{bind}"
+def _print_demo_banner(config: Config, simulator_bind: str) -> None:
+    base = f"http://{config.bind}"
+    dial_allow = ",".join(config.dial_allow or ())
     ews_url = f"http://{simulator_bind}/EWS/Exchange.asmx"
     faults = f"http://{simulator_bind}/simulator/faults"
     print(
@@ -225,6 +252,8 @@ def _print_demo_banner(bind: str, simulator_bind: str) -> None:
   {ews_url}
   No real Exchange server is involved and no phone will ring.
   Caller authentication is OFF (GATEWAY_AUTH=none).
+  Dial policy: GATEWAY_DIAL_ALLOW={dial_allow} (the demo's default * allows
+  EVERY number; production needs a real policy).
 ==========================================================================
 Call screen: {base}/demo/
 Try it:

@@ -15,10 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import limits
+
 from gateway import http1
-from gateway.proxy import Proxy, proxy_from_environment
+from gateway.proxy import Proxy, proxy_for
 from gateway.wire import EXCHANGE_VERSIONS
 
+# The proxy variables curl reads for each scheme of EWS_URL, the lower-case name first.
+PROXY_VARIABLES = {
+    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+}
+NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
 # An SMTP address in printable ASCII, as a header value can carry it.
 ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
@@ -36,6 +44,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # Threads per gunicorn worker, and how many of them never wait on Exchange.
 DEFAULT_THREADS = 64
 RESERVED_THREADS = 4
+# What the audit trail keeps of a dial string by default (GATEWAY_AUDIT_DIAL_DIGITS).
+DIAL_DIGITS_SHOWN = 4
+# A signing key shorter than this is guessable offline from one call id.
+MIN_KEY_BYTES = 32
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -77,10 +89,23 @@ class Config:
     metrics_dir: str | None = None
     # None: serving's default (about 250,000, with jitter); 0: never recycle.
     max_requests: int | None = None
+    # OpenTelemetry: on when an OTLP endpoint is set; the SDK reads the other OTEL_* itself.
+    tracing: bool = False
+    trace_service_name: str = "ews-gateway"
     max_in_flight: int | None = None
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     retry_max_back_off_s: float = 2.0
+    # None: no policy given; `serve` refuses to start (see gateway.dialing).
+    dial_allow: tuple[str, ...] | None = None
+    rate_limit_calls: str | None = "10/minute"
+    rate_limit_requests: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
+    redis_password: str = field(default="", repr=False)
+    redis_ca_bundle: str | None = None
+    call_id_key: bytes = field(default=b"", repr=False)
+    operator_claim: tuple[str, str] | None = None
+    audit_dial_digits: int = 4
     connection_idle_s: float = 30.0
     anchor_mailbox: str | None = None
     # The outbound proxy to Exchange (HTTPS_PROXY, HTTP_PROXY, NO_PROXY), if any.
@@ -142,6 +167,8 @@ class Config:
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
             max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
+            tracing=env.tracing(),
+            trace_service_name=env.text("OTEL_SERVICE_NAME") or "ews-gateway",
             max_in_flight=env.count("EWS_MAX_IN_FLIGHT"),
             breaker_failures=env.count("EWS_BREAKER_FAILURES") or 5,
             breaker_cooldown_s=env.number(
@@ -149,6 +176,17 @@ class Config:
             ),
             retry_max_back_off_s=env.number(
                 "EWS_RETRY_MAX_BACKOFF_SECONDS", default=2.0, low=0.0, high=60.0
+            ),
+            dial_allow=env.patterns("GATEWAY_DIAL_ALLOW"),
+            rate_limit_calls=env.rate_limit("GATEWAY_RATE_LIMIT_CALLS", default="10/minute"),
+            rate_limit_requests=env.rate_limit("GATEWAY_RATE_LIMIT_REQUESTS", default=None),
+            redis_url=env.redis_url("GATEWAY_REDIS_URL"),
+            redis_password=env.secret("GATEWAY_REDIS_PASSWORD"),
+            redis_ca_bundle=env.path("GATEWAY_REDIS_CA_BUNDLE"),
+            call_id_key=env.key("GATEWAY_CALL_ID_KEY"),
+            operator_claim=env.claim("GATEWAY_OPERATOR_CLAIM"),
+            audit_dial_digits=_or_default(
+                env.whole("GATEWAY_AUDIT_DIAL_DIGITS", high=32), DIAL_DIGITS_SHOWN
             ),
             connection_idle_s=env.number(
                 "EWS_CONNECTION_IDLE_SECONDS", default=30.0, low=0.1, high=3600.0
@@ -186,6 +224,8 @@ class Config:
             raise ConfigError(
                 "EWS_MAX_IN_FLIGHT must be below GATEWAY_THREADS so probes always find a thread"
             )
+        if self.operator_claim is not None and self.gateway_auth != "jwt":
+            raise ConfigError("GATEWAY_OPERATOR_CLAIM needs GATEWAY_AUTH=jwt (it names a claim)")
         if self.ews_impersonation == "token" and self.gateway_auth != "jwt":
             raise ConfigError(
                 "EWS_IMPERSONATION=token needs GATEWAY_AUTH=jwt (the mailbox comes from the token)"
@@ -263,11 +303,13 @@ class _Env:
         url = self.text("EWS_URL")
         if not url:
             return None
+        names = PROXY_VARIABLES[urlsplit(url).scheme]
+        variable = next((name for name in names if self.text(name)), "")
+        no_proxy = next((self._environ[n] for n in NO_PROXY_VARIABLES if n in self._environ), "")
         try:
-            proxy, _variable = proxy_from_environment(self._environ, url)
+            return proxy_for(url, self.text(variable) if variable else "", variable, no_proxy)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        return proxy
 
     def choice(self, name: str, options: Sequence[str], *, default: str | None) -> str:
         value = self.text(name) or default
@@ -311,6 +353,26 @@ class _Env:
             raise ConfigError(f"{name} must be a whole number from 0 to {high:,}, got {raw!r}")
         return int(raw)
 
+    def tracing(self) -> bool:
+        """Whether to export traces: OpenTelemetry's variables, over OTLP/HTTP only."""
+        endpoint = self.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or self.text(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        exporter = self.text("OTEL_TRACES_EXPORTER") or "otlp"
+        if exporter not in ("otlp", "none"):
+            raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp or none, got {exporter!r}")
+        if not endpoint or exporter == "none" or self.flag("OTEL_SDK_DISABLED", default=False):
+            return False
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            if self.text(name) not in ("", "http/protobuf"):
+                raise ConfigError(f"{name} must be http/protobuf, got {self.text(name)!r}")
+        self.url(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+            if self.text("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            else "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        return True
+
     def count_in(self, name: str, *, default: int, low: int, high: int) -> int:
         raw = self.text(name)
         if not raw:
@@ -335,6 +397,57 @@ class _Env:
             raise ConfigError(f"{name} names {value!r}, which is not a readable file")
         return value or None
 
+    def patterns(self, name: str) -> tuple[str, ...] | None:
+        """Read comma-separated glob patterns; None when the variable is unset or blank."""
+        raw = self.text(name)
+        if not raw:
+            return None
+        patterns = tuple(item.strip() for item in raw.split(","))
+        if not all(patterns):
+            raise ConfigError(f"{name} holds an empty pattern (two commas in a row?)")
+        return patterns
+
+    def rate_limit(self, name: str, *, default: str | None) -> str | None:
+        """Read a limit in the limits library's notation (`10/minute`), or `off`."""
+        raw = self.text(name) or default
+        if raw is None or raw.lower() == "off":
+            return None
+        try:
+            items = limits.parse_many(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be like 10/minute (or off), got {raw!r}") from None
+        if len(items) != 1:
+            raise ConfigError(f"{name} takes one limit like 10/minute, got {raw!r}")
+        return raw
+
+    def redis_url(self, name: str) -> str | None:
+        value = self.text(name)
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ConfigError(f"{name} must be a redis:// or rediss:// URL with a host")
+        if parts.password:
+            raise ConfigError(f"{name} must not carry a password; use GATEWAY_REDIS_PASSWORD_FILE")
+        return value
+
+    def key(self, name: str) -> bytes:
+        """Read a shared signing key (NAME or NAME_FILE) of at least 32 bytes."""
+        value = self.secret(name).encode("utf-8")
+        if value and len(value) < MIN_KEY_BYTES:
+            raise ConfigError(f"{name} must be at least {MIN_KEY_BYTES} bytes long")
+        return value
+
+    def claim(self, name: str) -> tuple[str, str] | None:
+        """Read `claim=value`, e.g. `roles=call-operator`."""
+        raw = self.text(name)
+        if not raw:
+            return None
+        claim, sep, value = (part.strip() for part in raw.partition("="))
+        if not (sep and claim and value):
+            raise ConfigError(f"{name} must be claim=value, e.g. roles=call-operator")
+        return claim, value
+
     def origins(self, name: str) -> tuple[str, ...]:
         """Read a comma-separated list of exact origins such as https://app.example.com."""
         origins = tuple(item.strip() for item in self.text(name).split(",") if item.strip())
@@ -357,6 +470,11 @@ class _Env:
             return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {file_name!r} ({exc.strerror})") from None
+
+
+def _or_default(value: int | None, default: int) -> int:
+    # Not `value or default`: 0 is a setting (show no digit at all).
+    return default if value is None else value
 
 
 def check_bind(value: str, name: str) -> None:

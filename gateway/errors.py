@@ -26,8 +26,11 @@ class GatewayError(Exception):
         warning: str | None = None,
         outcome: str | None = None,
         back_off_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
+        # Extra response fields the problem carries (RateLimit, RateLimit-Policy).
+        self.headers = headers or {}
         self.outcome = outcome
         # Exchange's own wait hint, to the millisecond (retry_after_s is it rounded up).
         self.back_off_s = back_off_s
@@ -70,6 +73,42 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     slug = "unsupported-media-type"
     title = "Unsupported media type"
+
+
+class DialStringNotAllowed(GatewayError):
+    status = 403
+    slug = "dial-string-not-allowed"
+    title = "This number may not be dialled through the gateway"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    slug = "rate-limited"
+    title = "Too many requests from this caller"
+
+
+class IdempotencyKeyInUse(GatewayError):
+    status = 409
+    slug = "idempotency-key-in-use"
+    title = "A request with this Idempotency-Key is still being answered"
+
+
+class IdempotencyOutcomeUnknown(GatewayError):
+    status = 409
+    slug = "idempotency-outcome-unknown"
+    title = "The first request with this Idempotency-Key may have placed a call"
+
+
+class IdempotencyKeyReused(GatewayError):
+    status = 422
+    slug = "idempotency-key-reused"
+    title = "This Idempotency-Key was used with another request body"
+
+
+class SharedStateUnavailable(GatewayError):
+    status = 503
+    slug = "shared-state-unavailable"
+    title = "The gateway's shared state (Redis) cannot be reached"
 
 
 # The HTTP exchange itself: the request cannot be served as it was sent. The gateway's

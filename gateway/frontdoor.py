@@ -58,6 +58,7 @@ _HEADER = re.compile(rb"^(origin|x-request-id)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$
 # Where a refused request's CallerFacts travel: on the exception gunicorn hands to the worker.
 _FACTS = "gateway_caller_facts"
 _MALFORMED = "the request is not valid HTTP/1.1 (RFC 9112)"
+_CODINGS_SUPPORTED = "send the body with Content-Length or Transfer-Encoding: chunked"
 _HEADERS_TOO_LARGE = (
     f"send at most {LIMIT_REQUEST_FIELDS} header lines of at most "
     f"{LIMIT_REQUEST_FIELD_SIZE // 1024} KiB each"
@@ -74,7 +75,7 @@ _ERROR_BY_PARSE_ERROR: tuple[tuple[type[Exception], type[errors.GatewayError], s
     (
         parse_errors.UnsupportedTransferCoding,
         errors.TransferCodingNotImplemented,
-        "send the body with Content-Length or Transfer-Encoding: chunked",
+        _CODINGS_SUPPORTED,
     ),
     (parse_errors.ExpectationFailed, errors.ExpectationFailed, "only 100-continue is supported"),
     (parse_errors.ForbiddenProxyRequest, errors.Forbidden, "this peer may not send PROXY lines"),
@@ -87,6 +88,12 @@ _ERROR_BY_PARSE_ERROR: tuple[tuple[type[Exception], type[errors.GatewayError], s
     (parse_errors.InvalidChunkExtension, errors.MalformedRequest, "the chunked body is malformed"),
     (parse_errors.ParseException, errors.MalformedRequest, _MALFORMED),
 )
+
+
+def _undecoded_codings(value: str) -> list[str]:
+    """Return the codings of a Transfer-Encoding VALUE other than chunked (and identity)."""
+    codings = (coding.strip(" \t").lower() for coding in value.split(","))
+    return [coding for coding in codings if coding not in ("chunked", "identity")]
 
 
 def as_gateway_error(error: BaseException) -> errors.GatewayError | None:
@@ -182,7 +189,17 @@ class GatewayRequest(Request):  # type: ignore[misc]
         super().read_into(unreader, buf, stop)
 
     def set_body_reader(self) -> None:
+        """Frame the body as gunicorn does; a coding under the chunking is refused (501).
+
+        gunicorn takes `Transfer-Encoding: gzip, chunked` (also deflate, compress) and
+        removes only the chunking, leaving the gzip bytes for the app to read as JSON. The
+        gateway decodes no transfer coding but chunked, so, as RFC 9112 section 6.1 says of
+        codings a server does not understand, such a request is 501.
+        """
         super().set_body_reader()
+        for name, value in self.headers:
+            if name == "TRANSFER-ENCODING" and _undecoded_codings(value):
+                raise errors.TransferCodingNotImplemented(_CODINGS_SUPPORTED)
         if isinstance(self.body.reader, ChunkedReader):
             self.body = CallerBody(self.body.reader)
 

@@ -59,6 +59,16 @@ SCRAPE_LOCK = ".scrape.lock"
 # worker's file as it is (still counted, just not folded): the arbiter must not
 # stall behind a stopped worker.
 FOLD_LOCK_WAIT_S = 5.0
+# The bounded label values of the refusal and Redis error counters.
+REFUSAL_REASONS = (
+    "dial_string",
+    "rate_limit",
+    "ownership",
+    "idempotency_in_use",
+    "idempotency_uncertain",
+    "idempotency_mismatch",
+)
+REDIS_FEATURES = ("rate_limit", "idempotency")
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # From a poll's answer to the event on a watcher's socket: milliseconds when all is well.
 DELIVERY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -128,6 +138,27 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.circuit_open.set(0)
+        self.refusals = Counter(
+            "ews_gateway_refusals",
+            "Requests refused by the gateway's own rules, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.idempotent_replays = Counter(
+            "ews_gateway_idempotent_replays",
+            "POST /calls answered from an earlier request with the same Idempotency-Key.",
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "ews_gateway_redis_errors",
+            "Redis commands that failed or timed out, by the feature that sent them.",
+            ["feature"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
+        for feature in REDIS_FEATURES:
+            self.redis_errors.labels(feature)
         self.event_streams_open = Gauge(
             "ews_gateway_event_streams_open",
             "Event streams (GET /calls/{callId}/events) open now.",
@@ -181,6 +212,18 @@ class Metrics:
         series[1].observe(seconds)
         if series[2] is not None:
             series[2].inc()
+
+    def refused(self, reason: str) -> None:
+        """Count a request refused for REASON (one of REFUSAL_REASONS)."""
+        self.refusals.labels(reason).inc()
+
+    def replayed(self) -> None:
+        """Count an idempotent replay."""
+        self.idempotent_replays.inc()
+
+    def redis_failed(self, feature: str) -> None:
+        """Count a failed Redis command of FEATURE (one of REDIS_FEATURES)."""
+        self.redis_errors.labels(feature).inc()
 
     def circuit_changed(self, state: BreakerState) -> None:
         """Show the circuit breaker's state (half-open counts as open)."""

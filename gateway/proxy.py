@@ -13,24 +13,19 @@ without case and without a trailing dot. A proxy URL without a scheme is
 http://, and one without a port is port 1080, as for curl; credentials in it
 become Proxy-Authorization. Its host is named by IDNA 2008 A-labels, and one
 DNS cannot carry (an empty label, one over 63 characters) is refused at start.
+gateway.config reads the variables; this module applies the rules to their
+values.
 """
 
 from __future__ import annotations
 
 import base64
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from gateway import http1
 
-# curl reads the lower-case name first.
-PROXY_VARIABLES = {
-    "https": ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
-    "http": ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
-}
-NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
 # curl's port for a proxy URL that names none.
 CURL_DEFAULT_PROXY_PORT = 1080
 
@@ -50,20 +45,19 @@ class Proxy:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def proxy_from_environment(environ: Mapping[str, str], url: str) -> tuple[Proxy | None, str]:
-    """Return the proxy for requests to url (None: connect directly) and the variable it came from.
+def proxy_for(url: str, proxy_url: str, variable: str, no_proxy: str) -> Proxy | None:
+    """Return the proxy for requests to url (None: connect directly).
 
-    Raises ValueError, naming the variable, when the proxy URL cannot be used.
+    proxy_url is the value of the variable curl would read for url's scheme (empty
+    when none is set); no_proxy is NO_PROXY's list. Raises ValueError, naming the
+    variable, when the proxy URL cannot be used.
     """
-    parts = urlsplit(url)
-    host = (parts.hostname or "").rstrip(".").lower()
-    for name in PROXY_VARIABLES[parts.scheme]:
-        value = environ.get(name, "").strip()
-        if value:
-            if bypasses_proxy(_no_proxy(environ), host):
-                return None, ""
-            return parse_proxy_url(value, name), name
-    return None, ""
+    if not proxy_url:
+        return None
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if bypasses_proxy(no_proxy, host):
+        return None
+    return parse_proxy_url(proxy_url, variable)
 
 
 def parse_proxy_url(value: str, name: str) -> Proxy:
@@ -105,13 +99,6 @@ def bypasses_proxy(no_proxy: str, host: str) -> bool:
         if name and (host == name or host.endswith("." + name)):
             return True
     return False
-
-
-def _no_proxy(environ: Mapping[str, str]) -> str:
-    for name in NO_PROXY_VARIABLES:
-        if name in environ:
-            return environ[name]
-    return ""
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

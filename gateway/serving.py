@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import select
 import shutil
 import socket
@@ -23,11 +24,12 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway import frontdoor, metrics
+from gateway import frontdoor, metrics, tracing
 from gateway.api import ServiceState
 from gateway.app import create_app
 from gateway.callers import build_authenticator
 from gateway.config import Config, ConfigError
+from gateway.dialing import DialPolicy
 from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 
@@ -105,6 +107,7 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "logconfig_dict": _gunicorn_log_config(config.log_level),
         "proc_name": "ews-gateway",
         "child_exit": _worker_exited(config.metrics_dir),
+        **_tracing_hooks(config),
     }
     if RAM_DISK.is_dir():
         # Heartbeat files on disk can stall a worker when the disk is slow.
@@ -285,6 +288,11 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 def serve(config: Config) -> None:
     """Run the gateway under gunicorn until it is told to stop."""
+    if config.dial_allow is None:
+        raise ConfigError(
+            "GATEWAY_DIAL_ALLOW is required: comma-separated patterns of the numbers callers "
+            "may dial, e.g. +1555*,4??? (* alone allows every number)"
+        )
     configure_logging(config.log_level)
     # Fail here, with one line and nothing left behind, rather than after five retries
     # to bind or in every worker after the port is bound.
@@ -294,6 +302,7 @@ def serve(config: Config) -> None:
         LOG.warning(
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
         )
+    config = _check_guards(config)
     if config.ews_url.lower().startswith("https:") and not config.ews_verify_tls:
         LOG.warning(
             "EWS_VERIFY_TLS=false: Exchange's certificate is not checked, so anyone on the "
@@ -331,6 +340,27 @@ def ensure_can_listen(bind: str, setting: str) -> None:
             raise ConfigError(f"{setting}: cannot listen on {bind}: {error.strerror}") from None
 
 
+def _check_guards(config: Config) -> Config:
+    """Warn about settings that weaken the guards.
+
+    Returns the config with a call id key every worker shares when none was configured.
+    """
+    if DialPolicy(config.dial_allow or ("*",)).allows_everything:
+        LOG.warning("GATEWAY_DIAL_ALLOW allows every dial string (*): toll fraud is not limited")
+    if config.redis_url is None:
+        LOG.warning(
+            "GATEWAY_REDIS_URL is not set: rate limits and idempotency keys hold per process, "
+            "not across workers and replicas"
+        )
+    if config.call_id_key:
+        return config
+    LOG.warning(
+        "GATEWAY_CALL_ID_KEY is not set: call ids hold for this instance until it restarts; "
+        "set the same key on every replica"
+    )
+    return replace(config, call_id_key=secrets.token_bytes(32))
+
+
 def _fresh_metrics_dir(configured: str | None) -> str:
     """Return an empty directory for multiprocess metrics, wiping any old samples."""
     if configured is None:
@@ -352,6 +382,20 @@ def _worker_exited(metrics_dir: str | None) -> Callable[[Any, Any], None]:
             metrics.fold_dead_worker(metrics_dir, worker.pid)
 
     return fold
+
+
+def _tracing_hooks(config: Config) -> dict[str, Callable[..., None]]:
+    """Start tracing in each worker after the fork; flush its spans when it exits."""
+    if not config.tracing:
+        return {}
+
+    def start(_server: Any, _worker: Any) -> None:
+        tracing.start_worker(config.trace_service_name)
+
+    def stop(_server: Any, _worker: Any) -> None:
+        tracing.stop_worker()
+
+    return {"post_fork": start, "worker_exit": stop}
 
 
 def _remover(directory: str) -> Callable[[Any], None]:

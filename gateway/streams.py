@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from flask import Response
 
 from gateway import events
-from gateway.errors import ShuttingDown, StreamLimitReached
+from gateway.errors import GatewayError, ShuttingDown, StreamLimitReached
 from gateway.events import Resume, Snapshot
 from gateway.ews import PhoneCalls
 from gateway.handoff import HandOffResponse, relayed_response
@@ -86,6 +86,8 @@ class _Stream:
     ending: bool = False
     last_write: float = 0.0
     events: int = 0
+    # The failure an `error` event ended the stream with, for its log line.
+    problem: GatewayError | None = None
     # When Exchange's answer behind each unsent event was read (for the delivery metric).
     answered: list[float] = field(default_factory=list)
 
@@ -290,6 +292,7 @@ class EventStreams:
             return
         for stream in list(poller.watchers):
             if outcome.error is not None:
+                stream.problem = outcome.error
                 self._end(stream, events.error_event(outcome.error, stream.watch.request_id))
             elif outcome.snapshot is not None:
                 self._send_state(stream, outcome.snapshot, outcome.answered_at)
@@ -392,12 +395,38 @@ class EventStreams:
         stream.release()
         if self._observer is not None:
             self._observer.stream_closed()
+        # Logged before the watcher sees the end, so a line is never missing when it has.
+        level, fields = _closing_line(stream, reason)
+        LOG.log(level, "event stream closed", extra=fields)
         stream.sock.close()
-        LOG.info(
-            "event stream closed",
-            extra={"requestId": stream.watch.request_id, "reason": reason, "events": stream.events},
-        )
 
     def _observe_pollers(self) -> None:
         if self._observer is not None:
             self._observer.calls_polled(len(self._pollers))
+
+
+def _closing_line(stream: _Stream, reason: str) -> tuple[int, dict[str, Any]]:
+    """Return the level and fields of the line logged as STREAM closes.
+
+    The stream's request was logged as 200 when its head was sent; a stream that
+    ended with an `error` event says here what its watcher was told, as the request
+    line of `GET /calls/{callId}` would: `WARNING` when Exchange failed (5xx), else
+    `INFO`.
+    """
+    fields: dict[str, Any] = {
+        "requestId": stream.watch.request_id,
+        "reason": reason,
+        "events": stream.events,
+    }
+    problem = stream.problem
+    if problem is None:
+        return logging.INFO, fields
+    fields |= {
+        "problemStatus": problem.status,
+        "upstreamOutcome": problem.outcome,
+        "upstreamStatus": problem.upstream_status,
+        "ewsResponseCode": problem.ews_code,
+        "detail": problem.detail,
+    }
+    level = logging.WARNING if problem.status >= 500 else logging.INFO
+    return level, fields

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
+from urllib.parse import quote
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -25,8 +26,10 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
+from gateway.callers import Caller
 from gateway.config import Config
 from gateway.ews import CallInformation, Disconnected, EwsClient, PlacedCall
+from gateway.ownership import CallIds
 
 ISSUER = "https://login.example.com/tenant/v2.0"
 AUDIENCE = "api://ews-call-gateway"
@@ -35,6 +38,8 @@ PROBLEM_JSON = "application/problem+json"
 BEARER_CHALLENGE = 'Bearer realm="ews-gateway"'
 # Far outside the gateway's 30 s clock-skew leeway, so no test depends on how fast it runs.
 FAR_S = 600
+# The call id key of every test gateway built from jwt_environ (32 bytes or more).
+CALL_ID_KEY = "test-call-id-key-0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,13 @@ class RecordingExchange:
         return [mailbox for _, _, mailbox in self.calls]
 
 
+def call_path(ews_id: str = "abc", subject: str | None = "user-1") -> str:
+    """Return the path of the call EWS_ID as the gateway (keyed with CALL_ID_KEY) issued it to
+    SUBJECT: callers may act only on calls issued to them (gateway.ownership)."""
+    call_id = CallIds(CALL_ID_KEY.encode()).issue(ews_id, Caller(subject=subject))
+    return "/calls/" + quote(call_id, safe="")
+
+
 def jwt_environ(**extra: str) -> dict[str, str]:
     """Return the environment of a gateway checking JWTs from ISSUER for AUDIENCE."""
     return {
@@ -176,6 +188,7 @@ def jwt_environ(**extra: str) -> dict[str, str]:
         "GATEWAY_AUTH": "jwt",
         "GATEWAY_JWT_ISSUER": ISSUER,
         "GATEWAY_JWT_AUDIENCE": AUDIENCE,
+        "GATEWAY_CALL_ID_KEY": CALL_ID_KEY,
         **extra,
     }
 

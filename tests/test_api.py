@@ -180,8 +180,11 @@ def test_placing_a_call_answers_201_with_the_location_and_id_of_the_new_call(
     response = place(client, {"itemId": "item-1", "dialString": "+15551234567"})
 
     assert response.status_code == 201
-    assert response.headers["Location"] == "/calls/new-call-7"
-    assert response.get_json()["callId"] == "new-call-7"
+    # The gateway signs Exchange's id for its caller; the EWS id stays readable at the end.
+    call_id = response.get_json()["callId"]
+    assert call_id.startswith("gw1.")
+    assert call_id.endswith(".new-call-7")
+    assert response.headers["Location"] == "/calls/" + quote(call_id, safe="")
     assert fake.last.operation == "play_on_phone"
     assert fake.last.arguments["item_id"] == "item-1"
     assert fake.last.arguments["dial_string"] == "+15551234567"
@@ -339,6 +342,12 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.UpstreamBadResponse: 502,
     errors.UpstreamUnreachable: 502,
     errors.UpstreamTimeout: 504,
+    errors.DialStringNotAllowed: 403,
+    errors.RateLimited: 429,
+    errors.IdempotencyKeyInUse: 409,
+    errors.IdempotencyOutcomeUnknown: 409,
+    errors.IdempotencyKeyReused: 422,
+    errors.SharedStateUnavailable: 503,
     errors.RouteNotFound: 404,
     errors.MethodNotAllowed: 405,
     errors.RequestTimeout: 408,

@@ -25,6 +25,7 @@ from gateway.ews import Disconnected
 from tests.identity import (
     AUDIENCE,
     BEARER_CHALLENGE,
+    CALL_ID_KEY,
     FAR_S,
     ISSUER,
     PROBLEM_JSON,
@@ -33,6 +34,7 @@ from tests.identity import (
     RecordingExchange,
     SigningKey,
     bearer,
+    call_path,
     claims,
     client_for,
     ec_key,
@@ -44,6 +46,8 @@ from tests.identity import (
 )
 
 KEY = "s3cret-key-for-tests"
+# Who an API key caller is: "apikey:" and the first 16 hex digits of the key's SHA-256.
+KEY_SUBJECT = "apikey:" + hashlib.sha256(KEY.encode()).hexdigest()[:16]
 
 
 class FakeEws:
@@ -76,6 +80,7 @@ def client(tmp_path: Path, fake: FakeEws) -> FlaskClient:
         ews_url="http://exchange.invalid/EWS/Exchange.asmx",
         gateway_auth="apikey",
         api_keys_file=str(keys_file(tmp_path, "other-key", KEY)),
+        call_id_key=CALL_ID_KEY.encode(),
     )
     app = create_app(config, ews=fake, registry=CollectorRegistry())  # type: ignore[arg-type]
     return app.test_client()
@@ -98,7 +103,7 @@ def test_a_wrong_key_is_401(client: FlaskClient, fake: FakeEws) -> None:
 
 
 def test_a_listed_key_is_let_through(client: FlaskClient, fake: FakeEws) -> None:
-    answer = client.delete("/calls/abc", headers={"X-API-Key": KEY})
+    answer = client.delete(call_path(subject=KEY_SUBJECT), headers={"X-API-Key": KEY})
     assert answer.status_code == 200
     assert fake.calls == ["abc"]
 
@@ -205,7 +210,7 @@ def test_a_valid_token_signed_by_the_configured_key_is_let_through(
     signer: SigningKey = request.getfixturevalue(signer_name)
     client = client_for(jwt_environ(GATEWAY_JWT_PUBLIC_KEY=signer.public_pem()), exchange)
 
-    answer = client.delete("/calls/abc", headers=bearer(signer.token(claims())))
+    answer = client.delete(call_path(), headers=bearer(signer.token(claims())))
 
     assert answer.status_code == 200
     assert exchange.calls == [("disconnect_call", "abc", None)]
@@ -230,7 +235,7 @@ def test_an_rs256_token_against_an_ec_key_is_401(
 ) -> None:
     client = client_for(jwt_environ(GATEWAY_JWT_PUBLIC_KEY=ec_signer.public_pem()), exchange)
 
-    assert_unauthenticated(client.get("/calls/abc", headers=bearer(rsa_signer.token(claims()))))
+    assert_unauthenticated(client.get(call_path(), headers=bearer(rsa_signer.token(claims()))))
     assert exchange.calls == []
 
 
@@ -239,7 +244,7 @@ def test_a_token_expired_within_the_clock_skew_leeway_is_still_accepted(
 ) -> None:
     token = rsa_signer.token(claims(exp=now() - 5))
 
-    assert rsa_client.delete("/calls/abc", headers=bearer(token)).status_code == 200
+    assert rsa_client.delete(call_path(), headers=bearer(token)).status_code == 200
 
 
 def test_the_bearer_scheme_is_matched_case_insensitively(
@@ -247,7 +252,7 @@ def test_the_bearer_scheme_is_matched_case_insensitively(
 ) -> None:
     headers = {"Authorization": "bearer " + rsa_signer.token(claims())}
 
-    assert rsa_client.delete("/calls/abc", headers=headers).status_code == 200
+    assert rsa_client.delete(call_path(), headers=headers).status_code == 200
 
 
 def test_a_rejected_token_is_never_echoed_in_the_problem(
@@ -255,7 +260,7 @@ def test_a_rejected_token_is_never_echoed_in_the_problem(
 ) -> None:
     token = rsa_signer.token(claims(exp=now() - FAR_S))
 
-    answer = rsa_client.delete("/calls/abc", headers=bearer(token))
+    answer = rsa_client.delete(call_path(), headers=bearer(token))
 
     assert_unauthenticated(answer)
     assert token not in answer.text
@@ -311,9 +316,7 @@ def test_a_token_signed_by_any_key_in_the_jwks_is_let_through(
 ) -> None:
     key: SigningKey = request.getfixturevalue(key_name)
 
-    answer = jwks_client(idp.url, exchange).delete(
-        "/calls/abc", headers=bearer(key.token(claims()))
-    )
+    answer = jwks_client(idp.url, exchange).delete(call_path(), headers=bearer(key.token(claims())))
 
     assert answer.status_code == 200
     assert exchange.calls == [("disconnect_call", "abc", None)]
@@ -326,7 +329,7 @@ def test_a_token_naming_a_kid_the_jwks_does_not_hold_is_401(
     token = key_a.token(claims(), kid="c")
 
     assert_unauthenticated(
-        jwks_client(idp.url, exchange).delete("/calls/abc", headers=bearer(token))
+        jwks_client(idp.url, exchange).delete(call_path(), headers=bearer(token))
     )
     assert exchange.calls == []
 
@@ -338,7 +341,7 @@ def test_a_token_whose_kid_names_the_other_key_is_401(
     token = key_a.token(claims(), kid="b")
 
     assert_unauthenticated(
-        jwks_client(idp.url, exchange).delete("/calls/abc", headers=bearer(token))
+        jwks_client(idp.url, exchange).delete(call_path(), headers=bearer(token))
     )
 
 
@@ -349,7 +352,7 @@ def test_the_jwks_is_fetched_once_for_many_requests(
     client = jwks_client(idp.url, exchange)
 
     statuses = [
-        client.delete("/calls/abc", headers=bearer(key.token(claims()))).status_code
+        client.delete(call_path(), headers=bearer(key.token(claims()))).status_code
         for key in [key_a, key_b] * 10
     ]
 
@@ -431,7 +434,7 @@ def test_a_jwks_endpoint_that_is_down_at_first_use_is_a_503_problem(
         closed_port = probe.getsockname()[1]
     client = jwks_client(f"http://127.0.0.1:{closed_port}/jwks.json", exchange)
 
-    answer = client.delete("/calls/abc", headers=bearer(key_a.token(claims())))
+    answer = client.delete(call_path(), headers=bearer(key_a.token(claims())))
 
     assert answer.status_code == 503
     assert answer.mimetype == PROBLEM_JSON
@@ -458,7 +461,7 @@ def test_a_jwks_endpoint_answering_no_usable_keys_at_first_use_is_a_503_problem(
         broken_idp.status = status
         client = jwks_client(broken_idp.url, exchange)
 
-        answer = client.delete("/calls/abc", headers=bearer(key_a.token(claims())))
+        answer = client.delete(call_path(), headers=bearer(key_a.token(claims())))
 
     assert answer.status_code == 503, answer.text
     assert answer.mimetype == PROBLEM_JSON
@@ -477,9 +480,9 @@ def test_a_symmetric_key_in_the_jwks_is_never_used(
     with JwksEndpoint(jwks(key_a, extra=[oct_key])) as idp_with_secret:
         client = jwks_client(idp_with_secret.url, exchange)
 
-        named = client.delete("/calls/abc", headers=bearer(hs256_token(claims(), secret, "h")))
-        unnamed = client.delete("/calls/abc", headers=bearer(hs256_token(claims(), secret)))
-        genuine = client.delete("/calls/abc", headers=bearer(key_a.token(claims())))
+        named = client.delete(call_path(), headers=bearer(hs256_token(claims(), secret, "h")))
+        unnamed = client.delete(call_path(), headers=bearer(hs256_token(claims(), secret)))
+        genuine = client.delete(call_path(), headers=bearer(key_a.token(claims())))
 
     assert_unauthenticated(named)
     assert_unauthenticated(unnamed)
@@ -538,7 +541,7 @@ def test_the_public_key_can_be_read_from_a_file(
     pem_file.write_text(rsa_signer.public_pem(), encoding="ascii")
     client = client_for(jwt_environ(GATEWAY_JWT_PUBLIC_KEY_FILE=str(pem_file)), exchange)
 
-    answer = client.delete("/calls/abc", headers=bearer(rsa_signer.token(claims())))
+    answer = client.delete(call_path(), headers=bearer(rsa_signer.token(claims())))
 
     assert answer.status_code == 200
 

@@ -386,6 +386,49 @@ def test_secrets_never_appear_in_the_repr(tmp_path: Path) -> None:
     assert "svc" in repr(basic)
 
 
+# OpenTelemetry (OTEL_*)
+
+COLLECTOR = "http://127.0.0.1:4318"
+
+
+def test_tracing_is_off_without_an_exporter_endpoint() -> None:
+    assert from_env().tracing is False
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+)
+def test_an_otlp_endpoint_turns_tracing_on_as_ews_gateway(variable: str) -> None:
+    config = from_env(**{variable: COLLECTOR})
+    assert (config.tracing, config.trace_service_name) == (True, "ews-gateway")
+
+
+def test_otel_service_name_names_the_traced_service() -> None:
+    config = from_env(OTEL_EXPORTER_OTLP_ENDPOINT=COLLECTOR, OTEL_SERVICE_NAME="calls-eu")
+    assert config.trace_service_name == "calls-eu"
+
+
+@pytest.mark.parametrize("off", [{"OTEL_TRACES_EXPORTER": "none"}, {"OTEL_SDK_DISABLED": "true"}])
+def test_the_standard_switches_turn_tracing_off_even_with_an_endpoint(off: dict[str, str]) -> None:
+    assert from_env(OTEL_EXPORTER_OTLP_ENDPOINT=COLLECTOR, **off).tracing is False
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+        ("OTEL_TRACES_EXPORTER", "console"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "otel-collector:4318"),
+    ],
+)
+def test_tracing_settings_the_gateway_cannot_honour_stop_start_naming_the_variable(
+    variable: str, value: str
+) -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": COLLECTOR, variable: value}
+    assert variable in rejects(**environ)
+
+
 # GATEWAY_BIND and GATEWAY_READ_TIMEOUT_SECONDS
 
 

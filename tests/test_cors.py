@@ -254,6 +254,29 @@ def test_an_unlisted_origin_with_a_valid_token_still_gets_no_cors_headers(
     assert list(access_control_headers(answer.headers.items())) == []
 
 
+def test_a_browser_may_send_an_idempotency_key_and_read_the_rate_limit_fields(
+    exchange: RecordingExchange,
+) -> None:
+    client = client_for(environ(APP_ORIGIN, GATEWAY_RATE_LIMIT_CALLS="5/minute"), exchange)
+
+    allowed = preflight(client, APP_ORIGIN, "POST", "Content-Type, Idempotency-Key", "/calls")
+    placed = client.post(
+        "/calls",
+        json={"itemId": "AAMkItem", "dialString": "100"},
+        headers={"Origin": APP_ORIGIN, "Idempotency-Key": '"k-1"'},
+    )
+
+    assert listed(allowed.headers["Access-Control-Allow-Headers"]) >= {"idempotency-key"}
+    assert placed.status_code == 201
+    assert listed(placed.headers["Access-Control-Expose-Headers"]) >= {
+        "ratelimit",
+        "ratelimit-policy",
+        "retry-after",
+        "location",
+    }
+    assert placed.headers["RateLimit"] == '"calls";r=4'
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [("GET", "/no/such/route", 404), ("DELETE", "/calls", 405), ("POST", "/calls/abc", 405)],

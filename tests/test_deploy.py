@@ -264,12 +264,19 @@ def test_hadolint_accepts_the_dockerfile() -> None:
     assert result.returncode == 0, output(result)
 
 
-def test_both_image_stages_use_the_same_pinned_slim_python() -> None:
+def test_both_image_stages_use_the_same_slim_python_pinned_by_digest() -> None:
     """The venv built in the first stage runs on the second stage's interpreter."""
     images = {arguments.split()[0] for arguments in dockerfile("FROM")}
     assert len(dockerfile("FROM")) == 2
     assert len(images) == 1, images
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", images.pop())
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+@sha256:[0-9a-f]{64}", images.pop())
+
+
+def test_the_image_installs_only_the_locked_hashed_dependencies() -> None:
+    [install] = [step for step in dockerfile("RUN") if "pip install" in step]
+    assert "--require-hashes -r requirements.lock" in install
+    assert "--no-deps /wheels/*.whl" in install
+    assert "--no-build-isolation" in install
 
 
 def test_the_image_serves_as_the_pods_user_on_the_pods_port() -> None:
@@ -318,22 +325,27 @@ def build_context_copy(destination: Path) -> Path:
 
 
 def test_the_wheel_installs_into_a_fresh_venv_with_its_package_data(tmp_path: Path) -> None:
-    """The image's install steps: a wheel, a new venv, pip install, pip check (needs PyPI)."""
+    """The image's install steps: a new venv, the lock file, the wheel, pip check (needs PyPI)."""
     source = build_context_copy(tmp_path / "context")
+    venv = tmp_path / "venv"
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "--disable-pip-version-check"]
     wheels = tmp_path / "wheels"
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(source)])
-    assert built.returncode == 0, output(built)
+    for step in (
+        [sys.executable, "-m", "venv", str(venv)],
+        [*pip, "install", "--require-hashes", "-r", str(source / "requirements.lock")],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
+    ):
+        result = run(step, cwd=tmp_path)
+        assert result.returncode == 0, output(result)
     [wheel] = wheels.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
         # gateway/openapi.yaml is a symlink in the repository: the wheel must hold the file.
         assert archive.read("gateway/openapi.yaml") == (REPO / "openapi.yaml").read_bytes()
         assert "gateway/wsdl/um.wsdl" in archive.namelist()
 
-    venv = tmp_path / "venv"
-    python = str(venv / "bin" / "python")
     for step in (
-        [sys.executable, "-m", "venv", str(venv)],
-        [python, "-m", "pip", "install", "--disable-pip-version-check", str(wheel)],
+        [*pip, "install", "--no-deps", str(wheel)],
         [python, "-m", "pip", "check"],
         [python, "-m", "pip", "uninstall", "--yes", "pip", "setuptools"],
     ):

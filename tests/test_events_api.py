@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
+from urllib.parse import quote
 
 import pytest
 from flask import Flask
@@ -19,12 +20,23 @@ from prometheus_client import CollectorRegistry
 
 from gateway import api
 from gateway.app import create_app
+from gateway.callers import Caller
 from gateway.config import Config
 from gateway.ews import CallInformation, EwsClient
 from gateway.handoff import HandedOff
+from gateway.ownership import CallIds
 from tests.test_api import FakeExchange, assert_problem
 
 ORIGIN = "https://app.example.com"
+CALL_ID_KEY = b"events-api-tests-call-id-key-0123456789"
+# The call "call-1" as the gateway issued it to the caller with the key k3y (calls belong to
+# their caller: gateway.ownership).
+CALL = "/calls/" + quote(
+    CallIds(CALL_ID_KEY).issue(
+        "call-1", Caller(subject="apikey:" + hashlib.sha256(b"k3y").hexdigest()[:16])
+    ),
+    safe="",
+)
 
 
 @pytest.fixture
@@ -38,12 +50,15 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 def build(tmp_path: Path, **settings: object) -> tuple[Flask, api.ServiceState]:
     keys = tmp_path / "keys"
-    keys.write_text(hashlib.sha256(b"k3y").hexdigest() + "\n")
+    keys.write_text(
+        hashlib.sha256(b"k3y").hexdigest() + "\n" + hashlib.sha256(b"other").hexdigest()
+    )
     config = Config(
         ews_url="http://exchange.invalid/EWS/Exchange.asmx",
         gateway_auth="apikey",
         api_keys_file=str(keys),
         cors_origins=(ORIGIN,),
+        call_id_key=CALL_ID_KEY,
         **settings,  # type: ignore[arg-type]
     )
     state = api.ServiceState()
@@ -69,7 +84,7 @@ def test_the_stream_head_carries_cors_and_the_request_id_and_the_first_state(
     with pytest.raises(HandedOff):
         watch(
             app,
-            "/calls/call-1/events",
+            f"{CALL}/events",
             server_end,
             **{"X-API-Key": "k3y", "Origin": ORIGIN, "X-Request-ID": "watch-1"},
         )
@@ -81,6 +96,7 @@ def test_the_stream_head_carries_cors_and_the_request_id_and_the_first_state(
     assert f"Access-Control-Allow-Origin: {ORIGIN}".encode() in head
     assert b"X-Request-ID: watch-1\r\n" in head
     assert b"Cache-Control: no-store\r\n" in head
+    assert b"X-Accel-Buffering: no\r\n" in head
     data = head.split(b"data: ", 1)[1].split(b"\n", 1)[0]
     assert json.loads(data)["state"] == "Connected"
     assert state.streams is not None
@@ -92,7 +108,7 @@ def test_without_credentials_it_is_401_before_any_stream(
     tmp_path: Path, pair: tuple[socket.socket, socket.socket]
 ) -> None:
     app, _ = build(tmp_path)
-    response = watch(app, "/calls/call-1/events", pair[0])
+    response = watch(app, f"{CALL}/events", pair[0])
 
     assert_problem(response, 401)  # type: ignore[arg-type]
 
@@ -103,11 +119,21 @@ def test_a_last_event_id_this_gateway_never_sent_is_400(
 ) -> None:
     app, _ = build(tmp_path)
     response = watch(
-        app, "/calls/call-1/events", pair[0], **{"X-API-Key": "k3y", "Last-Event-ID": last_event_id}
+        app, f"{CALL}/events", pair[0], **{"X-API-Key": "k3y", "Last-Event-ID": last_event_id}
     )
 
     body = assert_problem(response, 400)  # type: ignore[arg-type]
     assert "Last-Event-ID" in body["detail"]
+
+
+def test_another_callers_call_is_the_404_of_an_unknown_call_before_any_stream(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    app, _ = build(tmp_path)
+    theirs = watch(app, f"{CALL}/events", pair[0], **{"X-API-Key": "other"})
+    unknown = watch(app, "/calls/call-1/events", pair[0], **{"X-API-Key": "k3y"})
+
+    assert assert_problem(theirs, 404)["detail"] == assert_problem(unknown, 404)["detail"]  # type: ignore[arg-type]
 
 
 def test_a_bad_call_id_is_400_before_any_stream(
@@ -124,11 +150,11 @@ def test_beyond_the_stream_limit_it_is_503_with_retry_after(
 ) -> None:
     app, state = build(tmp_path, events_max_streams=1)
     with pytest.raises(HandedOff):
-        watch(app, "/calls/call-1/events", pair[0], **{"X-API-Key": "k3y"})
+        watch(app, f"{CALL}/events", pair[0], **{"X-API-Key": "k3y"})
     other_server, other_watcher = socket.socketpair()
     with other_server, other_watcher:
         response = watch(
-            app, "/calls/call-1/events", other_server, **{"X-API-Key": "k3y", "Origin": ORIGIN}
+            app, f"{CALL}/events", other_server, **{"X-API-Key": "k3y", "Origin": ORIGIN}
         )
 
     body = assert_problem(response, 503)  # type: ignore[arg-type]
@@ -157,9 +183,10 @@ def test_a_server_that_lends_no_socket_gets_the_stream_relayed_through_its_threa
         ews_url="http://exchange.invalid/EWS/Exchange.asmx",
         gateway_auth="apikey",
         api_keys_file=str(keys),
+        call_id_key=CALL_ID_KEY,
     )
     app = create_app(config, ews=cast(EwsClient, ended), registry=CollectorRegistry())
-    response = watch(app, "/calls/call-1/events", None, **{"X-API-Key": "k3y"})
+    response = watch(app, f"{CALL}/events", None, **{"X-API-Key": "k3y"})
 
     assert response.status_code == 200  # type: ignore[attr-defined]
     assert response.mimetype == "text/event-stream"  # type: ignore[attr-defined]
@@ -175,7 +202,7 @@ def test_a_server_that_lends_no_socket_gets_the_stream_relayed_through_its_threa
 def test_a_browser_may_send_last_event_id_across_origins(tmp_path: Path) -> None:
     app, _ = build(tmp_path)
     response = app.test_client().options(
-        "/calls/call-1/events",
+        f"{CALL}/events",
         headers={
             "Origin": ORIGIN,
             "Access-Control-Request-Method": "GET",

@@ -169,11 +169,22 @@ def test_without_impersonation_or_a_configured_anchor_no_anchor_is_sent() -> Non
     assert "X-AnchorMailbox" not in sent_headers(None, None)
 
 
-def test_every_call_carries_a_fresh_client_request_id_and_asks_for_it_back() -> None:
+def test_every_call_carries_a_fresh_client_request_id() -> None:
     first, second = sent_headers(None, None), sent_headers(None, None)
-    assert uuid.UUID(first["client-request-id"]).version == 4
+    guid = uuid.UUID(first["client-request-id"])
+    assert (guid.version, guid.variant, str(guid)) == (4, uuid.RFC_4122, first["client-request-id"])
     assert first["client-request-id"] != second["client-request-id"]
-    assert first["return-client-request-id"] == "true"
+
+
+@pytest.mark.network
+def test_the_wire_carries_the_client_request_id_and_asks_for_it_back(
+    exchange: FakeExchange, gateway: FlaskClient
+) -> None:
+    exchange.answer = Answer(body=SUCCESS)
+    gateway.delete("/calls/call-1")
+    headers = exchange.received[0].headers
+    assert uuid.UUID(headers["client-request-id"]).version == 4
+    assert headers["return-client-request-id"] == "true"
 
 
 @pytest.mark.network

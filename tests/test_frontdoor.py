@@ -236,3 +236,30 @@ def test_a_failure_of_the_gateway_itself_is_a_500_logged_with_its_traceback(
     assert status_line == "HTTP/1.1 500 Internal Server Error"
     assert problem["detail"] == "an unexpected error occurred"
     assert any(r.exc_info and r.levelno == logging.ERROR for r in caplog.records)
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate, chunked", "compress, chunked"])
+def test_a_body_in_a_transfer_coding_the_gateway_does_not_decode_is_501(
+    gunicorn_config: Any, pair: Any, coding: str
+) -> None:
+    server, client = pair
+    client.sendall(
+        b"POST /calls HTTP/1.1\r\nHost: g\r\nX-Request-ID: r-5\r\n"
+        b"Transfer-Encoding: " + coding.encode() + b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
+
+    with pytest.raises(errors.TransferCodingNotImplemented) as refused:
+        next(parser(gunicorn_config, server))
+
+    assert refused.value.status == 501
+    assert "Transfer-Encoding: chunked" in refused.value.detail
+    assert CallerFacts.of_failure(refused.value, None).request_id == "r-5"
+
+
+def test_a_chunked_body_is_read_as_sent(gunicorn_config: Any, pair: Any) -> None:
+    server, client = pair
+    client.sendall(
+        b"POST /calls HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
+
+    assert next(parser(gunicorn_config, server)).body.read() == b"{}"

@@ -40,7 +40,7 @@ exec python3 "$@"
 def test_make_demo_and_make_unit_at_once_in_a_fresh_clone_install_one_environment_once(
     tmp_path: Path,
 ) -> None:
-    for name in ("Makefile", "pyproject.toml"):
+    for name in ("Makefile", "pyproject.toml", "requirements-dev.lock"):
         shutil.copy(ROOT / name, tmp_path / name)
     fake_python = tmp_path / "fake-python"
     fake_python.write_text(FAKE_PYTHON)

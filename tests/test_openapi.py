@@ -78,3 +78,15 @@ def test_the_package_serves_the_same_spec_as_the_repository() -> None:
 def test_every_problem_type_slug_fits_in_a_urn() -> None:
     for error_class in [*ERROR_BY_RESPONSE_CODE.values(), GatewayError]:
         assert re.fullmatch(r"[a-z0-9-]+", error_class.slug)
+
+
+def test_every_call_route_documents_the_refusals_of_the_front_door() -> None:
+    # Any path gets them (gateway/frontdoor.py), the event stream's included.
+    spec = load_spec()
+    for path, item in spec["paths"].items():
+        if not path.startswith("/calls"):
+            continue
+        for method, operation in item.items():
+            if method in HTTP_METHODS:
+                missing = {"408", "414", "431"} - set(operation["responses"])
+                assert not missing, (path, method, missing)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -149,7 +150,9 @@ def test_a_connection_closed_by_its_thread_is_counted_off_once() -> None:
     server.close()
     client.close()
     worker = SimpleNamespace(nr_conns=3)
+    answered = Future()  # what gthread's pool hands back: the request was answered, kept
+    answered.set_result(True)
 
-    serving.GatewayThreadWorker.finish_request(worker, SimpleNamespace(sock=server), None)
+    serving.GatewayThreadWorker.finish_request(worker, SimpleNamespace(sock=server), answered)
 
     assert worker.nr_conns == 2

@@ -7,6 +7,7 @@ call's polls from a script and counts them.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -230,6 +231,48 @@ def test_throttling_carries_its_retry_after_as_the_reconnect_time() -> None:
 
     assert received[0]["retry"] == "3000"
     assert json.loads(received[0]["data"])["retryAfter"] == 3
+
+
+def closing_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "event stream closed"]
+
+
+def test_a_stream_ended_by_a_problem_logs_what_its_watcher_was_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unknown = CallNotFound(
+        "Exchange answered ErrorInvalidPhoneCallId", ews_code="ErrorInvalidPhoneCallId"
+    )
+    busy = EwsBusy("Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3)
+    busy.upstream_status = 500
+    exchange = ScriptedExchange({"nope": [unknown], "busy": [busy]})
+    pump = EventStreams(exchange, poll_interval_s=0.02, max_streams=2, poll_threads=1)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        read_all(open_stream(pump, "nope"))
+        read_all(open_stream(pump, "busy"))
+
+    lines = {line.requestId: line for line in closing_lines(caplog)}  # type: ignore[attr-defined]
+    assert lines["req-nope"].levelno == logging.INFO
+    assert lines["req-nope"].problemStatus == 404  # type: ignore[attr-defined]
+    assert lines["req-nope"].ewsResponseCode == "ErrorInvalidPhoneCallId"  # type: ignore[attr-defined]
+    assert lines["req-nope"].detail == "Exchange answered ErrorInvalidPhoneCallId"  # type: ignore[attr-defined]
+    assert lines["req-busy"].levelno == logging.WARNING
+    assert lines["req-busy"].problemStatus == 503  # type: ignore[attr-defined]
+    assert lines["req-busy"].upstreamStatus == 500  # type: ignore[attr-defined]
+
+
+def test_a_stream_that_ends_with_its_call_logs_no_problem(
+    streams: EventStreams, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        read_all(open_stream(streams))
+
+    (line,) = closing_lines(caplog)
+    assert line.levelno == logging.INFO
+    assert line.reason == "ended"  # type: ignore[attr-defined]
+    assert line.events == 4  # type: ignore[attr-defined]
+    assert not hasattr(line, "problemStatus")
+    assert not hasattr(line, "detail")
 
 
 def test_draining_ends_each_stream_with_a_retry_hint_and_refuses_new_ones() -> None:

@@ -160,6 +160,11 @@ def gateway_env(simulator: Server, port: int, **extra: str) -> dict[str, str]:
     return {
         "EWS_URL": f"{simulator.url}/EWS/Exchange.asmx",
         "GATEWAY_AUTH": "none",
+        "GATEWAY_DIAL_ALLOW": "*",
+        # Tests place calls faster than any sane per-caller quota; quota tests set their own.
+        "GATEWAY_RATE_LIMIT_CALLS": "off",
+        # Every instance a test starts shares it, as every replica of a deployment must.
+        "GATEWAY_CALL_ID_KEY": "integration-tests-shared-call-id-key-0123456789",
         "GATEWAY_BIND": f"127.0.0.1:{port}",
         "GATEWAY_WORKERS": "2",
         "GATEWAY_THREADS": "8",

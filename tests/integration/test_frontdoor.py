@@ -195,6 +195,11 @@ REFUSED_HEADS = {
         501,
         "not-implemented",
     ),
+    "gzip under the chunking, which gunicorn would pass on undecoded": (
+        head("POST /calls HTTP/1.1", "Transfer-Encoding: gzip, chunked"),
+        501,
+        "not-implemented",
+    ),
 }
 
 

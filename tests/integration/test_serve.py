@@ -185,6 +185,7 @@ def test_serve_warns_at_start_when_callers_or_exchange_go_unchecked(
     ]
     assert any(message.startswith("GATEWAY_AUTH=none") for message in warnings)
     assert any(message.startswith("EWS_VERIFY_TLS=false") for message in warnings)
+    assert any(message.startswith("GATEWAY_DIAL_ALLOW allows every") for message in warnings)
 
 
 def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

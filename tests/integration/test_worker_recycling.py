@@ -34,6 +34,7 @@ def recycling_gateway(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
     env = {
         "EWS_URL": "http://127.0.0.1:9/EWS/Exchange.asmx",
         "GATEWAY_AUTH": "none",
+        "GATEWAY_DIAL_ALLOW": "*",
         "GATEWAY_BIND": f"127.0.0.1:{port}",
         "GATEWAY_WORKERS": str(WORKERS),
         "GATEWAY_THREADS": "4",

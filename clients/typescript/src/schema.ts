@@ -19,7 +19,8 @@ export interface paths {
          *     example a voice mail) to whoever answers. The answer names the new
          *     call; follow its progress with `GET /calls/{callId}`. A failed
          *     `POST` is never retried by the gateway: a retried `PlayOnPhone`
-         *     would dial the phone twice.
+         *     would dial the phone twice. Send `Idempotency-Key` to make your own
+         *     retries safe.
          */
         post: operations["placeCall"];
         delete?: never;
@@ -37,8 +38,10 @@ export interface paths {
             };
             path: {
                 /**
-                 * @description The opaque EWS phone-call id that `POST /calls` returned: 1 to 512
-                 *     printable ASCII characters, no whitespace or control characters.
+                 * @description The call id that `POST /calls` returned: 1 to 512 printable ASCII
+                 *     characters, no whitespace or control characters. The gateway signs
+                 *     it for the caller that placed the call (`gw1.<owner>.<mac>.<EWS id>`);
+                 *     an operator may also name a raw EWS id (a call placed elsewhere).
                  *     Percent-encode characters that are special in URLs (`/` may also be
                  *     sent as is). Anything else is 400 and Exchange is not contacted.
                  */
@@ -73,8 +76,10 @@ export interface paths {
             };
             path: {
                 /**
-                 * @description The opaque EWS phone-call id that `POST /calls` returned: 1 to 512
-                 *     printable ASCII characters, no whitespace or control characters.
+                 * @description The call id that `POST /calls` returned: 1 to 512 printable ASCII
+                 *     characters, no whitespace or control characters. The gateway signs
+                 *     it for the caller that placed the call (`gw1.<owner>.<mac>.<EWS id>`);
+                 *     an operator may also name a raw EWS id (a call placed elsewhere).
                  *     Percent-encode characters that are special in URLs (`/` may also be
                  *     sent as is). Anything else is 400 and Exchange is not contacted.
                  */
@@ -315,7 +320,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description The caller is authenticated but not allowed (its token names no mailbox to act as), or Exchange denied access (ErrorAccessDenied, ErrorImpersonateUserDenied, ErrorImpersonationDenied, ErrorImpersonationFailed). */
+        /** @description The dial string is outside the operator's policy, GATEWAY_DIAL_ALLOW (`dial-string-not-allowed`; Exchange was not contacted); the caller is authenticated but not allowed (its token names no mailbox to act as); or Exchange denied access (ErrorAccessDenied, ErrorImpersonateUserDenied, ErrorImpersonationDenied, ErrorImpersonationFailed). */
         AccessDenied: {
             headers: {
                 [name: string]: unknown;
@@ -324,7 +329,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description Exchange does not know this call (ErrorInvalidPhoneCallId), or the mailbox does not exist (ErrorNonExistentMailbox, ErrorInvalidSmtpAddress). */
+        /** @description The call id was not issued to this caller, or Exchange does not know this call (ErrorInvalidPhoneCallId), or the mailbox does not exist (ErrorNonExistentMailbox, ErrorInvalidSmtpAddress). */
         CallNotFound: {
             headers: {
                 [name: string]: unknown;
@@ -415,7 +420,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description Exchange cannot do this for the mailbox or item (ErrorUserNotUnifiedMessagingEnabled, ErrorUnifiedMessagingDialPlanNotFound, ErrorInvalidPhoneNumber, ErrorPhoneNumberNotDialable, ErrorItemNotFound). */
+        /** @description Exchange cannot do this for the mailbox or item (ErrorUserNotUnifiedMessagingEnabled, ErrorUnifiedMessagingDialPlanNotFound, ErrorInvalidPhoneNumber, ErrorPhoneNumberNotDialable, ErrorItemNotFound); or this Idempotency-Key was first used with another body (`idempotency-key-reused`). */
         Unprocessable: {
             headers: {
                 [name: string]: unknown;
@@ -450,7 +455,9 @@ export interface components {
          *     protecting it: its circuit breaker is open after repeated timeouts or
          *     connection failures (`exchange-circuit-open`), or too many calls are
          *     already in flight (`gateway-overloaded`); or the token signing keys
-         *     (JWKS) cannot be fetched to check the caller. When Exchange throttles
+         *     (JWKS) cannot be fetched to check the caller; or a `POST` with an
+         *     `Idempotency-Key` finds the shared state (Redis) unreachable
+         *     (`shared-state-unavailable`). When Exchange throttles
          *     (ErrorServerBusy, ErrorExceededConnectionCount,
          *     ErrorTooManyObjectsOpened) `Retry-After` says how long to wait
          *     (Exchange's BackOffMilliseconds rounded up to seconds, 5 when it gave
@@ -467,6 +474,37 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
+        /** @description The first request with this Idempotency-Key is still running (`idempotency-key-in-use`, with `Retry-After`), or it failed after reaching Exchange so a call may have been placed (`idempotency-outcome-unknown`; check, then use a new key). */
+        IdempotencyConflict: {
+            headers: {
+                "Retry-After": components["headers"]["RetryAfter"];
+                [name: string]: unknown;
+            };
+            content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
+        /** @description This caller's quota of requests (GATEWAY_RATE_LIMIT_REQUESTS) or of placed calls (GATEWAY_RATE_LIMIT_CALLS) is spent (`rate-limited`). Exchange was not contacted. */
+        TooManyRequests: {
+            headers: {
+                "Retry-After": components["headers"]["RetryAfter"];
+                "RateLimit-Policy": components["headers"]["RateLimitPolicy"];
+                RateLimit: components["headers"]["RateLimit"];
+                [name: string]: unknown;
+            };
+            content: {
+                /**
+                 * @example {
+                 *       "type": "urn:ews-gateway:problem:rate-limited",
+                 *       "title": "Too many requests from this caller",
+                 *       "status": 429,
+                 *       "detail": "this caller's calls limit (10 per 60 s) is spent; retry in 42 s",
+                 *       "requestId": "5f2b0c6e9d3a4e0b8f1a2c3d4e5f6a7b"
+                 *     }
+                 */
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
         /** @description Exchange did not answer within EWS_TIMEOUT_SECONDS (name resolution, every address, the proxy and TLS included), or a balancer in front of Exchange answered 504 itself. */
         GatewayTimeout: {
             headers: {
@@ -479,14 +517,29 @@ export interface components {
     };
     parameters: {
         /**
-         * @description The opaque EWS phone-call id that `POST /calls` returned: 1 to 512
-         *     printable ASCII characters, no whitespace or control characters.
+         * @description The call id that `POST /calls` returned: 1 to 512 printable ASCII
+         *     characters, no whitespace or control characters. The gateway signs
+         *     it for the caller that placed the call (`gw1.<owner>.<mac>.<EWS id>`);
+         *     an operator may also name a raw EWS id (a call placed elsewhere).
          *     Percent-encode characters that are special in URLs (`/` may also be
          *     sent as is). Anything else is 400 and Exchange is not contacted.
          */
         CallId: string;
         /** @description Your id for this request, echoed back and logged: 1 to 128 of `A-Z a-z 0-9 . _ : -`. Anything else is replaced by a fresh id. */
         RequestId: string;
+        /**
+         * @description draft-ietf-httpapi-idempotency-key-header: a unique key for this call,
+         *     as a structured-field string (`"8e03978e-40d5-43e8-bc93-6894a57f9324"`;
+         *     a bare token is accepted too), 1 to 255 printable ASCII characters.
+         *     The same key from the same caller with the same body answers the
+         *     first result again without dialing; while the first request runs,
+         *     duplicates wait for its answer (409 if it outlasts Exchange's
+         *     deadline); the same key with another body is 422. Keys live 24 hours.
+         *     If the first request failed after reaching Exchange with an unknown
+         *     outcome (timeout, broken answer), the key answers 409
+         *     `idempotency-outcome-unknown`: a call may have been placed.
+         */
+        IdempotencyKey: string;
     };
     requestBodies: never;
     headers: {
@@ -494,6 +547,10 @@ export interface components {
         RequestId: string;
         /** @description Seconds to wait before trying again. */
         RetryAfter: number;
+        /** @description draft-ietf-httpapi-ratelimit-headers: the caller's quotas, e.g. `"requests";q=600;w=60, "calls";q=10;w=60` (q requests per w seconds). Present when a quota applies. */
+        RateLimitPolicy: string;
+        /** @description draft-ietf-httpapi-ratelimit-headers: what is left of each quota, e.g. `"calls";r=7`; once refused `"calls";r=0;t=42` (t: seconds until the quota is restored). */
+        RateLimit: string;
     };
     pathItems: never;
 }
@@ -505,6 +562,19 @@ export interface operations {
             header?: {
                 /** @description Your id for this request, echoed back and logged: 1 to 128 of `A-Z a-z 0-9 . _ : -`. Anything else is replaced by a fresh id. */
                 "X-Request-ID"?: components["parameters"]["RequestId"];
+                /**
+                 * @description draft-ietf-httpapi-idempotency-key-header: a unique key for this call,
+                 *     as a structured-field string (`"8e03978e-40d5-43e8-bc93-6894a57f9324"`;
+                 *     a bare token is accepted too), 1 to 255 printable ASCII characters.
+                 *     The same key from the same caller with the same body answers the
+                 *     first result again without dialing; while the first request runs,
+                 *     duplicates wait for its answer (409 if it outlasts Exchange's
+                 *     deadline); the same key with another body is 422. Keys live 24 hours.
+                 *     If the first request failed after reaching Exchange with an unknown
+                 *     outcome (timeout, broken answer), the key answers 409
+                 *     `idempotency-outcome-unknown`: a call may have been placed.
+                 */
+                "Idempotency-Key"?: components["parameters"]["IdempotencyKey"];
             };
             path?: never;
             cookie?: never;
@@ -515,12 +585,14 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Exchange accepted the call and is dialing. */
+            /** @description Exchange accepted the call and is dialing (or, with an `Idempotency-Key` seen before, the first answer again). */
             201: {
                 headers: {
                     /** @description The new call, `/calls/{callId}`. */
                     Location?: string;
                     "X-Request-ID": components["headers"]["RequestId"];
+                    "RateLimit-Policy": components["headers"]["RateLimitPolicy"];
+                    RateLimit: components["headers"]["RateLimit"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -538,10 +610,12 @@ export interface operations {
             403: components["responses"]["AccessDenied"];
             404: components["responses"]["MailboxNotFound"];
             408: components["responses"]["RequestTimeout"];
+            409: components["responses"]["IdempotencyConflict"];
             413: components["responses"]["PayloadTooLarge"];
             414: components["responses"]["UriTooLong"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["Unprocessable"];
+            429: components["responses"]["TooManyRequests"];
             431: components["responses"]["HeadersTooLarge"];
             502: components["responses"]["BadGateway"];
             503: components["responses"]["Unavailable"];
@@ -557,8 +631,10 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description The opaque EWS phone-call id that `POST /calls` returned: 1 to 512
-                 *     printable ASCII characters, no whitespace or control characters.
+                 * @description The call id that `POST /calls` returned: 1 to 512 printable ASCII
+                 *     characters, no whitespace or control characters. The gateway signs
+                 *     it for the caller that placed the call (`gw1.<owner>.<mac>.<EWS id>`);
+                 *     an operator may also name a raw EWS id (a call placed elsewhere).
                  *     Percent-encode characters that are special in URLs (`/` may also be
                  *     sent as is). Anything else is 400 and Exchange is not contacted.
                  */
@@ -585,6 +661,7 @@ export interface operations {
             408: components["responses"]["RequestTimeout"];
             414: components["responses"]["UriTooLong"];
             422: components["responses"]["Unprocessable"];
+            429: components["responses"]["TooManyRequests"];
             431: components["responses"]["HeadersTooLarge"];
             502: components["responses"]["BadGateway"];
             503: components["responses"]["Unavailable"];
@@ -600,8 +677,10 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description The opaque EWS phone-call id that `POST /calls` returned: 1 to 512
-                 *     printable ASCII characters, no whitespace or control characters.
+                 * @description The call id that `POST /calls` returned: 1 to 512 printable ASCII
+                 *     characters, no whitespace or control characters. The gateway signs
+                 *     it for the caller that placed the call (`gw1.<owner>.<mac>.<EWS id>`);
+                 *     an operator may also name a raw EWS id (a call placed elsewhere).
                  *     Percent-encode characters that are special in URLs (`/` may also be
                  *     sent as is). Anything else is 400 and Exchange is not contacted.
                  */
@@ -635,6 +714,7 @@ export interface operations {
             408: components["responses"]["RequestTimeout"];
             414: components["responses"]["UriTooLong"];
             422: components["responses"]["Unprocessable"];
+            429: components["responses"]["TooManyRequests"];
             431: components["responses"]["HeadersTooLarge"];
             502: components["responses"]["BadGateway"];
             503: components["responses"]["Unavailable"];
@@ -657,8 +737,10 @@ export interface operations {
             };
             path: {
                 /**
-                 * @description The opaque EWS phone-call id that `POST /calls` returned: 1 to 512
-                 *     printable ASCII characters, no whitespace or control characters.
+                 * @description The call id that `POST /calls` returned: 1 to 512 printable ASCII
+                 *     characters, no whitespace or control characters. The gateway signs
+                 *     it for the caller that placed the call (`gw1.<owner>.<mac>.<EWS id>`);
+                 *     an operator may also name a raw EWS id (a call placed elsewhere).
                  *     Percent-encode characters that are special in URLs (`/` may also be
                  *     sent as is). Anything else is 400 and Exchange is not contacted.
                  */
@@ -668,10 +750,14 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The stream of the call's states. */
+            /** @description The stream of the call's states. The connection closes when the stream ends. */
             200: {
                 headers: {
                     "X-Request-ID": components["headers"]["RequestId"];
+                    /** @description `no-store`: no cache keeps a stream. */
+                    "Cache-Control"?: "no-store";
+                    /** @description `no`: nginx passes each event on as it comes, unbuffered. */
+                    "X-Accel-Buffering"?: "no";
                     [name: string]: unknown;
                 };
                 content: {
@@ -690,6 +776,11 @@ export interface operations {
             400: components["responses"]["InvalidRequest"];
             401: components["responses"]["Unauthenticated"];
             403: components["responses"]["AccessDenied"];
+            404: components["responses"]["CallNotFound"];
+            408: components["responses"]["RequestTimeout"];
+            414: components["responses"]["UriTooLong"];
+            429: components["responses"]["TooManyRequests"];
+            431: components["responses"]["HeadersTooLarge"];
             /**
              * @description This worker already holds `GATEWAY_EVENTS_MAX_STREAMS` streams
              *     (`too-many-streams`, `Retry-After: 2`), or the instance is shutting

@@ -1,0 +1,249 @@
+"""Idempotent call creation: `POST /calls` with an `Idempotency-Key` (draft-ietf-httpapi-
+idempotency-key-header-06).
+
+A key belongs to its caller and lives 24 hours. The first request with a key claims it and
+dials; the same key with the same body later gets the first answer again (no second
+PlayOnPhone); while the first is still running, duplicates wait for its answer and get `409`
+if it takes longer than Exchange's deadline; the same key with another body is `422`.
+
+Outcomes: a call placed (201) is kept and replayed. A failure that proves no call was placed
+(Exchange said an error, the gateway refused before dialing) frees the key, so a retry with
+it dials afresh. A failure whose outcome is unknown (timeout after the request was sent, a
+broken or unreadable answer, a crash) may have placed a call: the key then answers `409`
+(`idempotency-outcome-unknown`) for its 24 hours and is never replayed as a success; the
+client checks the phone and, to dial again, sends a new key.
+
+Storage is Redis with GATEWAY_REDIS_URL, else this process's memory. Redis unreachable:
+requests with a key fail CLOSED with `503` (dialing without the key's protection could dial
+twice); requests without one never touch Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+
+from gateway.errors import (
+    GatewayError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    IdempotencyOutcomeUnknown,
+    InvalidRequest,
+    SharedStateUnavailable,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+KEY_TTL_S = 24 * 3600
+MAX_KEY_CHARS = 255
+POLL_S = 0.05
+KEY_PREFIX = "ews-gateway:idempotency:"
+# Failures after which Exchange may have placed the call although the gateway cannot tell.
+OUTCOME_UNKNOWN = (UpstreamTimeout, UpstreamBadResponse, UpstreamUnreachable)
+PENDING, DONE, UNKNOWN = "pending", "done", "unknown"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The first answer to a key: status, JSON body, Location; `replayed` on later requests."""
+
+    status: int
+    body: dict[str, Any]
+    location: str
+    replayed: bool = False
+
+
+class KeyStore(Protocol):
+    """Where claimed keys live; every method may raise SharedStateUnavailable."""
+
+    def claim(self, key: str, record: str, ttl_s: int) -> str | None:
+        """Store RECORD under KEY if it is free and return None, else return what is there."""
+
+    def get(self, key: str) -> str | None:
+        """Return the record under KEY, if any."""
+
+    def put(self, key: str, record: str, ttl_s: int) -> None:
+        """Store RECORD under KEY, replacing what is there."""
+
+    def release(self, key: str) -> None:
+        """Forget KEY."""
+
+
+def parse_key(header: str) -> str:
+    """Return the key of an Idempotency-Key header: a structured-field string (`"abc"`);
+    a bare token is accepted too. Raises InvalidRequest for anything else."""
+    value = header.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    if not 1 <= len(value) <= MAX_KEY_CHARS or not all(" " < c <= "~" for c in value):
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable ASCII characters"
+        )
+    return value
+
+
+class IdempotentCalls:
+    """Run `place` at most once per (caller, key) and answer duplicates from its result."""
+
+    def __init__(self, store: KeyStore, *, wait_s: float) -> None:
+        self._store = store
+        self._wait_s = wait_s
+
+    def place(self, owner: str, key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
+        """Answer the request with KEY from OWNER whose body hashes to FINGERPRINT."""
+        store_key = KEY_PREFIX + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
+        pending = json.dumps(
+            {"state": PENDING, "fingerprint": fingerprint, "startedAt": time.time()}
+        )
+        deadline = time.monotonic() + self._wait_s
+        while True:
+            existing = self._store.claim(store_key, pending, KEY_TTL_S)
+            if existing is None:
+                return self._first(store_key, fingerprint, place)
+            record = self._settled(store_key, existing, deadline)
+            if record is not None:
+                return _answer_from(record, fingerprint, stale_after_s=self._wait_s)
+
+    def _first(self, store_key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
+        try:
+            answer = place()
+        except OUTCOME_UNKNOWN:
+            self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
+            raise
+        except GatewayError:
+            self._forget(store_key)  # nothing was dialled: a retry with this key may dial
+            raise
+        except Exception:
+            self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
+            raise
+        record = {"state": DONE, "fingerprint": fingerprint, **answer.__dict__}
+        self._keep(store_key, record)
+        return answer
+
+    def _settled(self, store_key: str, existing: str, deadline: float) -> dict[str, Any] | None:
+        """Wait while the first request runs; None once its key was freed (claim again)."""
+        record: dict[str, Any] = json.loads(existing)
+        while record["state"] == PENDING:
+            if time.monotonic() >= deadline:
+                return record
+            time.sleep(POLL_S)
+            current = self._store.get(store_key)
+            if current is None:
+                return None
+            record = json.loads(current)
+        return record
+
+    def _keep(self, store_key: str, record: dict[str, Any]) -> None:
+        # A failure here leaves the key pending: duplicates then get 409, never a second call.
+        with contextlib.suppress(SharedStateUnavailable):
+            self._store.put(store_key, json.dumps(record), KEY_TTL_S)
+
+    def _forget(self, store_key: str) -> None:
+        with contextlib.suppress(SharedStateUnavailable):
+            self._store.release(store_key)
+
+
+def _answer_from(record: dict[str, Any], fingerprint: str, *, stale_after_s: float) -> Answer:
+    if record["fingerprint"] != fingerprint:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was first used with another body; use a new key"
+        )
+    # Pending far past Exchange's deadline: the process that dialled died mid-call.
+    stale = record["state"] == PENDING and time.time() - record["startedAt"] > 2 * stale_after_s
+    if record["state"] == UNKNOWN or stale:
+        raise IdempotencyOutcomeUnknown(
+            "the first request with this Idempotency-Key failed after reaching Exchange, so "
+            "a call may have been placed; check before dialling again with a new key"
+        )
+    if record["state"] == PENDING:
+        raise IdempotencyKeyInUse(
+            "the first request with this Idempotency-Key has not finished; retry later",
+            retry_after_s=1,
+        )
+    return Answer(record["status"], record["body"], record["location"], replayed=True)
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    """Hash a request's meaning (its validated fields), not its bytes or key order."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class MemoryKeys:
+    """Keys in this process's memory (no GATEWAY_REDIS_URL): duplicates sent to another
+    process or replica are not recognised."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._records: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def claim(self, key: str, record: str, ttl_s: int) -> str | None:
+        with self._lock:
+            current = self._live(key)
+            if current is not None:
+                return current
+            self._records[key] = (record, self._clock() + ttl_s)
+            return None
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            return self._live(key)
+
+    def put(self, key: str, record: str, ttl_s: int) -> None:
+        with self._lock:
+            self._records[key] = (record, self._clock() + ttl_s)
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._records.pop(key, None)
+
+    def _live(self, key: str) -> str | None:
+        now = self._clock()
+        if len(self._records) > 10_000:  # bounded memory: drop what has expired
+            self._records = {k: v for k, v in self._records.items() if v[1] > now}
+        entry = self._records.get(key)
+        if entry is None or entry[1] <= now:
+            return None
+        return entry[0]
+
+
+class RedisKeys:
+    """Keys in Redis, shared by every replica: SET NX claims, so one request dials."""
+
+    def __init__(self, client: redis.Redis, on_error: Callable[[], None]) -> None:
+        self._client = client
+        self._on_error = on_error
+
+    def claim(self, key: str, record: str, ttl_s: int) -> str | None:
+        if self._call(lambda: self._client.set(key, record, nx=True, ex=ttl_s)):
+            return None
+        return self.get(key) or self.claim(key, record, ttl_s)
+
+    def get(self, key: str) -> str | None:
+        value = self._call(lambda: self._client.get(key))
+        return None if value is None else bytes(value).decode()
+
+    def put(self, key: str, record: str, ttl_s: int) -> None:
+        self._call(lambda: self._client.set(key, record, ex=ttl_s))
+
+    def release(self, key: str) -> None:
+        self._call(lambda: self._client.delete(key))
+
+    def _call(self, command: Callable[[], Any]) -> Any:
+        try:
+            return command()
+        except redis.RedisError:
+            self._on_error()
+            raise SharedStateUnavailable(
+                "idempotency keys cannot be checked right now; retry shortly",
+                retry_after_s=1,
+            ) from None

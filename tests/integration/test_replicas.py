@@ -1,0 +1,384 @@
+"""Two `serve` instances sharing one real Redis in front of the simulator: calls bound to
+their caller, quotas, idempotency keys and a Redis outage, as a balancer would spread them."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis
+from cryptography import x509
+
+from tests.identity import SigningKey, claims, rsa_key
+from tests.integration.conftest import (
+    Response,
+    Server,
+    free_port,
+    gateway_env,
+    http,
+    simulator_requests,
+    start,
+)
+from tests.test_transport import Certificate, self_signed_certificate
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+pytestmark = pytest.mark.skipif(
+    not Path(REDIS_SERVER).exists(), reason="redis-server is not installed (Debian: redis-server)"
+)
+ISSUER, AUDIENCE = "https://login.example.com/", "ews-call-gateway"
+CALL_ID_KEY = "shared-call-id-key-of-every-replica-0123456789"
+PLACE = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
+
+
+@dataclass
+class RedisServer:
+    """A throwaway redis-server on a free loopback port; stop() and start() it at will."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+    password: str | None = None
+    certificate: Certificate | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "redis" if self.certificate is None else "rediss"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", ""]
+        args += ["--appendonly", "no"]
+        if self.certificate is None:
+            args += ["--port", str(self.port)]
+        else:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(self.certificate.cert_path)]
+            args += ["--tls-key-file", str(self.certificate.key_path)]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        log = (self.workdir / "redis.log").open("ab")
+        self.process = subprocess.Popen([REDIS_SERVER, *args], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        self.stop()
+        raise AssertionError("redis-server did not start")
+
+    def client(self) -> redis.Redis:
+        tls: dict[str, Any] = {}
+        if self.certificate is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.certificate.cert_path)}
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+            **tls,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(free_port(), workdir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def signer() -> SigningKey:
+    return rsa_key()
+
+
+@pytest.fixture
+def slow_simulator(tmp_path: Path) -> Iterator[Server]:
+    """The simulator taking 300 ms per answer, so duplicate POSTs overlap the first."""
+    port = free_port()
+    args = ["simulator", "--bind", f"127.0.0.1:{port}", "--latency-ms", "300"]
+    server = start(args, {}, f"http://127.0.0.1:{port}", "/simulator/health", tmp_path / "s.log")
+    yield server
+    server.stop()
+
+
+StartPair = Callable[..., tuple[Server, Server]]
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, signer: SigningKey, redis_server: RedisServer) -> Iterator[StartPair]:
+    """Start two `serve` instances against SIMULATOR sharing Redis and the call id key."""
+    started: list[Server] = []
+    pem = tmp_path / "idp-public.pem"
+    pem.write_text(signer.public_pem(), encoding="ascii")
+
+    def start_pair(simulator: Server, **settings: str) -> tuple[Server, Server]:
+        for name in ("one", "two"):
+            port = free_port()
+            env = gateway_env(
+                simulator,
+                port,
+                GATEWAY_AUTH="jwt",
+                GATEWAY_JWT_PUBLIC_KEY_FILE=str(pem),
+                GATEWAY_JWT_ISSUER=ISSUER,
+                GATEWAY_JWT_AUDIENCE=AUDIENCE,
+                GATEWAY_OPERATOR_CLAIM="roles=call-operator",
+                GATEWAY_CALL_ID_KEY=CALL_ID_KEY,
+                GATEWAY_REDIS_URL=redis_server.url,
+                GATEWAY_DIAL_ALLOW="+1555*",
+                PROMETHEUS_MULTIPROC_DIR=str(tmp_path / f"{name}-metrics"),
+                **settings,
+            )
+            log = tmp_path / f"{name}.log"
+            started.append(start(["serve"], env, f"http://127.0.0.1:{port}", "/readyz", log))
+        return started[-2], started[-1]
+
+    yield start_pair
+    for server in started:
+        server.stop()
+
+
+def as_caller(signer: SigningKey, subject: str, **extra: Any) -> dict[str, str]:
+    token = signer.token(claims(iss=ISSUER, aud=AUDIENCE, sub=subject, **extra))
+    return {"Authorization": f"Bearer {token}"}
+
+
+def call_url(gateway: Server, call_id: str) -> str:
+    return f"{gateway.url}/calls/{quote(call_id, safe='')}"
+
+
+def operations(simulator: Server) -> list[str]:
+    return [request["operation"] for request in simulator_requests(simulator)]
+
+
+def audit_entries(*gateways: Server) -> list[dict[str, Any]]:
+    entries = []
+    for gateway in gateways:
+        for line in gateway.log().splitlines():
+            if line.startswith("{") and '"gateway.audit"' in line:
+                entries.append(json.loads(line))
+    return entries
+
+
+def test_caller_b_gets_404_for_caller_as_call_through_either_instance_and_an_operator_acts(
+    replicas: StartPair, simulator: Server, signer: SigningKey
+) -> None:
+    one, two = replicas(simulator)
+    alice, bob = as_caller(signer, "alice"), as_caller(signer, "bob")
+    operator = as_caller(signer, "ops", roles=["call-operator"])
+    placed = http("POST", f"{one.url}/calls", PLACE, headers=alice)
+    assert placed.status == 201, placed.body
+    call_id = placed.json()["callId"]
+    unknown = "gw1.AAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA.never-placed"
+
+    refused = [
+        http(method, call_url(gateway, some_id) + suffix, headers=bob)
+        for gateway in (one, two)
+        for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/events"))
+        for some_id in (call_id, unknown)
+    ]
+    assert [answer.status for answer in refused] == [404] * 12
+    bodies = {json.dumps({**a.json(), "requestId": None}, sort_keys=True) for a in refused}
+    assert len(bodies) == 1  # the same problem for another caller's call and for no call
+    assert operations(simulator) == ["PlayOnPhone"]  # Bob never reached Exchange
+
+    assert http("GET", call_url(two, call_id), headers=alice).status == 200
+    assert http("GET", call_url(two, call_id), headers=operator).status == 200
+    assert http("DELETE", call_url(one, call_id), headers=operator).status == 200
+    assert operations(simulator) == [
+        "PlayOnPhone",
+        "GetPhoneCallInformation",
+        "GetPhoneCallInformation",
+        "DisconnectPhoneCall",
+    ]
+    # Alice watches her call through the other instance: it streams, and ends hung up.
+    watched = http("GET", call_url(two, call_id) + "/events", headers=alice)
+    assert watched.status == 200
+    assert watched.headers["Content-Type"].startswith("text/event-stream")
+    states = [
+        json.loads(line.removeprefix(b"data:"))["state"]
+        for line in watched.body.splitlines()
+        if line.startswith(b"data:")
+    ]
+    assert states == ["Disconnected"]
+
+    entries = audit_entries(one, two)
+    # One line per action: the POST, Bob's twelve refusals, the operator's DELETE.
+    assert len(entries) == 14
+    assert sum(e["outcome"] == "refused-ownership" for e in entries) == 12
+    assert {e["subject"] for e in entries} == {"alice", "bob", "ops"}
+    logs = one.log() + two.log()
+    for header in (alice, bob, operator):
+        assert header["Authorization"].split()[1] not in logs
+    assert CALL_ID_KEY not in logs
+
+
+def test_a_callers_posts_through_both_instances_are_cut_at_the_quota(
+    replicas: StartPair, simulator: Server, signer: SigningKey
+) -> None:
+    one, two = replicas(simulator, GATEWAY_RATE_LIMIT_CALLS="5/minute")
+    carol = as_caller(signer, "carol")
+
+    answers = [
+        http("POST", f"{(one, two)[n % 2].url}/calls", PLACE, headers=carol) for n in range(7)
+    ]
+
+    assert [answer.status for answer in answers] == [201] * 5 + [429] * 2
+    assert all(1 <= int(answer.headers["Retry-After"]) <= 60 for answer in answers[5:])
+    assert answers[6].headers["RateLimit-Policy"] == '"calls";q=5;w=60'
+    assert operations(simulator).count("PlayOnPhone") == 5
+    # Another caller has its own quota.
+    assert http("POST", f"{two.url}/calls", PLACE, headers=as_caller(signer, "dave")).status == 201
+
+
+def test_twenty_concurrent_posts_with_one_key_over_both_instances_dial_once(
+    replicas: StartPair, slow_simulator: Server, signer: SigningKey
+) -> None:
+    one, two = replicas(slow_simulator)
+    erin = {**as_caller(signer, "erin"), "Idempotency-Key": '"a1b2c3d4-order-42"'}
+
+    def post(n: int) -> Response:
+        return http("POST", f"{(one, two)[n % 2].url}/calls", PLACE, headers=erin)
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(post, range(20)))
+
+    assert [answer.status for answer in answers] == [201] * 20, [a.body for a in answers]
+    assert len({answer.json()["callId"] for answer in answers}) == 1
+    assert operations(slow_simulator).count("PlayOnPhone") == 1
+    replays = sum(metric(gateway, "ews_gateway_idempotent_replays_total") for gateway in (one, two))
+    assert replays == 19
+
+
+def metric(gateway: Server, series: str) -> float:
+    for line in http("GET", f"{gateway.url}/metrics").body.decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_with_redis_killed_each_feature_behaves_as_documented_and_recovers(
+    replicas: StartPair, simulator: Server, signer: SigningKey, redis_server: RedisServer
+) -> None:
+    one, two = replicas(simulator, GATEWAY_RATE_LIMIT_CALLS="3/minute")
+    frank = as_caller(signer, "frank")
+    keyed = {**frank, "Idempotency-Key": '"during-outage"'}
+    placed = http("POST", f"{one.url}/calls", PLACE, headers=frank)
+    assert placed.status == 201
+    call_id = placed.json()["callId"]
+
+    redis_server.stop()
+    # Limits fail open: more calls than the quota go through, counted as Redis errors.
+    outage = [http("POST", f"{two.url}/calls", PLACE, headers=frank) for _ in range(4)]
+    assert [answer.status for answer in outage] == [201] * 4
+    # An idempotent POST fails closed: nothing is dialled.
+    dialled = operations(simulator).count("PlayOnPhone")
+    refused = http("POST", f"{one.url}/calls", PLACE, headers=keyed)
+    assert refused.status == 503
+    assert refused.json()["type"] == "urn:ews-gateway:problem:shared-state-unavailable"
+    assert refused.headers["Retry-After"] == "1"
+    assert operations(simulator).count("PlayOnPhone") == dialled
+    # Ownership needs no Redis.
+    assert http("GET", call_url(two, call_id), headers=frank).status == 200
+    assert http("GET", call_url(two, call_id), headers=as_caller(signer, "bob")).status == 404
+    assert metric(two, 'ews_gateway_redis_errors_total{feature="rate_limit"}') >= 4
+    assert metric(one, 'ews_gateway_redis_errors_total{feature="idempotency"}') >= 1
+    assert any("rate limit storage unreachable" in line for line in two.log().splitlines())
+
+    redis_server.start()
+    # The idempotent POST works again, and replays.
+    first = http("POST", f"{one.url}/calls", PLACE, headers=keyed)
+    assert first.status == 201, first.body
+    again = http("POST", f"{two.url}/calls", PLACE, headers=keyed)
+    assert again.json()["callId"] == first.json()["callId"]
+    # The quota holds again (Redis came back empty: the first POST above counted one).
+    after = [http("POST", f"{(one, two)[n % 2].url}/calls", PLACE, headers=frank) for n in range(3)]
+    assert [answer.status for answer in after] == [201, 201, 429]
+
+
+def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_serve_refuses_to_start_without_a_dial_policy() -> None:
+    result = run_serve(
+        {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
+    )
+
+    assert result.returncode == 2
+    assert "GATEWAY_DIAL_ALLOW" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_redis_over_tls_with_a_password_from_a_file_holds_the_shared_state(
+    tmp_path: Path, simulator: Server, signer: SigningKey
+) -> None:
+    workdir = tmp_path / "tls-redis"
+    workdir.mkdir()
+    certificate = self_signed_certificate(
+        workdir, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    secure = RedisServer(free_port(), workdir, password="redis-pass-0123", certificate=certificate)
+    secure.start()
+    password_file = tmp_path / "redis-password"
+    password_file.write_text("redis-pass-0123\n")
+    pem = tmp_path / "idp.pem"
+    pem.write_text(signer.public_pem(), encoding="ascii")
+    port = free_port()
+    env = gateway_env(
+        simulator,
+        port,
+        GATEWAY_AUTH="jwt",
+        GATEWAY_JWT_PUBLIC_KEY_FILE=str(pem),
+        GATEWAY_JWT_ISSUER=ISSUER,
+        GATEWAY_JWT_AUDIENCE=AUDIENCE,
+        GATEWAY_REDIS_URL=secure.url,
+        GATEWAY_REDIS_PASSWORD_FILE=str(password_file),
+        GATEWAY_REDIS_CA_BUNDLE=str(certificate.cert_path),
+        GATEWAY_RATE_LIMIT_CALLS="5/minute",
+    )
+    gateway = start(["serve"], env, f"http://127.0.0.1:{port}", "/readyz", tmp_path / "gw.log")
+    try:
+        keyed = {**as_caller(signer, "gina"), "Idempotency-Key": '"over-tls"'}
+        answer = http("POST", f"{gateway.url}/calls", PLACE, headers=keyed)
+        assert answer.status == 201, answer.body
+        stored = secure.client()
+        assert len(stored.keys("ews-gateway:idempotency:*")) == 1
+        assert len(stored.keys("ews-gateway:limits*")) == 1
+        assert metric(gateway, 'ews_gateway_redis_errors_total{feature="idempotency"}') == 0
+        assert "redis-pass-0123" not in gateway.log()
+    finally:
+        gateway.stop()
+        secure.stop()

@@ -1,0 +1,123 @@
+"""Configuration of the guards: dial policy, limits, Redis, call id key, operator claim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import cli
+from gateway.config import Config, ConfigError
+
+MINIMAL = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
+
+
+def from_env(**extra: str) -> Config:
+    return Config.from_env({**MINIMAL, **extra})
+
+
+def rejects(**extra: str) -> str:
+    with pytest.raises(ConfigError) as error:
+        from_env(**extra)
+    return str(error.value)
+
+
+def test_defaults_limit_calls_only_and_leave_the_policy_to_serve() -> None:
+    config = from_env()
+
+    assert config.dial_allow is None
+    assert config.rate_limit_calls == "10/minute"
+    assert config.rate_limit_requests is None
+    assert config.redis_url is None
+    assert config.call_id_key == b""
+
+
+def test_the_dial_policy_is_a_list_of_trimmed_patterns() -> None:
+    config = from_env(GATEWAY_DIAL_ALLOW=" +1555* , 4???,sip:*@pbx.example.com")
+
+    assert config.dial_allow == ("+1555*", "4???", "sip:*@pbx.example.com")
+    assert "GATEWAY_DIAL_ALLOW" in rejects(GATEWAY_DIAL_ALLOW="+1555*,,4???")
+
+
+@pytest.mark.parametrize("value", ["ten per minute", "10/fortnight", "10/minute;5/second"])
+def test_a_limit_outside_the_limits_notation_is_refused_naming_the_variable(value: str) -> None:
+    assert "GATEWAY_RATE_LIMIT_CALLS" in rejects(GATEWAY_RATE_LIMIT_CALLS=value)
+
+
+def test_limits_can_be_switched_off_or_set() -> None:
+    config = from_env(GATEWAY_RATE_LIMIT_CALLS="off", GATEWAY_RATE_LIMIT_REQUESTS="600/minute")
+
+    assert config.rate_limit_calls is None
+    assert config.rate_limit_requests == "600/minute"
+
+
+def test_redis_takes_a_redis_url_and_its_password_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cret\n")
+
+    config = from_env(
+        GATEWAY_REDIS_URL="rediss://redis.example.com:6380/0",
+        GATEWAY_REDIS_PASSWORD_FILE=str(secret),
+    )
+
+    assert config.redis_url == "rediss://redis.example.com:6380/0"
+    assert config.redis_password == "s3cret"
+    assert "s3cret" not in repr(config)
+
+
+@pytest.mark.parametrize("url", ["http://redis.example.com", "redis://:pw@redis.example.com"])
+def test_a_bad_redis_url_is_refused_without_repeating_it(url: str) -> None:
+    message = rejects(GATEWAY_REDIS_URL=url)
+
+    assert "GATEWAY_REDIS_URL" in message
+    assert "pw" not in message
+
+
+def test_the_call_id_key_must_be_long_enough_and_is_never_shown() -> None:
+    assert "GATEWAY_CALL_ID_KEY" in rejects(GATEWAY_CALL_ID_KEY="short")
+
+    config = from_env(GATEWAY_CALL_ID_KEY="k" * 32)
+
+    assert config.call_id_key == b"k" * 32
+    assert "kkkk" not in repr(config)
+
+
+def test_the_operator_claim_is_claim_equals_value_and_needs_jwt() -> None:
+    assert "GATEWAY_OPERATOR_CLAIM" in rejects(GATEWAY_OPERATOR_CLAIM="roles")
+    assert "GATEWAY_OPERATOR_CLAIM" in rejects(GATEWAY_OPERATOR_CLAIM="roles=call-operator")
+
+
+def test_the_demo_sets_a_permissive_dial_policy_and_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[Config] = []
+    monkeypatch.setattr(cli, "serve", served.append)
+    monkeypatch.setattr(cli, "_wait_until_up", lambda *_args: None)
+    monkeypatch.setattr(cli, "_free_loopback_port", lambda: 9)
+    monkeypatch.setattr(cli, "ensure_can_listen", lambda *_args: None)
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeProcess)
+    monkeypatch.delenv("GATEWAY_DIAL_ALLOW", raising=False)
+
+    assert cli.main(["demo"]) == 0
+
+    assert served[0].dial_allow == ("*",)
+    assert "GATEWAY_DIAL_ALLOW=* (the demo's default * allows" in capsys.readouterr().err
+
+
+class FakeProcess:
+    """Stands in for the simulator process the demo starts."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self, timeout: float) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(("value", "digits"), [("", 4), ("0", 0), ("6", 6)])
+def test_the_audit_keeps_the_configured_number_of_trailing_digits(value: str, digits: int) -> None:
+    assert from_env(GATEWAY_AUDIT_DIAL_DIGITS=value).audit_dial_digits == digits
+    assert "GATEWAY_AUDIT_DIAL_DIGITS" in rejects(GATEWAY_AUDIT_DIAL_DIGITS="33")

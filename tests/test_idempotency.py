@@ -1,0 +1,209 @@
+"""POST /calls with Idempotency-Key: one PlayOnPhone per key, caller and body."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+from flask import Flask
+
+from gateway.errors import (
+    EwsUnprocessable,
+    IdempotencyOutcomeUnknown,
+    SharedStateUnavailable,
+    UpstreamTimeout,
+)
+from gateway.ews import PlacedCall
+from gateway.idempotency import (
+    KEY_PREFIX,
+    KEY_TTL_S,
+    Answer,
+    IdempotentCalls,
+    MemoryKeys,
+    RedisKeys,
+)
+from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
+from tests.test_api import FakeExchange
+
+
+def post(app: Flask, key: str | None, body: dict[str, Any] = PLACE, caller: str = KEY_A) -> Any:
+    headers = {"X-API-Key": caller}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return app.test_client().post("/calls", json=body, headers=headers)
+
+
+@pytest.fixture
+def fake() -> FakeExchange:
+    return FakeExchange()
+
+
+@pytest.fixture
+def app(tmp_path: Path, fake: FakeExchange) -> Flask:
+    return app_with_keys(tmp_path, fake, rate_limit_calls=None)
+
+
+def test_the_same_key_and_body_answers_the_first_result_without_dialing_again(
+    app: Flask, fake: FakeExchange
+) -> None:
+    first = post(app, '"order-1"')
+    again = post(app, '"order-1"')
+
+    assert first.status_code == again.status_code == 201
+    assert again.get_json() == first.get_json()
+    assert again.headers["Location"] == first.headers["Location"]
+    assert len(fake.calls) == 1
+    assert sample(app, "ews_gateway_idempotent_replays_total") == 1
+
+
+def test_the_same_key_with_another_body_is_422(app: Flask, fake: FakeExchange) -> None:
+    post(app, '"order-1"')
+
+    other = post(app, '"order-1"', {**PLACE, "dialString": "+15559999999"})
+
+    assert other.status_code == 422
+    assert other.get_json()["type"] == "urn:ews-gateway:problem:idempotency-key-reused"
+    assert len(fake.calls) == 1
+
+
+def test_a_key_belongs_to_its_caller(app: Flask, fake: FakeExchange) -> None:
+    post(app, '"order-1"', caller=KEY_A)
+    post(app, '"order-1"', caller=KEY_B)
+
+    assert len(fake.calls) == 2
+
+
+def test_without_the_header_every_post_dials(app: Flask, fake: FakeExchange) -> None:
+    post(app, None)
+    post(app, None)
+
+    assert len(fake.calls) == 2
+
+
+def test_a_bare_key_is_accepted_and_a_bad_one_is_400(app: Flask, fake: FakeExchange) -> None:
+    assert post(app, "order-2").status_code == 201
+    assert post(app, '"order-2"').status_code == 201  # the same key, quoted
+    assert post(app, '"has space"').status_code == 400
+    assert post(app, '""').status_code == 400
+    assert len(fake.calls) == 1
+
+
+class SlowExchange(FakeExchange):
+    """Dials only once `release` is set, so duplicates arrive while the first is running."""
+
+    def __init__(self) -> None:
+        super().__init__(placed=PlacedCall(call_id="AAMkSlow", ews_code="NoError"))
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def play_on_phone(self, *args: Any, **kwargs: Any) -> PlacedCall:
+        with self.lock:
+            self.calls.append(cast(Any, ("play_on_phone", args, kwargs)))
+        assert self.release.wait(10)
+        return self.placed
+
+
+def test_concurrent_duplicates_dial_once_and_all_get_the_first_answer(tmp_path: Path) -> None:
+    slow = SlowExchange()
+    app = app_with_keys(tmp_path, slow, rate_limit_calls=None)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [pool.submit(post, app, '"same"') for _ in range(8)]
+        threading.Timer(0.3, slow.release.set).start()
+        results = [answer.result(timeout=20) for answer in answers]
+
+    assert {result.status_code for result in results} == {201}
+    assert len({result.get_json()["callId"] for result in results}) == 1
+    assert len(slow.calls) == 1
+
+
+def test_an_unknown_outcome_is_never_replayed_as_a_success(app: Flask, fake: FakeExchange) -> None:
+    fake.error = UpstreamTimeout("Exchange did not answer in time")
+    first = post(app, '"order-3"')
+    fake.error = None
+
+    retry = post(app, '"order-3"')
+
+    assert first.status_code == 504
+    assert retry.status_code == 409
+    assert retry.get_json()["type"] == "urn:ews-gateway:problem:idempotency-outcome-unknown"
+    assert len(fake.calls) == 1
+    # A new key dials again, as the problem says.
+    assert post(app, '"order-4"').status_code == 201
+
+
+def test_a_failure_that_placed_no_call_frees_the_key(app: Flask, fake: FakeExchange) -> None:
+    fake.error = EwsUnprocessable("Exchange answered ErrorInvalidPhoneNumber")
+    first = post(app, '"order-5"')
+    fake.error = None
+
+    retry = post(app, '"order-5"')
+
+    assert (first.status_code, retry.status_code) == (422, 201)
+    assert len(fake.calls) == 2
+
+
+def test_keys_live_24_hours() -> None:
+    now = [0.0]
+    keys = MemoryKeys(clock=lambda: now[0])
+    keys.claim("k", "first", KEY_TTL_S)
+
+    now[0] = KEY_TTL_S - 1
+    assert keys.claim("k", "second", KEY_TTL_S) == "first"
+    now[0] = KEY_TTL_S + 1
+    assert keys.claim("k", "second", KEY_TTL_S) is None
+    assert KEY_TTL_S == 24 * 3600
+
+
+class DownRedis:
+    """A Redis client whose every command fails as an unreachable server does."""
+
+    def set(self, *_args: Any, **_kwargs: Any) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    get = delete = set
+
+
+def test_an_unreachable_redis_fails_an_idempotent_post_closed_with_503(
+    app: Flask, fake: FakeExchange
+) -> None:
+    metrics = app.extensions["gateway"]["metrics"]
+    store = RedisKeys(
+        cast(redis.Redis, DownRedis()), on_error=lambda: metrics.redis_failed("idempotency")
+    )
+    app.extensions["gateway"]["idempotency"] = IdempotentCalls(store, wait_s=1)
+
+    with_key = post(app, '"order-6"')
+    without_key = post(app, None)
+
+    assert with_key.status_code == 503
+    assert with_key.get_json()["type"] == f"urn:ews-gateway:problem:{SharedStateUnavailable.slug}"
+    assert with_key.headers["Retry-After"] == "1"
+    assert sample(app, 'ews_gateway_redis_errors_total{feature="idempotency"}') == 1
+    assert without_key.status_code == 201
+    assert len(fake.calls) == 1  # only the POST without a key dialled
+
+
+def test_a_key_left_pending_by_a_process_that_died_mid_call_answers_outcome_unknown() -> None:
+    store = MemoryKeys()
+    calls = IdempotentCalls(store, wait_s=0.1)
+    dialled: list[int] = []
+
+    def dial() -> Answer:
+        dialled.append(1)
+        return Answer(201, {"callId": "c", "ewsResponseCode": "NoError"}, "/calls/c")
+
+    calls.place("alice", "k", "fp", dial)  # another key, used and finished
+    crashed = json.dumps({"state": "pending", "fingerprint": "fp", "startedAt": time.time() - 60})
+    store.put(KEY_PREFIX + hashlib.sha256(b"alice\0lost").hexdigest(), crashed, KEY_TTL_S)
+
+    with pytest.raises(IdempotencyOutcomeUnknown):
+        calls.place("alice", "lost", "fp", dial)
+    assert dialled == [1]
