@@ -505,7 +505,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description Exchange did not answer within EWS_TIMEOUT_SECONDS (name resolution, every address, the proxy and TLS included), or a balancer in front of Exchange answered 504 itself. */
+        /** @description Exchange did not answer within EWS_TIMEOUT_SECONDS (name resolution, every address, the proxy, TLS and the Kerberos KDC included), or a balancer in front of Exchange answered 504 itself. */
         GatewayTimeout: {
             headers: {
                 [name: string]: unknown;
