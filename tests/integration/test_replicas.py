@@ -7,7 +7,6 @@ import ipaddress
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from tests.integration.conftest import (
     simulator_requests,
     start,
 )
+from tests.integration.test_serve import run_serve
 from tests.test_transport import Certificate, self_signed_certificate
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -319,17 +319,6 @@ def test_with_redis_killed_each_feature_behaves_as_documented_and_recovers(
     # The quota holds again (Redis came back empty: the first POST above counted one).
     after = [http("POST", f"{(one, two)[n % 2].url}/calls", PLACE, headers=frank) for n in range(3)]
     assert [answer.status for answer in after] == [201, 201, 429]
-
-
-def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "serve"],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_serve_refuses_to_start_without_a_dial_policy() -> None:
