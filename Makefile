@@ -67,13 +67,15 @@ audit: $(STAMP)
 VENV_LOCK := $(if $(shell command -v flock),flock $(VENV).lock,)
 
 # The locked versions, checked against their hashes, then the project without dependencies.
+# --no-deps: the lock names every package, so pip resolves nothing (pip 23 resolving an extra
+# such as coverage[toml] would reach past the pin for a newer release and refuse it unhashed).
 # GSSAPI (the kerberos extra, not locked: it builds with a C compiler against libkrb5-dev)
 # is added where it can be; without it the Kerberos tests skip.
 $(STAMP): pyproject.toml $(DEV_LOCK)
 	$(VENV_LOCK) sh -ec '\
 	test -f $@ && exit 0; \
 	$(PYTHON) -m venv $(VENV); \
-	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r $(DEV_LOCK); \
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r $(DEV_LOCK); \
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .; \
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kerberos]" >/dev/null 2>&1 \
 	  || echo "note: the kerberos extra was not built (needs a C compiler and libkrb5-dev)"; \

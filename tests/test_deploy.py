@@ -274,7 +274,7 @@ def test_both_image_stages_use_the_same_slim_python_pinned_by_digest() -> None:
 
 def test_the_image_installs_only_the_locked_hashed_dependencies() -> None:
     [install] = [step for step in dockerfile("RUN") if "pip install" in step]
-    assert "--require-hashes -r requirements.lock" in install
+    assert "--no-deps --require-hashes -r requirements.lock" in install
     assert "--no-deps /wheels/*.whl" in install
     assert "--no-build-isolation" in install
 
@@ -333,7 +333,7 @@ def test_the_wheel_installs_into_a_fresh_venv_with_its_package_data(tmp_path: Pa
     wheels = tmp_path / "wheels"
     for step in (
         [sys.executable, "-m", "venv", str(venv)],
-        [*pip, "install", "--require-hashes", "-r", str(source / "requirements.lock")],
+        [*pip, "install", "--no-deps", "--require-hashes", "-r", str(source / "requirements.lock")],
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
     ):
         result = run(step, cwd=tmp_path)
