@@ -20,7 +20,7 @@ from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
 from gateway.metrics import Metrics
 from gateway.ownership import CallIds
-from gateway.quotas import Quotas, build_storage
+from gateway.quotas import LEASE_TARGET_S, Quotas, build_storage
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.streams import EventStreams
 from gateway.transport import ExchangeTransport
@@ -118,6 +118,8 @@ def build_guards(config: Config, metrics: Metrics) -> dict[str, object]:
             build_storage(config.redis_url, client.connection_pool if client else None),
             calls=config.rate_limit_calls,
             requests=config.rate_limit_requests,
+            # Leases save a Redis round trip per request; counting in memory costs nothing.
+            lease_target_s=LEASE_TARGET_S if client else 0.0,
             on_storage_error=lambda: metrics.redis_failed("rate_limit"),
         ),
         # Duplicates wait as long as the first request may take (deadline plus a retry's wait).

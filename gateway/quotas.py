@@ -1,10 +1,24 @@
 """Per-caller rate limits (GATEWAY_RATE_LIMIT_CALLS, GATEWAY_RATE_LIMIT_REQUESTS).
 
 Fixed windows counted by the limits library in its storage: Redis when GATEWAY_REDIS_URL is
-set (one Lua INCR+EXPIRE round trip per charge, shared by every replica), else this
+set (one Lua INCRBY+EXPIRE round trip per charge, shared by every replica), else this
 process's memory. The answer carries the IETF httpapi draft's fields
 (draft-ietf-httpapi-ratelimit-headers-10): `RateLimit-Policy: "calls";q=10;w=60` and
 `RateLimit: "calls";r=7`, plus `;t=` seconds to reset and `Retry-After` once refused.
+
+Leases. A round trip to Redis costs more CPU than the rest of a request (benchmarks/RESULTS.md),
+so against shared storage each process takes a caller's units in leases: one INCRBY counts a
+block of units, which this process then spends without asking again. A lease is sized to cover
+about LEASE_TARGET_S of the caller's own recent requests on this process, at most double the
+last one and at most LEASE_MAX_SHARE of the quota, so a quota under 200 per window is counted
+a unit at a time. Units are counted before they are spent, so the replicas together never
+admit more than the quota in a window; unspent units of a lease are dropped after LEASE_TTL_S
+and stay counted, so a caller may get up to one lease per process fewer. A lease taken just
+before its window resets can be spent up to LEASE_TTL_S into the next one. Envoy's rate limit
+quota service (RLQS) hands quota to its clients the same way.
+
+Once a caller is refused, the refusal is remembered until the window resets: an abusive
+caller costs neither Redis nor this process a round trip per request.
 
 Redis unreachable: limits fail OPEN. The request goes on unlimited, a warning is logged (at
 most every 10 s per process) and `ews_gateway_redis_errors_total{feature="rate_limit"}`
@@ -15,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +46,12 @@ KEY_PREFIX = "ews-gateway:limits"
 CALLS = "calls"
 REQUESTS = "requests"
 WARN_EVERY_S = 10.0
+# A lease covers about this long of a caller's requests on one process (shared storage only).
+LEASE_TARGET_S = 0.1
+# ... is at most this share of the quota, so small quotas are counted exactly ...
+LEASE_MAX_SHARE = 0.01
+# ... and its unspent units are dropped this long after it was taken.
+LEASE_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,16 @@ class Charge:
 
     policy: str
     remaining: str
+
+
+@dataclass
+class Lease:
+    """Units of one caller's quota counted in storage and not yet spent by this process."""
+
+    left: int
+    size: int
+    taken_at: float  # time.monotonic() seconds
+    remaining: int  # what storage had left for every replica once this lease was counted
 
 
 class Quotas:
@@ -50,7 +81,9 @@ class Quotas:
         *,
         calls: str | None,
         requests: str | None,
+        lease_target_s: float = 0.0,
         on_storage_error: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._storage = storage
         self._items = {
@@ -58,8 +91,14 @@ class Quotas:
             for name, text in ((CALLS, calls), (REQUESTS, requests))
             if text is not None
         }
+        self._lease_target_s = lease_target_s
         self._on_storage_error = on_storage_error
+        self._clock = clock
         self._warned_at = float("-inf")
+        self._lock = threading.Lock()
+        self._leases: dict[tuple[str, str], Lease] = {}
+        self._refused_until: dict[tuple[str, str], float] = {}
+        self._next_sweep = float("-inf")
 
     def limits(self, quota: str) -> bool:
         """Whether QUOTA (`calls` or `requests`) is limited at all."""
@@ -73,23 +112,73 @@ class Quotas:
         item = self._items.get(quota)
         if item is None:
             return None
-        key = item.key_for(quota, owner)
         window_s = item.get_expiry()
         policy = f'"{quota}";q={item.amount};w={window_s}'
+        slot = (quota, owner)
+        now = self._clock()
+        with self._lock:
+            remaining = self._spend_leased(slot, now)
+            refused_until = self._refused_until.get(slot, now)
+            size = self._lease_size(item.amount, self._leases.get(slot), now)
+        if remaining is not None:
+            return Charge(policy, f'"{quota}";r={remaining}')
+        if now < refused_until:
+            raise _refusal(quota, item.amount, window_s, policy, refused_until - now)
+        key = item.key_for(quota, owner)
         try:
-            count = self._storage.incr(key, window_s)
-            if count <= item.amount:
-                return Charge(policy, f'"{quota}";r={item.amount - count}')
-            reset_s = max(1, math.ceil(self._storage.get_expiry(key) - time.time()))
+            count = self._storage.incr(key, window_s, amount=size)
+            granted = min(size, item.amount - (count - size))
+            if granted >= 1:
+                remaining = self._keep_lease(slot, granted, max(0, item.amount - count), now)
+                return Charge(policy, f'"{quota}";r={remaining}')
+            reset_s = max(1.0, self._storage.get_expiry(key) - time.time())
         except StorageError as error:
             self._storage_failed(quota, error)
             return None
-        raise RateLimited(
-            f"this caller's {quota} limit ({item.amount} per {window_s} s) is spent; "
-            f"retry in {reset_s} s",
-            retry_after_s=reset_s,
-            headers={"RateLimit-Policy": policy, "RateLimit": f'"{quota}";r=0;t={reset_s}'},
-        )
+        with self._lock:
+            self._refused_until[slot] = now + reset_s
+        raise _refusal(quota, item.amount, window_s, policy, reset_s)
+
+    def _spend_leased(self, slot: tuple[str, str], now: float) -> int | None:
+        """Spend one unit of SLOT's lease; return what is left to report, None with no lease."""
+        lease = self._leases.get(slot)
+        if lease is None or lease.left == 0 or now - lease.taken_at >= LEASE_TTL_S:
+            return None
+        lease.left -= 1
+        return lease.remaining + lease.left
+
+    def _lease_size(self, amount: int, last: Lease | None, now: float) -> int:
+        """Units to count in storage at once: the caller's recent rate here times the target."""
+        if last is None or self._lease_target_s == 0:
+            return 1
+        spent = last.size - last.left
+        elapsed = max(now - last.taken_at, 1e-6)
+        wanted = math.ceil(spent / elapsed * self._lease_target_s)
+        return max(1, min(wanted, 2 * last.size, int(amount * LEASE_MAX_SHARE)))
+
+    def _keep_lease(self, slot: tuple[str, str], granted: int, remaining: int, now: float) -> int:
+        """Keep GRANTED units less the one spent now; return what is left to report."""
+        with self._lock:
+            self._sweep(now)
+            # Another thread's lease, taken meanwhile, is kept too: its units are counted.
+            other = self._leases.get(slot)
+            carried = 0 if other is None or now - other.taken_at >= LEASE_TTL_S else other.left
+            self._leases[slot] = Lease(granted - 1 + carried, granted, now, remaining)
+            return remaining + granted - 1 + carried
+
+    def _sweep(self, now: float) -> None:
+        """Forget expired leases and refusals, at most once per LEASE_TTL_S."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + LEASE_TTL_S
+        self._leases = {
+            slot: lease
+            for slot, lease in self._leases.items()
+            if now - lease.taken_at < 2 * LEASE_TTL_S
+        }
+        self._refused_until = {
+            slot: until for slot, until in self._refused_until.items() if until > now
+        }
 
     def _storage_failed(self, quota: str, error: StorageError) -> None:
         self._on_storage_error()
@@ -101,6 +190,16 @@ class Quotas:
                 "rate limit storage unreachable; letting requests through unlimited",
                 extra={"quota": quota, "error": type(error.storage_error).__name__},
             )
+
+
+def _refusal(quota: str, amount: int, window_s: int, policy: str, reset_s: float) -> RateLimited:
+    """The 429 for a spent quota that resets in RESET_S seconds (rounded up, at least 1)."""
+    seconds = max(1, math.ceil(reset_s))
+    return RateLimited(
+        f"this caller's {quota} limit ({amount} per {window_s} s) is spent; retry in {seconds} s",
+        retry_after_s=seconds,
+        headers={"RateLimit-Policy": policy, "RateLimit": f'"{quota}";r=0;t={seconds}'},
+    )
 
 
 def build_storage(redis_url: str | None, pool: ConnectionPool | None) -> Storage:

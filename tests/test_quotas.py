@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import limits
 import pytest
 from limits.errors import StorageError
-from limits.storage import MemoryStorage
+from limits.storage import MemoryStorage, Storage
 
-from gateway.quotas import CALLS, Quotas
+from gateway.errors import RateLimited
+from gateway.quotas import CALLS, LEASE_TTL_S, REQUESTS, Quotas
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
 from tests.test_api import FakeExchange
 
@@ -102,3 +106,183 @@ def test_an_unreachable_store_lets_requests_through_with_a_warning(
     assert len(failures) == 3  # each failure counted
     warnings = [r for r in caplog.records if "rate limit storage unreachable" in r.message]
     assert len(warnings) == 1  # but an outage does not write a warning per request
+
+
+class CountingStorage(MemoryStorage):
+    """Memory storage that counts its round trips, as Redis would be asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trips = 0
+
+    def incr(self, key: str, expiry: float, amount: int = 1) -> int:
+        self.trips += 1
+        return super().incr(key, expiry, amount)
+
+    def get_expiry(self, key: str) -> float:
+        self.trips += 1
+        return super().get_expiry(key)
+
+
+class Clock:
+    """time.monotonic() that a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def leasing_workers(
+    storage: Storage, clock: Clock, *, requests: str, count: int = 2
+) -> list[Quotas]:
+    """COUNT processes sharing STORAGE, as replicas share Redis, each leasing its units."""
+    return [
+        Quotas(storage, calls=None, requests=requests, lease_target_s=0.1, clock=clock)
+        for _ in range(count)
+    ]
+
+
+def admitted(quotas: Quotas, owner: str = "alice") -> bool:
+    try:
+        quotas.charge(REQUESTS, owner)
+    except RateLimited:
+        return False
+    return True
+
+
+def counted_key(text: str, owner: str = "alice") -> str:
+    """The storage key of OWNER's request quota."""
+    return limits.parse(text).key_for(REQUESTS, owner)
+
+
+def test_a_busy_caller_takes_its_units_in_leases_and_the_workers_never_pass_the_quota() -> None:
+    storage, clock = CountingStorage(), Clock()
+    workers = leasing_workers(storage, clock, requests="100000/hour")
+    answered = 0
+    # 1,000 requests a second, spread over two workers, for 5 s.
+    for n in range(5000):
+        clock.now += 0.001
+        answered += admitted(workers[n % 2])
+
+    assert answered == 5000
+    # Each worker sees 500/s: leases grow to 50 units (0.1 s of them), so about 20 trips a second.
+    assert storage.trips < 5000 / 20
+    counted = storage.get(counted_key("100000/hour"))
+    assert 5000 <= counted <= 5000 + 2 * 50
+
+
+def test_leased_units_run_out_at_the_quota_exactly_with_the_last_lease_cut_short() -> None:
+    storage, clock = CountingStorage(), Clock()
+    # 1,005: the leases (1, 2, 4, 8, then 10 at most) leave 5 units for the last one.
+    workers = leasing_workers(storage, clock, requests="1005/hour")
+    outcomes = []
+    for n in range(1200):
+        clock.now += 0.0001
+        outcomes.append(admitted(workers[n % 2]))
+
+    # Every unit counted is spent: the last lease takes only what was left, and a worker
+    # refused while the other still holds units leaves those to the other.
+    assert sum(outcomes) == 1005
+    assert outcomes[:990] == [True] * 990
+    assert outcomes[-20:] == [False] * 20
+    # A lease never takes more than 1 % of the quota.
+    assert storage.trips >= 1000 / 10
+
+
+def test_a_quota_under_200_per_window_is_counted_one_unit_at_a_time() -> None:
+    storage, clock = CountingStorage(), Clock()
+    workers = leasing_workers(storage, clock, requests="150/minute")
+    outcomes = []
+    for n in range(160):
+        clock.now += 0.0001
+        outcomes.append(admitted(workers[n % 2]))
+
+    assert outcomes == [True] * 150 + [False] * 10
+    # One per unit, then per worker one refused INCRBY and one read of the window's reset.
+    assert storage.trips == 150 + 2 * 2
+
+
+def test_unspent_units_of_a_lease_are_dropped_after_a_second_and_stay_counted() -> None:
+    storage, clock = CountingStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="100000/hour", count=1)
+    for _ in range(200):
+        clock.now += 0.0005
+        assert admitted(worker)
+    counted = storage.get(counted_key("100000/hour"))
+    assert counted > 200  # the last lease holds units not spent yet
+
+    clock.now += LEASE_TTL_S
+    trips = storage.trips
+    assert admitted(worker)
+
+    assert storage.trips == trips + 1  # the expired lease was not spent
+    # The lease of 128 units lived 1.04 s and 73 were spent: 0.1 s of that rate is 8 units.
+    assert storage.get(counted_key("100000/hour")) == counted + 8
+
+
+def test_a_refused_caller_is_answered_from_memory_until_the_window_resets() -> None:
+    storage, clock = CountingStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="3/minute", count=1)
+    for _ in range(3):
+        assert admitted(worker)
+    with pytest.raises(RateLimited) as first:
+        worker.charge(REQUESTS, "alice")
+    trips = storage.trips
+
+    clock.now += 30
+    with pytest.raises(RateLimited) as later:
+        worker.charge(REQUESTS, "alice")
+
+    assert storage.trips == trips
+    assert 1 <= later.value.retry_after_s <= first.value.retry_after_s - 29
+    assert admitted(worker, "bob")  # another caller is not refused with Alice
+
+
+def test_threads_of_two_workers_spend_every_unit_of_the_quota_and_no_more() -> None:
+    storage = MemoryStorage()
+    workers = [
+        Quotas(storage, calls=None, requests="5000/hour", lease_target_s=0.1) for _ in range(2)
+    ]
+
+    def hammer(worker: Quotas) -> int:
+        return sum(admitted(worker) for _ in range(1000))
+
+    with ThreadPoolExecutor(16) as pool:
+        answered = sum(pool.map(hammer, workers * 8))
+
+    assert answered == 5000
+
+
+class MeetingStorage(MemoryStorage):
+    """Memory storage whose next two INCRBYs wait for each other once armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meeting: threading.Barrier | None = None
+
+    def incr(self, key: str, expiry: float, amount: int = 1) -> int:
+        count = super().incr(key, expiry, amount)
+        if self.meeting is not None:
+            self.meeting.wait(timeout=5)
+        return count
+
+
+def test_two_threads_leasing_at_once_keep_both_leases() -> None:
+    storage, clock = MeetingStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="400/hour", count=1)
+    for _ in range(11):  # leases of 1, 2, 4 and 4 units, all spent
+        clock.now += 0.001
+        assert admitted(worker)
+
+    storage.meeting = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda _: admitted(worker), range(2)))
+    storage.meeting = None
+    answered = 11 + sum(together)
+    while admitted(worker):
+        answered += 1
+
+    assert together == [True, True]
+    assert answered == 400  # neither lease's units were lost

@@ -256,6 +256,29 @@ def test_a_callers_posts_through_both_instances_are_cut_at_the_quota(
     assert http("POST", f"{two.url}/calls", PLACE, headers=as_caller(signer, "dave")).status == 201
 
 
+def test_a_callers_requests_through_both_instances_never_pass_the_request_quota(
+    replicas: StartPair, simulator: Server, signer: SigningKey, redis_server: RedisServer
+) -> None:
+    one, two = replicas(simulator, GATEWAY_RATE_LIMIT_REQUESTS="600/minute")
+    hana = as_caller(signer, "hana")
+    unknown = "gw1.AAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAA.never-placed"
+
+    def get(n: int) -> int:
+        return http("GET", call_url((one, two)[n % 2], unknown), headers=hana).status
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(get, range(800)))
+
+    answered = statuses.count(404)
+    assert answered + statuses.count(429) == 800
+    # Each worker takes units in leases of at most 1 % of the quota (6), counted in Redis
+    # before they are spent: never more than the quota, and at most a lease per worker less.
+    assert 600 - 2 * 2 * 6 <= answered <= 600
+    [key] = redis_server.client().keys("ews-gateway:limits*requests*hana*")
+    assert answered <= int(redis_server.client().get(key) or 0)
+    assert http("GET", call_url(one, unknown), headers=as_caller(signer, "ivan")).status == 404
+
+
 def test_twenty_concurrent_posts_with_one_key_over_both_instances_dial_once(
     replicas: StartPair, slow_simulator: Server, signer: SigningKey
 ) -> None:
