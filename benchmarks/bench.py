@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks import upstream
+from benchmarks import redis_server, upstream
 from benchmarks.load import Load, LoadResult, run_load
 from benchmarks.processes import (
     Service,
@@ -24,6 +24,8 @@ from benchmarks.processes import (
 from gateway.config import DEFAULT_THREADS
 
 GATEWAY, BASELINE = "gateway", "baseline"
+# The same gateway counting its quotas in its own memory: what Redis costs, in the same run.
+GATEWAY_IN_MEMORY = "gateway, quotas in memory"
 WORKERS = 2
 RAM_DISK = Path("/dev/shm")  # noqa: S108 - where `serve` puts metric files by default
 
@@ -67,6 +69,9 @@ class Bench:
         metrics_parent = RAM_DISK if RAM_DISK.is_dir() else None
         self.metrics_root = Path(tempfile.mkdtemp(prefix="ews-bench-metrics-", dir=metrics_parent))
         self._services: list[Service] = []
+        # Every gateway counts its quotas in one loopback Redis, as replicas share one.
+        self.shared_state = redis_server.redis_binary() is not None
+        self._redis: Service | None = None
 
     def close(self, keep_logs: bool = False) -> None:
         """Stop every service this bench started, newest first, and remove its files."""
@@ -87,9 +92,16 @@ class Bench:
             return self._keep(upstream.start_nginx(self.workdir))
         return self._keep(upstream.start_simulator(self.workdir, latency_ms))
 
-    def start_gateway(self, ews_url: str) -> Service:
-        """Run `python -m gateway serve` as an operator would, with two workers."""
+    def start_gateway(self, ews_url: str, *, quotas_in_redis: bool = True) -> Service:
+        """Run `python -m gateway serve` as an operator would, with two workers.
+
+        With redis-server installed its quotas are counted in Redis unless QUOTAS_IN_REDIS is
+        false; without it, always in memory.
+        """
         port = free_port()
+        shared = {}
+        if quotas_in_redis and self.shared_state:
+            shared["GATEWAY_REDIS_URL"] = self.redis().url
         metrics_dir = self.metrics_root / f"gateway-{port}"
         env = (
             _clean_environment()
@@ -107,6 +119,7 @@ class Bench:
                 "GATEWAY_THREADS": str(self.threads),
                 "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             }
+            | shared
             | self.gateway_env
         )
         return self._keep(
@@ -119,6 +132,16 @@ class Bench:
                 env=env,
             )
         )
+
+    def redis(self) -> Service:
+        """The run's redis-server, started on first use."""
+        if self._redis is None:
+            self._redis = self._keep(redis_server.start_redis(self.workdir))
+        return self._redis
+
+    def redis_commands(self) -> int:
+        """Commands the run's Redis has served so far (0 without one)."""
+        return redis_server.commands_served(self._redis) if self._redis else 0
 
     def start_baseline(self, ews_url: str) -> Service:
         """Serve benchmarks.baseline with the gateway's gunicorn settings that matter for speed."""

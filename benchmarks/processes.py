@@ -83,17 +83,8 @@ def start_service(
 ) -> Service:
     """Start COMMAND and wait until URL + READY_PATH answers 200; ready_s is how long that took."""
     started = time.perf_counter()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            list(command),
-            cwd=REPO_ROOT,
-            env=dict(env if env is not None else os.environ),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded here
-        )
-    service = Service(name, process, url, log_path)
+    service = start_process(name, command, url, log_path, env)
+    process = service.process
     deadline = started + timeout_s
     while time.perf_counter() < deadline:
         if process.poll() is not None:
@@ -104,6 +95,27 @@ def start_service(
         time.sleep(READY_POLL_S)
     service.stop()
     raise BenchmarkError(f"{name} was not ready within {timeout_s:g} s:\n{service.log_tail()}")
+
+
+def start_process(
+    name: str,
+    command: Sequence[str],
+    url: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> Service:
+    """Start COMMAND in the repository, its output to LOG_PATH; it dies with the benchmark."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            list(command),
+            cwd=REPO_ROOT,
+            env=dict(env if env is not None else os.environ),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded here
+        )
+    return Service(name, process, url, log_path)
 
 
 def status_of(url: str) -> int | None:

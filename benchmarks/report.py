@@ -8,7 +8,8 @@ import subprocess
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
-from benchmarks.bench import BASELINE, GATEWAY
+from benchmarks import redis_server
+from benchmarks.bench import BASELINE, GATEWAY, GATEWAY_IN_MEMORY
 from benchmarks.load import LoadResult
 from benchmarks.processes import REPO_ROOT
 from benchmarks.scenarios import UPSTREAM, Results, median
@@ -44,6 +45,12 @@ def describe_machine(generator: str, upstream_kind: str) -> dict[str, str]:
         "Load generator": _first_line(["wrk", "-v"]) if generator == "wrk" else "benchmarks.pyload",
         "Zero-latency upstream": _nginx_version() if upstream_kind == "nginx" else "simulator",
         "Gateway tree": _git_describe(),
+        "Shared state": (
+            f"redis-server {redis_server.version()} on loopback (GATEWAY_REDIS_URL): every "
+            "gateway counts its quotas there, except the one named quotas in memory"
+            if redis_server.redis_binary()
+            else "none: redis-server is not installed, quotas are counted in memory"
+        ),
         "Load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
@@ -68,6 +75,11 @@ def render(results: Results, machine: dict[str, str]) -> str:
         _low_load_table(results),
         "## 4. Memory and start-up",
         _memory_table(results),
+        *(
+            ["## Cost of quotas in Redis", _redis_cost_table(results)]
+            if GATEWAY_IN_MEMORY in results.throughput
+            else []
+        ),
         "## Targets",
         _targets_table(results),
     ]
@@ -77,8 +89,10 @@ def render(results: Results, machine: dict[str, str]) -> str:
 def _throughput_table(results: Results) -> str:
     base = _summary(results.throughput[BASELINE])
     rows = []
-    for name in (BASELINE, GATEWAY):
-        runs = results.throughput[name]
+    for name in (BASELINE, GATEWAY, GATEWAY_IN_MEMORY):
+        runs = results.throughput.get(name)
+        if not runs:
+            continue
         summary = _summary(runs)
         rows.append(
             [
@@ -148,6 +162,29 @@ def _memory_table(results: Results) -> str:
         ["baseline start to first 200 on /healthz (s)", _seconds(results.baseline_ready_s)],
     ]
     return _table(["measure", "value"], rows)
+
+
+def _redis_cost_table(results: Results) -> str:
+    """The gateway counting quotas in Redis against itself counting them in memory."""
+    shared, local = (_summary(results.throughput[n]) for n in (GATEWAY, GATEWAY_IN_MEMORY))
+    low = {n: median([r.p50_ms for r in results.low_load[n]]) for n in (GATEWAY, GATEWAY_IN_MEMORY)}
+    rows = [
+        ["zero-latency req/s (median)", f"{shared['rate']:.0f}", f"{local['rate']:.0f}"],
+        ["zero-latency p99 ms", f"{shared['p99']:.2f}", f"{local['p99']:.2f}"],
+        ["zero-latency server CPU ms/req", f"{shared['cpu']:.3f}", f"{local['cpu']:.3f}"],
+        ["low-load p50 ms", f"{low[GATEWAY]:.3f}", f"{low[GATEWAY_IN_MEMORY]:.3f}"],
+    ]
+    differences = [
+        f"{shared['rate'] / local['rate']:.2f}x",
+        f"{shared['p99'] / local['p99']:.2f}x",
+        f"{shared['cpu'] - local['cpu']:+.3f} ms",
+        f"{low[GATEWAY] - low[GATEWAY_IN_MEMORY]:+.3f} ms",
+    ]
+    rows = [[*row, difference] for row, difference in zip(rows, differences, strict=True)]
+    per_request = results.redis_commands_per_request
+    commands = "" if per_request is None else f"{per_request:.3f}"
+    rows.append(["Redis commands per request (scenario 1's rounds)", commands, "0", ""])
+    return _table(["measure", "quotas in Redis", "quotas in memory", "Redis against memory"], rows)
 
 
 def _targets_table(results: Results) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote
 from xml.sax.saxutils import escape
@@ -18,6 +19,7 @@ from benchmarks import upstream
 from benchmarks.bench import (
     BASELINE,
     GATEWAY,
+    GATEWAY_IN_MEMORY,
     WORKERS,
     Bench,
     Plan,
@@ -64,6 +66,8 @@ class Results:
     memory: Memory | None = None
     gateway_ready_s: list[float] = field(default_factory=list)
     baseline_ready_s: list[float] = field(default_factory=list)
+    # Redis commands per request the gateway answered in scenario 1's rounds (None: no Redis).
+    redis_commands_per_request: float | None = None
 
 
 def measure(bench: Bench) -> Results:
@@ -73,17 +77,19 @@ def measure(bench: Bench) -> Results:
     fast_upstream = bench.start_upstream()
     ews_url = fast_upstream.url + upstream.EWS_PATH
     gateway, baseline = bench.start_gateway(ews_url), bench.start_baseline(ews_url)
-    results.gateway_ready_s.append(gateway.ready_s)
+    targets = {GATEWAY: gateway, BASELINE: baseline}
+    if bench.shared_state:
+        targets[GATEWAY_IN_MEMORY] = bench.start_gateway(ews_url, quotas_in_redis=False)
+    results.gateway_ready_s += [targets[n].ready_s for n in targets if n != BASELINE]
     results.baseline_ready_s.append(baseline.ready_s)
     call_id = STATIC_CALL_ID if bench.upstream_kind == "nginx" else place_call(gateway)
-    targets = {GATEWAY: gateway, BASELINE: baseline}
     bench.say("1. zero-latency throughput")
-    results.throughput = zero_latency(bench, targets, call_id)
+    results.throughput = zero_latency(bench, targets, call_id, results)
     bench.say("3. low load")
     results.low_load = low_load(bench, targets, fast_upstream, call_id)
     baseline_mb = worker_rss(baseline)
-    bench.stop(gateway)
-    bench.stop(baseline)
+    for service in targets.values():
+        bench.stop(service)
     bench.say("2. slow Exchange")
     results.slow = slow_exchange(bench, results)
     bench.say("4. memory and start-up")
@@ -93,15 +99,27 @@ def measure(bench: Bench) -> Results:
 
 
 def zero_latency(
-    bench: Bench, targets: dict[str, Service], call_id: str
+    bench: Bench, targets: dict[str, Service], call_id: str, results: Results
 ) -> dict[str, list[LoadResult]]:
-    """Throughput and latency at `connections` against an upstream that answers at once."""
+    """Throughput and latency at `connections` against an upstream that answers at once.
+
+    Also counts the Redis commands the rounds cost per request the gateway answered (only the
+    gateway with quotas in Redis talks to it).
+    """
     plan = bench.plan
     loads = {
         name: Load(service.url, "DELETE", _path(name, call_id), plan.connections, plan.round_s)
         for name, service in targets.items()
     }
-    return _alternating_rounds(bench, targets, loads)
+    warm: list[int] = []
+    measured = _alternating_rounds(
+        bench, targets, loads, lambda: warm.append(bench.redis_commands())
+    )
+    if bench.shared_state:
+        answered = sum(run.requests for run in measured[GATEWAY])
+        commands = bench.redis_commands() - warm[0]
+        results.redis_commands_per_request = commands / answered if answered else None
+    return measured
 
 
 def low_load(
@@ -158,12 +176,16 @@ def slow_exchange(bench: Bench, results: Results) -> dict[str, list[LoadResult]]
 
 
 def _alternating_rounds(
-    bench: Bench, targets: dict[str, Service], loads: dict[str, Load]
+    bench: Bench,
+    targets: dict[str, Service],
+    loads: dict[str, Load],
+    warmed_up: Callable[[], object] = lambda: None,
 ) -> dict[str, list[LoadResult]]:
-    """Warm every target up, then measure `rounds` rounds of each in ABBA order."""
+    """Warm every target up, call WARMED_UP, then measure `rounds` rounds of each in ABBA order."""
     plan = bench.plan
     for load in loads.values():
         bench.load(replace(load, duration_s=plan.warmup_s))
+    warmed_up()
     measured: dict[str, list[LoadResult]] = {name: [] for name in loads}
     for round_number in range(plan.rounds):
         # ABBA order, so that a trend in background load does not favour either side.

@@ -160,11 +160,14 @@ class Quotas:
         """Keep GRANTED units less the one spent now; return what is left to report."""
         with self._lock:
             self._sweep(now)
-            # Another thread's lease, taken meanwhile, is kept too: its units are counted.
+            lease = Lease(granted - 1, granted, now, remaining)
             other = self._leases.get(slot)
-            carried = 0 if other is None or now - other.taken_at >= LEASE_TTL_S else other.left
-            self._leases[slot] = Lease(granted - 1 + carried, granted, now, remaining)
-            return remaining + granted - 1 + carried
+            if other is not None and other.left > 0 and now - other.taken_at < LEASE_TTL_S:
+                # Another thread's lease, taken meanwhile: its units are counted, keep them too.
+                lease.left += other.left
+                lease.size += other.size
+            self._leases[slot] = lease
+            return remaining + lease.left
 
     def _sweep(self, now: float) -> None:
         """Forget expired leases and refusals, at most once per LEASE_TTL_S."""

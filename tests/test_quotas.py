@@ -286,3 +286,25 @@ def test_two_threads_leasing_at_once_keep_both_leases() -> None:
 
     assert together == [True, True]
     assert answered == 400  # neither lease's units were lost
+
+
+def test_the_lease_after_two_merged_ones_is_sized_to_both() -> None:
+    storage, clock = MeetingStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="100000/hour", count=1)
+    for _ in range(7):  # leases of 1, 2 and 4 units, spent at 1,000 a second
+        clock.now += 0.001
+        assert admitted(worker)
+    storage.meeting = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda _: admitted(worker), range(2))) == [True, True]
+    storage.meeting = None
+    for _ in range(14):  # what is left of the two leases of 8
+        clock.now += 0.001
+        assert admitted(worker)
+    counted = storage.get(counted_key("100000/hour"))
+
+    clock.now += 0.001
+    assert admitted(worker)
+
+    # 16 units in 15 ms: 0.1 s of that is 107, and a lease at most doubles the last (16).
+    assert storage.get(counted_key("100000/hour")) == counted + 32
