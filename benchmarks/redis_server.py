@@ -51,7 +51,7 @@ def commands_served(service: Service) -> int:
     """Return how many commands this Redis has run since it started (INFO commandstats)."""
     client = redis.Redis.from_url(service.url, socket_timeout=1, socket_connect_timeout=1)
     try:
-        stats = client.info("commandstats")
+        stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
     finally:
         client.close()
     # The INFO asking is itself counted; the caller's before/after difference cancels it.
