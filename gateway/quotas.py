@@ -136,6 +136,7 @@ class Quotas:
             self._storage_failed(quota, error)
             return None
         with self._lock:
+            self._sweep(now)
             self._refused_until[slot] = now + reset_s
         raise _refusal(quota, item.amount, window_s, policy, reset_s)
 
@@ -158,6 +159,8 @@ class Quotas:
 
     def _keep_lease(self, slot: tuple[str, str], granted: int, remaining: int, now: float) -> int:
         """Keep GRANTED units less the one spent now; return what is left to report."""
+        if self._lease_target_s == 0:
+            return remaining  # counted a unit at a time: nothing to keep
         with self._lock:
             self._sweep(now)
             lease = Lease(granted - 1, granted, now, remaining)
