@@ -10,6 +10,7 @@ import os
 import secrets
 import select
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -243,6 +244,10 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         # event streams end with a hint to reconnect (to another instance).
         self.app.state.begin_draining()
         super().handle_exit(sig, frame)
+        LOG.info(
+            "draining: /readyz answers 503 and open requests finish before this worker exits",
+            extra={"signal": signal.Signals(sig).name},
+        )
 
     def set_accept_enabled(self, enabled: bool) -> None:
         if enabled or self.alive:

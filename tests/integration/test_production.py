@@ -350,6 +350,9 @@ def test_readyz_turns_503_on_an_open_connection_while_a_slow_request_drains(
             lambda: reached_exchange(simulator, "slow-request"), "the call to reach Exchange"
         )
         gateway.process.send_signal(signal.SIGTERM)
+        # A /readyz the worker was answering as the signal came may say 200 and close the
+        # connection; the worker's log line says the signal has been handled.
+        wait_until(lambda: "draining:" in gateway.log(), "the worker to log that it drains")
 
         def readyz_on_probe() -> HTTPResponse | None:
             probe.request("GET", "/readyz")
