@@ -131,7 +131,8 @@ class Quotas:
             if granted >= 1:
                 remaining = self._keep_lease(slot, granted, max(0, item.amount - count), now)
                 return Charge(policy, f'"{quota}";r={remaining}')
-            reset_s = max(1.0, self._storage.get_expiry(key) - time.time())
+            # Remembered until the window resets, even within a second (Retry-After says 1 s).
+            reset_s = self._storage.get_expiry(key) - time.time()
         except StorageError as error:
             self._storage_failed(quota, error)
             return None

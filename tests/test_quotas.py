@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -308,3 +309,25 @@ def test_the_lease_after_two_merged_ones_is_sized_to_both() -> None:
 
     # 16 units in 15 ms: 0.1 s of that is 107, and a lease at most doubles the last (16).
     assert storage.get(counted_key("100000/hour")) == counted + 32
+
+
+class ShortWindowStorage(CountingStorage):
+    """Counting storage whose windows all reset a quarter of a second from now."""
+
+    def get_expiry(self, key: str) -> float:
+        self.trips += 1
+        return time.time() + 0.25
+
+
+def test_a_refusal_just_before_the_window_resets_is_not_remembered_past_the_reset() -> None:
+    storage, clock = ShortWindowStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="1/second", count=1)
+    assert admitted(worker)
+    with pytest.raises(RateLimited) as refused:
+        worker.charge(REQUESTS, "alice")
+    assert refused.value.retry_after_s == 1  # the header still says at least a second
+
+    clock.now += 0.5
+    storage.reset()  # the window reset a quarter of a second ago
+
+    assert admitted(worker)
