@@ -331,3 +331,29 @@ def test_a_refusal_just_before_the_window_resets_is_not_remembered_past_the_rese
     storage.reset()  # the window reset a quarter of a second ago
 
     assert admitted(worker)
+
+
+class UnreadableExpiryStorage(CountingStorage):
+    """Counting storage that counts, but fails to say when a window resets."""
+
+    def get_expiry(self, key: str) -> float:
+        raise StorageError(ConnectionError("Redis went away"))
+
+
+def test_a_caller_over_the_quota_is_refused_when_the_reset_cannot_be_read() -> None:
+    failures: list[int] = []
+    storage, clock = UnreadableExpiryStorage(), Clock()
+    worker = Quotas(
+        storage,
+        calls=None,
+        requests="1/minute",
+        lease_target_s=0.1,
+        on_storage_error=lambda: failures.append(1),
+        clock=clock,
+    )
+    assert admitted(worker)
+
+    with pytest.raises(RateLimited):
+        worker.charge(REQUESTS, "alice")
+
+    assert failures == [1]  # the failure is still counted
