@@ -138,6 +138,10 @@ class Quotas:
         try:
             # Remembered until the window resets, even within a second (Retry-After says 1 s).
             reset_s = self._storage.get_expiry(key) - time.time()
+            # Read after the reset: a count below ours means that window has gone meanwhile,
+            # and the reset read may be the next one's. (Counts only grow within a window.)
+            if self._storage.get(key) < count:
+                reset_s = 0.0
         except StorageError as error:
             # Storage counted the quota spent: refuse, but remember nothing without the reset.
             self._storage_failed(quota, error)

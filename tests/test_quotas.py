@@ -201,7 +201,8 @@ def test_a_quota_under_200_per_window_is_counted_one_unit_at_a_time() -> None:
         outcomes.append(admitted(workers[n % 2]))
 
     assert outcomes == [True] * 150 + [False] * 10
-    # One per unit, then per worker one refused INCRBY and one read of the window's reset.
+    # One per unit, then per worker one refused INCRBY and one read of the window's reset
+    # (and one of its count, which this storage does not count).
     assert storage.trips == 150 + 2 * 2
 
 
@@ -357,3 +358,33 @@ def test_a_caller_over_the_quota_is_refused_when_the_reset_cannot_be_read() -> N
         worker.charge(REQUESTS, "alice")
 
     assert failures == [1]  # the failure is still counted
+
+
+class ResettingStorage(CountingStorage):
+    """Counting storage whose window, once armed, resets before its reset is read, and
+    another replica then counts a request in the new window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def get_expiry(self, key: str) -> float:
+        if self.armed:
+            self.armed = False
+            self.reset()
+            self.incr(key, 60)
+        return super().get_expiry(key)
+
+
+def test_a_refusal_is_not_remembered_through_a_window_that_began_after_it() -> None:
+    storage, clock = ResettingStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="3/minute", count=1)
+    for _ in range(3):
+        assert admitted(worker)
+    storage.armed = True
+    with pytest.raises(RateLimited):
+        worker.charge(REQUESTS, "alice")
+
+    clock.now += 1
+
+    assert admitted(worker)  # the new window has counted one request of three
