@@ -22,7 +22,8 @@ caller costs neither Redis nor this process a round trip per request.
 
 Redis unreachable: limits fail OPEN. The request goes on unlimited, a warning is logged (at
 most every 10 s per process) and `ews_gateway_redis_errors_total{feature="rate_limit"}`
-counts every failure; the dial policy still holds.
+counts every failure; the dial policy still holds. A request storage has already counted past
+the quota is refused even if reading the window's reset then fails.
 """
 
 from __future__ import annotations
@@ -128,13 +129,23 @@ class Quotas:
         try:
             count = self._storage.incr(key, window_s, amount=size)
             granted = min(size, item.amount - (count - size))
-            if granted >= 1:
-                remaining = self._keep_lease(slot, granted, max(0, item.amount - count), now)
-                return Charge(policy, f'"{quota}";r={remaining}')
-            reset_s = max(1.0, self._storage.get_expiry(key) - time.time())
         except StorageError as error:
             self._storage_failed(quota, error)
             return None
+        if granted >= 1:
+            remaining = self._keep_lease(slot, granted, max(0, item.amount - count), now)
+            return Charge(policy, f'"{quota}";r={remaining}')
+        try:
+            # Remembered until the window resets, even within a second (Retry-After says 1 s).
+            reset_s = self._storage.get_expiry(key) - time.time()
+            # Read after the reset: a count below ours means that window has gone meanwhile,
+            # and the reset read may be the next one's. (Counts only grow within a window.)
+            if self._storage.get(key) < count:
+                reset_s = 0.0
+        except StorageError as error:
+            # Storage counted the quota spent: refuse, but remember nothing without the reset.
+            self._storage_failed(quota, error)
+            reset_s = 0.0
         with self._lock:
             self._sweep(now)
             self._refused_until[slot] = now + reset_s

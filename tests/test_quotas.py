@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -200,7 +201,8 @@ def test_a_quota_under_200_per_window_is_counted_one_unit_at_a_time() -> None:
         outcomes.append(admitted(workers[n % 2]))
 
     assert outcomes == [True] * 150 + [False] * 10
-    # One per unit, then per worker one refused INCRBY and one read of the window's reset.
+    # One per unit, then per worker one refused INCRBY and one read of the window's reset
+    # (and one of its count, which this storage does not count).
     assert storage.trips == 150 + 2 * 2
 
 
@@ -308,3 +310,81 @@ def test_the_lease_after_two_merged_ones_is_sized_to_both() -> None:
 
     # 16 units in 15 ms: 0.1 s of that is 107, and a lease at most doubles the last (16).
     assert storage.get(counted_key("100000/hour")) == counted + 32
+
+
+class ShortWindowStorage(CountingStorage):
+    """Counting storage whose windows all reset a quarter of a second from now."""
+
+    def get_expiry(self, key: str) -> float:
+        self.trips += 1
+        return time.time() + 0.25
+
+
+def test_a_refusal_just_before_the_window_resets_is_not_remembered_past_the_reset() -> None:
+    storage, clock = ShortWindowStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="1/second", count=1)
+    assert admitted(worker)
+    with pytest.raises(RateLimited) as refused:
+        worker.charge(REQUESTS, "alice")
+    assert refused.value.retry_after_s == 1  # the header still says at least a second
+
+    clock.now += 0.5
+    storage.reset()  # the window reset a quarter of a second ago
+
+    assert admitted(worker)
+
+
+class UnreadableExpiryStorage(CountingStorage):
+    """Counting storage that counts, but fails to say when a window resets."""
+
+    def get_expiry(self, key: str) -> float:
+        raise StorageError(ConnectionError("Redis went away"))
+
+
+def test_a_caller_over_the_quota_is_refused_when_the_reset_cannot_be_read() -> None:
+    failures: list[int] = []
+    storage, clock = UnreadableExpiryStorage(), Clock()
+    worker = Quotas(
+        storage,
+        calls=None,
+        requests="1/minute",
+        lease_target_s=0.1,
+        on_storage_error=lambda: failures.append(1),
+        clock=clock,
+    )
+    assert admitted(worker)
+
+    with pytest.raises(RateLimited):
+        worker.charge(REQUESTS, "alice")
+
+    assert failures == [1]  # the failure is still counted
+
+
+class ResettingStorage(CountingStorage):
+    """Counting storage whose window, once armed, resets before its reset is read, and
+    another replica then counts a request in the new window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def get_expiry(self, key: str) -> float:
+        if self.armed:
+            self.armed = False
+            self.reset()
+            self.incr(key, 60)
+        return super().get_expiry(key)
+
+
+def test_a_refusal_is_not_remembered_through_a_window_that_began_after_it() -> None:
+    storage, clock = ResettingStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="3/minute", count=1)
+    for _ in range(3):
+        assert admitted(worker)
+    storage.armed = True
+    with pytest.raises(RateLimited):
+        worker.charge(REQUESTS, "alice")
+
+    clock.now += 1
+
+    assert admitted(worker)  # the new window has counted one request of three
