@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,14 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def installed(name: str, fallback: str) -> str | None:
+    """Return the path of command NAME, or FALLBACK where it exists off PATH (/usr/sbin)."""
+    found = shutil.which(name)
+    if found is None and Path(fallback).is_file():
+        found = fallback
+    return found
 
 
 def free_port() -> int:

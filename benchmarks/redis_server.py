@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from benchmarks.processes import BenchmarkError, Service, free_port, start_process
+from benchmarks.processes import BenchmarkError, Service, free_port, installed, start_process
 
 START_TIMEOUT_S = 10.0
 
 
 def redis_binary() -> str | None:
     """Return redis-server's path, also where /usr/bin is not on PATH."""
-    found = shutil.which("redis-server")
-    if found is None and Path("/usr/bin/redis-server").is_file():
-        found = "/usr/bin/redis-server"
-    return found
+    return installed("redis-server", "/usr/bin/redis-server")
 
 
 def start_redis(workdir: Path) -> Service:

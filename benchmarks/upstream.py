@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from benchmarks.processes import Service, free_port, python_command, start_service
+from benchmarks.processes import Service, free_port, installed, python_command, start_service
 
 EWS_PATH = "/EWS/Exchange.asmx"
 SOAP_CONTENT_TYPE = "text/xml; charset=utf-8"
@@ -76,10 +75,7 @@ http {{
 
 def nginx_binary() -> str | None:
     """Return nginx's path, also where /usr/sbin is not on PATH."""
-    found = shutil.which("nginx")
-    if found is None and Path("/usr/sbin/nginx").is_file():
-        found = "/usr/sbin/nginx"
-    return found
+    return installed("nginx", "/usr/sbin/nginx")
 
 
 def start_nginx(workdir: Path) -> Service:

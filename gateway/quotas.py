@@ -135,21 +135,26 @@ class Quotas:
         if granted >= 1:
             remaining = self._keep_lease(slot, granted, max(0, item.amount - count), now)
             return Charge(policy, f'"{quota}";r={remaining}')
+        reset_s = self._reset_after_refusal(quota, key, count)
+        with self._lock:
+            self._sweep(now)
+            self._refused_until[slot] = now + reset_s
+        raise _refusal(quota, item.amount, window_s, policy, reset_s)
+
+    def _reset_after_refusal(self, quota: str, key: str, count: int) -> float:
+        """Seconds to remember a refusal at COUNT: until the window resets, 0 when unsure."""
         try:
             # Remembered until the window resets, even within a second (Retry-After says 1 s).
             reset_s = self._storage.get_expiry(key) - time.time()
             # Read after the reset: a count below ours means that window has gone meanwhile,
             # and the reset read may be the next one's. (Counts only grow within a window.)
             if self._storage.get(key) < count:
-                reset_s = 0.0
+                return 0.0
         except StorageError as error:
             # Storage counted the quota spent: refuse, but remember nothing without the reset.
             self._storage_failed(quota, error)
-            reset_s = 0.0
-        with self._lock:
-            self._sweep(now)
-            self._refused_until[slot] = now + reset_s
-        raise _refusal(quota, item.amount, window_s, policy, reset_s)
+            return 0.0
+        return reset_s
 
     def _spend_leased(self, slot: tuple[str, str], now: float) -> int | None:
         """Spend one unit of SLOT's lease; return what is left to report, None with no lease."""
