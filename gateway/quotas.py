@@ -130,6 +130,7 @@ class Quotas:
             count = self._storage.incr(key, window_s, amount=size)
             granted = min(size, item.amount - (count - size))
         except StorageError as error:
+            self._restart_lease(slot, now)
             self._storage_failed(quota, error)
             return None
         if granted >= 1:
@@ -172,6 +173,18 @@ class Quotas:
         elapsed = max(now - last.taken_at, 1e-6)
         wanted = math.ceil(spent / elapsed * self._lease_target_s)
         return max(1, min(wanted, 2 * last.size, int(amount * LEASE_MAX_SHARE)))
+
+    def _restart_lease(self, slot: tuple[str, str], now: float) -> None:
+        """Lease SLOT's units from one again after a failed count.
+
+        A timeout may come after storage counted the lease, and the request then goes through
+        uncounted (fail open): leasing one unit at a time until storage answers again, a
+        brownout strands at most one unit per request it lets through, not a lease each.
+        """
+        with self._lock:
+            lease = self._leases.get(slot)
+            if lease is not None and (lease.left == 0 or now - lease.taken_at >= LEASE_TTL_S):
+                del self._leases[slot]
 
     def _keep_lease(self, slot: tuple[str, str], granted: int, remaining: int, now: float) -> int:
         """Keep GRANTED units less the one spent now; return what is left to report."""

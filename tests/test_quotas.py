@@ -224,6 +224,46 @@ def test_unspent_units_of_a_lease_are_dropped_after_a_second_and_stay_counted() 
     assert storage.get(counted_key("100000/hour")) == counted + 8
 
 
+class LostAnswerStorage(CountingStorage):
+    """Storage that counts, then loses the answer while `losing`, as a Redis timeout does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losing = False
+
+    def incr(self, key: str, expiry: float, amount: int = 1) -> int:
+        count = super().incr(key, expiry, amount)
+        if self.losing:
+            raise StorageError(TimeoutError("Timeout reading from socket"))
+        return count
+
+
+def test_a_brownout_strands_at_most_one_unit_per_request_and_leases_grow_again_after() -> None:
+    storage, clock = LostAnswerStorage(), Clock()
+    [worker] = leasing_workers(storage, clock, requests="100000/hour", count=1)
+    key = counted_key("100000/hour")
+    for _ in range(1000):  # 1,000 requests a second: leases of about 100 units
+        clock.now += 0.001
+        assert admitted(worker)
+
+    storage.losing = True
+    before = storage.get(key)
+    for _ in range(300):
+        clock.now += 0.001
+        assert admitted(worker)  # fail open
+    stranded = storage.get(key) - before
+
+    # The units left of the last lease are spent without storage; then the first lost
+    # answer strands one lease (at most 2 x 100 units) and every later one a single unit.
+    assert stranded <= 200 + 300
+    storage.losing = False
+    trips = storage.trips
+    for _ in range(1000):
+        clock.now += 0.001
+        assert admitted(worker)
+    assert storage.trips - trips < 50  # leases of 1, 2, 4 ... 100 again, not 1,000 trips
+
+
 def test_a_refused_caller_is_answered_from_memory_until_the_window_resets() -> None:
     storage, clock = CountingStorage(), Clock()
     [worker] = leasing_workers(storage, clock, requests="3/minute", count=1)
