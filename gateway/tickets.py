@@ -1,8 +1,10 @@
-"""The gateway's Kerberos ticket-granting ticket, from the KDC (EWS_AUTH=kerberos, negotiate).
+"""The gateway's Kerberos tickets, from the KDC (EWS_AUTH=kerberos, negotiate).
 
-Asked for with python-krb5 (installed with pyspnego's kerberos extra) the way
-pyspnego itself asks for one, but once per process rather than once per
-connection.
+The ticket-granting ticket is asked for with python-krb5 (installed with
+pyspnego's kerberos extra) the way pyspnego itself asks for one, but once per
+process rather than once per connection. Service tickets are asked for by
+GSSAPI as a context makes its first token. Either way the KDC is waited for
+only until the call's deadline.
 """
 
 from __future__ import annotations
@@ -120,12 +122,39 @@ class TicketCache:
         return cache, "MEMORY:" + (cache.name or b"").decode(), float(ticket.times.endtime)
 
 
-class _KdcRequest:
-    """One request to the KDC, shared by every call waiting for it: the cache's name, or why not."""
+def first_token(context: spnego.ContextProxy, deadline: float) -> bytes | None:
+    """Return a Kerberos or Negotiate context's first token, waiting until the deadline.
 
-    __slots__ = ("done", "error", "name")
+    GSSAPI asks the KDC for the service ticket in that token unless the cache has it; the
+    step runs in a daemon thread, since krb5 cannot be interrupted and gives a silent KDC
+    about 27 s. DEADLINE is time.monotonic() seconds. Raises TimeoutError when the step has
+    not ended by then (the context is then abandoned), and what the library raised.
+    """
+    request = _KdcRequest()
+
+    def step() -> None:
+        try:
+            request.token = context.step(None)
+        except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
+            request.error = exc
+        request.done.set()
+
+    threading.Thread(target=step, name="ews-kdc", daemon=True).start()
+    if not request.done.wait(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError("the KDC did not answer in time")
+    if request.error is not None:
+        raise request.error
+    return request.token
+
+
+class _KdcRequest:
+    """One request to the KDC, and every call waiting for it: the cache's name or the first
+    token, or why not."""
+
+    __slots__ = ("done", "error", "name", "token")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: Exception | None = None
         self.name = ""
+        self.token: bytes | None = None

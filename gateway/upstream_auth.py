@@ -36,7 +36,7 @@ from spnego.channel_bindings import GssChannelBindings
 from gateway.config import BEARER_TOKEN, Config
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout
 from gateway.http1 import Answer
-from gateway.tickets import TicketCache
+from gateway.tickets import TicketCache, first_token
 from gateway.transport import Authenticator, Connection
 
 LOG = logging.getLogger(__name__)
@@ -300,8 +300,36 @@ class SecurityContextAuth:
                 ) from None
             bindings = GssChannelBindings(application_data=b"tls-server-end-point:" + end_point)
         username, password, protocol = self._who(connection.deadline)
+        context = self._context(username, password, protocol, bindings)
+        if protocol == "ntlm":
+            return _Handshake(context, _step(context, None))
+        falls_back = protocol == "negotiate" and self._credentials.password is not None
+        deadline = connection.deadline
+        if falls_back:
+            deadline -= (deadline - time.monotonic()) / 2  # as for the ticket-granting ticket
         try:
-            context = spnego.client(
+            return _Handshake(context, first_token(context, deadline))
+        except TimeoutError:
+            if not falls_back:
+                raise UpstreamTimeout(
+                    "The Kerberos KDC did not answer in time", outcome="timeout"
+                ) from None
+        except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
+            raise _library_failed("failed", exc) from None
+        LOG.info("no Kerberos service ticket for Negotiate (TimeoutError); trying NTLM")
+        credentials = self._credentials
+        context = self._context(credentials.username, credentials.password, "ntlm", bindings)
+        return _Handshake(context, _step(context, None))
+
+    def _context(
+        self,
+        username: Any,
+        password: str | None,
+        protocol: str,
+        bindings: GssChannelBindings | None,
+    ) -> spnego.ContextProxy:
+        try:
+            return spnego.client(
                 username,
                 password,
                 hostname=self._host,
@@ -311,7 +339,6 @@ class SecurityContextAuth:
             )
         except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
             raise _library_failed("could not start", exc) from None
-        return _Handshake(context, _step(context, None))
 
 
 def _step(context: spnego.ContextProxy, token: bytes | None) -> bytes | None:

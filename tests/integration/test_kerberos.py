@@ -8,8 +8,11 @@ its keys from a keytab.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
 from gateway.simulator.server import TlsIdentity
 from gateway.tickets import TicketCache
+from tests.integration.test_kdc_deadline import kdc_sockets
 from tests.test_transport import Certificate, self_signed_certificate
 from tests.test_upstream_auth import Gateway, https_url, placed_calls
 
@@ -309,3 +313,106 @@ def test_a_refused_password_is_not_sent_to_the_kdc_again_for_a_while(
     assert [answer.status_code for answer in answers] == [502, 502, 502]
     # One try at the KDC: the next calls get its refusal, and the account is not locked out.
     assert realm.ticket_requests_of(ACCOUNT) - requests_before == 1
+
+
+class TicketGrantingOnlyKdc:
+    """The realm's KDC behind a relay that answers AS requests and drops TGS requests, as a
+    KDC that stops answering between the two does: the ticket-granting ticket comes, a
+    service ticket never does."""
+
+    AS_REQ = b"\x6a"  # ASN.1 [APPLICATION 10] (RFC 4120 5.4.1); a TGS-REQ is [APPLICATION 12]
+
+    def __init__(self, kdc_port: int) -> None:
+        self._kdc = ("127.0.0.1", kdc_port)
+        # TCP is taken and never answered; UDP carries the requests (all small here).
+        self._datagrams, self._stream = kdc_sockets()
+        self.port = self._datagrams.getsockname()[1]
+        self.dropped = 0
+        threading.Thread(target=self._relay, daemon=True).start()
+
+    def _relay(self) -> None:
+        while True:
+            try:
+                request, client = self._datagrams.recvfrom(65535)
+            except OSError:
+                return  # closed
+            if request[:1] != self.AS_REQ:
+                self.dropped += 1
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as kdc:
+                kdc.settimeout(5)
+                kdc.sendto(request, self._kdc)
+                self._datagrams.sendto(kdc.recv(65535), client)
+
+    def close(self) -> None:
+        self._datagrams.close()
+        self._stream.close()
+
+
+@pytest.fixture
+def tgs_silent(
+    realm: Realm, kerberos_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TicketGrantingOnlyKdc]:
+    kdc = TicketGrantingOnlyKdc(realm.k5.portbase)
+    config = Path(realm.k5.env["KRB5_CONFIG"]).read_text(encoding="utf-8")
+    relayed = config.replace(f"localhost:{realm.k5.portbase}", f"127.0.0.1:{kdc.port}")
+    assert relayed != config
+    (tmp_path / "krb5.conf").write_text(relayed, encoding="utf-8")
+    monkeypatch.setenv("KRB5_CONFIG", str(tmp_path / "krb5.conf"))
+    yield kdc
+    kdc.close()
+
+
+def test_a_service_ticket_the_kdc_never_sends_is_a_timeout_by_the_deadline(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    tgs_silent: TicketGrantingOnlyKdc,
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(
+        simulator,
+        certificate,
+        EWS_USERNAME=ACCOUNT,
+        EWS_PASSWORD=PASSWORD,
+        EWS_TIMEOUT_SECONDS="1",
+    )
+
+    started = time.monotonic()
+    answer = gateway.place_call()
+    took_s = time.monotonic() - started
+
+    assert answer.status_code == 504
+    assert answer.get_json()["detail"] == "The Kerberos KDC did not answer in time"
+    assert took_s < 1 + 1.0  # krb5 alone would wait for this KDC far longer
+    assert tgs_silent.dropped >= 1  # the ticket-granting ticket came; the service ticket not
+    assert acceptor.users == []
+    assert placed_calls(simulator) == 0
+
+
+def test_negotiate_falls_back_to_ntlm_when_the_service_ticket_does_not_come_in_time(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    tgs_silent: TicketGrantingOnlyKdc,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator, acceptor = exchange
+    gateway = kerberos_gateway(
+        simulator,
+        certificate,
+        EWS_AUTH="negotiate",
+        EWS_USERNAME=ACCOUNT,
+        EWS_PASSWORD=PASSWORD,
+        EWS_TIMEOUT_SECONDS="1",
+    )
+
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="gateway.upstream_auth"):
+        answer = gateway.place_call()
+    took_s = time.monotonic() - started
+
+    # As Windows clients do, within the deadline; this Exchange takes Kerberos only.
+    assert any("no Kerberos service ticket" in r.getMessage() for r in caplog.records)
+    assert answer.status_code == 502
+    assert answer.get_json()["title"] == "The gateway could not authenticate to Exchange"
+    assert took_s < 1 + 1.0
+    assert acceptor.users == []
