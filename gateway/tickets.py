@@ -122,29 +122,52 @@ class TicketCache:
         return cache, "MEMORY:" + (cache.name or b"").decode(), float(ticket.times.endtime)
 
 
-def first_token(context: spnego.ContextProxy, deadline: float) -> bytes | None:
-    """Return a Kerberos or Negotiate context's first token, waiting until the deadline.
+class ServiceTickets:
+    """First tokens of Kerberos and Negotiate contexts, made by one context at a time.
 
-    GSSAPI asks the KDC for the service ticket in that token unless the cache has it; the
-    step runs in a daemon thread, since krb5 cannot be interrupted and gives a silent KDC
-    about 27 s. DEADLINE is time.monotonic() seconds. Raises TimeoutError when the step has
-    not ended by then (the context is then abandoned), and what the library raised.
+    GSSAPI asks the KDC for the service ticket as a context makes its first token, unless
+    the cache holds it. krb5 cannot be interrupted and gives a silent KDC about 27 s, so the
+    step runs in a daemon thread that is waited for until the call's deadline. One at a
+    time: while the KDC is silent, new connections wait for the request under way rather
+    than each leave a thread behind, and once it answers the rest find the ticket cached.
     """
-    request = _KdcRequest()
 
-    def step() -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # The step under way, if any.
+        self._request: _KdcRequest | None = None
+
+    def first_token(self, context: spnego.ContextProxy, deadline: float) -> bytes | None:
+        """Return the context's first token, waiting until DEADLINE (time.monotonic() seconds).
+
+        Raises TimeoutError when neither the step under way nor this one has ended by then
+        (this context is then abandoned), and what the library raised.
+        """
+        while True:
+            with self._lock:
+                busy = self._request
+                if busy is None:
+                    request = self._request = _KdcRequest()
+                    break
+            if not busy.done.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError("the KDC did not answer in time")
+        threading.Thread(
+            target=self._step, args=(context, request), name="ews-kdc", daemon=True
+        ).start()
+        if not request.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("the KDC did not answer in time")
+        if request.error is not None:
+            raise request.error
+        return request.token
+
+    def _step(self, context: spnego.ContextProxy, request: _KdcRequest) -> None:
         try:
             request.token = context.step(None)
         except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
             request.error = exc
+        with self._lock:
+            self._request = None
         request.done.set()
-
-    threading.Thread(target=step, name="ews-kdc", daemon=True).start()
-    if not request.done.wait(max(0.0, deadline - time.monotonic())):
-        raise TimeoutError("the KDC did not answer in time")
-    if request.error is not None:
-        raise request.error
-    return request.token
 
 
 class _KdcRequest:

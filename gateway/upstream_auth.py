@@ -36,7 +36,7 @@ from spnego.channel_bindings import GssChannelBindings
 from gateway.config import BEARER_TOKEN, Config
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout
 from gateway.http1 import Answer
-from gateway.tickets import TicketCache, first_token
+from gateway.tickets import ServiceTickets, TicketCache
 from gateway.transport import Authenticator, Connection
 
 LOG = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ class SecurityContextAuth:
         # needs none, and the ticket cache mode (neither) is MIT's own.
         wants_tickets = mode != "ntlm" and (credentials.password or credentials.keytab)
         self._tickets = TicketCache(credentials) if wants_tickets else None
+        self._service_tickets = ServiceTickets()
 
     def connected(self, connection: Connection, deadline: float) -> None:
         connection.auth_state = self._start(connection)
@@ -308,7 +309,7 @@ class SecurityContextAuth:
         if falls_back:
             deadline -= (deadline - time.monotonic()) / 2  # as for the ticket-granting ticket
         try:
-            return _Handshake(context, first_token(context, deadline))
+            return _Handshake(context, self._service_tickets.first_token(context, deadline))
         except TimeoutError:
             if not falls_back:
                 raise UpstreamTimeout(

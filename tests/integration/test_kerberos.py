@@ -389,6 +389,29 @@ def test_a_service_ticket_the_kdc_never_sends_is_a_timeout_by_the_deadline(
     assert placed_calls(simulator) == 0
 
 
+def test_while_the_kdc_is_silent_new_connections_wait_for_the_one_service_ticket_request(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    tgs_silent: TicketGrantingOnlyKdc,
+) -> None:
+    simulator, _ = exchange
+    gateway = kerberos_gateway(
+        simulator,
+        certificate,
+        EWS_USERNAME=ACCOUNT,
+        EWS_PASSWORD=PASSWORD,
+        EWS_TIMEOUT_SECONDS="0.5",
+    )
+    before = set(threading.enumerate())
+
+    answers = [gateway.place_call() for _ in range(4)]
+
+    assert [answer.status_code for answer in answers] == [504] * 4
+    # krb5 keeps each request going for about 27 s: one thread, not one per connection.
+    asking = [t for t in threading.enumerate() if t.name == "ews-kdc" and t not in before]
+    assert len(asking) == 1
+
+
 def test_negotiate_falls_back_to_ntlm_when_the_service_ticket_does_not_come_in_time(
     exchange: tuple[SimulatorServer, KerberosAcceptor],
     certificate: Certificate,
