@@ -13,29 +13,50 @@ from gateway.errors import DialStringNotAllowed
 from tests.guards import KEY_A, app_with_keys
 from tests.test_api import FakeExchange
 
-DIGITS = "0123456789"
+DIAL_CHARACTERS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-._")
+
+
+def policy_allows(text: str, pattern: str) -> bool:
+    """An independent reading of the README: `*` alone allows all, else a glob must match."""
+    return pattern == "*" or glob_matches(text, pattern)
 
 
 def glob_matches(text: str, pattern: str) -> bool:
-    """An independent reading of the globs the README documents: `*` any run, `?` one char."""
+    """`*` stands for any run of dial characters, `?` for one, the rest for themselves."""
     if not pattern:
         return not text
     if pattern[0] == "*":
-        return any(glob_matches(text[cut:], pattern[1:]) for cut in range(len(text) + 1))
+        return any(
+            glob_matches(text[cut:], pattern[1:])
+            for cut in range(len(text) + 1)
+            if set(text[:cut]) <= DIAL_CHARACTERS
+        )
     if not text:
         return False
-    return (pattern[0] == "?" or pattern[0] == text[0]) and glob_matches(text[1:], pattern[1:])
+    head = text[0] in DIAL_CHARACTERS if pattern[0] == "?" else pattern[0] == text[0]
+    return head and glob_matches(text[1:], pattern[1:])
 
 
-dial_strings = st.builds(
-    lambda plus, digits: plus + digits,
-    st.sampled_from(["", "+"]),
-    st.text(DIGITS, min_size=1, max_size=14),
+# Dial strings as callers may send them, DTMF keys and SIP URIs with parameters included.
+dial_strings = st.one_of(
+    st.builds(
+        lambda plus, digits: plus + digits,
+        st.sampled_from(["", "+"]),
+        st.text("0123#*", min_size=1, max_size=14),
+    ),
+    st.builds(
+        lambda user, domain: f"sip:{user}@{domain}",
+        st.text("01a.+;@?=", min_size=1, max_size=8),
+        st.sampled_from(["pbx.example.com", "evil.example", "pbx.example.com;maddr=evil"]),
+    ),
 )
-patterns = st.text(DIGITS[:3] + "+*?", min_size=1, max_size=6)
+patterns = st.one_of(
+    st.text("012+*?#", min_size=1, max_size=6),
+    st.builds(lambda user: f"sip:{user}@pbx.example.com", st.text("01a*?+", max_size=4)),
+)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=st.lists(patterns, min_size=1, max_size=3), dial_string=dial_strings)
 def test_no_dial_string_outside_the_policy_ever_reaches_exchange(
     tmp_path: Path, policy: list[str], dial_string: str
@@ -49,7 +70,7 @@ def test_no_dial_string_outside_the_policy_ever_reaches_exchange(
         headers={"X-API-Key": KEY_A},
     )
 
-    allowed = any(glob_matches(dial_string, pattern) for pattern in policy)
+    allowed = any(policy_allows(dial_string, pattern) for pattern in policy)
     dialled = [call.arguments["dial_string"] for call in fake.calls]
     assert dialled == ([dial_string] if allowed else [])
     assert answer.status_code == (201 if allowed else 403)
@@ -68,6 +89,12 @@ def test_no_dial_string_outside_the_policy_ever_reaches_exchange(
         ("sip:alice@pbx.example.com", True),
         ("sip:alice@pbx.example.com.evil.example", False),
         ("SIP:alice@pbx.example.com", False),  # case-sensitive
+        ("+1555*#", False),  # a wildcard never stands for the DTMF keys * and #
+        ("4*#*", False),
+        ("sip:alice.smith@pbx.example.com", True),
+        ("sip:+900123@evil.example.net;x=@pbx.example.com", False),  # nor for @ ; + in a URI
+        ("sip:alice@pbx.example.com;maddr=evil.example", False),
+        ("sip:+15551234@pbx.example.com", False),  # '+' only where a pattern writes it
     ],
 )
 def test_the_readme_patterns_match_whole_dial_strings(dial_string: str, allowed: bool) -> None:
@@ -81,5 +108,6 @@ def test_the_readme_patterns_match_whole_dial_strings(dial_string: str, allowed:
 
 
 def test_star_alone_allows_everything_and_says_so() -> None:
+    assert DialPolicy(("*",)).check("sip:+1@a.example;x=y?z#") == "sip:+1@a.example;x=y?z#"
     assert DialPolicy(("*",)).allows_everything
     assert not DialPolicy(("+1*",)).allows_everything
