@@ -40,6 +40,10 @@ class GatewayError(Exception):
         self.warning = warning
         # Exchange's HTTP status, when its answer got that far (for the log line).
         self.upstream_status: int | None = None
+        # True when the failure came before any byte of the request was sent (a name that
+        # did not resolve, a refused connection, a failed TLS handshake or ticket request):
+        # Exchange cannot have acted on it, so a PlayOnPhone that failed so dialled nothing.
+        self.before_sending = False
 
 
 # Caller-side problems: Exchange is never contacted.

@@ -7,11 +7,12 @@ PlayOnPhone); while the first is still running, duplicates wait for its answer a
 if it takes longer than Exchange's deadline; the same key with another body is `422`.
 
 Outcomes: a call placed (201) is kept and replayed. A failure that proves no call was placed
-(Exchange said an error, the gateway refused before dialing) frees the key, so a retry with
-it dials afresh. A failure whose outcome is unknown (timeout after the request was sent, a
-broken or unreadable answer, a crash) may have placed a call: the key then answers `409`
-(`idempotency-outcome-unknown`) for its 24 hours and is never replayed as a success; the
-client checks the phone and, to dial again, sends a new key.
+(Exchange said an error, the gateway refused before dialing, Exchange could not be reached
+before the request was sent: no name, a refused connection or TLS handshake) frees the key,
+so a retry with it dials afresh. A failure whose outcome is unknown (timeout after the
+request was sent, a broken or unreadable answer, a crash) may have placed a call: the key
+then answers `409` (`idempotency-outcome-unknown`) for its 24 hours and is never replayed as
+a success; the client checks the phone and, to dial again, sends a new key.
 
 Storage is Redis with GATEWAY_REDIS_URL, else this process's memory. Redis unreachable:
 requests with a key fail CLOSED with `503` (dialing without the key's protection could dial
@@ -116,8 +117,11 @@ class IdempotentCalls:
     def _first(self, store_key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
         try:
             answer = place()
-        except OUTCOME_UNKNOWN:
-            self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
+        except OUTCOME_UNKNOWN as error:
+            if error.before_sending:  # the request never left: nothing was dialled
+                self._forget(store_key)
+            else:
+                self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
             raise
         except GatewayError:
             self._forget(store_key)  # nothing was dialled: a retry with this key may dial

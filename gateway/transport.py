@@ -39,9 +39,9 @@ import select
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from gateway import __version__, connector, http1
@@ -53,6 +53,7 @@ LOG = logging.getLogger("gateway.transport")
 # larger is not a real answer. Also the cap on a decompressed body.
 MAX_REPLY_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
+StepT = TypeVar("StepT")
 # How far a step may outlast the deadline rather than re-arm the socket's timeout.
 TIMEOUT_SLACK_S = 0.005
 # 401s an authenticator may answer on one connection: NTLM needs two round trips.
@@ -215,7 +216,7 @@ class ExchangeTransport:
         idempotent: the request may go again when a reused connection closes before
         any byte of its answer (GetPhoneCallInformation, DisconnectPhoneCall).
         """
-        deadline = time.monotonic() + seconds_left(deadline, self._timeout_s)
+        deadline = time.monotonic() + _before_sending(seconds_left, deadline, self._timeout_s)
         # Formatted before connecting: a header that cannot be sent never costs a connection.
         formatted = http1.format_request(
             self._target, self._host_field, headers, body, checked=self._own_fields
@@ -255,7 +256,7 @@ class ExchangeTransport:
                 if stale.sent and not idempotent:
                     raise _unanswered() from None
                 LOG.debug("a reused connection to Exchange had closed; asking on a new one")
-        connection = self._connect(deadline)
+        connection = _before_sending(self._connect, deadline)
         try:
             return self._ask(connection, request, deadline)
         except _Stale:
@@ -491,6 +492,19 @@ def _is_dropped(sock: Any) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def _before_sending(step: Callable[..., StepT], *args: Any) -> StepT:
+    """Run a step that comes before any byte of the request is sent, and mark its failure so
+    (GatewayError.before_sending): what failed there cannot have reached Exchange."""
+    try:
+        return step(*args)
+    except OSError as exc:
+        error = translate_os_error(exc)
+    except GatewayError as failure:
+        error = failure
+    error.before_sending = True
+    raise error
 
 
 def tls_reason(error: ssl.SSLError) -> str:

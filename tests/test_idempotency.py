@@ -19,6 +19,7 @@ from gateway.errors import (
     IdempotencyOutcomeUnknown,
     SharedStateUnavailable,
     UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from gateway.ews import PlacedCall
 from gateway.idempotency import (
@@ -148,6 +149,22 @@ def test_a_failure_that_placed_no_call_frees_the_key(app: Flask, fake: FakeExcha
 
     assert (first.status_code, retry.status_code) == (422, 201)
     assert len(fake.calls) == 2
+
+
+def test_exchange_unreachable_before_the_request_was_sent_frees_the_key(
+    app: Flask, fake: FakeExchange
+) -> None:
+    refused = UpstreamUnreachable("Exchange could not be reached (ConnectionRefusedError)")
+    refused.before_sending = True
+    fake.error = refused
+    first = post(app, '"order-6"')
+    fake.error = UpstreamUnreachable("Exchange closed the connection before its answer")
+    cut = post(app, '"order-7"')
+    fake.error = None
+
+    assert (first.status_code, post(app, '"order-6"').status_code) == (502, 201)
+    # Cut off after the request went out, Exchange may have dialled: that key stays unknown.
+    assert (cut.status_code, post(app, '"order-7"').status_code) == (502, 409)
 
 
 def test_keys_live_24_hours() -> None:

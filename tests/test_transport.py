@@ -497,6 +497,7 @@ def test_a_refused_connection_is_unreachable_not_a_timeout(
         with pytest.raises(UpstreamUnreachable) as raised:
             any_transports(url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
+    assert raised.value.before_sending  # so a PlayOnPhone that failed so dialled nothing
 
 
 def test_a_name_that_does_not_resolve_is_unreachable(
@@ -509,6 +510,7 @@ def test_a_name_that_does_not_resolve_is_unreachable(
     with pytest.raises(UpstreamUnreachable) as raised:
         transports(f"http://exchange.example.invalid{EWS_PATH}").post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
+    assert raised.value.before_sending
 
 
 @pytest.mark.network
@@ -520,6 +522,7 @@ def test_a_server_that_never_answers_times_out(
     with pytest.raises(UpstreamTimeout) as raised:
         any_transports(server.url, timeout_s=0.3).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (504, "timeout")
+    assert not raised.value.before_sending  # Exchange may be dialling as it keeps silent
 
 
 @pytest.mark.network
@@ -531,6 +534,7 @@ def test_a_connection_closed_without_an_answer_is_unreachable(
     with pytest.raises(UpstreamUnreachable) as raised:
         any_transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
+    assert not raised.value.before_sending  # the request was read: it may have been acted on
 
 
 # Keep-alive connections: stale ones, the close race, retries
@@ -777,6 +781,7 @@ def test_a_trusted_certificate_for_another_name_is_rejected(
     with pytest.raises(UpstreamUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.detail.startswith("The TLS connection to Exchange failed")
+    assert raised.value.before_sending
 
 
 @pytest.mark.network
