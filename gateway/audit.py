@@ -17,8 +17,9 @@ MASK = "*"
 
 
 def mask_dial_string(dial_string: str, visible_digits: int) -> str:
-    """Hide all but the last VISIBLE_DIGITS characters of a dial string (`*******4567`)."""
-    hidden = max(0, len(dial_string) - visible_digits)
+    """Hide all but the last VISIBLE_DIGITS characters of a dial string (`********4567`), and
+    at least its first half, so a short one (an extension, `**11`) is never logged whole."""
+    hidden = max(len(dial_string) - visible_digits, (len(dial_string) + 1) // 2)
     return MASK * hidden + dial_string[hidden:]
 
 

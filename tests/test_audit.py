@@ -81,9 +81,11 @@ def test_a_run_writes_exactly_one_line_per_action_and_no_secret(
     ("dial_string", "visible", "masked"),
     [
         ("+15551234567", 4, "********4567"),
-        ("4711", 4, "4711"),
+        ("+15551234567", 32, "******234567"),  # never more than half
+        ("4711", 4, "**11"),  # a short one is never whole either
         ("4711", 0, "****"),
-        ("12", 4, "12"),
+        ("12", 4, "*2"),
+        ("1", 4, "*"),
     ],
 )
 def test_a_dial_string_keeps_only_its_last_characters(
