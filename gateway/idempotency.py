@@ -16,7 +16,8 @@ a success; the client checks the phone and, to dial again, sends a new key.
 
 Storage is Redis with GATEWAY_REDIS_URL, else this process's memory. Redis unreachable:
 requests with a key fail CLOSED with `503` (dialing without the key's protection could dial
-twice); requests without one never touch Redis.
+twice); requests without one never touch Redis. A claim whose answer Redis lost is taken back
+at once if Redis answers that, so the key is free for the retry.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +80,9 @@ class KeyStore(Protocol):
     def release(self, key: str) -> None:
         """Forget KEY."""
 
+    def release_own(self, key: str, record: str) -> None:
+        """Forget KEY if it still holds RECORD (compare and delete)."""
+
 
 def parse_key(header: str) -> str:
     """Return the key of an Idempotency-Key header: a structured-field string (`"abc"`);
@@ -102,17 +107,34 @@ class IdempotentCalls:
     def place(self, owner: str, key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
         """Answer the request with KEY from OWNER whose body hashes to FINGERPRINT."""
         store_key = KEY_PREFIX + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
+        # The random claim makes this request's record its own, to free it after a lost answer.
         pending = json.dumps(
-            {"state": PENDING, "fingerprint": fingerprint, "startedAt": time.time()}
+            {
+                "state": PENDING,
+                "fingerprint": fingerprint,
+                "startedAt": time.time(),
+                "claim": secrets.token_hex(8),
+            }
         )
         deadline = time.monotonic() + self._wait_s
         while True:
-            existing = self._store.claim(store_key, pending, KEY_TTL_S)
+            existing = self._claim(store_key, pending)
             if existing is None:
                 return self._first(store_key, fingerprint, place)
             record = self._settled(store_key, existing, deadline)
             if record is not None:
                 return _answer_from(record, fingerprint, stale_after_s=self._wait_s)
+
+    def _claim(self, store_key: str, pending: str) -> str | None:
+        try:
+            return self._store.claim(store_key, pending, KEY_TTL_S)
+        except SharedStateUnavailable:
+            # The claim may have been stored with only its answer lost (a Redis timeout): free
+            # it if it is this request's, or the key would look in use, then its outcome
+            # unknown, for 24 hours although nothing was dialled.
+            with contextlib.suppress(SharedStateUnavailable):
+                self._store.release_own(store_key, pending)
+            raise
 
     def _first(self, store_key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
         try:
@@ -210,6 +232,11 @@ class MemoryKeys:
         with self._lock:
             self._records.pop(key, None)
 
+    def release_own(self, key: str, record: str) -> None:
+        with self._lock:
+            if self._live(key) == record:
+                del self._records[key]
+
     def _live(self, key: str) -> str | None:
         now = self._clock()
         if len(self._records) > 10_000:  # bounded memory: drop what has expired
@@ -226,6 +253,11 @@ class RedisKeys:
     def __init__(self, client: redis.Redis, on_error: Callable[[], None]) -> None:
         self._client = client
         self._on_error = on_error
+        # Compare and delete in one step, as Redis's own lock-release pattern does.
+        self._delete_if_equal = client.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+            " return 0"
+        )
 
     def claim(self, key: str, record: str, ttl_s: int) -> str | None:
         if self._call(lambda: self._client.set(key, record, nx=True, ex=ttl_s)):
@@ -241,6 +273,9 @@ class RedisKeys:
 
     def release(self, key: str) -> None:
         self._call(lambda: self._client.delete(key))
+
+    def release_own(self, key: str, record: str) -> None:
+        self._call(lambda: self._delete_if_equal(keys=[key], args=[record]))
 
     def _call(self, command: Callable[[], Any]) -> Any:
         try:

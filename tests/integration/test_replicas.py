@@ -12,13 +12,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pytest
 import redis
 from cryptography import x509
 
+from gateway.errors import SharedStateUnavailable
+from gateway.idempotency import Answer, IdempotentCalls, RedisKeys
 from tests.identity import SigningKey, claims, rsa_key
 from tests.integration.conftest import (
     Response,
@@ -394,3 +396,46 @@ def test_redis_over_tls_with_a_password_from_a_file_holds_the_shared_state(
     finally:
         gateway.stop()
         secure.stop()
+
+
+class LateRedis:
+    """A real Redis client whose first SET NX is stored but answers too late (a timeout)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.lost = 0
+
+    def set(self, *args: Any, **kwargs: Any) -> Any:
+        stored = self.client.set(*args, **kwargs)
+        if kwargs.get("nx") and not self.lost:
+            self.lost += 1
+            raise redis.TimeoutError("Timeout reading from socket")
+        return stored
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_a_claim_whose_answer_redis_lost_is_taken_back_so_the_retry_dials_once(
+    redis_server: RedisServer,
+) -> None:
+    late = LateRedis(redis_server.client())
+    errors: list[int] = []
+    calls = IdempotentCalls(
+        RedisKeys(cast(redis.Redis, late), on_error=lambda: errors.append(1)), wait_s=1
+    )
+    dialled: list[str] = []
+
+    def dial() -> Answer:
+        dialled.append("PlayOnPhone")
+        return Answer(201, {"callId": "c1", "ewsResponseCode": "NoError"}, "/calls/c1")
+
+    with pytest.raises(SharedStateUnavailable):
+        calls.place("gina", "order-9", "fp", dial)
+    assert (late.lost, errors, dialled) == (1, [1], [])
+
+    retry = calls.place("gina", "order-9", "fp", dial)  # not 409 in-use, then outcome-unknown
+
+    assert (retry.status, retry.replayed, dialled) == (201, False, ["PlayOnPhone"])
+    assert calls.place("gina", "order-9", "fp", dial).replayed
+    assert dialled == ["PlayOnPhone"]
