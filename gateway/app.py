@@ -42,13 +42,16 @@ def create_app(
     # An EWS id may contain "//"; merging slashes would change the id.
     app.url_map.merge_slashes = False
     metrics = Metrics(__version__, registry, multiprocess_dir=config.metrics_dir)
+    # Calls to Exchange and duplicates waiting on one share a worker's slots, so neither can
+    # take the threads kept for probes and /metrics.
+    bulkhead = Bulkhead(config.upstream_slots)
     if ews is None:
         ews = EwsClient(
             build_transport(config),
             server_version=config.ews_server_version,
             anchor_mailbox=config.anchor_mailbox,
             observer=metrics,
-            policy=build_policy(config, metrics),
+            policy=build_policy(config, metrics, bulkhead),
         )
     state = state or api.ServiceState()
     state.streams = EventStreams(
@@ -65,7 +68,7 @@ def create_app(
         "streams": state.streams,
         "callers": build_authenticator(config),
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
-        **build_guards(config, metrics),
+        **build_guards(config, metrics, bulkhead),
     }
     api.register(app)
     if config.demo_page:
@@ -102,7 +105,7 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
     )
 
 
-def build_guards(config: Config, metrics: Metrics) -> dict[str, object]:
+def build_guards(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> dict[str, object]:
     """Build call ownership, the dial policy, rate limits, idempotency and the audit trail."""
     client = sharedstate.connect(config)
     store: KeyStore = MemoryKeys()
@@ -124,13 +127,15 @@ def build_guards(config: Config, metrics: Metrics) -> dict[str, object]:
         ),
         # Duplicates wait as long as the first request may take (deadline plus a retry's wait).
         "idempotency": IdempotentCalls(
-            store, wait_s=config.ews_timeout_s + config.retry_max_back_off_s + 1
+            store,
+            wait_s=config.ews_timeout_s + config.retry_max_back_off_s + 1,
+            wait_slot=bulkhead.held,
         ),
         "audit": AuditTrail(config.audit_dial_digits),
     }
 
 
-def build_policy(config: Config, metrics: Metrics) -> UpstreamPolicy:
+def build_policy(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> UpstreamPolicy:
     """Bound calls to Exchange: deadline, one retry, circuit breaker, bulkhead."""
     return UpstreamPolicy(
         timeout_s=config.ews_timeout_s,
@@ -138,7 +143,7 @@ def build_policy(config: Config, metrics: Metrics) -> UpstreamPolicy:
         breaker=CircuitBreaker(
             config.breaker_failures, config.breaker_cooldown_s, on_change=metrics.circuit_changed
         ),
-        bulkhead=Bulkhead(config.upstream_slots),
+        bulkhead=bulkhead,
     )
 
 

@@ -4,7 +4,8 @@ idempotency-key-header-06).
 A key belongs to its caller and lives 24 hours. The first request with a key claims it and
 dials; the same key with the same body later gets the first answer again (no second
 PlayOnPhone); while the first is still running, duplicates wait for its answer and get `409`
-if it takes longer than Exchange's deadline; the same key with another body is `422`.
+if it takes longer than Exchange's deadline, or at once when every slot of the worker's
+bulkhead is taken (a waiting duplicate holds one); the same key with another body is `422`.
 
 Outcomes: a call placed (201) is kept and replayed. A failure that proves no call was placed
 (Exchange said an error, the gateway refused before dialing, Exchange could not be reached
@@ -100,9 +101,20 @@ def parse_key(header: str) -> str:
 class IdempotentCalls:
     """Run `place` at most once per (caller, key) and answer duplicates from its result."""
 
-    def __init__(self, store: KeyStore, *, wait_s: float) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        wait_s: float,
+        wait_slot: Callable[[], contextlib.AbstractContextManager[bool]] = lambda: (
+            contextlib.nullcontext(True)
+        ),
+    ) -> None:
         self._store = store
         self._wait_s = wait_s
+        # A duplicate waits holding a slot of the worker's bulkhead, as the call it waits on
+        # does: waiting duplicates cannot take the threads kept for probes.
+        self._wait_slot = wait_slot
 
     def place(self, owner: str, key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
         """Answer the request with KEY from OWNER whose body hashes to FINGERPRINT."""
@@ -121,7 +133,7 @@ class IdempotentCalls:
             existing = self._claim(store_key, pending)
             if existing is None:
                 return self._first(store_key, fingerprint, place)
-            record = self._settled(store_key, existing, deadline)
+            record = self._wait(store_key, existing, deadline)
             if record is not None:
                 return _answer_from(record, fingerprint, stale_after_s=self._wait_s)
 
@@ -154,6 +166,14 @@ class IdempotentCalls:
         record = {"state": DONE, "fingerprint": fingerprint, **answer.__dict__}
         self._keep(store_key, record)
         return answer
+
+    def _wait(self, store_key: str, existing: str, deadline: float) -> dict[str, Any] | None:
+        """Wait for the first request on a free slot; with none, its pending record (a 409)."""
+        with self._wait_slot() as held:
+            if held:
+                return self._settled(store_key, existing, deadline)
+        record: dict[str, Any] = json.loads(existing)
+        return record
 
     def _settled(self, store_key: str, existing: str, deadline: float) -> dict[str, Any] | None:
         """Wait while the first request runs; None once its key was freed (claim again)."""

@@ -109,16 +109,24 @@ class Bulkhead:
     @contextmanager
     def slot(self) -> Iterator[None]:
         """Hold one slot for the duration of a call, or raise GatewayOverloaded."""
-        if not self._slots.acquire(blocking=False):
-            raise GatewayOverloaded(
-                "too many calls to Exchange are in flight; try again shortly",
-                retry_after_s=1,
-                outcome="rejected",
-            )
-        try:
+        with self.held() as held:
+            if not held:
+                raise GatewayOverloaded(
+                    "too many calls to Exchange are in flight; try again shortly",
+                    retry_after_s=1,
+                    outcome="rejected",
+                )
             yield
+
+    @contextmanager
+    def held(self) -> Iterator[bool]:
+        """Hold one slot if one is free, without waiting; yield whether it is held."""
+        held = self._slots.acquire(blocking=False)
+        try:
+            yield held
         finally:
-            self._slots.release()
+            if held:
+                self._slots.release()
 
 
 # Retrying these repeats nothing a caller could notice; retrying PlayOnPhone dials twice.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -16,6 +18,7 @@ from flask import Flask
 
 from gateway.errors import (
     EwsUnprocessable,
+    IdempotencyKeyInUse,
     IdempotencyOutcomeUnknown,
     SharedStateUnavailable,
     UpstreamTimeout,
@@ -30,6 +33,7 @@ from gateway.idempotency import (
     MemoryKeys,
     RedisKeys,
 )
+from gateway.resilience import Bulkhead
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
 from tests.test_api import FakeExchange
 
@@ -123,6 +127,58 @@ def test_concurrent_duplicates_dial_once_and_all_get_the_first_answer(tmp_path: 
     assert {result.status_code for result in results} == {201}
     assert len({result.get_json()["callId"] for result in results}) == 1
     assert len(slow.calls) == 1
+
+
+class CountingKeys(MemoryKeys):
+    """Keys in memory that note which threads waited on them (looked a key up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting_threads: set[int] = set()
+
+    def get(self, key: str) -> str | None:
+        self.waiting_threads.add(threading.get_ident())
+        return super().get(key)
+
+
+def test_duplicates_wait_on_the_bulkhead_so_one_with_no_slot_left_gets_409_at_once() -> None:
+    bulkhead, store = Bulkhead(2), CountingKeys()
+    holding = threading.Event()
+
+    @contextlib.contextmanager
+    def noted_slot() -> Iterator[bool]:
+        with bulkhead.held() as held:
+            holding.set()
+            yield held
+
+    calls = IdempotentCalls(store, wait_s=5, wait_slot=bulkhead.held)
+    waiter = IdempotentCalls(store, wait_s=5, wait_slot=noted_slot)
+    dialling, hang_up = threading.Event(), threading.Event()
+    dialled: list[int] = []
+
+    def dial() -> Answer:
+        with bulkhead.slot():  # as the call to Exchange does
+            dialled.append(1)
+            dialling.set()
+            hang_up.wait(timeout=20)
+            return Answer(201, {"callId": "c", "ewsResponseCode": "NoError"}, "/calls/c")
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(calls.place, "alice", "k", "fp", dial)
+        assert dialling.wait(timeout=20)
+        waiting = pool.submit(waiter.place, "alice", "k", "fp", dial)
+        assert holding.wait(timeout=20)  # the duplicate holds the last slot as it waits
+        with pytest.raises(IdempotencyKeyInUse) as no_slot:
+            calls.place("alice", "k", "fp", dial)
+        assert threading.get_ident() not in store.waiting_threads  # answered without waiting
+        hang_up.set()
+        assert first.result(timeout=20).status == 201
+        assert waiting.result(timeout=20).replayed
+
+    assert no_slot.value.retry_after_s == 1
+    assert dialled == [1]
+    with bulkhead.held() as held:  # every slot was given back
+        assert held
 
 
 def test_an_unknown_outcome_is_never_replayed_as_a_success(app: Flask, fake: FakeExchange) -> None:

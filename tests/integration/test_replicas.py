@@ -284,7 +284,8 @@ def test_a_callers_requests_through_both_instances_never_pass_the_request_quota(
 def test_twenty_concurrent_posts_with_one_key_over_both_instances_dial_once(
     replicas: StartPair, slow_simulator: Server, signer: SigningKey
 ) -> None:
-    one, two = replicas(slow_simulator)
+    # A waiting duplicate holds a bulkhead slot: 12 a worker (16 threads), so all 20 can wait.
+    one, two = replicas(slow_simulator, GATEWAY_THREADS="16")
     erin = {**as_caller(signer, "erin"), "Idempotency-Key": '"a1b2c3d4-order-42"'}
 
     def post(n: int) -> Response:
