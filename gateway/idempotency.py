@@ -11,9 +11,10 @@ Outcomes: a call placed (201) is kept and replayed. A failure that proves no cal
 (Exchange said an error, the gateway refused before dialing, Exchange could not be reached
 before the request was sent: no name, a refused connection or TLS handshake) frees the key,
 so a retry with it dials afresh. A failure whose outcome is unknown (timeout after the
-request was sent, a broken or unreadable answer, a crash) may have placed a call: the key
-then answers `409` (`idempotency-outcome-unknown`) for its 24 hours and is never replayed as
-a success; the client checks the phone and, to dial again, sends a new key.
+request was sent, a broken or unreadable answer, an HTTP 500 error page, a crash) may have
+placed a call: the key then answers `409` (`idempotency-outcome-unknown`) for its 24 hours
+and is never replayed as a success; the client checks the phone and, to dial again, sends a
+new key.
 
 Storage is Redis with GATEWAY_REDIS_URL, else this process's memory. Redis unreachable:
 requests with a key fail CLOSED with `503` (dialing without the key's protection could dial
@@ -151,14 +152,11 @@ class IdempotentCalls:
     def _first(self, store_key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
         try:
             answer = place()
-        except OUTCOME_UNKNOWN as error:
-            if error.before_sending:  # the request never left: nothing was dialled
-                self._forget(store_key)
-            else:
+        except GatewayError as error:
+            if may_have_dialled(error):
                 self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
-            raise
-        except GatewayError:
-            self._forget(store_key)  # nothing was dialled: a retry with this key may dial
+            else:
+                self._forget(store_key)  # nothing was dialled: a retry with this key may dial
             raise
         except Exception:
             self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
@@ -196,6 +194,21 @@ class IdempotentCalls:
     def _forget(self, store_key: str) -> None:
         with contextlib.suppress(SharedStateUnavailable):
             self._store.release(store_key)
+
+
+def may_have_dialled(error: GatewayError) -> bool:
+    """Whether PlayOnPhone may have placed a call although it ended in ERROR.
+
+    Yes after a timeout, a cut or unreadable answer, or an HTTP 500 without a SOAP answer (an
+    IIS error page can follow whatever EWS did); no when the request was never sent, or when
+    Exchange or a front end said no in a way that comes before dialling (an EWS error code,
+    401, 429, 503).
+    """
+    if error.before_sending:
+        return False
+    if isinstance(error, OUTCOME_UNKNOWN):
+        return True
+    return error.outcome == "http_error" and error.upstream_status == 500
 
 
 def _answer_from(record: dict[str, Any], fingerprint: str, *, stale_after_s: float) -> Answer:

@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     free_port,
     gateway_env,
     http,
+    set_faults,
     simulator_requests,
     start,
 )
@@ -440,3 +441,40 @@ def test_a_claim_whose_answer_redis_lost_is_taken_back_so_the_retry_dials_once(
     assert (retry.status, retry.replayed, dialled) == (201, False, ["PlayOnPhone"])
     assert calls.place("gina", "order-9", "fp", dial).replayed
     assert dialled == ["PlayOnPhone"]
+
+
+# How a first POST with a key fails, and what its retry with the same key then gets: the
+# key is freed (201, dialled afresh) only when the failure proves nothing was dialled.
+FIRST_POST_FAILURES = [
+    ({"kind": "ews-error", "code": "ErrorInvalidPhoneNumber"}, 201),  # Exchange said no
+    ({"kind": "html-500"}, 409),  # an IIS error page can follow whatever EWS did
+    ({"kind": "fault", "code": "ErrorInvalidRequest"}, 201),
+    ({"kind": "reset"}, 409),  # cut off after the request was read
+    ({"kind": "http-503"}, 201),  # a front end refused before EWS ran
+    ({"kind": "malformed"}, 409),
+    ({"kind": "busy", "backOffMs": 60000}, 201),
+    ({"kind": "redirect"}, 409),
+    ({"kind": "http-401"}, 201),
+    ({"kind": "hang", "ms": 3000}, 409),  # EWS_TIMEOUT_SECONDS is 2
+]
+
+
+def test_a_failed_first_post_frees_its_key_only_when_nothing_can_have_been_dialled(
+    replicas: StartPair, simulator: Server, signer: SigningKey
+) -> None:
+    one, two = replicas(simulator, GATEWAY_RATE_LIMIT_CALLS="100/minute")
+    retries = {}
+    for n, (fault, _) in enumerate(FIRST_POST_FAILURES):
+        keyed = {**as_caller(signer, "hana"), "Idempotency-Key": f'"first-fails-{n}"'}
+        set_faults(simulator, {**fault, "operation": "PlayOnPhone", "count": 1})
+        first = http("POST", f"{one.url}/calls", PLACE, headers=keyed)
+        set_faults(simulator)
+        assert first.status >= 400, (fault, first.body)
+        retry = http("POST", f"{two.url}/calls", PLACE, headers=keyed)
+        retries[fault["kind"]] = (retry.status, retry.json()["type"] if retry.status == 409 else "")
+
+    unknown = "urn:ews-gateway:problem:idempotency-outcome-unknown"
+    assert retries == {
+        fault["kind"]: (status, unknown if status == 409 else "")
+        for fault, status in FIRST_POST_FAILURES
+    }
