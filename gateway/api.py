@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
@@ -39,7 +40,7 @@ from gateway.ews import PhoneCalls
 from gateway.idempotency import Answer
 from gateway.metrics import Metrics
 from gateway.ownership import owner_of
-from gateway.quotas import CALLS, REQUESTS
+from gateway.quotas import CALLS, REQUESTS, Charge
 from gateway.streams import EventStreams, Watch
 
 PROBLEM_JSON = "application/problem+json"
@@ -298,6 +299,18 @@ def start_request() -> Response | None:
     return None
 
 
+def _add_rate_limit_fields(headers: Headers, charges: list[Charge]) -> None:
+    """List every quota the request was charged against; a 429 already holds its spent one's
+    item, which goes last (draft-ietf-httpapi-ratelimit-headers: one item per policy)."""
+    policies = [charge.policy for charge in charges]
+    items = [charge.remaining for charge in charges]
+    if "RateLimit" in headers:
+        policies.append(headers["RateLimit-Policy"])
+        items.append(headers["RateLimit"])
+    headers["RateLimit-Policy"] = ", ".join(policies)
+    headers["RateLimit"] = ", ".join(items)
+
+
 def _options() -> Response:
     """Answer OPTIONS: 204 with Allow on a route, and a CORS preflight for any path.
 
@@ -324,9 +337,8 @@ def finish_request(response: Response) -> Response:
     """Stamp the request id, count the request and write its log line."""
     state = g._get_current_object()
     response.headers["X-Request-ID"] = state.request_id
-    if state.get("rate_limits") and "RateLimit" not in response.headers:
-        response.headers["RateLimit-Policy"] = ", ".join(c.policy for c in state.rate_limits)
-        response.headers["RateLimit"] = ", ".join(c.remaining for c in state.rate_limits)
+    if state.get("rate_limits"):
+        _add_rate_limit_fields(response.headers, state.rate_limits)
     if request.endpoint in ALWAYS_AUDITED or state.get("refusal"):
         _audit(state, response.status_code)
     seconds = time.perf_counter() - state.started

@@ -82,6 +82,21 @@ def test_placing_a_call_charges_both_quotas_and_shows_both_policies(tmp_path: Pa
     assert answer.headers["RateLimit"] == '"requests";r=99, "calls";r=4'
 
 
+def test_a_429_for_calls_still_shows_what_is_left_of_the_request_quota(tmp_path: Path) -> None:
+    app = app_with_keys(
+        tmp_path, FakeExchange(), rate_limit_requests="100/minute", rate_limit_calls="1/minute"
+    )
+    client = app.test_client()
+
+    client.post("/calls", json=PLACE, headers={"X-API-Key": KEY_A})
+    refused = client.post("/calls", json=PLACE, headers={"X-API-Key": KEY_A})
+
+    assert refused.status_code == 429
+    retry_after = refused.headers["Retry-After"]
+    assert refused.headers["RateLimit-Policy"] == '"requests";q=100;w=60, "calls";q=1;w=60'
+    assert refused.headers["RateLimit"] == f'"requests";r=98, "calls";r=0;t={retry_after}'
+
+
 class UnreachableStorage(MemoryStorage):
     """Storage whose every command fails as a Redis outage does."""
 
