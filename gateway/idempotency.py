@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 import threading
 import time
@@ -55,6 +56,9 @@ KEY_PREFIX = "ews-gateway:idempotency:"
 # Failures after which Exchange may have placed the call although the gateway cannot tell.
 OUTCOME_UNKNOWN = (UpstreamTimeout, UpstreamBadResponse, UpstreamUnreachable)
 PENDING, DONE, UNKNOWN = "pending", "done", "unknown"
+# RFC 8941 §3.3.3: a string is quoted; inside, '"' and '\' come only escaped.
+_SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_SF_ESCAPE = re.compile(r'\\(["\\])')
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,15 @@ class KeyStore(Protocol):
 
 
 def parse_key(header: str) -> str:
-    """Return the key of an Idempotency-Key header: a structured-field string (`"abc"`);
-    a bare token is accepted too. Raises InvalidRequest for anything else."""
+    """Return the key of an Idempotency-Key header: a structured-field string (`"abc"`, with
+    `\\"` and `\\\\` escapes, RFC 8941 §3.3.3); a bare value is accepted too. Raises
+    InvalidRequest unless the key is 1 to 255 printable ASCII characters without spaces."""
     value = header.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = value[1:-1]
+    quoted = _SF_STRING.fullmatch(value)
+    if quoted:
+        value = _SF_ESCAPE.sub(r"\1", quoted[1])
+    elif '"' in value or "\\" in value:
+        raise InvalidRequest('Idempotency-Key must be a structured-field string: "key"')
     if not 1 <= len(value) <= MAX_KEY_CHARS or not all(" " < c <= "~" for c in value):
         raise InvalidRequest(
             f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable ASCII characters"

@@ -847,6 +847,23 @@ def test_a_json_body_that_is_not_an_object_is_400_saying_it_must_be_one(
     assert fake.calls == []
 
 
+@pytest.mark.parametrize(
+    ("body", "name"),
+    [
+        (b'{"itemId": "item-1", "dialString": "4711", "dialString": "+900123456"}', "dialString"),
+        (b'{"itemId": "item-1", "itemChangeKey": {"a": 1, "a": 2}, "dialString": "4711"}', "a"),
+    ],
+)
+def test_a_member_named_twice_is_refused_with_400_and_nothing_is_dialled(
+    client: FlaskClient, fake: FakeExchange, body: bytes, name: str
+) -> None:
+    response = client.post("/calls", data=body, content_type="application/json")
+
+    problem = assert_problem(response, 400)
+    assert problem["detail"] == f"the body names {name!r} twice; name each field once"
+    assert fake.calls == []
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_not_json_and_are_refused_with_400(
     client: FlaskClient, fake: FakeExchange, constant: str

@@ -32,6 +32,7 @@ from gateway.idempotency import (
     IdempotentCalls,
     MemoryKeys,
     RedisKeys,
+    parse_key,
 )
 from gateway.resilience import Bulkhead
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
@@ -97,7 +98,14 @@ def test_a_bare_key_is_accepted_and_a_bad_one_is_400(app: Flask, fake: FakeExcha
     assert post(app, '"order-2"').status_code == 201  # the same key, quoted
     assert post(app, '"has space"').status_code == 400
     assert post(app, '""').status_code == 400
-    assert len(fake.calls) == 1
+    # RFC 8941 strings: closed, with '"' and '\\' only escaped.
+    assert post(app, '"order-3').status_code == 400
+    assert post(app, 'order"3').status_code == 400
+    assert post(app, '"order"3"').status_code == 400
+    assert post(app, '"order\\"3"').status_code == 201
+    assert post(app, '"order\\"3"').status_code == 201  # replayed
+    assert len(fake.calls) == 2
+    assert parse_key('"order\\"3"') == 'order"3'
 
 
 class SlowExchange(FakeExchange):
