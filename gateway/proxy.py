@@ -9,7 +9,7 @@ too, as most clients do, because the gateway is no CGI program), `all_proxy`
 `NO_PROXY` is a comma-separated list: `*` matches every host; a name matches
 itself and its subdomains (a leading dot is ignored); an IP address or a CIDR
 range matches addresses, given literally in EWS_URL. Names are compared
-without case and without a trailing dot. A proxy URL without a scheme is
+without case and without a trailing dot, as IDNA 2008 A-labels. A proxy URL without a scheme is
 http://, and one without a port is port 1080, as for curl; credentials in it
 become Proxy-Authorization. Its host is named by IDNA 2008 A-labels, and one
 DNS cannot carry (an empty label, one over 63 characters) is refused at start.
@@ -84,7 +84,12 @@ def parse_proxy_url(value: str, name: str) -> Proxy:
 
 
 def bypasses_proxy(no_proxy: str, host: str) -> bool:
-    """Tell whether NO_PROXY's list exempts this host (lower case, no trailing dot)."""
+    """Tell whether NO_PROXY's list exempts this host (lower case, no trailing dot).
+
+    Names are compared as IDNA 2008 A-labels, so `bücher.example` and `xn--bcher-kva.example`
+    are one domain whichever form EWS_URL and NO_PROXY use.
+    """
+    host = _a_labels(host)
     address = _address(host)
     for entry in (item.strip().lower() for item in no_proxy.split(",")):
         if not entry:
@@ -95,10 +100,19 @@ def bypasses_proxy(no_proxy: str, host: str) -> bool:
             if _address_matches(entry, address):
                 return True
             continue
-        name = entry.lstrip(".").rstrip(".")
+        name = _a_labels(entry.lstrip(".").rstrip("."))
         if name and (host == name or host.endswith("." + name)):
             return True
     return False
+
+
+def _a_labels(name: str) -> str:
+    """NAME as lower-case A-labels; as it is if IDNA 2008 refuses it (then it matches only
+    itself)."""
+    try:
+        return http1.ascii_host(name).lower()
+    except ValueError:
+        return name
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -157,6 +157,21 @@ def test_no_proxy_matches_addresses_by_cidr_range(host: str, entry: str, bypasse
     assert bypasses_proxy(entry, host) is bypassed
 
 
+@pytest.mark.parametrize(
+    ("host", "entry", "bypassed"),
+    [
+        ("exchange.bücher.example", ".xn--bcher-kva.example", True),
+        ("exchange.xn--bcher-kva.example", "bücher.example", True),
+        ("exchange.BÜCHER.example", "bücher.example", True),
+        ("mail.straße.example", "strasse.example", False),  # IDNA 2008 keeps ß
+    ],
+)
+def test_no_proxy_matches_international_names_in_either_form(
+    host: str, entry: str, bypassed: bool
+) -> None:
+    assert bypasses_proxy(entry, host.lower()) is bypassed
+
+
 def test_lower_case_no_proxy_wins_over_upper_case() -> None:
     environ = {"HTTPS_PROXY": "http://proxy:3128", "no_proxy": "", "NO_PROXY": "example.com"}
     assert from_env(**environ).ews_proxy is not None
