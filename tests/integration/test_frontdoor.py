@@ -146,7 +146,8 @@ def counted(gateway: Server, method: str, route: str, status: int) -> float:
 
 def access_lines(gateway: Server, request_id: str) -> list[dict[str, Any]]:
     lines = []
-    for line in gateway.log().splitlines():
+    # Complete lines only: the gateway may be writing the last one as it is read.
+    for line in gateway.log().split("\n")[:-1]:
         if request_id in line and line.startswith("{"):
             record = json.loads(line)
             if record.get("logger") == "gateway.access":

@@ -287,7 +287,7 @@ export interface components {
     responses: {
         /**
          * @description The request is malformed (a bad callId; a body that is not JSON, uses
-         *     NaN or Infinity, or is not an object with the required fields; type
+         *     NaN or Infinity, names a field twice, or is not an object with the required fields; type
          *     `invalid-request`), or is not valid HTTP/1.1 at all (a broken request
          *     line, header or chunked body; type `malformed-request`). Exchange was
          *     not contacted.
@@ -320,7 +320,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description The dial string is outside the operator's policy, GATEWAY_DIAL_ALLOW (`dial-string-not-allowed`; Exchange was not contacted); the caller is authenticated but not allowed (its token names no mailbox to act as); or Exchange denied access (ErrorAccessDenied, ErrorImpersonateUserDenied, ErrorImpersonationDenied, ErrorImpersonationFailed). */
+        /** @description The dial string is outside the operator's policy, GATEWAY_DIAL_ALLOW, whose wildcards stand only for letters, digits, `-`, `.` and `_` (`dial-string-not-allowed`; Exchange was not contacted); the caller is authenticated but not allowed (its token names no mailbox to act as); or Exchange denied access (ErrorAccessDenied, ErrorImpersonateUserDenied, ErrorImpersonationDenied, ErrorImpersonationFailed). */
         AccessDenied: {
             headers: {
                 [name: string]: unknown;
@@ -474,7 +474,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description The first request with this Idempotency-Key is still running (`idempotency-key-in-use`, with `Retry-After`), or it failed after reaching Exchange so a call may have been placed (`idempotency-outcome-unknown`; check, then use a new key). */
+        /** @description The first request with this Idempotency-Key is still running and outlasted the wait, or the worker had no slot left to wait on (`idempotency-key-in-use`, with `Retry-After`), or it failed after reaching Exchange so a call may have been placed (`idempotency-outcome-unknown`; check, then use a new key). */
         IdempotencyConflict: {
             headers: {
                 "Retry-After": components["headers"]["RetryAfter"];
@@ -536,8 +536,10 @@ export interface components {
          *     duplicates wait for its answer (409 if it outlasts Exchange's
          *     deadline); the same key with another body is 422. Keys live 24 hours.
          *     If the first request failed after reaching Exchange with an unknown
-         *     outcome (timeout, broken answer), the key answers 409
-         *     `idempotency-outcome-unknown`: a call may have been placed.
+         *     outcome (timeout, broken answer, an HTTP 500 error page), the key answers 409
+         *     `idempotency-outcome-unknown`: a call may have been placed. A first
+         *     request that failed without placing a call (an EWS error, a refusal,
+         *     Exchange unreachable before the request was sent) frees the key.
          */
         IdempotencyKey: string;
     };
@@ -549,7 +551,7 @@ export interface components {
         RetryAfter: number;
         /** @description draft-ietf-httpapi-ratelimit-headers: the caller's quotas, e.g. `"requests";q=600;w=60, "calls";q=10;w=60` (q requests per w seconds). Present when a quota applies. */
         RateLimitPolicy: string;
-        /** @description draft-ietf-httpapi-ratelimit-headers: what is left of each quota, e.g. `"calls";r=7`; once refused `"calls";r=0;t=42` (t: seconds until the quota is restored). */
+        /** @description draft-ietf-httpapi-ratelimit-headers: what is left of each quota, e.g. `"calls";r=7`; once refused `"requests";r=98, "calls";r=0;t=42` (t: seconds until the quota is restored; one item per quota the request counted against). */
         RateLimit: string;
     };
     pathItems: never;
@@ -571,8 +573,10 @@ export interface operations {
                  *     duplicates wait for its answer (409 if it outlasts Exchange's
                  *     deadline); the same key with another body is 422. Keys live 24 hours.
                  *     If the first request failed after reaching Exchange with an unknown
-                 *     outcome (timeout, broken answer), the key answers 409
-                 *     `idempotency-outcome-unknown`: a call may have been placed.
+                 *     outcome (timeout, broken answer, an HTTP 500 error page), the key answers 409
+                 *     `idempotency-outcome-unknown`: a call may have been placed. A first
+                 *     request that failed without placing a call (an EWS error, a refusal,
+                 *     Exchange unreachable before the request was sent) frees the key.
                  */
                 "Idempotency-Key"?: components["parameters"]["IdempotencyKey"];
             };
