@@ -266,9 +266,11 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     POST body (timeit: 5.2 against 2.5 µs for json.loads alone)."""
     members = dict(pairs)
     if len(members) < len(pairs):
-        names = [name for name, _ in pairs]
-        twice = next(name for at, name in enumerate(names) if name in names[:at])
-        raise InvalidRequest(f"the body names {twice!r} twice; name each field once")
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise InvalidRequest(f"the body names {name!r} twice; name each field once")
+            seen.add(name)
     return members
 
 

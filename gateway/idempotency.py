@@ -44,6 +44,7 @@ from gateway.errors import (
     IdempotencyOutcomeUnknown,
     InvalidRequest,
     SharedStateUnavailable,
+    UpstreamAuthFailed,
     UpstreamBadResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -207,8 +208,9 @@ class IdempotentCalls:
 def may_have_dialled(error: GatewayError) -> bool:
     """Whether PlayOnPhone may have placed a call although it ended in ERROR.
 
-    Yes after a timeout, a cut or unreadable answer, or an HTTP 500 without a SOAP answer (an
-    IIS error page can follow whatever EWS did); no when the request was never sent, or when
+    Yes after a timeout, a cut or unreadable answer, an HTTP 500 without a SOAP answer (an
+    IIS error page can follow whatever EWS did), or a final answer whose authentication the
+    gateway refused (EWS had run); no when the request was never sent, or when
     Exchange or a front end said no in a way that comes before dialling (an EWS error code,
     401, 429, 503).
     """
@@ -216,6 +218,8 @@ def may_have_dialled(error: GatewayError) -> bool:
         return False
     if isinstance(error, OUTCOME_UNKNOWN):
         return True
+    if isinstance(error, UpstreamAuthFailed) and error.upstream_status is None:
+        return True  # not a 401 but a refusal of Exchange's final answer (mutual auth): EWS ran
     return error.outcome == "http_error" and error.upstream_status == 500
 
 

@@ -21,6 +21,7 @@ from gateway.errors import (
     IdempotencyKeyInUse,
     IdempotencyOutcomeUnknown,
     SharedStateUnavailable,
+    UpstreamAuthFailed,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -229,6 +230,21 @@ def test_exchange_unreachable_before_the_request_was_sent_frees_the_key(
     assert (first.status_code, post(app, '"order-6"').status_code) == (502, 201)
     # Cut off after the request went out, Exchange may have dialled: that key stays unknown.
     assert (cut.status_code, post(app, '"order-7"').status_code) == (502, 409)
+
+
+def test_a_refused_final_answer_leaves_the_outcome_unknown_but_a_401_frees_the_key(
+    app: Flask, fake: FakeExchange
+) -> None:
+    fake.error = UpstreamAuthFailed("Exchange's answer failed mutual authentication")
+    mutual = post(app, '"order-8"')
+    refused = UpstreamAuthFailed("Exchange refused the gateway's credentials (HTTP 401)")
+    refused.upstream_status = 401
+    fake.error = refused
+    unauthorised = post(app, '"order-9"')
+    fake.error = None
+
+    assert (mutual.status_code, post(app, '"order-8"').status_code) == (502, 409)
+    assert (unauthorised.status_code, post(app, '"order-9"').status_code) == (502, 201)
 
 
 def test_keys_live_24_hours() -> None:
