@@ -25,7 +25,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from tests.integration.conftest import free_port
 
 WORKERS = 16

@@ -23,10 +23,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from gateway import tracing
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.ews import EwsClient
+from gateway.telemetry import tracing
 from gateway.transport import UpstreamReply
 
 REQUESTS = 3000

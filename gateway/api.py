@@ -21,7 +21,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway import events, idempotency, logs, tracing, validation
+from gateway import events, idempotency, validation
 from gateway.callers import ANONYMOUS
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
@@ -38,10 +38,11 @@ from gateway.errors import (
 )
 from gateway.ews import PhoneCalls
 from gateway.idempotency import Answer
-from gateway.metrics import Metrics
 from gateway.ownership import owner_of
 from gateway.quotas import CALLS, REQUESTS, Charge
 from gateway.streams import EventStreams, Watch
+from gateway.telemetry import logs, tracing
+from gateway.telemetry.metrics import Metrics
 
 PROBLEM_JSON = "application/problem+json"
 ACCESS_LOG = logging.getLogger("gateway.access")

@@ -18,11 +18,11 @@ from gateway.config import Config
 from gateway.dialing import ALLOW_ALL, DialPolicy
 from gateway.ews import EwsClient, PhoneCalls, Transport
 from gateway.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
-from gateway.metrics import Metrics
 from gateway.ownership import CallIds
 from gateway.quotas import LEASE_TARGET_S, Quotas, build_storage
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.streams import EventStreams
+from gateway.telemetry.metrics import Metrics
 from gateway.transport import ExchangeTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.

@@ -17,11 +17,12 @@ from typing import Any, Protocol, TypeVar
 
 import tenacity
 
-from gateway import logs, replies, tracing, wire
+from gateway import replies, wire
 from gateway.envelopes import EnvelopeBuilder
 from gateway.errors import GatewayError, GatewayOverloaded
 from gateway.replies import Answer, CallInformation, Disconnected, PlacedCall
 from gateway.resilience import IDEMPOTENT_OPERATIONS, UpstreamPolicy
+from gateway.telemetry import logs, tracing
 from gateway.transport import UpstreamReply
 
 CONTENT_TYPE = "text/xml; charset=utf-8"

@@ -36,7 +36,7 @@ from gunicorn.http.unreader import SocketUnreader
 
 from gateway import errors, validation
 from gateway.api import UNMATCHED_ROUTE
-from gateway.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
+from gateway.telemetry.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
 
 ACCESS_LOG = logging.getLogger("gateway.access")
 LOG = logging.getLogger("gateway")

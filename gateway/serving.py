@@ -25,14 +25,15 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway import frontdoor, metrics, tracing
+from gateway import frontdoor
 from gateway.api import ServiceState
 from gateway.app import create_app
 from gateway.callers import build_authenticator
 from gateway.config import Config, ConfigError
 from gateway.dialing import DialPolicy
 from gateway.errors import GatewayError
-from gateway.logs import configure_logging
+from gateway.telemetry import metrics, tracing
+from gateway.telemetry.logs import configure_logging
 
 LOG = logging.getLogger("gateway")
 RAM_DISK = Path("/dev/shm")  # noqa: S108 - only for heartbeat and metric files
@@ -448,7 +449,7 @@ def _gunicorn_log_config(level: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "gateway.logs.json_formatter"}},
+        "formatters": {"json": {"()": "gateway.telemetry.logs.json_formatter"}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",

@@ -48,7 +48,7 @@ _READ_WRITE = selectors.EVENT_READ | selectors.EVENT_WRITE
 
 
 class StreamObserver(Protocol):
-    """Receives what the pump does (gateway.metrics.Metrics implements it)."""
+    """Receives what the pump does (gateway.telemetry.metrics.Metrics implements it)."""
 
     def stream_opened(self) -> None:
         """A watcher's stream was handed to the pump."""

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 
 from gateway.audit import mask_dial_string
-from gateway.logs import json_formatter
+from gateway.telemetry.logs import json_formatter
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, subject_of
 from tests.test_api import FakeExchange
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from gateway import errors, frontdoor, serving
 from gateway.config import Config
 from gateway.frontdoor import CallerFacts
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 APP_ORIGIN = "https://app.example.com"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import metrics
-from gateway.metrics import Metrics
+from gateway.telemetry import metrics
+from gateway.telemetry.metrics import Metrics
 
 REQUESTS = (
     "ews_gateway_http_requests_total",

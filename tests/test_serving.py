@@ -85,7 +85,10 @@ def test_gunicorn_logs_json_to_stderr_and_leaves_access_lines_to_the_gateway() -
     settings = options()
     assert settings["accesslog"] is None
     assert settings["errorlog"] == "-"
-    assert settings["logconfig_dict"]["formatters"]["json"]["()"] == "gateway.logs.json_formatter"
+    assert (
+        settings["logconfig_dict"]["formatters"]["json"]["()"]
+        == "gateway.telemetry.logs.json_formatter"
+    )
 
 
 def test_the_master_removes_the_metrics_directory_serve_made_when_it_exits(tmp_path: Path) -> None:
@@ -99,7 +102,7 @@ def test_the_master_removes_the_metrics_directory_serve_made_when_it_exits(tmp_p
 
 def test_python_warnings_are_logged_as_json_lines_like_everything_else() -> None:
     script = (
-        "import warnings; from gateway.logs import configure_logging; "
+        "import warnings; from gateway.telemetry.logs import configure_logging; "
         "configure_logging('info'); warnings.warn('a library complains')"
     )
     run = subprocess.run(
