@@ -21,8 +21,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway import events, idempotency, validation
-from gateway.callers import ANONYMOUS
+from gateway import events
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
     CallNotFound,
@@ -37,9 +36,11 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.ews import PhoneCalls
-from gateway.idempotency import Answer
-from gateway.ownership import owner_of
-from gateway.quotas import CALLS, REQUESTS, Charge
+from gateway.guards import idempotency, validation
+from gateway.guards.callers import ANONYMOUS
+from gateway.guards.idempotency import Answer
+from gateway.guards.ownership import owner_of
+from gateway.guards.quotas import CALLS, REQUESTS, Charge
 from gateway.streams import EventStreams, Watch
 from gateway.telemetry import logs, tracing
 from gateway.telemetry.metrics import Metrics
@@ -104,7 +105,7 @@ def authorized_call(call_id: str) -> str:
     """Return the EWS id behind a caller's call id, or raise the 404 of an unknown call.
 
     Every route that names a call (GET, DELETE, the event stream) goes through here; the
-    rule itself is gateway.ownership.CallIds.ews_call_id(call_id, caller).
+    rule itself is gateway.guards.ownership.CallIds.ews_call_id(call_id, caller).
     """
     g.call_id = call_id
     checked = validation.check_call_id(call_id)

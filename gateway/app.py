@@ -11,15 +11,16 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api, callscreen, sharedstate, upstream_auth
-from gateway.audit import AuditTrail
-from gateway.callers import build_authenticator
+from gateway import __version__, api, callscreen, upstream_auth
 from gateway.config import Config
-from gateway.dialing import ALLOW_ALL, DialPolicy
 from gateway.ews import EwsClient, PhoneCalls, Transport
-from gateway.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
-from gateway.ownership import CallIds
-from gateway.quotas import LEASE_TARGET_S, Quotas, build_storage
+from gateway.guards import sharedstate
+from gateway.guards.audit import AuditTrail
+from gateway.guards.callers import build_authenticator
+from gateway.guards.dialing import ALLOW_ALL, DialPolicy
+from gateway.guards.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
+from gateway.guards.ownership import CallIds
+from gateway.guards.quotas import LEASE_TARGET_S, Quotas, build_storage
 from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.streams import EventStreams
 from gateway.telemetry.metrics import Metrics

@@ -96,7 +96,7 @@ class Config:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     retry_max_back_off_s: float = 2.0
-    # None: no policy given; `serve` refuses to start (see gateway.dialing).
+    # None: no policy given; `serve` refuses to start (see gateway.guards.dialing).
     dial_allow: tuple[str, ...] | None = None
     rate_limit_calls: str | None = "10/minute"
     rate_limit_requests: str | None = None

@@ -34,8 +34,9 @@ from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import SocketUnreader
 
-from gateway import errors, validation
+from gateway import errors
 from gateway.api import UNMATCHED_ROUTE
+from gateway.guards import validation
 from gateway.telemetry.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
 
 ACCESS_LOG = logging.getLogger("gateway.access")

@@ -28,10 +28,10 @@ from gunicorn.workers.gthread import ThreadWorker
 from gateway import frontdoor
 from gateway.api import ServiceState
 from gateway.app import create_app
-from gateway.callers import build_authenticator
 from gateway.config import Config, ConfigError
-from gateway.dialing import DialPolicy
 from gateway.errors import GatewayError
+from gateway.guards.callers import build_authenticator
+from gateway.guards.dialing import DialPolicy
 from gateway.telemetry import metrics, tracing
 from gateway.telemetry.logs import configure_logging
 

@@ -26,10 +26,10 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.callers import Caller
 from gateway.config import Config
 from gateway.ews import CallInformation, Disconnected, EwsClient, PlacedCall
-from gateway.ownership import CallIds
+from gateway.guards.callers import Caller
+from gateway.guards.ownership import CallIds
 
 ISSUER = "https://login.example.com/tenant/v2.0"
 AUDIENCE = "api://ews-call-gateway"
@@ -176,7 +176,7 @@ class RecordingExchange:
 
 def call_path(ews_id: str = "abc", subject: str | None = "user-1") -> str:
     """Return the path of the call EWS_ID as the gateway (keyed with CALL_ID_KEY) issued it to
-    SUBJECT: callers may act only on calls issued to them (gateway.ownership)."""
+    SUBJECT: callers may act only on calls issued to them (gateway.guards.ownership)."""
     call_id = CallIds(CALL_ID_KEY.encode()).issue(ews_id, Caller(subject=subject))
     return "/calls/" + quote(call_id, safe="")
 
@@ -263,7 +263,7 @@ def jwks(*keys: SigningKey, extra: Iterable[dict[str, Any]] = ()) -> dict[str, A
 
 @dataclass
 class Clock:
-    """A monotonic clock a test moves by hand (stands in for gateway.callers' `time`)."""
+    """A monotonic clock a test moves by hand (stands in for gateway.guards.callers' `time`)."""
 
     now: float = 1000.0
 

@@ -9,14 +9,14 @@ from urllib.parse import quote
 
 import pytest
 
-from gateway.audit import mask_dial_string
+from gateway.guards.audit import mask_dial_string
 from gateway.telemetry.logs import json_formatter
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, subject_of
 from tests.test_api import FakeExchange
 
 
 class Lines(logging.Handler):
-    """Collects the gateway.audit records as the JSON lines operators ship."""
+    """Collects the gateway.guards.audit records as the JSON lines operators ship."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,12 +16,12 @@ from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 from werkzeug.test import TestResponse
 
-from gateway import callers
 from gateway.app import create_app
-from gateway.callers import ApiKeys, JwksKeys, JwtBearer
 from gateway.config import Config, ConfigError
 from gateway.errors import KeysUnavailable, Unauthenticated
 from gateway.ews import Disconnected
+from gateway.guards import callers
+from gateway.guards.callers import ApiKeys, JwksKeys, JwtBearer
 from tests.identity import (
     AUDIENCE,
     BEARER_CHALLENGE,

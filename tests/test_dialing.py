@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.dialing import DialPolicy
 from gateway.errors import DialStringNotAllowed
+from gateway.guards.dialing import DialPolicy
 from tests.guards import KEY_A, app_with_keys
 from tests.test_api import FakeExchange
 

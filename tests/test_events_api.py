@@ -20,17 +20,17 @@ from prometheus_client import CollectorRegistry
 
 from gateway import api
 from gateway.app import create_app
-from gateway.callers import Caller
 from gateway.config import Config
 from gateway.ews import CallInformation, EwsClient
+from gateway.guards.callers import Caller
+from gateway.guards.ownership import CallIds
 from gateway.handoff import HandedOff
-from gateway.ownership import CallIds
 from tests.test_api import FakeExchange, assert_problem
 
 ORIGIN = "https://app.example.com"
 CALL_ID_KEY = b"events-api-tests-call-id-key-0123456789"
 # The call "call-1" as the gateway issued it to the caller with the key k3y (calls belong to
-# their caller: gateway.ownership).
+# their caller: gateway.guards.ownership).
 CALL = "/calls/" + quote(
     CallIds(CALL_ID_KEY).issue(
         "call-1", Caller(subject="apikey:" + hashlib.sha256(b"k3y").hexdigest()[:16])

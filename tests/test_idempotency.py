@@ -26,7 +26,7 @@ from gateway.errors import (
     UpstreamUnreachable,
 )
 from gateway.ews import PlacedCall
-from gateway.idempotency import (
+from gateway.guards.idempotency import (
     KEY_PREFIX,
     KEY_TTL_S,
     Answer,

@@ -229,7 +229,7 @@ def test_every_request_the_simulator_recorded_names_the_callers_mailbox(
         impersonated_address(request["body"]) for request in recorded_requests(simulator)
     ]
 
-    # Bob's attempts on Alice's call stop at the gateway (gateway.ownership).
+    # Bob's attempts on Alice's call stop at the gateway (gateway.guards.ownership).
     assert sent == [
         ("PlayOnPhone", ALICE),
         ("GetPhoneCallInformation", ALICE),

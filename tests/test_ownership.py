@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.callers import OPEN_CALLER, Caller
 from gateway.config import Config
 from gateway.errors import CallNotFound, UpstreamBadResponse
 from gateway.ews import EwsClient, PlacedCall
-from gateway.ownership import MAX_EWS_ID_CHARS, CallIds
-from gateway.validation import check_call_id
+from gateway.guards.callers import OPEN_CALLER, Caller
+from gateway.guards.ownership import MAX_EWS_ID_CHARS, CallIds
+from gateway.guards.validation import check_call_id
 from tests.identity import (
     RecordingExchange,
     SigningKey,

@@ -14,7 +14,7 @@ from limits.errors import StorageError
 from limits.storage import MemoryStorage, Storage
 
 from gateway.errors import RateLimited
-from gateway.quotas import CALLS, LEASE_TTL_S, REQUESTS, Quotas
+from gateway.guards.quotas import CALLS, LEASE_TTL_S, REQUESTS, Quotas
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
 from tests.test_api import FakeExchange
 

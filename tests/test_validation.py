@@ -1,4 +1,4 @@
-"""The caller-input rules in gateway.validation, without HTTP."""
+"""The caller-input rules in gateway.guards.validation, without HTTP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.validation import (
+from gateway.guards.validation import (
     PlaceCall,
     check_call_id,
     is_sane_request_id,

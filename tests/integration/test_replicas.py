@@ -20,7 +20,7 @@ import redis
 from cryptography import x509
 
 from gateway.errors import SharedStateUnavailable
-from gateway.idempotency import Answer, IdempotentCalls, RedisKeys
+from gateway.guards.idempotency import Answer, IdempotentCalls, RedisKeys
 from tests.identity import SigningKey, claims, rsa_key
 from tests.integration.conftest import (
     Response,

@@ -2,7 +2,7 @@
 
 Every command is bounded by short timeouts and never retried: a slow or absent Redis must
 cost a request milliseconds, not seconds. What each feature does while Redis is unreachable
-is its own decision (gateway.quotas fails open, gateway.idempotency fails closed).
+is its own decision (gateway.guards.quotas fails open, gateway.guards.idempotency fails closed).
 """
 
 from __future__ import annotations

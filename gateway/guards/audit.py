@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from gateway.callers import Caller
-from gateway.ownership import owner_of
+from gateway.guards.callers import Caller
+from gateway.guards.ownership import owner_of
 
 AUDIT_LOG = logging.getLogger("gateway.audit")
 MASK = "*"

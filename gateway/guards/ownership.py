@@ -13,9 +13,9 @@ import base64
 import hashlib
 import hmac
 
-from gateway.callers import Caller
 from gateway.errors import CallNotFound, UpstreamBadResponse
-from gateway.validation import MAX_CALL_ID_CHARS
+from gateway.guards.callers import Caller
+from gateway.guards.validation import MAX_CALL_ID_CHARS
 
 PREFIX = "gw1."
 TAG_BYTES = 9  # 12 base64url characters

@@ -35,7 +35,7 @@ class Caller:
     """An authenticated caller; `mailbox` is set when calls run as the caller's own mailbox.
 
     `subject` is the JWT `sub`, or `apikey:` and the first 16 hex digits of the key's SHA-256
-    (never the key); `operator` callers may act on any call (gateway.ownership).
+    (never the key); `operator` callers may act on any call (gateway.guards.ownership).
     """
 
     subject: str | None = None
