@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.ews import EwsClient
+from gateway.exchange.client import EwsClient
+from gateway.exchange.transport import UpstreamReply
 from gateway.telemetry import tracing
-from gateway.transport import UpstreamReply
 
 REQUESTS = 3000
 ROUNDS = 4

@@ -35,7 +35,7 @@ from gateway.errors import (
     RouteNotFound,
     UnsupportedMediaType,
 )
-from gateway.ews import PhoneCalls
+from gateway.exchange.client import PhoneCalls
 from gateway.guards import idempotency, validation
 from gateway.guards.callers import ANONYMOUS
 from gateway.guards.idempotency import Answer

@@ -11,9 +11,12 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api, callscreen, upstream_auth
+from gateway import __version__, api, callscreen
 from gateway.config import Config
-from gateway.ews import EwsClient, PhoneCalls, Transport
+from gateway.exchange import auth as upstream_auth
+from gateway.exchange.client import EwsClient, PhoneCalls, Transport
+from gateway.exchange.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
+from gateway.exchange.transport import ExchangeTransport
 from gateway.guards import sharedstate
 from gateway.guards.audit import AuditTrail
 from gateway.guards.callers import build_authenticator
@@ -21,10 +24,8 @@ from gateway.guards.dialing import ALLOW_ALL, DialPolicy
 from gateway.guards.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
 from gateway.guards.ownership import CallIds
 from gateway.guards.quotas import LEASE_TARGET_S, Quotas, build_storage
-from gateway.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.streams import EventStreams
 from gateway.telemetry.metrics import Metrics
-from gateway.transport import ExchangeTransport
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
 MAX_BODY_BYTES = 16 * 1024

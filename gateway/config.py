@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import limits
 
-from gateway import http1
-from gateway.proxy import Proxy, proxy_for
+from gateway.exchange import http1
+from gateway.exchange.proxy import Proxy, proxy_for
 from gateway.wire import EXCHANGE_VERSIONS
 
 # The proxy variables curl reads for each scheme of EWS_URL, the lower-case name first.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.replies import CallInformation
+from gateway.exchange.replies import CallInformation
 
 DISCONNECTED = "Disconnected"
 # "<sequence>-<fingerprint>": the sequence orders events for people reading them; the

@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.events import Snapshot, snapshot
-from gateway.ews import PhoneCalls
+from gateway.exchange.client import PhoneCalls
 
 LOG = logging.getLogger("gateway")
 

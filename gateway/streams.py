@@ -28,7 +28,7 @@ from flask import Response
 from gateway import events
 from gateway.errors import GatewayError, ShuttingDown, StreamLimitReached
 from gateway.events import Resume, Snapshot
-from gateway.ews import PhoneCalls
+from gateway.exchange.client import PhoneCalls
 from gateway.handoff import HandOffResponse, relayed_response
 from gateway.pollers import Pollers, PollKey, PollOutcome
 

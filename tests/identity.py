@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.ews import CallInformation, Disconnected, EwsClient, PlacedCall
+from gateway.exchange.client import CallInformation, Disconnected, EwsClient, PlacedCall
 from gateway.guards.callers import Caller
 from gateway.guards.ownership import CallIds
 

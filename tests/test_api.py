@@ -18,7 +18,7 @@ from werkzeug.test import TestResponse
 from gateway import __version__, api, errors
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.ews import CallInformation, Disconnected, EwsClient, PlacedCall
+from gateway.exchange.client import CallInformation, Disconnected, EwsClient, PlacedCall
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "requestId"}
 PRINTABLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))

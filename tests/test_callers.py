@@ -19,7 +19,7 @@ from werkzeug.test import TestResponse
 from gateway.app import create_app
 from gateway.config import Config, ConfigError
 from gateway.errors import KeysUnavailable, Unauthenticated
-from gateway.ews import Disconnected
+from gateway.exchange.client import Disconnected
 from gateway.guards import callers
 from gateway.guards.callers import ApiKeys, JwksKeys, JwtBearer
 from tests.identity import (

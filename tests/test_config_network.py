@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from gateway.config import Config, ConfigError
-from gateway.proxy import bypasses_proxy
+from gateway.exchange.proxy import bypasses_proxy
 
 EWS_URL = "https://mail.example.com/EWS/Exchange.asmx"
 MINIMAL = {"EWS_URL": EWS_URL, "GATEWAY_AUTH": "none"}

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from gateway import connector, http1
 from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
-from gateway.ews import EwsClient
-from gateway.resilience import BreakerState, CircuitBreaker, UpstreamPolicy
-from gateway.transport import MAX_REPLY_BYTES, Connection, ExchangeTransport
+from gateway.exchange import connector, http1
+from gateway.exchange.client import EwsClient
+from gateway.exchange.resilience import BreakerState, CircuitBreaker, UpstreamPolicy
+from gateway.exchange.transport import MAX_REPLY_BYTES, Connection, ExchangeTransport
 from tests.test_transport import (
     ANSWER,
     ENVELOPE,

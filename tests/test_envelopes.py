@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from gateway import wire
-from gateway.envelopes import EnvelopeBuilder
+from gateway.exchange.envelopes import EnvelopeBuilder
 
 M = f"{{{wire.MESSAGES_NS}}}"
 T = f"{{{wire.TYPES_NS}}}"

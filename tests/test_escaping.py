@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from gateway import wire
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.ews import EwsClient
-from gateway.transport import UpstreamReply
+from gateway.exchange.client import EwsClient
+from gateway.exchange.transport import UpstreamReply
 
 DISCONNECTED = f"""<?xml version="1.0" encoding="utf-8"?>
 <s:Envelope xmlns:s="{wire.SOAP_ENV_NS}">

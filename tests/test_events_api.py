@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from gateway import api
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.ews import CallInformation, EwsClient
+from gateway.exchange.client import CallInformation, EwsClient
 from gateway.guards.callers import Caller
 from gateway.guards.ownership import CallIds
 from gateway.handoff import HandedOff

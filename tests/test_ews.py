@@ -26,8 +26,8 @@ from gateway.errors import (
     UpstreamAuthFailed,
     UpstreamBadResponse,
 )
-from gateway.ews import CallInformation, Disconnected, EwsClient, PlacedCall
-from gateway.transport import UpstreamReply
+from gateway.exchange.client import CallInformation, Disconnected, EwsClient, PlacedCall
+from gateway.exchange.transport import UpstreamReply
 from tests.ews_schema import assert_envelope_valid, requires_schema, schema_available
 
 FIXTURES = Path(__file__).parent / "fixtures"

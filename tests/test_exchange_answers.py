@@ -17,11 +17,12 @@ import pytest
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, replies
+from gateway import __version__
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.ews import EwsClient
-from gateway.transport import UpstreamReply
+from gateway.exchange import replies
+from gateway.exchange.client import EwsClient
+from gateway.exchange.transport import UpstreamReply
 from tests.test_transport import Answer, FakeExchange, exchange
 
 __all__ = ["exchange"]  # a fixture, imported to be found by pytest

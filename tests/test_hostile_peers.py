@@ -20,12 +20,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
-from gateway import connector
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnreachable
-from gateway.proxy import Proxy
-from gateway.upstream_auth import BasicRefusalHold, Credentials, SecurityContextAuth
+from gateway.exchange import connector
+from gateway.exchange.auth import BasicRefusalHold, Credentials, SecurityContextAuth
+from gateway.exchange.proxy import Proxy
 from tests.test_connections import SilentAddress, resolving_to, silent_addresses
 from tests.test_transport import (
     ANSWER,

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import UpstreamBadResponse, UpstreamUnreachable
-from gateway.http1 import (
+from gateway.exchange.http1 import (
     MAX_CHUNK_LINE_BYTES,
     MAX_FIELDS,
     MAX_HEAD_BYTES,

@@ -25,7 +25,8 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.ews import PlacedCall
+from gateway.exchange.client import PlacedCall
+from gateway.exchange.resilience import Bulkhead
 from gateway.guards.idempotency import (
     KEY_PREFIX,
     KEY_TTL_S,
@@ -35,7 +36,6 @@ from gateway.guards.idempotency import (
     RedisKeys,
     parse_key,
 )
-from gateway.resilience import Bulkhead
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
 from tests.test_api import FakeExchange
 

@@ -15,8 +15,8 @@ import pytest
 import spnego
 
 from gateway.errors import UpstreamAuthFailed
-from gateway.transport import ExchangeTransport, UpstreamReply
-from gateway.upstream_auth import Credentials, SecurityContextAuth
+from gateway.exchange.auth import Credentials, SecurityContextAuth
+from gateway.exchange.transport import ExchangeTransport, UpstreamReply
 
 pytestmark = pytest.mark.network
 

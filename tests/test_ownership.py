@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.errors import CallNotFound, UpstreamBadResponse
-from gateway.ews import EwsClient, PlacedCall
+from gateway.exchange.client import EwsClient, PlacedCall
 from gateway.guards.callers import OPEN_CALLER, Caller
 from gateway.guards.ownership import MAX_EWS_ID_CHARS, CallIds
 from gateway.guards.validation import check_call_id

@@ -17,11 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway import replies, wire
+from gateway import wire
 from gateway.errors import UpstreamBadResponse
+from gateway.exchange import replies
+from gateway.exchange.transport import UpstreamReply
 from gateway.simulator.calls import Phase
 from gateway.simulator.envelopes import OperationResult, operation_response
-from gateway.transport import UpstreamReply
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORDED_SUCCESSES = {

@@ -19,9 +19,9 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.ews import EwsClient
-from gateway.resilience import BreakerState, Bulkhead, CircuitBreaker, UpstreamPolicy
-from gateway.transport import UpstreamReply
+from gateway.exchange.client import EwsClient
+from gateway.exchange.resilience import BreakerState, Bulkhead, CircuitBreaker, UpstreamPolicy
+from gateway.exchange.transport import UpstreamReply
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BUSY_FAULT = (FIXTURES / "fault_server_busy.xml").read_bytes()

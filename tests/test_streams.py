@@ -20,7 +20,7 @@ import pytest
 from gateway import events
 from gateway.errors import CallNotFound, EwsBusy, GatewayError, ShuttingDown, StreamLimitReached
 from gateway.events import Resume
-from gateway.ews import CallInformation
+from gateway.exchange.client import CallInformation
 from gateway.handoff import HandedOff, response_head
 from gateway.streams import EventStreams, Watch
 

@@ -24,9 +24,9 @@ from cryptography.x509.oid import NameOID
 
 from gateway import __version__
 from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
-from gateway.ews import Transport
-from gateway.transport import MAX_REPLY_BYTES, ExchangeTransport, UpstreamReply
-from gateway.upstream_auth import Credentials, SecurityContextAuth
+from gateway.exchange.auth import Credentials, SecurityContextAuth
+from gateway.exchange.client import Transport
+from gateway.exchange.transport import MAX_REPLY_BYTES, ExchangeTransport, UpstreamReply
 
 EWS_PATH = "/EWS/Exchange.asmx"
 SOAP_XML = "text/xml; charset=utf-8"
@@ -609,7 +609,7 @@ def test_a_reused_connection_reset_before_the_request_went_out_is_retried_on_a_n
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
     assert reset.wait(5)
     # The reset lands between the check before reuse and the write.
-    monkeypatch.setattr("gateway.transport._is_dropped", lambda _connection: False)
+    monkeypatch.setattr("gateway.exchange.transport._is_dropped", lambda _connection: False)
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
     assert (len(requests), len(server.connections)) == (2, 2)
 

@@ -21,9 +21,9 @@ from cryptography.x509.oid import NameOID
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
-from gateway import upstream_auth
 from gateway.app import create_app
 from gateway.config import Config
+from gateway.exchange import auth as upstream_auth
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import Acceptor, BearerAcceptor, NtlmAcceptor
 from gateway.simulator.server import TlsIdentity

@@ -32,7 +32,7 @@ from prometheus_client import (
 from prometheus_client.mmap_dict import MmapedDict
 
 from gateway.errors import metric_code
-from gateway.resilience import BreakerState
+from gateway.exchange.resilience import BreakerState
 
 # Any other method is labelled OTHER_METHOD, so callers cannot mint new series.
 STANDARD_METHODS = frozenset(

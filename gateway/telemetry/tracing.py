@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway import __version__
-from gateway.transport import UpstreamReply
+from gateway.exchange.transport import UpstreamReply
 
 # Exchange's values are recorded, not trusted: a bounded length.
 MAX_REQUEST_ID_CHARS = 200

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import UpstreamTimeout
-from gateway.transport import ExchangeTransport
-from gateway.upstream_auth import Credentials, SecurityContextAuth
+from gateway.exchange.auth import Credentials, SecurityContextAuth
+from gateway.exchange.transport import ExchangeTransport
 from tests.test_transport import ENVELOPE, REQUEST_HEADERS, FakeExchange, exchange
 
 pytest.importorskip(

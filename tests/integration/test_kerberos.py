@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway import upstream_auth
+from gateway.exchange import auth as upstream_auth
+from gateway.exchange.tickets import TicketCache
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
 from gateway.simulator.server import TlsIdentity
-from gateway.tickets import TicketCache
 from tests.integration.test_kdc_deadline import kdc_sockets
 from tests.test_transport import Certificate, self_signed_certificate
 from tests.test_upstream_auth import Gateway, https_url, placed_calls

@@ -1,7 +1,7 @@
 """Exchange Web Services calls: envelope out, answer back, every outcome observed.
 
-Envelopes come from gateway.envelopes (zeep, driven by the project's WSDL) and
-answers are read by gateway.replies; this module sends one through the
+Envelopes come from gateway.exchange.envelopes (zeep, driven by the project's WSDL) and
+answers are read by gateway.exchange.replies; this module sends one through the
 transport under the upstream policy (deadline, bulkhead, circuit breaker and
 one retry of Exchange's short back-offs) and reports each call to an observer.
 """
@@ -17,13 +17,14 @@ from typing import Any, Protocol, TypeVar
 
 import tenacity
 
-from gateway import replies, wire
-from gateway.envelopes import EnvelopeBuilder
+from gateway import wire
 from gateway.errors import GatewayError, GatewayOverloaded
-from gateway.replies import Answer, CallInformation, Disconnected, PlacedCall
-from gateway.resilience import IDEMPOTENT_OPERATIONS, UpstreamPolicy
+from gateway.exchange import replies
+from gateway.exchange.envelopes import EnvelopeBuilder
+from gateway.exchange.replies import Answer, CallInformation, Disconnected, PlacedCall
+from gateway.exchange.resilience import IDEMPOTENT_OPERATIONS, UpstreamPolicy
+from gateway.exchange.transport import UpstreamReply
 from gateway.telemetry import logs, tracing
-from gateway.transport import UpstreamReply
 
 CONTENT_TYPE = "text/xml; charset=utf-8"
 # Exchange's diagnostic fields (lower case, as the transport gives them) and their log names.
@@ -42,7 +43,7 @@ _GUID_VERSION_4 = (0x4 << 76) | (0x2 << 62)
 
 
 class Transport(Protocol):
-    """Sends one envelope to Exchange (gateway.transport.ExchangeTransport in production)."""
+    """Sends one envelope to Exchange (gateway.exchange.transport.ExchangeTransport in production)."""
 
     def post(
         self,

@@ -24,7 +24,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from gateway import http1
+from gateway.exchange import http1
 
 # curl's port for a proxy URL that names none.
 CURL_DEFAULT_PROXY_PORT = 1080

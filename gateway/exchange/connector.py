@@ -22,8 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from gateway import http1
 from gateway.errors import UpstreamBadResponse
+from gateway.exchange import http1
 
 # RFC 8305 section 5: the recommended Connection Attempt Delay.
 ATTEMPT_DELAY_S = 0.25

@@ -1,6 +1,6 @@
 """HTTP to Exchange: the only module that opens connections upstream.
 
-ExchangeTransport speaks HTTP/1.1 itself (gateway.http1: llhttp reads the
+ExchangeTransport speaks HTTP/1.1 itself (gateway.exchange.http1: llhttp reads the
 answers) over a small pool of keep-alive connections shared by all threads.
 Its one use, POST an envelope and read one answer, is small, and general
 clients cost far more CPU on it than the exchange on the socket does.
@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from gateway import __version__, connector, http1
+from gateway import __version__
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
-from gateway.proxy import Proxy
+from gateway.exchange import connector, http1
+from gateway.exchange.proxy import Proxy
 
 LOG = logging.getLogger("gateway.transport")
 # EWS answers for the phone-call operations are a few kilobytes; anything far

@@ -26,7 +26,7 @@ from gateway.errors import (
     error_for_http_status,
     error_for_response_code,
 )
-from gateway.transport import UpstreamReply
+from gateway.exchange.transport import UpstreamReply
 
 _SOAP = f"{{{wire.SOAP_ENV_NS}}}"
 _M = f"{{{wire.MESSAGES_NS}}}"

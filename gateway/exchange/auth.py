@@ -2,13 +2,13 @@
 
 `basic` and `bearer` add an Authorization header to each request. `ntlm`,
 `kerberos` and `negotiate` authenticate a connection, as IIS does: the
-transport (gateway.transport's Authenticator seam) hands each new connection
+transport (gateway.exchange.transport's Authenticator seam) hands each new connection
 to SecurityContextAuth, which runs a pyspnego context over it with the
 request itself; the connection then carries further requests
 unauthenticated, as long as it stays in the pool. Over https each handshake
 carries the TLS channel binding (RFC 5929 `tls-server-end-point`), so
 Exchange's Extended Protection accepts it. Kerberos tickets come from
-gateway.tickets.
+gateway.exchange.tickets.
 
 A leg answered 401 was not acted on, so the request may go out again; the
 answer the handshake ends with is the one Exchange acted on, and it is never
@@ -35,9 +35,9 @@ from spnego.channel_bindings import GssChannelBindings
 
 from gateway.config import BEARER_TOKEN, Config
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout
-from gateway.http1 import Answer
-from gateway.tickets import ServiceTickets, TicketCache
-from gateway.transport import Authenticator, Connection
+from gateway.exchange.http1 import Answer
+from gateway.exchange.tickets import ServiceTickets, TicketCache
+from gateway.exchange.transport import Authenticator, Connection
 
 LOG = logging.getLogger(__name__)
 
