@@ -43,7 +43,7 @@ _GUID_VERSION_4 = (0x4 << 76) | (0x2 << 62)
 
 
 class Transport(Protocol):
-    """Sends one envelope to Exchange (gateway.exchange.transport.ExchangeTransport in production)."""
+    """Sends one envelope to Exchange (transport.ExchangeTransport in production)."""
 
     def post(
         self,

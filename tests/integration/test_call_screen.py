@@ -151,7 +151,7 @@ def test_the_call_screen_places_a_call_shows_it_live_hangs_up_and_shows_problems
         browser, lambda d: d.find_element("id", "problem").is_displayed() and d, "the problem"
     ).find_element("id", "problem")
     assert "Phone call not found (404)" in problem.text
-    # An id the gateway did not issue to this caller stops at the gateway (gateway.guards.ownership).
+    # An id the gateway did not issue to this caller stops at the gateway (guards.ownership).
     assert "no phone call with this id is known to the gateway" in problem.text
     assert text_of(browser, "state") == "No call"
     browser.save_screenshot(str(ARTEFACTS / "call-screen-unknown-call.png"))
