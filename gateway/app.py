@@ -11,7 +11,10 @@ from flask import Flask
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
-from gateway import __version__, api, callscreen
+from gateway import __version__
+from gateway.api import callscreen
+from gateway.api import routes as api
+from gateway.api.streams import EventStreams
 from gateway.config import Config
 from gateway.exchange import auth as upstream_auth
 from gateway.exchange.client import EwsClient, PhoneCalls, Transport
@@ -24,7 +27,6 @@ from gateway.guards.dialing import ALLOW_ALL, DialPolicy
 from gateway.guards.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
 from gateway.guards.ownership import CallIds
 from gateway.guards.quotas import LEASE_TARGET_S, Quotas, build_storage
-from gateway.streams import EventStreams
 from gateway.telemetry.metrics import Metrics
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.

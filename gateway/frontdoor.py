@@ -35,7 +35,7 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import SocketUnreader
 
 from gateway import errors
-from gateway.api import UNMATCHED_ROUTE
+from gateway.api.routes import UNMATCHED_ROUTE
 from gateway.guards import validation
 from gateway.telemetry.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
 

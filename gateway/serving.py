@@ -26,7 +26,7 @@ from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
 from gateway import frontdoor
-from gateway.api import ServiceState
+from gateway.api.routes import ServiceState
 from gateway.app import create_app
 from gateway.config import Config, ConfigError
 from gateway.errors import GatewayError

@@ -15,7 +15,8 @@ from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 from werkzeug.test import TestResponse
 
-from gateway import __version__, api, errors
+from gateway import __version__, errors
+from gateway.api import routes as api
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange.client import CallInformation, Disconnected, EwsClient, PlacedCall

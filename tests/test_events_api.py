@@ -18,13 +18,13 @@ import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from gateway import api
+from gateway.api import routes as api
+from gateway.api.handoff import HandedOff
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange.client import CallInformation, EwsClient
 from gateway.guards.callers import Caller
 from gateway.guards.ownership import CallIds
-from gateway.handoff import HandedOff
 from tests.test_api import FakeExchange, assert_problem
 
 ORIGIN = "https://app.example.com"

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from gateway import events
+from gateway.api import events
+from gateway.api.events import Resume
+from gateway.api.handoff import HandedOff, response_head
+from gateway.api.streams import EventStreams, Watch
 from gateway.errors import CallNotFound, EwsBusy, GatewayError, ShuttingDown, StreamLimitReached
-from gateway.events import Resume
 from gateway.exchange.client import CallInformation
-from gateway.handoff import HandedOff, response_head
-from gateway.streams import EventStreams, Watch
 
 STATES = ("Connecting", "Alerted", "Connected", "Disconnected")
 

@@ -36,7 +36,7 @@ def configure_logging(level: str) -> None:
 
 
 # Fields the layers below the HTTP API add to the current request's log line
-# (Exchange's correlation ids); gateway.api starts a fresh set per request.
+# (Exchange's correlation ids); gateway.api.routes starts a fresh set per request.
 _REQUEST_FIELDS: ContextVar[dict[str, str] | None] = ContextVar("request_fields", default=None)
 
 

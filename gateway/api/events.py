@@ -1,6 +1,6 @@
 """Server-Sent Events for a watched call: what each event says and how it is framed.
 
-Pure functions over plain data; gateway.streams decides when to send them. The
+Pure functions over plain data; gateway.api.streams decides when to send them. The
 event stream format is the WHATWG HTML standard's (section 9.2, "Server-sent
 events"); framing on the wire is HTTP/1.1 chunked transfer coding (RFC 9112 7.1).
 """

@@ -6,7 +6,7 @@ every watcher of that call in the worker shares. Polls run on a small thread
 pool through the EWS client, so each one holds a bulkhead slot, gets the
 upstream deadline and passes the circuit breaker like any other call.
 
-Everything here except `_poll` runs on one thread (gateway.streams' pump).
+Everything here except `_poll` runs on one thread (gateway.api.streams' pump).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.api.events import Snapshot, snapshot
 from gateway.errors import GatewayError
-from gateway.events import Snapshot, snapshot
 from gateway.exchange.client import PhoneCalls
 
 LOG = logging.getLogger("gateway")

@@ -21,7 +21,8 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway import events
+from gateway.api import events
+from gateway.api.streams import EventStreams, Watch
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
     CallNotFound,
@@ -41,7 +42,6 @@ from gateway.guards.callers import ANONYMOUS
 from gateway.guards.idempotency import Answer
 from gateway.guards.ownership import owner_of
 from gateway.guards.quotas import CALLS, REQUESTS, Charge
-from gateway.streams import EventStreams, Watch
 from gateway.telemetry import logs, tracing
 from gateway.telemetry.metrics import Metrics
 

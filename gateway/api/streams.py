@@ -3,7 +3,7 @@
 A request thread answers `GET /calls/{callId}/events` up to the response head,
 then hands the socket to the pump and is free again: a watcher never holds a
 request thread. The pump is one selector thread that owns the streaming
-sockets from then on. It starts the polls of gateway.pollers, writes each
+sockets from then on. It starts the polls of gateway.api.pollers, writes each
 change to every watcher of the call, sends heartbeats, notices watchers that
 hang up, and ends every stream with a reconnect hint when the worker stops.
 """
@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 from flask import Response
 
-from gateway import events
+from gateway.api import events
+from gateway.api.events import Resume, Snapshot
+from gateway.api.handoff import HandOffResponse, relayed_response
+from gateway.api.pollers import Pollers, PollKey, PollOutcome
 from gateway.errors import GatewayError, ShuttingDown, StreamLimitReached
-from gateway.events import Resume, Snapshot
 from gateway.exchange.client import PhoneCalls
-from gateway.handoff import HandOffResponse, relayed_response
-from gateway.pollers import Pollers, PollKey, PollOutcome
 
 LOG = logging.getLogger("gateway.access")
 # Proxies and balancers close connections idle for 60 s or more; a comment every 15 s
