@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from gateway.config import Config, ConfigError, check_bind
-from gateway.serving import ensure_can_listen, serve
+from gateway.serving.server import ensure_can_listen, serve
 from gateway.simulator import serve_forever
 from gateway.simulator.acceptor import AUTH_MODES, acceptor_for
 from gateway.simulator.idle import IDLE_ACTIONS, InvalidIdlePolicy, idle_policy

@@ -116,7 +116,7 @@ class SharedStateUnavailable(GatewayError):
 
 
 # The HTTP exchange itself: the request cannot be served as it was sent. The gateway's
-# front door (gateway.frontdoor) raises these for requests gunicorn refuses before the
+# front door (gateway.serving.frontdoor) raises these for requests gunicorn refuses before the
 # app sees them; the app raises them for routing and protocol failures.
 
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import Config
 from gateway.errors import ERROR_BY_RESPONSE_CODE, EwsBusy, metric_code
 from gateway.guards.callers import build_authenticator
-from gateway.serving import gunicorn_options
+from gateway.serving.server import gunicorn_options
 from tests.integration.conftest import free_port, gateway_env, http, start
 
 REPO = Path(__file__).resolve().parents[1]

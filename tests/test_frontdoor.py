@@ -15,9 +15,11 @@ from gunicorn.config import Config as GunicornConfig
 from gunicorn.http import errors as parse_errors
 from prometheus_client import CollectorRegistry
 
-from gateway import errors, frontdoor, serving
+from gateway import errors
 from gateway.config import Config
-from gateway.frontdoor import CallerFacts
+from gateway.serving import frontdoor
+from gateway.serving import server as serving
+from gateway.serving.frontdoor import CallerFacts
 from gateway.telemetry.metrics import Metrics
 
 APP_ORIGIN = "https://app.example.com"

@@ -81,7 +81,7 @@ def test_every_problem_type_slug_fits_in_a_urn() -> None:
 
 
 def test_every_call_route_documents_the_refusals_of_the_front_door() -> None:
-    # Any path gets them (gateway/frontdoor.py), the event stream's included.
+    # Any path gets them (gateway/serving/frontdoor.py), the event stream's included.
     spec = load_spec()
     for path, item in spec["paths"].items():
         if not path.startswith("/calls"):

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway import serving
 from gateway.config import Config, ConfigError
-from gateway.serving import GatewayServer, ensure_can_listen, gunicorn_options
+from gateway.serving import server as serving
+from gateway.serving.server import GatewayServer, ensure_can_listen, gunicorn_options
 
 BASE_ENV = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
 # nginx's proxy_read_timeout and keepalive_timeout, and AWS ALB's idle timeout, default to 60 s.

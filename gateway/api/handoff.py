@@ -10,7 +10,7 @@ CORS headers, the metric and the log line), but its response, instead of
 giving gunicorn a body to write, renders the head itself and gives the socket
 away: gunicorn then neither writes nor closes the connection (its gthread
 worker treats StopIteration from the app as "nothing more to do"; the
-gateway's worker, gateway.serving, also leaves the socket open).
+gateway's worker, gateway.serving.server, also leaves the socket open).
 """
 
 from __future__ import annotations

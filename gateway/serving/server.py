@@ -25,13 +25,13 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway import frontdoor
 from gateway.api.routes import ServiceState
 from gateway.app import create_app
 from gateway.config import Config, ConfigError
 from gateway.errors import GatewayError
 from gateway.guards.callers import build_authenticator
 from gateway.guards.dialing import DialPolicy
+from gateway.serving import frontdoor
 from gateway.telemetry import metrics, tracing
 from gateway.telemetry.logs import configure_logging
 
@@ -121,7 +121,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     """gthread worker that reads requests the gateway's way, drains before it stops and serves
     busy connections in one thread.
 
-    Reading: each connection gets the gateway's parser (gateway.frontdoor), which bounds a
+    Reading: each connection gets the gateway's parser (gateway.serving.frontdoor), which bounds a
     request's reading by one deadline, and a request refused before the app (limits, malformed
     HTTP, too slow) is answered as the gateway answers everything: problem+json, X-Request-ID,
     CORS, a metric and a log line.
