@@ -12,21 +12,29 @@ from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
 from gateway import __version__
-from gateway.api import callscreen
-from gateway.api import routes as api
+from gateway.api import callscreen, routes
 from gateway.api.streams import EventStreams
 from gateway.config import Config
-from gateway.exchange import auth as upstream_auth
+from gateway.exchange import auth
 from gateway.exchange.client import EwsClient, PhoneCalls, Transport
 from gateway.exchange.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
 from gateway.exchange.transport import ExchangeTransport
 from gateway.guards import sharedstate
 from gateway.guards.audit import AuditTrail
-from gateway.guards.callers import build_authenticator
+from gateway.guards.callers import (
+    ApiKeys,
+    Authenticator,
+    JwksKeys,
+    JwtBearer,
+    KeySource,
+    OpenGateway,
+    StaticKey,
+)
 from gateway.guards.dialing import ALLOW_ALL, DialPolicy
 from gateway.guards.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
 from gateway.guards.ownership import CallIds
 from gateway.guards.quotas import LEASE_TARGET_S, Quotas, build_storage
+from gateway.guards.sharedstate import RedisSettings
 from gateway.telemetry.metrics import Metrics
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
@@ -38,7 +46,7 @@ def create_app(
     *,
     ews: PhoneCalls | None = None,
     registry: CollectorRegistry | None = None,
-    state: api.ServiceState | None = None,
+    state: routes.ServiceState | None = None,
 ) -> Flask:
     """Build the gateway's Flask app from validated configuration."""
     app = Flask("gateway")
@@ -57,7 +65,7 @@ def create_app(
             observer=metrics,
             policy=build_policy(config, metrics, bulkhead),
         )
-    state = state or api.ServiceState()
+    state = state or routes.ServiceState()
     state.streams = EventStreams(
         ews,
         poll_interval_s=config.events_poll_s,
@@ -70,11 +78,11 @@ def create_app(
         "metrics": metrics,
         "state": state,
         "streams": state.streams,
-        "callers": build_authenticator(config),
+        "callers": caller_authenticator(config),
         "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
         **build_guards(config, metrics, bulkhead),
     }
-    api.register(app)
+    routes.register(app)
     if config.demo_page:
         callscreen.register(app)
     if config.cors_origins:
@@ -111,7 +119,9 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
 
 def build_guards(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> dict[str, object]:
     """Build call ownership, the dial policy, rate limits, idempotency and the audit trail."""
-    client = sharedstate.connect(config)
+    client = sharedstate.connect(
+        RedisSettings(config.redis_url, config.redis_password or None, config.redis_ca_bundle)
+    )
     store: KeyStore = MemoryKeys()
     if client is not None:
         store = RedisKeys(client, on_error=lambda: metrics.redis_failed("idempotency"))
@@ -154,14 +164,47 @@ def build_policy(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> Upstre
 def build_transport(config: Config) -> Transport:
     """Build the HTTP transport to Exchange with the configured credentials."""
     host = urlsplit(config.ews_url).hostname or ""
+    credentials = auth.ExchangeCredentials(
+        mode=config.ews_auth,
+        username=config.ews_username,
+        password=config.ews_password,
+        bearer_token=config.ews_bearer_token,
+        bearer_token_file=config.ews_bearer_token_file,
+        keytab=config.ews_keytab,
+        spn=config.ews_spn,
+    )
     return ExchangeTransport(
         config.ews_url,
         timeout_s=config.ews_timeout_s,
         verify_tls=config.ews_verify_tls,
         ca_bundle=config.ews_ca_bundle,
-        authorization=upstream_auth.static_authorization(config),
-        authenticator=upstream_auth.build_authenticator(config, host),
+        authorization=auth.static_authorization(credentials),
+        authenticator=auth.build_authenticator(credentials, host),
         pool_size=config.upstream_slots,
         idle_s=config.connection_idle_s,
         proxy=config.ews_proxy,
     )
+
+
+def caller_authenticator(config: Config) -> Authenticator:
+    """Return the caller authenticator GATEWAY_AUTH asks for (ConfigError: a bad key file)."""
+    if config.gateway_auth == "apikey":
+        assert config.api_keys_file is not None
+        return ApiKeys.from_file(config.api_keys_file)
+    if config.gateway_auth == "jwt":
+        assert config.jwt_issuer is not None
+        assert config.jwt_audience is not None
+        keys: KeySource = (
+            JwksKeys(config.jwt_jwks_url)
+            if config.jwt_jwks_url
+            else StaticKey(config.jwt_public_key or "")
+        )
+        mailbox_claim = config.jwt_mailbox_claim if config.ews_impersonation == "token" else None
+        return JwtBearer(
+            keys,
+            issuer=config.jwt_issuer,
+            audience=config.jwt_audience,
+            mailbox_claim=mailbox_claim,
+            operator_claim=config.operator_claim,
+        )
+    return OpenGateway()

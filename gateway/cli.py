@@ -12,7 +12,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from gateway.config import Config, ConfigError, check_bind
+from gateway.config import Config, check_bind
+from gateway.errors import ConfigError
 from gateway.serving.server import ensure_can_listen, serve
 from gateway.simulator import serve_forever
 from gateway.simulator.acceptor import AUTH_MODES, acceptor_for

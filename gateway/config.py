@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 
 import limits
 
+from gateway.errors import ConfigError
 from gateway.exchange import http1
+from gateway.exchange.auth import BEARER_TOKEN
 from gateway.exchange.proxy import Proxy, proxy_for
 from gateway.wire import EXCHANGE_VERSIONS
 
@@ -30,7 +32,6 @@ NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
 # An SMTP address in printable ASCII, as a header value can carry it.
 ANCHOR_MAILBOX = re.compile(r"[!-~]{1,254}")
 # RFC 6750's b64token: what an Authorization: Bearer header can carry.
-BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 EWS_AUTH_MODES = ("none", "basic", "ntlm", "kerberos", "negotiate", "bearer")
 # The modes that need GSSAPI (the kerberos extra), and what to install for it.
@@ -50,10 +51,6 @@ DIAL_DIGITS_SHOWN = 4
 MIN_KEY_BYTES = 32
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the variable."""
 
 
 @dataclass(frozen=True)

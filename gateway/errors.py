@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
 class GatewayError(Exception):
     """A failure the caller gets as an RFC 9457 problem with a precise status."""
 

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 from werkzeug.test import TestResponse
 
 from gateway.app import create_app
-from gateway.config import Config, ConfigError
-from gateway.errors import KeysUnavailable, Unauthenticated
+from gateway.config import Config
+from gateway.errors import ConfigError, KeysUnavailable, Unauthenticated
 from gateway.exchange.client import Disconnected
 from gateway.guards import callers
 from gateway.guards.callers import ApiKeys, JwksKeys, JwtBearer

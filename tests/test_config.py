@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Config, ConfigError
+from gateway.config import Config
+from gateway.errors import ConfigError
 
 EWS_URL = "https://mail.example.com/EWS/Exchange.asmx"
 MINIMAL = {"EWS_URL": EWS_URL, "GATEWAY_AUTH": "none"}

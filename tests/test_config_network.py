@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from gateway.config import Config, ConfigError
+from gateway.config import Config
+from gateway.errors import ConfigError
 from gateway.exchange.proxy import bypasses_proxy
 
 EWS_URL = "https://mail.example.com/EWS/Exchange.asmx"

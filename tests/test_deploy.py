@@ -25,9 +25,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.app import caller_authenticator
 from gateway.config import Config
 from gateway.errors import ERROR_BY_RESPONSE_CODE, EwsBusy, metric_code
-from gateway.guards.callers import build_authenticator
 from gateway.serving.server import gunicorn_options
 from tests.integration.conftest import free_port, gateway_env, http, start
 
@@ -543,7 +543,7 @@ def example_environment(root: Path) -> dict[str, str]:
 
 def test_the_example_configuration_is_one_the_gateway_accepts(tmp_path: Path) -> None:
     config = Config.from_env(example_environment(tmp_path))
-    build_authenticator(config)
+    caller_authenticator(config)
     assert config.workers == int(configmap_data()["GATEWAY_WORKERS"])
 
 

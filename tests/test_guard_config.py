@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from gateway import cli
-from gateway.config import Config, ConfigError
+from gateway.config import Config
+from gateway.errors import ConfigError
 
 MINIMAL = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway.config import Config, ConfigError
+from gateway.config import Config
+from gateway.errors import ConfigError
 from gateway.serving import server as serving
 from gateway.serving.server import GatewayServer, ensure_can_listen, gunicorn_options
 

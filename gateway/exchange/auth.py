@@ -21,9 +21,10 @@ import base64
 import binascii
 import logging
 import os
+import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,15 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from spnego.channel_bindings import GssChannelBindings
 
-from gateway.config import BEARER_TOKEN, Config
 from gateway.errors import UpstreamAuthFailed, UpstreamTimeout
 from gateway.exchange.http1 import Answer
 from gateway.exchange.tickets import ServiceTickets, TicketCache
 from gateway.exchange.transport import Authenticator, Connection
 
-LOG = logging.getLogger(__name__)
+# The logger's name predates the package layout; operators filter on it.
+LOG = logging.getLogger("gateway.upstream_auth")
+# RFC 6750's b64token: what an Authorization: Bearer value may hold.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 # The HTTP scheme each EWS_AUTH mode speaks, and pyspnego's name for its protocol.
 SCHEMES = {
@@ -407,27 +410,40 @@ def _failed(reason: str) -> UpstreamAuthFailed:
     return UpstreamAuthFailed(f"Upstream authentication failed: {reason}", outcome="http_error")
 
 
-def static_authorization(config: Config) -> str | None:
+@dataclass(frozen=True)
+class ExchangeCredentials:
+    """How the gateway proves itself to Exchange: EWS_AUTH and the secrets it needs."""
+
+    mode: str = "none"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    bearer_token: str = field(default="", repr=False)
+    bearer_token_file: str | None = None
+    keytab: str | None = None
+    spn: str | None = None
+
+
+def static_authorization(config: ExchangeCredentials) -> str | None:
     """Return the Authorization every request carries as it is (EWS_AUTH=basic), if any."""
-    if config.ews_auth != "basic":
+    if config.mode != "basic":
         return None
-    pair = f"{config.ews_username}:{config.ews_password}".encode()
+    pair = f"{config.username}:{config.password}".encode()
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-def build_authenticator(config: Config, host: str) -> Authenticator | None:
+def build_authenticator(config: ExchangeCredentials, host: str) -> Authenticator | None:
     """Build the configured per-connection authentication to Exchange, whose host is host."""
-    mode = config.ews_auth
+    mode = config.mode
     if mode == "basic":
         return BasicRefusalHold()
     if mode == "bearer":
-        return BearerToken(config.ews_bearer_token, config.ews_bearer_token_file)
+        return BearerToken(config.bearer_token, config.bearer_token_file)
     if mode in SCHEMES:
-        service, _, spn_host = (config.ews_spn or f"HTTP/{host}").partition("/")
+        service, _, spn_host = (config.spn or f"HTTP/{host}").partition("/")
         credentials = Credentials(
-            username=config.ews_username or None,
-            password=config.ews_password or None,
-            keytab=config.ews_keytab,
+            username=config.username or None,
+            password=config.password or None,
+            keytab=config.keytab,
         )
         return SecurityContextAuth(mode, credentials, spn_host, service)
     return None

@@ -17,8 +17,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from gateway.config import Config, ConfigError
-from gateway.errors import Forbidden, KeysUnavailable, Unauthenticated
+from gateway.errors import ConfigError, Forbidden, KeysUnavailable, Unauthenticated
 
 LOG = logging.getLogger("gateway")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -264,27 +263,3 @@ class JwtBearer:
         ):
             raise Forbidden(f"the token's {self._mailbox_claim!r} claim names no mailbox")
         return mailbox
-
-
-def build_authenticator(config: Config) -> Authenticator:
-    """Return the authenticator GATEWAY_AUTH asks for."""
-    if config.gateway_auth == "apikey":
-        assert config.api_keys_file is not None
-        return ApiKeys.from_file(config.api_keys_file)
-    if config.gateway_auth == "jwt":
-        assert config.jwt_issuer is not None
-        assert config.jwt_audience is not None
-        keys: KeySource = (
-            JwksKeys(config.jwt_jwks_url)
-            if config.jwt_jwks_url
-            else StaticKey(config.jwt_public_key or "")
-        )
-        mailbox_claim = config.jwt_mailbox_claim if config.ews_impersonation == "token" else None
-        return JwtBearer(
-            keys,
-            issuer=config.jwt_issuer,
-            audience=config.jwt_audience,
-            mailbox_claim=mailbox_claim,
-            operator_claim=config.operator_claim,
-        )
-    return OpenGateway()

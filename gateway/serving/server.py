@@ -26,10 +26,9 @@ from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
 from gateway.api.routes import ServiceState
-from gateway.app import create_app
-from gateway.config import Config, ConfigError
-from gateway.errors import GatewayError
-from gateway.guards.callers import build_authenticator
+from gateway.app import caller_authenticator, create_app
+from gateway.config import Config
+from gateway.errors import ConfigError, GatewayError
 from gateway.guards.dialing import DialPolicy
 from gateway.serving import frontdoor
 from gateway.telemetry import metrics, tracing
@@ -303,7 +302,7 @@ def serve(config: Config) -> None:
     # Fail here, with one line and nothing left behind, rather than after five retries
     # to bind or in every worker after the port is bound.
     ensure_can_listen(config.bind, "GATEWAY_BIND")
-    build_authenticator(config)
+    caller_authenticator(config)
     if config.gateway_auth == "none":
         LOG.warning(
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
