@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange.client import EwsClient
-from gateway.exchange.transport import UpstreamReply
+from gateway.exchange.transport import ExchangeReply
 from gateway.telemetry import tracing
 
 REQUESTS = 3000
@@ -39,8 +39,8 @@ REPLY = (
 class InstantExchange:
     def post(
         self, body: bytes, headers: Mapping[str, str], *, deadline: float | None = None
-    ) -> UpstreamReply:
-        return UpstreamReply(200, "text/xml; charset=utf-8", None, None, REPLY)
+    ) -> ExchangeReply:
+        return ExchangeReply(200, "text/xml; charset=utf-8", None, None, REPLY)
 
 
 class Collector(BaseHTTPRequestHandler):

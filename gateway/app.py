@@ -17,13 +17,13 @@ from gateway.api.streams import EventStreams
 from gateway.config import Config
 from gateway.exchange import auth
 from gateway.exchange.client import EwsClient, PhoneCalls, Transport
-from gateway.exchange.resilience import Bulkhead, CircuitBreaker, UpstreamPolicy
+from gateway.exchange.resilience import Bulkhead, CircuitBreaker, ExchangePolicy
 from gateway.exchange.transport import ExchangeTransport
 from gateway.guards import sharedstate
 from gateway.guards.audit import AuditTrail
 from gateway.guards.callers import (
     ApiKeys,
-    Authenticator,
+    CallerAuthenticator,
     JwksKeys,
     JwtBearer,
     KeySource,
@@ -35,6 +35,7 @@ from gateway.guards.idempotency import IdempotentCalls, KeyStore, MemoryKeys, Re
 from gateway.guards.ownership import CallIds
 from gateway.guards.quotas import LEASE_TARGET_S, Quotas, build_storage
 from gateway.guards.sharedstate import RedisSettings
+from gateway.telemetry.exchange_calls import ExchangeTelemetry
 from gateway.telemetry.metrics import Metrics
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
@@ -62,7 +63,7 @@ def create_app(
             build_transport(config),
             server_version=config.ews_server_version,
             anchor_mailbox=config.anchor_mailbox,
-            observer=metrics,
+            observer=ExchangeTelemetry(metrics),
             policy=build_policy(config, metrics, bulkhead),
         )
     state = state or routes.ServiceState()
@@ -149,9 +150,9 @@ def build_guards(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> dict[s
     }
 
 
-def build_policy(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> UpstreamPolicy:
+def build_policy(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> ExchangePolicy:
     """Bound calls to Exchange: deadline, one retry, circuit breaker, bulkhead."""
-    return UpstreamPolicy(
+    return ExchangePolicy(
         timeout_s=config.ews_timeout_s,
         max_retry_back_off_s=config.retry_max_back_off_s,
         breaker=CircuitBreaker(
@@ -179,14 +180,14 @@ def build_transport(config: Config) -> Transport:
         verify_tls=config.ews_verify_tls,
         ca_bundle=config.ews_ca_bundle,
         authorization=auth.static_authorization(credentials),
-        authenticator=auth.build_authenticator(credentials, host),
+        authenticator=auth.build_exchange_authenticator(credentials, host),
         pool_size=config.upstream_slots,
         idle_s=config.connection_idle_s,
         proxy=config.ews_proxy,
     )
 
 
-def caller_authenticator(config: Config) -> Authenticator:
+def caller_authenticator(config: Config) -> CallerAuthenticator:
     """Return the caller authenticator GATEWAY_AUTH asks for (ConfigError: a bad key file)."""
     if config.gateway_auth == "apikey":
         assert config.api_keys_file is not None

@@ -1,13 +1,46 @@
 """The gateway's errors, and the contract's table from Exchange's codes to them.
 
 Every failure a caller or Exchange can cause is one of these. The SOAP layer
-raises them; one Flask error handler renders them as problem+json using the
-class attributes, so each class *is* a row of the contract's mapping table.
+raises them; gateway.api.problems renders them as problem+json from the class
+attributes, so each class *is* a row of the contract's mapping table. The tree:
+
+    ConfigError                     configuration refused at start (ValueError)
+    GatewayError                    500: the gateway itself failed
+    ├── CallerError                 4xx: what the caller sent or asked for
+    │   ├── InvalidRequest, Unauthenticated, Forbidden, UnsupportedMediaType, ...
+    │   ├── DialStringNotAllowed, RateLimited, Idempotency*           (the guards)
+    │   ├── RouteNotFound, MethodNotAllowed, BodyTooLarge, ...        (HTTP itself)
+    │   └── CallNotFound, MailboxNotFound, ExchangeAccessDenied,
+    │       ExchangeUnprocessable                  (Exchange refused what was asked)
+    ├── ExchangeError               502-504: Exchange failed, or could not be asked
+    │   ├── ExchangeBusy, ExchangeUnavailable, ExchangeReportedError
+    │   ├── ExchangeAuthFailed, ExchangeBadAnswer, ExchangeUnreachable, ExchangeTimeout
+    │   └── CircuitOpen
+    └── ServiceUnavailable          503: the gateway's own limits and dependencies
+        └── KeysUnavailable, SharedStateUnavailable, GatewayOverloaded,
+            StreamLimitReached, ShuttingDown
+
+How a call to Exchange ended is an `ExchangeOutcome`, the `outcome` label of
+ews_gateway_upstream_requests_total.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import ClassVar
+
+
+class ExchangeOutcome(StrEnum):
+    """How one call to Exchange ended (the contract's `outcome` metric label)."""
+
+    SUCCESS = "success"
+    EWS_ERROR = "ews_error"  # a response message with ResponseClass="Error"
+    SOAP_FAULT = "soap_fault"
+    HTTP_ERROR = "http_error"  # an HTTP status without a usable SOAP answer
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    INVALID_RESPONSE = "invalid_response"  # an answer the gateway cannot read
+    REJECTED = "rejected"  # never sent: the bulkhead or the circuit breaker said no
 
 
 class ConfigError(ValueError):
@@ -28,7 +61,7 @@ class GatewayError(Exception):
         ews_code: str | None = None,
         retry_after_s: int | None = None,
         warning: str | None = None,
-        outcome: str | None = None,
+        outcome: ExchangeOutcome | None = None,
         back_off_s: float | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -50,70 +83,88 @@ class GatewayError(Exception):
         self.before_sending = False
 
 
+class CallerError(GatewayError):
+    """The caller's request cannot be served as sent (4xx)."""
+
+    status = 400
+
+
+class ExchangeError(GatewayError):
+    """Exchange failed the call, or could not be asked (502-504)."""
+
+    status = 502
+
+
+class ServiceUnavailable(GatewayError):
+    """The gateway's own limits or dependencies stop it from serving now (503)."""
+
+    status = 503
+
+
 # Caller-side problems: Exchange is never contacted.
 
 
-class InvalidRequest(GatewayError):
+class InvalidRequest(CallerError):
     status = 400
     slug = "invalid-request"
     title = "Invalid request"
 
 
-class Unauthenticated(GatewayError):
+class Unauthenticated(CallerError):
     status = 401
     slug = "unauthenticated"
     title = "Missing or invalid credentials"
 
 
-class Forbidden(GatewayError):
+class Forbidden(CallerError):
     status = 403
     slug = "forbidden"
     title = "Not allowed"
 
 
-class KeysUnavailable(GatewayError):
+class KeysUnavailable(ServiceUnavailable):
     status = 503
     slug = "keys-unavailable"
     title = "Caller credentials cannot be checked right now"
 
 
-class UnsupportedMediaType(GatewayError):
+class UnsupportedMediaType(CallerError):
     status = 415
     slug = "unsupported-media-type"
     title = "Unsupported media type"
 
 
-class DialStringNotAllowed(GatewayError):
+class DialStringNotAllowed(CallerError):
     status = 403
     slug = "dial-string-not-allowed"
     title = "This number may not be dialled through the gateway"
 
 
-class RateLimited(GatewayError):
+class RateLimited(CallerError):
     status = 429
     slug = "rate-limited"
     title = "Too many requests from this caller"
 
 
-class IdempotencyKeyInUse(GatewayError):
+class IdempotencyKeyInUse(CallerError):
     status = 409
     slug = "idempotency-key-in-use"
     title = "A request with this Idempotency-Key is still being answered"
 
 
-class IdempotencyOutcomeUnknown(GatewayError):
+class IdempotencyOutcomeUnknown(CallerError):
     status = 409
     slug = "idempotency-outcome-unknown"
     title = "The first request with this Idempotency-Key may have placed a call"
 
 
-class IdempotencyKeyReused(GatewayError):
+class IdempotencyKeyReused(CallerError):
     status = 422
     slug = "idempotency-key-reused"
     title = "This Idempotency-Key was used with another request body"
 
 
-class SharedStateUnavailable(GatewayError):
+class SharedStateUnavailable(ServiceUnavailable):
     status = 503
     slug = "shared-state-unavailable"
     title = "The gateway's shared state (Redis) cannot be reached"
@@ -124,55 +175,55 @@ class SharedStateUnavailable(GatewayError):
 # app sees them; the app raises them for routing and protocol failures.
 
 
-class RouteNotFound(GatewayError):
+class RouteNotFound(CallerError):
     status = 404
     slug = "not-found"
     title = "No such route"
 
 
-class MethodNotAllowed(GatewayError):
+class MethodNotAllowed(CallerError):
     status = 405
     slug = "method-not-allowed"
     title = "Method not allowed on this route"
 
 
-class RequestTimeout(GatewayError):
+class RequestTimeout(CallerError):
     status = 408
     slug = "request-timeout"
     title = "The request did not arrive in time"
 
 
-class BodyTooLarge(GatewayError):
+class BodyTooLarge(CallerError):
     status = 413
     slug = "request-entity-too-large"
     title = "The request body is too large"
 
 
-class UriTooLong(GatewayError):
+class UriTooLong(CallerError):
     status = 414
     slug = "uri-too-long"
     title = "The request URL is too long"
 
 
-class ExpectationFailed(GatewayError):
+class ExpectationFailed(CallerError):
     status = 417
     slug = "expectation-failed"
     title = "The Expect header cannot be met"
 
 
-class HeadersTooLarge(GatewayError):
+class HeadersTooLarge(CallerError):
     status = 431
     slug = "request-header-fields-too-large"
     title = "The request headers are too large or too many"
 
 
-class MalformedRequest(GatewayError):
+class MalformedRequest(CallerError):
     status = 400
     slug = "malformed-request"
     title = "The request is not valid HTTP/1.1"
 
 
-class TransferCodingNotImplemented(GatewayError):
+class TransferCodingNotImplemented(CallerError):
     status = 501
     slug = "not-implemented"
     title = "The request's transfer coding is not supported"
@@ -196,43 +247,43 @@ ERROR_BY_REQUEST_STATUS: dict[int, type[GatewayError]] = {
 # What Exchange said, by ResponseCode.
 
 
-class CallNotFound(GatewayError):
+class CallNotFound(CallerError):
     status = 404
     slug = "call-not-found"
     title = "Phone call not found"
 
 
-class MailboxNotFound(GatewayError):
+class MailboxNotFound(CallerError):
     status = 404
     slug = "mailbox-not-found"
     title = "Mailbox not found"
 
 
-class EwsAccessDenied(GatewayError):
+class ExchangeAccessDenied(CallerError):
     status = 403
     slug = "access-denied"
     title = "Exchange denied access"
 
 
-class EwsUnprocessable(GatewayError):
+class ExchangeUnprocessable(CallerError):
     status = 422
     slug = "cannot-place-call"
     title = "Exchange cannot do this for the mailbox or item"
 
 
-class EwsBusy(GatewayError):
+class ExchangeBusy(ExchangeError):
     status = 503
     slug = "exchange-busy"
     title = "Exchange is throttling requests"
 
 
-class EwsUnavailable(GatewayError):
+class ExchangeUnavailable(ExchangeError):
     status = 503
     slug = "exchange-unavailable"
     title = "Exchange is temporarily unavailable"
 
 
-class EwsUnexpectedError(GatewayError):
+class ExchangeReportedError(ExchangeError):
     status = 502
     slug = "exchange-error"
     title = "Exchange reported an error"
@@ -241,37 +292,37 @@ class EwsUnexpectedError(GatewayError):
 # What went wrong on the way to Exchange.
 
 
-class CircuitOpen(GatewayError):
+class CircuitOpen(ExchangeError):
     status = 503
     slug = "exchange-circuit-open"
     title = "Exchange is failing; calls are paused"
 
 
-class GatewayOverloaded(GatewayError):
+class GatewayOverloaded(ServiceUnavailable):
     status = 503
     slug = "gateway-overloaded"
     title = "Too many calls to Exchange are in flight"
 
 
-class UpstreamAuthFailed(GatewayError):
+class ExchangeAuthFailed(ExchangeError):
     status = 502
     slug = "upstream-authentication-failed"
     title = "The gateway could not authenticate to Exchange"
 
 
-class UpstreamBadResponse(GatewayError):
+class ExchangeBadAnswer(ExchangeError):
     status = 502
     slug = "bad-upstream-response"
     title = "Exchange sent an answer the gateway cannot read"
 
 
-class UpstreamUnreachable(GatewayError):
+class ExchangeUnreachable(ExchangeError):
     status = 502
     slug = "upstream-unreachable"
     title = "Exchange could not be reached"
 
 
-class UpstreamTimeout(GatewayError):
+class ExchangeTimeout(ExchangeError):
     status = 504
     slug = "upstream-timeout"
     title = "Exchange did not answer in time"
@@ -280,13 +331,13 @@ class UpstreamTimeout(GatewayError):
 # Event streams (GET /calls/{callId}/events).
 
 
-class StreamLimitReached(GatewayError):
+class StreamLimitReached(ServiceUnavailable):
     status = 503
     slug = "too-many-streams"
     title = "This worker holds as many event streams as it may"
 
 
-class ShuttingDown(GatewayError):
+class ShuttingDown(ServiceUnavailable):
     status = 503
     slug = "shutting-down"
     title = "This instance is shutting down"
@@ -300,27 +351,27 @@ DEFAULT_RETRY_AFTER_S = 5
 
 ERROR_BY_RESPONSE_CODE: dict[str, type[GatewayError]] = {
     "ErrorInvalidPhoneCallId": CallNotFound,
-    "ErrorAccessDenied": EwsAccessDenied,
-    "ErrorImpersonateUserDenied": EwsAccessDenied,
-    "ErrorImpersonationDenied": EwsAccessDenied,
-    "ErrorImpersonationFailed": EwsAccessDenied,
+    "ErrorAccessDenied": ExchangeAccessDenied,
+    "ErrorImpersonateUserDenied": ExchangeAccessDenied,
+    "ErrorImpersonationDenied": ExchangeAccessDenied,
+    "ErrorImpersonationFailed": ExchangeAccessDenied,
     "ErrorNonExistentMailbox": MailboxNotFound,
     "ErrorInvalidSmtpAddress": MailboxNotFound,
-    "ErrorUserNotUnifiedMessagingEnabled": EwsUnprocessable,
-    "ErrorUnifiedMessagingDialPlanNotFound": EwsUnprocessable,
-    "ErrorInvalidPhoneNumber": EwsUnprocessable,
-    "ErrorPhoneNumberNotDialable": EwsUnprocessable,
-    "ErrorItemNotFound": EwsUnprocessable,
-    "ErrorServerBusy": EwsBusy,
-    "ErrorExceededConnectionCount": EwsBusy,
-    "ErrorTooManyObjectsOpened": EwsBusy,
-    "ErrorUnifiedMessagingServerNotFound": EwsUnavailable,
-    "ErrorUMServerUnavailable": EwsUnavailable,
-    "ErrorUnifiedMessagingRequestFailed": EwsUnavailable,
-    "ErrorInternalServerTransientError": EwsUnavailable,
-    "ErrorMailboxStoreUnavailable": EwsUnavailable,
-    "ErrorADUnavailable": EwsUnavailable,
-    "ErrorConnectionFailed": EwsUnavailable,
+    "ErrorUserNotUnifiedMessagingEnabled": ExchangeUnprocessable,
+    "ErrorUnifiedMessagingDialPlanNotFound": ExchangeUnprocessable,
+    "ErrorInvalidPhoneNumber": ExchangeUnprocessable,
+    "ErrorPhoneNumberNotDialable": ExchangeUnprocessable,
+    "ErrorItemNotFound": ExchangeUnprocessable,
+    "ErrorServerBusy": ExchangeBusy,
+    "ErrorExceededConnectionCount": ExchangeBusy,
+    "ErrorTooManyObjectsOpened": ExchangeBusy,
+    "ErrorUnifiedMessagingServerNotFound": ExchangeUnavailable,
+    "ErrorUMServerUnavailable": ExchangeUnavailable,
+    "ErrorUnifiedMessagingRequestFailed": ExchangeUnavailable,
+    "ErrorInternalServerTransientError": ExchangeUnavailable,
+    "ErrorMailboxStoreUnavailable": ExchangeUnavailable,
+    "ErrorADUnavailable": ExchangeUnavailable,
+    "ErrorConnectionFailed": ExchangeUnavailable,
 }
 
 # Codes reported by name in metrics; any other is "Other", keeping label sets bounded.
@@ -328,13 +379,13 @@ KNOWN_RESPONSE_CODES = frozenset({"NoError", "ErrorSchemaValidation", *ERROR_BY_
 
 
 def error_for_response_code(
-    code: str, message: str, *, outcome: str, back_off_ms: int | None = None
+    code: str, message: str, *, outcome: ExchangeOutcome, back_off_ms: int | None = None
 ) -> GatewayError:
     """Translate an EWS ResponseCode into the gateway error the contract maps it to."""
-    error_class = ERROR_BY_RESPONSE_CODE.get(code, EwsUnexpectedError)
+    error_class = ERROR_BY_RESPONSE_CODE.get(code, ExchangeReportedError)
     retry_after_s = None
     back_off_s = back_off_ms / 1000 if back_off_ms is not None else None
-    if error_class is EwsBusy:
+    if error_class is ExchangeBusy:
         retry_after_s = DEFAULT_RETRY_AFTER_S
         if back_off_ms is not None:
             retry_after_s = max(1, -(-back_off_ms // 1000))
@@ -349,20 +400,20 @@ def error_for_response_code(
 # 440 Login Timeout is a forms-based login page in front of EWS: credentials, like 401.
 ERROR_BY_HTTP_STATUS: dict[int, tuple[type[GatewayError], str]] = {
     401: (
-        UpstreamAuthFailed,
+        ExchangeAuthFailed,
         "Upstream authentication failed: Exchange refused the gateway's credentials",
     ),
     403: (
-        UpstreamAuthFailed,
+        ExchangeAuthFailed,
         "Upstream authentication failed: Exchange refused the gateway's credentials",
     ),
     440: (
-        UpstreamAuthFailed,
+        ExchangeAuthFailed,
         "Upstream authentication failed: a login page stands in front of EWS (Login Timeout)",
     ),
-    429: (EwsBusy, "Exchange answered Too Many Requests"),
-    503: (EwsUnavailable, "Exchange answered HTTP 503 Service Unavailable"),
-    504: (UpstreamTimeout, "A gateway in front of Exchange timed out waiting for it"),
+    429: (ExchangeBusy, "Exchange answered Too Many Requests"),
+    503: (ExchangeUnavailable, "Exchange answered HTTP 503 Service Unavailable"),
+    504: (ExchangeTimeout, "A gateway in front of Exchange timed out waiting for it"),
 }
 
 
@@ -375,15 +426,15 @@ def error_for_http_status(status: int, retry_after_s: int | None) -> GatewayErro
     if row is None:
         return None
     error_class, detail = row
-    if error_class is EwsBusy and retry_after_s is None:
+    if error_class is ExchangeBusy and retry_after_s is None:
         retry_after_s = DEFAULT_RETRY_AFTER_S  # throttled callers are always told when to return
-    if error_class is UpstreamAuthFailed:
+    if error_class is ExchangeAuthFailed:
         retry_after_s = None
     return error_class(
         f"{detail} (HTTP {status})",
         retry_after_s=retry_after_s,
         back_off_s=retry_after_s,
-        outcome="http_error",
+        outcome=ExchangeOutcome.HTTP_ERROR,
     )
 
 

@@ -334,15 +334,15 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.GatewayOverloaded: 503,
     errors.CallNotFound: 404,
     errors.MailboxNotFound: 404,
-    errors.EwsAccessDenied: 403,
-    errors.EwsUnprocessable: 422,
-    errors.EwsBusy: 503,
-    errors.EwsUnavailable: 503,
-    errors.EwsUnexpectedError: 502,
-    errors.UpstreamAuthFailed: 502,
-    errors.UpstreamBadResponse: 502,
-    errors.UpstreamUnreachable: 502,
-    errors.UpstreamTimeout: 504,
+    errors.ExchangeAccessDenied: 403,
+    errors.ExchangeUnprocessable: 422,
+    errors.ExchangeBusy: 503,
+    errors.ExchangeUnavailable: 503,
+    errors.ExchangeReportedError: 502,
+    errors.ExchangeAuthFailed: 502,
+    errors.ExchangeBadAnswer: 502,
+    errors.ExchangeUnreachable: 502,
+    errors.ExchangeTimeout: 504,
     errors.DialStringNotAllowed: 403,
     errors.RateLimited: 429,
     errors.IdempotencyKeyInUse: 409,
@@ -363,8 +363,33 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
 }
 
 
+def descendants(cls: type[errors.GatewayError]) -> set[type[errors.GatewayError]]:
+    direct = set(cls.__subclasses__())
+    return direct.union(*(descendants(child) for child in direct))
+
+
+# The tree's inner classes, never raised themselves: each names whose fault a failure is.
+INNER_CLASSES = {errors.CallerError, errors.ExchangeError, errors.ServiceUnavailable}
+
+
 def test_every_gateway_error_class_has_an_expected_status_here() -> None:
-    assert set(errors.GatewayError.__subclasses__()) | {errors.GatewayError} == set(STATUS_BY_ERROR)
+    concrete = descendants(errors.GatewayError) - INNER_CLASSES
+    assert concrete | {errors.GatewayError} == set(STATUS_BY_ERROR)
+
+
+@pytest.mark.parametrize("error_class", STATUS_BY_ERROR, ids=lambda v: v.__name__)
+def test_each_error_sits_under_the_inner_class_of_its_status(
+    error_class: type[errors.GatewayError],
+) -> None:
+    """4xx is the caller's, 502-504 Exchange's unless the gateway's own limits said 503."""
+    status = STATUS_BY_ERROR[error_class]
+    if 400 <= status < 500 or status == 501:
+        assert issubclass(error_class, errors.CallerError)
+    elif issubclass(error_class, errors.ServiceUnavailable):
+        assert status == 503
+    elif error_class is not errors.GatewayError:
+        assert issubclass(error_class, errors.ExchangeError)
+        assert status in (502, 503, 504)
 
 
 @pytest.mark.parametrize(
@@ -386,7 +411,7 @@ def test_a_gateway_error_becomes_a_problem_with_its_status(
 def test_a_problem_without_an_exchange_code_has_no_ews_response_code(
     client: FlaskClient, fake: FakeExchange
 ) -> None:
-    fake.error = errors.UpstreamTimeout("Exchange did not answer in time")
+    fake.error = errors.ExchangeTimeout("Exchange did not answer in time")
 
     problem = assert_problem(client.get("/calls/call-42"), 504)
 
@@ -396,7 +421,7 @@ def test_a_problem_without_an_exchange_code_has_no_ews_response_code(
 def test_exchange_throttling_tells_the_caller_when_to_retry(
     client: FlaskClient, fake: FakeExchange
 ) -> None:
-    fake.error = errors.EwsBusy("busy", ews_code="ErrorServerBusy", retry_after_s=7)
+    fake.error = errors.ExchangeBusy("busy", ews_code="ErrorServerBusy", retry_after_s=7)
 
     response = client.delete("/calls/call-42")
 
@@ -420,7 +445,7 @@ def test_a_back_off_from_exchange_is_rounded_up_to_whole_seconds_of_retry_after(
 def test_an_error_without_retry_after_sends_no_retry_after_header(
     client: FlaskClient, fake: FakeExchange
 ) -> None:
-    fake.error = errors.EwsUnavailable("the UM server is down")
+    fake.error = errors.ExchangeUnavailable("the UM server is down")
 
     assert "Retry-After" not in client.delete("/calls/call-42").headers
 
@@ -760,7 +785,7 @@ def test_failed_and_unmatched_requests_are_logged_too(
     client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
-    fake.error = errors.EwsAccessDenied("denied", ews_code="ErrorAccessDenied")
+    fake.error = errors.ExchangeAccessDenied("denied", ews_code="ErrorAccessDenied")
 
     first = client.get("/calls/call-42")
     second = client.get("/nowhere")
@@ -905,7 +930,7 @@ def test_an_exchange_failure_is_logged_as_a_warning_with_its_status_code_and_det
     client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
-    error = errors.UpstreamAuthFailed(
+    error = errors.ExchangeAuthFailed(
         "Exchange refused the gateway's credentials (HTTP 401)", outcome="http_error"
     )
     error.upstream_status = 401
@@ -925,7 +950,7 @@ def test_an_exchange_outage_and_bad_credentials_read_differently_in_the_log(
     client: FlaskClient, fake: FakeExchange, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
-    down = errors.EwsUnavailable("Exchange answered HTTP 503", outcome="http_error")
+    down = errors.ExchangeUnavailable("Exchange answered HTTP 503", outcome="http_error")
     down.upstream_status = 503
     fake.error = down
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import ExchangeBadAnswer, ExchangeTimeout, ExchangeUnreachable
 from gateway.exchange import connector, http1
 from gateway.exchange.client import EwsClient
-from gateway.exchange.resilience import BreakerState, CircuitBreaker, UpstreamPolicy
+from gateway.exchange.resilience import BreakerState, CircuitBreaker, ExchangePolicy
 from gateway.exchange.transport import MAX_REPLY_BYTES, Connection, ExchangeTransport
 from tests.test_transport import (
     ANSWER,
@@ -107,7 +107,7 @@ def test_a_decompression_bomb_is_refused_at_the_size_cap(
         connection.sendall(answer_with(b"Content-Encoding: gzip\r\n", bomb))
 
     server = raw_servers(answer_bomb)
-    with pytest.raises(UpstreamBadResponse) as raised:
+    with pytest.raises(ExchangeBadAnswer) as raised:
         transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.outcome == "invalid_response"
     assert (
@@ -130,7 +130,7 @@ def test_an_answer_in_a_coding_that_cannot_be_read_is_a_bad_response(
         connection.sendall(answer_with(head, body))
 
     server = raw_servers(answer)
-    with pytest.raises(UpstreamBadResponse) as raised:
+    with pytest.raises(ExchangeBadAnswer) as raised:
         transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "invalid_response")
 
@@ -227,7 +227,7 @@ def test_play_on_phone_on_a_reused_connection_closed_unanswered_is_never_sent_tw
     )
     transport = transports(server.url)
     transport.post(ENVELOPE, REQUEST_HEADERS)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS, idempotent=False)
     assert raised.value.detail == "Exchange closed the connection before answering"
     assert (len(requests), len(server.connections)) == (2, 1)
@@ -244,7 +244,7 @@ def test_an_idempotent_call_on_a_new_connection_closed_unanswered_is_not_sent_ag
         connection.close()
 
     server = raw_servers(hang_up)
-    with pytest.raises(UpstreamUnreachable):
+    with pytest.raises(ExchangeUnreachable):
         transports(server.url).post(ENVELOPE, REQUEST_HEADERS, idempotent=True)
     assert len(requests) == 1
 
@@ -329,7 +329,7 @@ def test_every_address_silent_is_a_timeout_within_the_one_deadline(
     url = f"http://exchange.example.test:{port}{EWS_PATH}"
     transport = transports(url, timeout_s=1.0, resolver=resolving_to("127.0.0.2", "127.0.0.3"))
     started = time.monotonic()
-    with pytest.raises(UpstreamTimeout) as raised:
+    with pytest.raises(ExchangeTimeout) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     # The contract: a 504 no later than about a second after the timeout (was 2.0 s here).
     assert time.monotonic() - started < 2.0
@@ -348,7 +348,7 @@ def test_a_resolver_that_hangs_is_a_timeout_within_the_one_deadline(
     transport = transports(f"http://exchange.example.test{EWS_PATH}", timeout_s=0.5, resolver=hang)
     started = time.monotonic()
     try:
-        with pytest.raises(UpstreamTimeout):
+        with pytest.raises(ExchangeTimeout):
             transport.post(ENVELOPE, REQUEST_HEADERS)
         assert time.monotonic() - started < 1.5
     finally:
@@ -360,7 +360,7 @@ def test_a_name_that_does_not_resolve_is_unreachable_not_a_timeout(transports: T
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     transport = transports(f"http://exchange.example.test{EWS_PATH}", resolver=no_such_name)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.detail == "Exchange could not be reached (gaierror)"
 
@@ -385,7 +385,7 @@ def test_an_answer_with_bare_lf_line_ends_is_a_bad_response_at_once_not_a_timeou
         connection.sendall(b"HTTP/1.1 200 OK\nContent-Type: text/xml\nContent-Length: 2\n\nok")
 
     server = raw_servers(answer_with_lf)
-    with pytest.raises(UpstreamBadResponse) as raised:
+    with pytest.raises(ExchangeBadAnswer) as raised:
         transports(server.url, timeout_s=5.0).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "invalid_response")
 
@@ -397,7 +397,7 @@ def tls_failure(transport: ExchangeTransport, caplog: pytest.LogCaptureFixture) 
     """The caller's detail and the logged reason of a failed handshake."""
     with (
         caplog.at_level(logging.WARNING, logger="gateway.transport"),
-        pytest.raises(UpstreamUnreachable) as raised,
+        pytest.raises(ExchangeUnreachable) as raised,
     ):
         transport.post(ENVELOPE, REQUEST_HEADERS)
     [record] = [r for r in caplog.records if r.getMessage() == "TLS handshake with Exchange failed"]
@@ -479,7 +479,7 @@ def test_a_stale_pooled_connection_never_counts_toward_the_circuit_breaker(
     client = EwsClient(
         transports(server.url),
         server_version="Exchange2013",
-        policy=UpstreamPolicy(timeout_s=5, breaker=breaker),
+        policy=ExchangePolicy(timeout_s=5, breaker=breaker),
     )
     for call_id in ("call-1", "call-2", "call-3"):
         assert client.disconnect_call(call_id, request_id="req").ews_code == "NoError"
@@ -504,11 +504,11 @@ class ChallengeOnce:
     def authorization(self, connection: Connection) -> str | None:
         return "Test initial" if connection.auth_state == "fresh" else None
 
-    def challenged(self, connection: Connection, answer: http1.Answer) -> str | None:
+    def challenged(self, connection: Connection, answer: http1.HttpAnswer) -> str | None:
         connection.auth_state = "authenticated"
         return "Test answer-to-" + (answer.header("WWW-Authenticate") or "").removeprefix("Test ")
 
-    def answered(self, connection: Connection, answer: http1.Answer) -> None:
+    def answered(self, connection: Connection, answer: http1.HttpAnswer) -> None:
         self.answered_with.append(answer.status)
 
 

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import caller_authenticator
 from gateway.config import Config
-from gateway.errors import ERROR_BY_RESPONSE_CODE, EwsBusy, metric_code
+from gateway.errors import ERROR_BY_RESPONSE_CODE, ExchangeBusy, metric_code
 from gateway.serving.server import gunicorn_options
 from tests.integration.conftest import free_port, gateway_env, http, start
 
@@ -600,7 +600,7 @@ def test_every_alert_says_what_why_and_where_its_runbook_is() -> None:
 
 
 def test_throttling_is_exactly_the_codes_the_gateway_answers_503_retry_after() -> None:
-    busy = {code for code, error in ERROR_BY_RESPONSE_CODE.items() if error is EwsBusy}
+    busy = {code for code, error in ERROR_BY_RESPONSE_CODE.items() if error is ExchangeBusy}
     for query in [rule["expr"] for rule in rules()] + dashboard_queries():
         for alternatives in re.findall(r'code=~"([^"]+)"', query):
             codes = set(alternatives.split("|"))

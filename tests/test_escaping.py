@@ -17,7 +17,7 @@ from gateway import wire
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange.client import EwsClient
-from gateway.exchange.transport import UpstreamReply
+from gateway.exchange.transport import ExchangeReply
 
 DISCONNECTED = f"""<?xml version="1.0" encoding="utf-8"?>
 <s:Envelope xmlns:s="{wire.SOAP_ENV_NS}">
@@ -50,9 +50,9 @@ class RecordingTransport:
         *,
         deadline: float | None = None,
         idempotent: bool = False,
-    ) -> UpstreamReply:
+    ) -> ExchangeReply:
         self.bodies.append(body)
-        return UpstreamReply(
+        return ExchangeReply(
             status=200,
             content_type="text/xml; charset=utf-8",
             retry_after=None,

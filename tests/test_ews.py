@@ -16,18 +16,24 @@ from gateway.errors import (
     DEFAULT_RETRY_AFTER_S,
     ERROR_BY_RESPONSE_CODE,
     CallNotFound,
-    EwsAccessDenied,
-    EwsBusy,
-    EwsUnavailable,
-    EwsUnexpectedError,
-    EwsUnprocessable,
+    ExchangeAccessDenied,
+    ExchangeAuthFailed,
+    ExchangeBadAnswer,
+    ExchangeBusy,
+    ExchangeReportedError,
+    ExchangeUnavailable,
+    ExchangeUnprocessable,
     GatewayError,
     MailboxNotFound,
-    UpstreamAuthFailed,
-    UpstreamBadResponse,
 )
-from gateway.exchange.client import CallInformation, Disconnected, EwsClient, PlacedCall
-from gateway.exchange.transport import UpstreamReply
+from gateway.exchange.client import (
+    CallInformation,
+    Disconnected,
+    EwsClient,
+    ExchangeCallReport,
+    PlacedCall,
+)
+from gateway.exchange.transport import ExchangeReply
 from tests.ews_schema import assert_envelope_valid, requires_schema, schema_available
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -45,27 +51,27 @@ T = f"{{{wire.TYPES_NS}}}"
 # out independently of gateway.errors so that a change there has to match it.
 CONTRACT_ERRORS: dict[str, tuple[type[GatewayError], int]] = {
     "ErrorInvalidPhoneCallId": (CallNotFound, 404),
-    "ErrorAccessDenied": (EwsAccessDenied, 403),
-    "ErrorImpersonateUserDenied": (EwsAccessDenied, 403),
-    "ErrorImpersonationDenied": (EwsAccessDenied, 403),
-    "ErrorImpersonationFailed": (EwsAccessDenied, 403),
+    "ErrorAccessDenied": (ExchangeAccessDenied, 403),
+    "ErrorImpersonateUserDenied": (ExchangeAccessDenied, 403),
+    "ErrorImpersonationDenied": (ExchangeAccessDenied, 403),
+    "ErrorImpersonationFailed": (ExchangeAccessDenied, 403),
     "ErrorNonExistentMailbox": (MailboxNotFound, 404),
     "ErrorInvalidSmtpAddress": (MailboxNotFound, 404),
-    "ErrorUserNotUnifiedMessagingEnabled": (EwsUnprocessable, 422),
-    "ErrorUnifiedMessagingDialPlanNotFound": (EwsUnprocessable, 422),
-    "ErrorInvalidPhoneNumber": (EwsUnprocessable, 422),
-    "ErrorPhoneNumberNotDialable": (EwsUnprocessable, 422),
-    "ErrorItemNotFound": (EwsUnprocessable, 422),
-    "ErrorServerBusy": (EwsBusy, 503),
-    "ErrorExceededConnectionCount": (EwsBusy, 503),
-    "ErrorTooManyObjectsOpened": (EwsBusy, 503),
-    "ErrorUnifiedMessagingServerNotFound": (EwsUnavailable, 503),
-    "ErrorUMServerUnavailable": (EwsUnavailable, 503),
-    "ErrorUnifiedMessagingRequestFailed": (EwsUnavailable, 503),
-    "ErrorInternalServerTransientError": (EwsUnavailable, 503),
-    "ErrorMailboxStoreUnavailable": (EwsUnavailable, 503),
-    "ErrorADUnavailable": (EwsUnavailable, 503),
-    "ErrorConnectionFailed": (EwsUnavailable, 503),
+    "ErrorUserNotUnifiedMessagingEnabled": (ExchangeUnprocessable, 422),
+    "ErrorUnifiedMessagingDialPlanNotFound": (ExchangeUnprocessable, 422),
+    "ErrorInvalidPhoneNumber": (ExchangeUnprocessable, 422),
+    "ErrorPhoneNumberNotDialable": (ExchangeUnprocessable, 422),
+    "ErrorItemNotFound": (ExchangeUnprocessable, 422),
+    "ErrorServerBusy": (ExchangeBusy, 503),
+    "ErrorExceededConnectionCount": (ExchangeBusy, 503),
+    "ErrorTooManyObjectsOpened": (ExchangeBusy, 503),
+    "ErrorUnifiedMessagingServerNotFound": (ExchangeUnavailable, 503),
+    "ErrorUMServerUnavailable": (ExchangeUnavailable, 503),
+    "ErrorUnifiedMessagingRequestFailed": (ExchangeUnavailable, 503),
+    "ErrorInternalServerTransientError": (ExchangeUnavailable, 503),
+    "ErrorMailboxStoreUnavailable": (ExchangeUnavailable, 503),
+    "ErrorADUnavailable": (ExchangeUnavailable, 503),
+    "ErrorConnectionFailed": (ExchangeUnavailable, 503),
 }
 MAPPED_CODES = sorted(CONTRACT_ERRORS)
 
@@ -114,11 +120,11 @@ class RecordedExchange:
         *,
         deadline: float | None = None,
         idempotent: bool = False,
-    ) -> UpstreamReply:
+    ) -> ExchangeReply:
         self.sent.append(SentRequest(body, dict(headers)))
         if schema_available():
             assert_envelope_valid(body)
-        return UpstreamReply(
+        return ExchangeReply(
             status=self.status,
             content_type=self.content_type,
             retry_after=self.retry_after,
@@ -143,9 +149,9 @@ class UpstreamCall:
 class ObserverRecorder:
     calls: list[UpstreamCall] = field(default_factory=list)
 
-    def upstream_call(self, operation: str, outcome: str, code: str | None, seconds: float) -> None:
-        assert seconds >= 0
-        self.calls.append(UpstreamCall(operation, outcome, code))
+    def exchange_call(self, report: ExchangeCallReport) -> None:
+        assert report.seconds >= 0
+        self.calls.append(UpstreamCall(report.operation, report.outcome, report.code))
 
 
 @pytest.fixture
@@ -472,7 +478,7 @@ def test_an_in_band_error_code_maps_to_the_contract_status(
     error_class, status = CONTRACT_ERRORS[code]
     exchange = RecordedExchange(error_response(operation, code, "Exchange explains why."))
     error = failure(exchange, observer, operation)
-    retry_after_s = DEFAULT_RETRY_AFTER_S if error_class is EwsBusy else None
+    retry_after_s = DEFAULT_RETRY_AFTER_S if error_class is ExchangeBusy else None
     assert_error(
         error,
         error_class,
@@ -491,7 +497,7 @@ def test_an_unmapped_in_band_code_is_502_and_names_the_code(
 ) -> None:
     exchange = RecordedExchange(error_response(wire.DISCONNECT_PHONE_CALL, code))
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
-    assert_error(error, EwsUnexpectedError, status=502, outcome="ews_error", ews_code=code)
+    assert_error(error, ExchangeReportedError, status=502, outcome="ews_error", ews_code=code)
     assert_observed(observer, wire.DISCONNECT_PHONE_CALL, "ews_error", code)
 
 
@@ -502,7 +508,7 @@ def test_an_in_band_server_busy_tells_the_caller_the_back_off_rounded_up(
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
     assert_error(
         error,
-        EwsBusy,
+        ExchangeBusy,
         status=503,
         outcome="ews_error",
         ews_code="ErrorServerBusy",
@@ -515,7 +521,7 @@ def test_an_in_band_server_busy_tells_the_caller_the_back_off_rounded_up(
 def test_the_back_off_is_rounded_up_to_whole_seconds(back_off_ms: str, retry_after_s: int) -> None:
     body = recorded("disconnect_server_busy_in_band.xml").replace(b"297749", back_off_ms.encode())
     error = failure(RecordedExchange(body), ObserverRecorder(), wire.DISCONNECT_PHONE_CALL)
-    assert isinstance(error, EwsBusy)
+    assert isinstance(error, ExchangeBusy)
     assert error.retry_after_s == retry_after_s
 
 
@@ -537,7 +543,7 @@ def test_a_fault_code_maps_to_the_contract_status(observer: ObserverRecorder, co
     error_class, status = CONTRACT_ERRORS[code]
     exchange = RecordedExchange(fault(code), status=500)
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
-    retry_after_s = DEFAULT_RETRY_AFTER_S if error_class is EwsBusy else None
+    retry_after_s = DEFAULT_RETRY_AFTER_S if error_class is ExchangeBusy else None
     assert_error(
         error,
         error_class,
@@ -556,7 +562,7 @@ def test_a_server_busy_fault_tells_the_caller_the_back_off_rounded_up(
     error = failure(exchange, observer, wire.PLAY_ON_PHONE)
     assert_error(
         error,
-        EwsBusy,
+        ExchangeBusy,
         status=503,
         outcome="soap_fault",
         ews_code="ErrorServerBusy",
@@ -572,7 +578,7 @@ def test_a_fault_with_an_unmapped_code_is_502_and_names_the_code(
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
     assert_error(
         error,
-        EwsUnexpectedError,
+        ExchangeReportedError,
         status=502,
         outcome="soap_fault",
         ews_code="ErrorSchemaValidation",
@@ -586,7 +592,7 @@ def test_a_fault_without_detail_is_mapped_by_the_faultcode_local_name(
     exchange = RecordedExchange(recorded("fault_access_denied_without_detail.xml"), status=500)
     error = failure(exchange, observer, wire.GET_PHONE_CALL_INFORMATION)
     assert_error(
-        error, EwsAccessDenied, status=403, outcome="soap_fault", ews_code="ErrorAccessDenied"
+        error, ExchangeAccessDenied, status=403, outcome="soap_fault", ews_code="ErrorAccessDenied"
     )
     assert_observed(observer, wire.GET_PHONE_CALL_INFORMATION, "soap_fault", "ErrorAccessDenied")
 
@@ -598,7 +604,7 @@ def test_the_detail_response_code_wins_over_the_faultcode() -> None:
     error = failure(RecordedExchange(body, status=500), ObserverRecorder(), "DisconnectPhoneCall")
     assert_error(
         error,
-        EwsBusy,
+        ExchangeBusy,
         status=503,
         outcome="soap_fault",
         ews_code="ErrorServerBusy",
@@ -615,7 +621,7 @@ def test_exchange_refusing_the_service_credentials_is_502_not_401(
 ) -> None:
     exchange = RecordedExchange(b"", status=status, content_type="text/html")
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
-    assert_error(error, UpstreamAuthFailed, status=502, outcome="http_error", ews_code=None)
+    assert_error(error, ExchangeAuthFailed, status=502, outcome="http_error", ews_code=None)
     assert_observed(observer, wire.DISCONNECT_PHONE_CALL, "http_error", None)
 
 
@@ -630,7 +636,12 @@ def test_http_503_with_retry_after_is_503_and_passes_the_wait_on(
     )
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
     assert_error(
-        error, EwsUnavailable, status=503, outcome="http_error", ews_code=None, retry_after_s=120
+        error,
+        ExchangeUnavailable,
+        status=503,
+        outcome="http_error",
+        ews_code=None,
+        retry_after_s=120,
     )
     assert_observed(observer, wire.DISCONNECT_PHONE_CALL, "http_error", None)
 
@@ -640,7 +651,7 @@ def test_http_503_without_retry_after_is_503() -> None:
         recorded("service_unavailable_503.html"), status=503, content_type="text/html"
     )
     error = failure(exchange, ObserverRecorder(), wire.GET_PHONE_CALL_INFORMATION)
-    assert_error(error, EwsUnavailable, status=503, outcome="http_error", ews_code=None)
+    assert_error(error, ExchangeUnavailable, status=503, outcome="http_error", ews_code=None)
     assert "<" not in error.detail
     assert "The service is unavailable" not in error.detail
 
@@ -650,7 +661,7 @@ def test_http_500_with_an_html_error_page_is_503_without_the_html(
 ) -> None:
     exchange = RecordedExchange(recorded("iis_500.html"), status=500, content_type="text/html")
     error = failure(exchange, observer, wire.PLAY_ON_PHONE)
-    assert_error(error, EwsUnavailable, status=503, outcome="http_error", ews_code=None)
+    assert_error(error, ExchangeUnavailable, status=503, outcome="http_error", ews_code=None)
     assert "<" not in error.detail
     assert "There is a problem with the resource" not in error.detail
     assert_observed(observer, wire.PLAY_ON_PHONE, "http_error", None)
@@ -665,7 +676,7 @@ def test_a_redirect_is_502_and_is_not_followed(observer: ObserverRecorder) -> No
         location=location,
     )
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
-    assert_error(error, UpstreamBadResponse, status=502, outcome="http_error", ews_code=None)
+    assert_error(error, ExchangeBadAnswer, status=502, outcome="http_error", ews_code=None)
     assert len(exchange.sent) == 1
     assert location not in error.detail
     assert_observed(observer, wire.DISCONNECT_PHONE_CALL, "http_error", None)
@@ -675,7 +686,7 @@ def test_a_redirect_is_502_and_is_not_followed(observer: ObserverRecorder) -> No
 def test_a_proxy_error_status_is_502(observer: ObserverRecorder, status: int) -> None:
     exchange = RecordedExchange(b"<html><body>Not here</body></html>", status=status)
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
-    assert_error(error, UpstreamBadResponse, status=502, outcome="http_error", ews_code=None)
+    assert_error(error, ExchangeBadAnswer, status=502, outcome="http_error", ews_code=None)
     assert_observed(observer, wire.DISCONNECT_PHONE_CALL, "http_error", None)
 
 
@@ -701,13 +712,13 @@ def test_an_unreadable_200_answer_is_502_invalid_response(
 ) -> None:
     exchange = RecordedExchange(recorded(answer))
     error = failure(exchange, observer, operation)
-    assert_error(error, UpstreamBadResponse, status=502, outcome="invalid_response", ews_code=None)
+    assert_error(error, ExchangeBadAnswer, status=502, outcome="invalid_response", ews_code=None)
     assert_observed(observer, operation, "invalid_response", None)
 
 
 def test_an_empty_200_answer_is_502_invalid_response() -> None:
     error = failure(RecordedExchange(b""), ObserverRecorder(), wire.DISCONNECT_PHONE_CALL)
-    assert_error(error, UpstreamBadResponse, status=502, outcome="invalid_response", ews_code=None)
+    assert_error(error, ExchangeBadAnswer, status=502, outcome="invalid_response", ews_code=None)
 
 
 def test_call_information_without_phone_call_information_is_502(
@@ -717,7 +728,7 @@ def test_call_information_without_phone_call_information_is_502(
     start, end = body.index(b"<m:PhoneCallInformation>"), body.index(b"</m:PhoneCallInformation>")
     body = body[:start] + body[end + len(b"</m:PhoneCallInformation>") :]
     error = failure(RecordedExchange(body), observer, wire.GET_PHONE_CALL_INFORMATION)
-    assert_error(error, UpstreamBadResponse, status=502, outcome="invalid_response", ews_code=None)
+    assert_error(error, ExchangeBadAnswer, status=502, outcome="invalid_response", ews_code=None)
     assert_observed(observer, wire.GET_PHONE_CALL_INFORMATION, "invalid_response", None)
 
 
@@ -727,7 +738,7 @@ def test_a_billion_laughs_answer_is_refused_without_expanding_entities(
     exchange = RecordedExchange(recorded("billion_laughs.xml"))
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
     # Expanded, the entities would turn this into a 404 whose detail is full of "lol".
-    assert_error(error, UpstreamBadResponse, status=502, outcome="invalid_response", ews_code=None)
+    assert_error(error, ExchangeBadAnswer, status=502, outcome="invalid_response", ews_code=None)
     assert "lol" not in error.detail
     assert_observed(observer, wire.DISCONNECT_PHONE_CALL, "invalid_response", None)
 
@@ -738,6 +749,6 @@ def test_an_external_entity_is_never_resolved(observer: ObserverRecorder, tmp_pa
     exchange = RecordedExchange(recorded("external_entity.xml", secret_url=secret.as_uri()))
     error = failure(exchange, observer, wire.DISCONNECT_PHONE_CALL)
     # Resolved, the entity would make this a 404 whose detail quotes the file.
-    assert_error(error, UpstreamBadResponse, status=502, outcome="invalid_response", ews_code=None)
+    assert_error(error, ExchangeBadAnswer, status=502, outcome="invalid_response", ews_code=None)
     assert "TOP-SECRET" not in str(error)
     assert_observed(observer, wire.DISCONNECT_PHONE_CALL, "invalid_response", None)

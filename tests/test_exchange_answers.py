@@ -22,7 +22,7 @@ from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange import replies
 from gateway.exchange.client import EwsClient
-from gateway.exchange.transport import UpstreamReply
+from gateway.exchange.transport import ExchangeReply
 from tests.test_transport import Answer, FakeExchange, exchange
 
 __all__ = ["exchange"]  # a fixture, imported to be found by pytest
@@ -137,9 +137,9 @@ class RecordingTransport:
         *,
         deadline: float | None = None,
         idempotent: bool = False,
-    ) -> UpstreamReply:
+    ) -> ExchangeReply:
         self.headers.append(dict(headers))
-        return UpstreamReply(200, "text/xml; charset=utf-8", None, None, SUCCESS)
+        return ExchangeReply(200, "text/xml; charset=utf-8", None, None, SUCCESS)
 
 
 def sent_headers(anchor_mailbox: str | None, mailbox: str | None) -> dict[str, str]:

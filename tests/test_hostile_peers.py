@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.errors import UpstreamAuthFailed, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import ExchangeAuthFailed, ExchangeTimeout, ExchangeUnreachable
 from gateway.exchange import connector
 from gateway.exchange.auth import BasicRefusalHold, Credentials, SecurityContextAuth
 from gateway.exchange.proxy import Proxy
@@ -76,7 +76,7 @@ def test_calls_waiting_on_a_hung_resolver_share_one_lookup_thread(transports: Tr
     def call() -> str:
         try:
             transport.post(ENVELOPE, REQUEST_HEADERS)
-        except UpstreamTimeout as timeout:
+        except ExchangeTimeout as timeout:
             return timeout.outcome
         return "answered"
 
@@ -141,7 +141,7 @@ def test_a_proxy_that_does_not_answer_connect_in_http_is_a_connection_error_nami
     port = int(proxy_server.url.split(":")[2].split("/")[0])
     proxy = Proxy("127.0.0.1", port, "Basic dXNlcjpwcjB4eS1zM2NyM3Q=")
     transport = transports(f"https://exchange.example.test{EWS_PATH}", proxy=proxy, timeout_s=2)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert str(raised.value) == (
         f"The proxy 127.0.0.1:{port} did not answer CONNECT in HTTP; is it an HTTP proxy?"
@@ -227,7 +227,7 @@ def test_a_certificate_whose_binding_cannot_be_computed_is_upstream_authenticati
     authenticator = SecurityContextAuth(mode, Credentials("CORP\\svc", "pw"), "localhost", "HTTP")
     transport = transports(exchange.url, verify_tls=False, authenticator=authenticator)
     try:
-        with pytest.raises(UpstreamAuthFailed) as raised:
+        with pytest.raises(ExchangeAuthFailed) as raised:
             transport.post(ENVELOPE, REQUEST_HEADERS)
         assert str(raised.value) == (
             "Upstream authentication failed: Exchange's certificate is signed with an algorithm "
@@ -293,7 +293,7 @@ def test_a_proxy_refusing_a_plain_http_request_with_407_is_named_not_blamed_on_e
     port = int(proxy_server.url.split(":")[2].split("/")[0])
     proxy = Proxy("127.0.0.1", port, "Basic dXNlcjp3cm9uZw==")
     transport = transports(f"http://exchange.example.test{EWS_PATH}", proxy=proxy)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert str(raised.value) == (
         f"The proxy 127.0.0.1:{port} refused the request to Exchange (HTTP 407)"
@@ -361,6 +361,6 @@ def test_basic_credentials_refused_on_a_closing_connection_are_held_back_too(
         server.url, authorization="Basic c3ZjOndyb25n", authenticator=BasicRefusalHold()
     )
     assert transport.post(ENVELOPE, REQUEST_HEADERS).status == 401
-    with pytest.raises(UpstreamAuthFailed):
+    with pytest.raises(ExchangeAuthFailed):
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert len(asked) == 1

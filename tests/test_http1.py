@@ -20,17 +20,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import UpstreamBadResponse, UpstreamUnreachable
+from gateway.errors import ExchangeBadAnswer, ExchangeUnreachable
 from gateway.exchange.http1 import (
     MAX_CHUNK_LINE_BYTES,
     MAX_FIELDS,
     MAX_HEAD_BYTES,
     MAX_INTERIM_ANSWERS,
-    Answer,
+    HttpAnswer,
     Receive,
     format_request,
     host_field,
-    read_answer,
+    read_http_answer,
 )
 
 CAP = 4096
@@ -63,8 +63,8 @@ def receiving(data: bytes, cuts: Sequence[int] = (), *, closes: bool = False) ->
     return receive
 
 
-def read(data: bytes, cuts: Sequence[int] = (), *, closes: bool = False) -> Answer:
-    return read_answer(receiving(data, cuts, closes=closes), CAP)
+def read(data: bytes, cuts: Sequence[int] = (), *, closes: bool = False) -> HttpAnswer:
+    return read_http_answer(receiving(data, cuts, closes=closes), CAP)
 
 
 def answer(head: bytes, body: bytes = b"") -> bytes:
@@ -109,7 +109,7 @@ def read_with_http_client(data: bytes) -> Reading:
     return Reading(response.status, fields, response.read())
 
 
-def read_with_gateway(reply: Answer) -> Reading:
+def read_with_gateway(reply: HttpAnswer) -> Reading:
     return Reading(reply.status, {name: reply.header(name) for name in FIELDS_USED}, reply.body)
 
 
@@ -231,13 +231,13 @@ def test_any_damage_to_an_answer_is_read_or_refused_as_a_gateway_error(
             damaged[at:at] = data.draw(st.binary(min_size=1, max_size=4))
         else:
             del damaged[at : at + data.draw(st.integers(1, 8))]
-    with contextlib.suppress(UpstreamBadResponse, UpstreamUnreachable):
+    with contextlib.suppress(ExchangeBadAnswer, ExchangeUnreachable):
         read(bytes(damaged), closes=True)
 
 
 @given(st.binary(max_size=300))
 def test_any_bytes_at_all_are_read_or_refused_as_a_gateway_error(data: bytes) -> None:
-    with contextlib.suppress(UpstreamBadResponse, UpstreamUnreachable):
+    with contextlib.suppress(ExchangeBadAnswer, ExchangeUnreachable):
         read(data, closes=True)
 
 
@@ -339,8 +339,8 @@ def test_a_body_of_exactly_the_cap_is_accepted_with_every_framing() -> None:
 # Invalid answers: refused, never guessed at
 
 
-def refusal(data: bytes, cuts: Sequence[int] = (), *, closes: bool = False) -> UpstreamBadResponse:
-    with pytest.raises(UpstreamBadResponse) as raised:
+def refusal(data: bytes, cuts: Sequence[int] = (), *, closes: bool = False) -> ExchangeBadAnswer:
+    with pytest.raises(ExchangeBadAnswer) as raised:
         read(data, cuts, closes=closes)
     assert raised.value.outcome == "invalid_response"
     return raised.value
@@ -509,8 +509,8 @@ def endless(first: bytes, line: bytes) -> tuple[Receive, Callable[[], int]]:
 )
 def test_an_endless_head_line_or_trailer_is_refused_at_its_cap(first: bytes, line: bytes) -> None:
     receive, sent = endless(first, line)
-    with pytest.raises(UpstreamBadResponse):
-        read_answer(receive, CAP)
+    with pytest.raises(ExchangeBadAnswer):
+        read_http_answer(receive, CAP)
     assert sent() <= MAX_HEAD_BYTES + 2 * len(line) * 16 + len(first)
 
 
@@ -531,17 +531,17 @@ def test_a_line_over_its_cap_is_refused_at_once_when_it_came_with_the_head(
     head = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + before
     if pending.startswith(b"X-Trailer"):
         head += b"0\r\n"
-    with pytest.raises(UpstreamBadResponse, match="exceeded"):
-        read_answer(receiving(head + pending), CAP + MAX_HEAD_BYTES)
+    with pytest.raises(ExchangeBadAnswer, match="exceeded"):
+        read_http_answer(receiving(head + pending), CAP + MAX_HEAD_BYTES)
 
 
 def test_a_chunk_size_line_at_its_cap_coming_with_the_head_is_waited_for() -> None:
     line = b"4;" + b"x" * (MAX_CHUNK_LINE_BYTES - 2)
     data = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + line
     with pytest.raises(ReadPastTheAnswer):
-        read_answer(receiving(data), CAP)
+        read_http_answer(receiving(data), CAP)
     rest = b"\r\nbody\r\n0\r\n\r\n"
-    assert read_answer(receiving(data + rest, cuts=[len(data)]), CAP).body == b"body"
+    assert read_http_answer(receiving(data + rest, cuts=[len(data)]), CAP).body == b"body"
 
 
 def test_a_header_block_of_the_most_fields_allowed_is_accepted_and_one_more_refused() -> None:
@@ -570,8 +570,8 @@ def test_a_head_at_its_cap_is_accepted_and_one_byte_more_refused() -> None:
 # Answers cut short
 
 
-def cut_short(data: bytes) -> UpstreamUnreachable:
-    with pytest.raises(UpstreamUnreachable) as raised:
+def cut_short(data: bytes) -> ExchangeUnreachable:
+    with pytest.raises(ExchangeUnreachable) as raised:
         read(data, closes=True)
     assert raised.value.outcome == "connection_error"
     return raised.value

@@ -17,23 +17,23 @@ import redis
 from flask import Flask
 
 from gateway.errors import (
-    EwsUnprocessable,
+    ExchangeAuthFailed,
+    ExchangeTimeout,
+    ExchangeUnprocessable,
+    ExchangeUnreachable,
     IdempotencyKeyInUse,
     IdempotencyOutcomeUnknown,
     SharedStateUnavailable,
-    UpstreamAuthFailed,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from gateway.exchange.client import PlacedCall
 from gateway.exchange.resilience import Bulkhead
 from gateway.guards.idempotency import (
     KEY_PREFIX,
     KEY_TTL_S,
-    Answer,
     IdempotentCalls,
     MemoryKeys,
     RedisKeys,
+    StoredAnswer,
     parse_key,
 )
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
@@ -165,12 +165,12 @@ def test_duplicates_wait_on_the_bulkhead_so_one_with_no_slot_left_gets_409_at_on
     dialling, hang_up = threading.Event(), threading.Event()
     dialled: list[int] = []
 
-    def dial() -> Answer:
+    def dial() -> StoredAnswer:
         with bulkhead.slot():  # as the call to Exchange does
             dialled.append(1)
             dialling.set()
             hang_up.wait(timeout=20)
-            return Answer(201, {"callId": "c", "ewsResponseCode": "NoError"}, "/calls/c")
+            return StoredAnswer(201, {"callId": "c", "ewsResponseCode": "NoError"}, "/calls/c")
 
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(calls.place, "alice", "k", "fp", dial)
@@ -191,7 +191,7 @@ def test_duplicates_wait_on_the_bulkhead_so_one_with_no_slot_left_gets_409_at_on
 
 
 def test_an_unknown_outcome_is_never_replayed_as_a_success(app: Flask, fake: FakeExchange) -> None:
-    fake.error = UpstreamTimeout("Exchange did not answer in time")
+    fake.error = ExchangeTimeout("Exchange did not answer in time")
     first = post(app, '"order-3"')
     fake.error = None
 
@@ -206,7 +206,7 @@ def test_an_unknown_outcome_is_never_replayed_as_a_success(app: Flask, fake: Fak
 
 
 def test_a_failure_that_placed_no_call_frees_the_key(app: Flask, fake: FakeExchange) -> None:
-    fake.error = EwsUnprocessable("Exchange answered ErrorInvalidPhoneNumber")
+    fake.error = ExchangeUnprocessable("Exchange answered ErrorInvalidPhoneNumber")
     first = post(app, '"order-5"')
     fake.error = None
 
@@ -219,11 +219,11 @@ def test_a_failure_that_placed_no_call_frees_the_key(app: Flask, fake: FakeExcha
 def test_exchange_unreachable_before_the_request_was_sent_frees_the_key(
     app: Flask, fake: FakeExchange
 ) -> None:
-    refused = UpstreamUnreachable("Exchange could not be reached (ConnectionRefusedError)")
+    refused = ExchangeUnreachable("Exchange could not be reached (ConnectionRefusedError)")
     refused.before_sending = True
     fake.error = refused
     first = post(app, '"order-6"')
-    fake.error = UpstreamUnreachable("Exchange closed the connection before its answer")
+    fake.error = ExchangeUnreachable("Exchange closed the connection before its answer")
     cut = post(app, '"order-7"')
     fake.error = None
 
@@ -235,9 +235,9 @@ def test_exchange_unreachable_before_the_request_was_sent_frees_the_key(
 def test_a_refused_final_answer_leaves_the_outcome_unknown_but_a_401_frees_the_key(
     app: Flask, fake: FakeExchange
 ) -> None:
-    fake.error = UpstreamAuthFailed("Exchange's answer failed mutual authentication")
+    fake.error = ExchangeAuthFailed("Exchange's answer failed mutual authentication")
     mutual = post(app, '"order-8"')
-    refused = UpstreamAuthFailed("Exchange refused the gateway's credentials (HTTP 401)")
+    refused = ExchangeAuthFailed("Exchange refused the gateway's credentials (HTTP 401)")
     refused.upstream_status = 401
     fake.error = refused
     unauthorised = post(app, '"order-9"')
@@ -297,9 +297,9 @@ def test_a_key_left_pending_by_a_process_that_died_mid_call_answers_outcome_unkn
     calls = IdempotentCalls(store, wait_s=0.1)
     dialled: list[int] = []
 
-    def dial() -> Answer:
+    def dial() -> StoredAnswer:
         dialled.append(1)
-        return Answer(201, {"callId": "c", "ewsResponseCode": "NoError"}, "/calls/c")
+        return StoredAnswer(201, {"callId": "c", "ewsResponseCode": "NoError"}, "/calls/c")
 
     calls.place("alice", "k", "fp", dial)  # another key, used and finished
     crashed = json.dumps({"state": "pending", "fingerprint": "fp", "startedAt": time.time() - 60})

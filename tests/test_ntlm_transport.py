@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import spnego
 
-from gateway.errors import UpstreamAuthFailed
+from gateway.errors import ExchangeAuthFailed
 from gateway.exchange.auth import Credentials, SecurityContextAuth
-from gateway.exchange.transport import ExchangeTransport, UpstreamReply
+from gateway.exchange.transport import ExchangeReply, ExchangeTransport
 
 pytestmark = pytest.mark.network
 
@@ -124,7 +124,7 @@ def transport_for(exchange: NtlmExchange, password: str = PASSWORD) -> ExchangeT
     return ExchangeTransport(exchange.url, timeout_s=5, authenticator=auth)
 
 
-def post(transport: ExchangeTransport) -> UpstreamReply:
+def post(transport: ExchangeTransport) -> ExchangeReply:
     return transport.post(b"<envelope/>", {"Content-Type": "text/xml; charset=utf-8"})
 
 
@@ -188,7 +188,7 @@ def test_a_scheme_exchange_does_not_offer_is_named_not_taken_for_refused_credent
     )
     try:
         for _ in range(2):
-            with pytest.raises(UpstreamAuthFailed) as raised:
+            with pytest.raises(ExchangeAuthFailed) as raised:
                 post(transport)
             assert (str(raised.value), raised.value.outcome) == (expected, "http_error")
     finally:

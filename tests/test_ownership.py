@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import Config
-from gateway.errors import CallNotFound, UpstreamBadResponse
+from gateway.errors import CallNotFound, ExchangeBadAnswer
 from gateway.exchange.client import EwsClient, PlacedCall
 from gateway.guards.callers import OPEN_CALLER, Caller
 from gateway.guards.ownership import MAX_EWS_ID_CHARS, CallIds
@@ -87,7 +87,7 @@ def test_an_operator_acts_on_any_issued_id_and_on_raw_ews_ids_from_elsewhere() -
 
 
 def test_an_ews_id_too_long_to_wrap_is_a_bad_upstream_answer() -> None:
-    with pytest.raises(UpstreamBadResponse):
+    with pytest.raises(ExchangeBadAnswer):
         CallIds(KEY).issue("A" * (MAX_EWS_ID_CHARS + 1), ALICE)
 
 

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from gateway import wire
-from gateway.errors import UpstreamBadResponse
+from gateway.errors import ExchangeBadAnswer
 from gateway.exchange import replies
-from gateway.exchange.transport import UpstreamReply
+from gateway.exchange.transport import ExchangeReply
 from gateway.simulator.calls import Phase
 from gateway.simulator.envelopes import OperationResult, operation_response
 
@@ -42,8 +42,8 @@ def zeep_binding() -> Any:
     return next(iter(client.wsdl.bindings.values()))
 
 
-def reply_of(body: bytes, status: int = 200) -> UpstreamReply:
-    return UpstreamReply(
+def reply_of(body: bytes, status: int = 200) -> ExchangeReply:
+    return ExchangeReply(
         status=status,
         content_type="text/xml; charset=utf-8",
         retry_after=None,
@@ -54,7 +54,7 @@ def reply_of(body: bytes, status: int = 200) -> UpstreamReply:
 
 def gateway_reading(operation: str, body: bytes) -> dict[str, Any]:
     """The fields the gateway passes on, as it reads them."""
-    answer = replies.read_answer(operation, reply_of(body))
+    answer = replies.read_ews_answer(operation, reply_of(body))
     fields: dict[str, Any] = {"code": answer.code, "warning": answer.warning}
     if operation == wire.PLAY_ON_PHONE:
         fields["call_id"] = replies.placed_call(answer).call_id
@@ -138,8 +138,8 @@ def test_a_sip_response_code_that_is_not_a_number_is_an_invalid_answer() -> None
         wire.GET_PHONE_CALL_INFORMATION,
         OperationResult(phase=Phase(0, "Disconnected", "UserBusy", 486, "Busy Here")),
     ).replace(b">486<", b">busy<")
-    answer = replies.read_answer(wire.GET_PHONE_CALL_INFORMATION, reply_of(body))
-    with pytest.raises(UpstreamBadResponse) as raised:
+    answer = replies.read_ews_answer(wire.GET_PHONE_CALL_INFORMATION, reply_of(body))
+    with pytest.raises(ExchangeBadAnswer) as raised:
         replies.call_information(answer)
     assert raised.value.outcome == "invalid_response"
 
@@ -151,6 +151,8 @@ def test_call_information_without_a_state_is_an_invalid_answer() -> None:
     root = etree.fromstring(body)
     for state in root.iter(f"{{{wire.TYPES_NS}}}PhoneCallState"):
         state.getparent().remove(state)
-    answer = replies.read_answer(wire.GET_PHONE_CALL_INFORMATION, reply_of(etree.tostring(root)))
-    with pytest.raises(UpstreamBadResponse):
+    answer = replies.read_ews_answer(
+        wire.GET_PHONE_CALL_INFORMATION, reply_of(etree.tostring(root))
+    )
+    with pytest.raises(ExchangeBadAnswer):
         replies.call_information(answer)

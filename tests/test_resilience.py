@@ -12,16 +12,16 @@ import pytest
 from gateway import wire
 from gateway.errors import (
     CircuitOpen,
-    EwsBusy,
-    EwsUnavailable,
+    ExchangeBusy,
+    ExchangeTimeout,
+    ExchangeUnavailable,
+    ExchangeUnreachable,
     GatewayError,
     GatewayOverloaded,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from gateway.exchange.client import EwsClient
-from gateway.exchange.resilience import BreakerState, Bulkhead, CircuitBreaker, UpstreamPolicy
-from gateway.exchange.transport import UpstreamReply
+from gateway.exchange.resilience import BreakerState, Bulkhead, CircuitBreaker, ExchangePolicy
+from gateway.exchange.transport import ExchangeReply
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BUSY_FAULT = (FIXTURES / "fault_server_busy.xml").read_bytes()
@@ -45,7 +45,7 @@ class Clock:
 class ScriptedExchange:
     """Answers each post with the next scripted reply, or raises the next scripted error."""
 
-    script: list[UpstreamReply | GatewayError]
+    script: list[ExchangeReply | GatewayError]
     deadlines: list[float | None] = field(default_factory=list)
 
     def post(
@@ -55,7 +55,7 @@ class ScriptedExchange:
         *,
         deadline: float | None = None,
         idempotent: bool = False,
-    ) -> UpstreamReply:
+    ) -> ExchangeReply:
         self.deadlines.append(deadline)
         step = self.script.pop(0)
         if isinstance(step, GatewayError):
@@ -63,8 +63,8 @@ class ScriptedExchange:
         return step
 
 
-def reply(body: bytes, status: int = 200, retry_after: str | None = None) -> UpstreamReply:
-    return UpstreamReply(status, "text/xml; charset=utf-8", retry_after, None, body)
+def reply(body: bytes, status: int = 200, retry_after: str | None = None) -> ExchangeReply:
+    return ExchangeReply(status, "text/xml; charset=utf-8", retry_after, None, body)
 
 
 # The circuit breaker
@@ -140,16 +140,16 @@ def test_a_failed_probe_opens_the_circuit_for_another_cooldown() -> None:
 @pytest.mark.parametrize(
     ("error", "counts_as_failure"),
     [
-        (UpstreamTimeout("slow", outcome="timeout"), True),
-        (UpstreamUnreachable("down", outcome="connection_error"), True),
-        (EwsBusy("busy", outcome="soap_fault"), False),
-        (EwsUnavailable("503", outcome="http_error"), False),
+        (ExchangeTimeout("slow", outcome="timeout"), True),
+        (ExchangeUnreachable("down", outcome="connection_error"), True),
+        (ExchangeBusy("busy", outcome="soap_fault"), False),
+        (ExchangeUnavailable("503", outcome="http_error"), False),
     ],
 )
 def test_only_timeouts_and_connection_failures_trip_the_breaker(
     error: GatewayError, counts_as_failure: bool
 ) -> None:
-    policy = UpstreamPolicy(breaker=CircuitBreaker(1, 30, clock=Clock()))
+    policy = ExchangePolicy(breaker=CircuitBreaker(1, 30, clock=Clock()))
     with pytest.raises(type(error)), policy.guard():
         raise error
     assert policy.breaker is not None
@@ -199,7 +199,7 @@ def test_the_bulkhead_bounds_concurrent_calls_across_threads() -> None:
 
 
 def client(exchange: ScriptedExchange, **policy: float) -> EwsClient:
-    return EwsClient(exchange, server_version="Exchange2010", policy=UpstreamPolicy(**policy))
+    return EwsClient(exchange, server_version="Exchange2010", policy=ExchangePolicy(**policy))
 
 
 def test_a_short_back_off_is_waited_out_and_a_hang_up_retried_once() -> None:
@@ -211,7 +211,7 @@ def test_a_short_back_off_is_waited_out_and_a_hang_up_retried_once() -> None:
 
 def test_a_busy_exchange_twice_in_a_row_is_503_after_one_retry() -> None:
     exchange = ScriptedExchange([reply(busy_for(50), 500), reply(busy_for(50), 500)])
-    with pytest.raises(EwsBusy) as raised:
+    with pytest.raises(ExchangeBusy) as raised:
         client(exchange).get_call_information("abc", request_id="r")
     assert raised.value.retry_after_s == 1
     assert exchange.script == []
@@ -219,14 +219,14 @@ def test_a_busy_exchange_twice_in_a_row_is_503_after_one_retry() -> None:
 
 def test_placing_a_call_is_never_retried_because_it_would_dial_twice() -> None:
     exchange = ScriptedExchange([reply(busy_for(50), 500), reply(PLACED)])
-    with pytest.raises(EwsBusy):
+    with pytest.raises(ExchangeBusy):
         client(exchange).play_on_phone("item", "+15551234567", request_id="r")
     assert len(exchange.deadlines) == 1
 
 
 def test_a_long_back_off_is_not_waited_out_but_passed_to_the_caller() -> None:
     exchange = ScriptedExchange([reply(busy_for(297749), 500), reply(DISCONNECTED)])
-    with pytest.raises(EwsBusy) as raised:
+    with pytest.raises(ExchangeBusy) as raised:
         client(exchange).disconnect_call("abc", request_id="r")
     assert raised.value.retry_after_s == 298
     assert len(exchange.deadlines) == 1
@@ -234,7 +234,7 @@ def test_a_long_back_off_is_not_waited_out_but_passed_to_the_caller() -> None:
 
 def test_a_back_off_that_would_overrun_the_deadline_is_not_waited_out() -> None:
     exchange = ScriptedExchange([reply(busy_for(1500), 500), reply(DISCONNECTED)])
-    with pytest.raises(EwsBusy):
+    with pytest.raises(ExchangeBusy):
         client(exchange, timeout_s=1.0).disconnect_call("abc", request_id="r")
     assert len(exchange.deadlines) == 1
 
@@ -254,8 +254,8 @@ def test_both_attempts_share_one_deadline() -> None:
 
 
 def test_a_timeout_is_not_retried() -> None:
-    exchange = ScriptedExchange([UpstreamTimeout("slow", outcome="timeout"), reply(DISCONNECTED)])
-    with pytest.raises(UpstreamTimeout):
+    exchange = ScriptedExchange([ExchangeTimeout("slow", outcome="timeout"), reply(DISCONNECTED)])
+    with pytest.raises(ExchangeTimeout):
         client(exchange).disconnect_call("abc", request_id="r")
     assert len(exchange.deadlines) == 1
 
@@ -264,15 +264,15 @@ def test_an_open_circuit_rejects_without_contacting_exchange() -> None:
     circuit = CircuitBreaker(1, 30, clock=Clock())
     circuit.record_failure()
     exchange = ScriptedExchange([reply(DISCONNECTED)])
-    ews = EwsClient(exchange, server_version="Exchange2010", policy=UpstreamPolicy(breaker=circuit))
+    ews = EwsClient(exchange, server_version="Exchange2010", policy=ExchangePolicy(breaker=circuit))
     with pytest.raises(CircuitOpen):
         ews.disconnect_call("abc", request_id="r")
     assert exchange.deadlines == []
 
 
 def test_the_operations_safe_to_retry_are_exactly_the_idempotent_ones() -> None:
-    policy = UpstreamPolicy()
-    busy = EwsBusy("busy", back_off_s=0.1)
+    policy = ExchangePolicy()
+    busy = ExchangeBusy("busy", back_off_s=0.1)
     far = 10**9
     assert policy.may_retry(wire.DISCONNECT_PHONE_CALL, busy, far)
     assert policy.may_retry(wire.GET_PHONE_CALL_INFORMATION, busy, far)

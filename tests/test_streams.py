@@ -21,7 +21,13 @@ from gateway.api import events
 from gateway.api.events import Resume
 from gateway.api.handoff import HandedOff, response_head
 from gateway.api.streams import EventStreams, Watch
-from gateway.errors import CallNotFound, EwsBusy, GatewayError, ShuttingDown, StreamLimitReached
+from gateway.errors import (
+    CallNotFound,
+    ExchangeBusy,
+    GatewayError,
+    ShuttingDown,
+    StreamLimitReached,
+)
 from gateway.exchange.client import CallInformation
 
 STATES = ("Connecting", "Alerted", "Connected", "Disconnected")
@@ -223,7 +229,9 @@ def test_an_unknown_call_is_an_error_event_with_the_problem_then_the_end() -> No
 
 
 def test_throttling_carries_its_retry_after_as_the_reconnect_time() -> None:
-    busy = EwsBusy("Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3)
+    busy = ExchangeBusy(
+        "Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3
+    )
     pump = EventStreams(
         ScriptedExchange({"call-1": [busy]}), poll_interval_s=0.02, max_streams=1, poll_threads=1
     )
@@ -243,7 +251,9 @@ def test_a_stream_ended_by_a_problem_logs_what_its_watcher_was_told(
     unknown = CallNotFound(
         "Exchange answered ErrorInvalidPhoneCallId", ews_code="ErrorInvalidPhoneCallId"
     )
-    busy = EwsBusy("Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3)
+    busy = ExchangeBusy(
+        "Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3
+    )
     busy.upstream_status = 500
     exchange = ScriptedExchange({"nope": [unknown], "busy": [busy]})
     pump = EventStreams(exchange, poll_interval_s=0.02, max_streams=2, poll_threads=1)

@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway import __version__
-from gateway.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import ExchangeBadAnswer, ExchangeTimeout, ExchangeUnreachable
 from gateway.exchange.auth import Credentials, SecurityContextAuth
 from gateway.exchange.client import Transport
-from gateway.exchange.transport import MAX_REPLY_BYTES, ExchangeTransport, UpstreamReply
+from gateway.exchange.transport import MAX_REPLY_BYTES, ExchangeReply, ExchangeTransport
 
 EWS_PATH = "/EWS/Exchange.asmx"
 SOAP_XML = "text/xml; charset=utf-8"
@@ -358,7 +358,7 @@ def test_a_normal_answer_is_returned_whole(
     exchange: FakeExchange, any_transports: AnyTransports
 ) -> None:
     reply = any_transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
-    assert reply == UpstreamReply(
+    assert reply == ExchangeReply(
         status=200, content_type=SOAP_XML, retry_after=None, location=None, body=ANSWER
     )
 
@@ -469,7 +469,7 @@ def test_an_answer_larger_than_the_limit_is_refused(
     exchange: FakeExchange, any_transports: AnyTransports
 ) -> None:
     exchange.answer = Answer(body=b"x" * (MAX_REPLY_BYTES + 1))
-    with pytest.raises(UpstreamBadResponse) as raised:
+    with pytest.raises(ExchangeBadAnswer) as raised:
         any_transports(exchange.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "invalid_response")
 
@@ -480,7 +480,7 @@ def test_after_an_oversized_answer_the_next_post_still_works(
 ) -> None:
     transport = transports(exchange.url)
     exchange.answer = Answer(body=b"x" * (MAX_REPLY_BYTES + 1))
-    with pytest.raises(UpstreamBadResponse):
+    with pytest.raises(ExchangeBadAnswer):
         transport.post(ENVELOPE, REQUEST_HEADERS)
     exchange.answer = Answer()
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
@@ -494,7 +494,7 @@ def test_a_refused_connection_is_unreachable_not_a_timeout(
     with socket.socket() as closed_port:
         closed_port.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed_port.getsockname()[1]}{EWS_PATH}"
-        with pytest.raises(UpstreamUnreachable) as raised:
+        with pytest.raises(ExchangeUnreachable) as raised:
             any_transports(url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
     assert raised.value.before_sending  # so a PlayOnPhone that failed so dialled nothing
@@ -507,7 +507,7 @@ def test_a_name_that_does_not_resolve_is_unreachable(
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transports(f"http://exchange.example.invalid{EWS_PATH}").post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
     assert raised.value.before_sending
@@ -519,7 +519,7 @@ def test_a_server_that_never_answers_times_out(
     any_transports: AnyTransports,
 ) -> None:
     server = raw_servers(hold_open)
-    with pytest.raises(UpstreamTimeout) as raised:
+    with pytest.raises(ExchangeTimeout) as raised:
         any_transports(server.url, timeout_s=0.3).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (504, "timeout")
     assert not raised.value.before_sending  # Exchange may be dialling as it keeps silent
@@ -531,7 +531,7 @@ def test_a_connection_closed_without_an_answer_is_unreachable(
     any_transports: AnyTransports,
 ) -> None:
     server = raw_servers(hang_up)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         any_transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "connection_error")
     assert not raised.value.before_sending  # the request was read: it may have been acted on
@@ -631,7 +631,7 @@ def test_a_reused_connection_dropped_after_the_request_went_out_is_not_retried(
     server = raw_servers(answer_then_drop_the_second)
     transport = transports(server.url)
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.outcome == "connection_error"
     assert (len(requests), len(server.connections)) == (2, 1)
@@ -643,7 +643,7 @@ def test_a_new_connection_dropped_before_any_answer_is_not_retried(
     transports: Transports,
 ) -> None:
     server = raw_servers(hang_up)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.outcome == "connection_error"
     assert len(server.connections) == 1
@@ -664,7 +664,7 @@ def test_a_reused_connection_dropped_mid_answer_is_not_retried(
     server = raw_servers(answer_then_break_off)
     transport = transports(server.url)
     transport.post(ENVELOPE, REQUEST_HEADERS)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.outcome == "connection_error"
     assert len(server.connections) == 1
@@ -681,7 +681,7 @@ def test_an_answer_cut_short_of_its_content_length_is_unreachable_not_short(
         connection.close()
 
     server = raw_servers(break_off)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.outcome == "connection_error"
 
@@ -710,7 +710,7 @@ def test_a_body_trickling_in_slower_than_the_deadline_times_out_at_the_deadline(
     server = raw_servers(drip)
     transport = any_transports(server.url, timeout_s=5.0)
     started = time.monotonic()
-    with pytest.raises(UpstreamTimeout) as raised:
+    with pytest.raises(ExchangeTimeout) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS, deadline=started + 0.5)
     assert raised.value.outcome == "timeout"
     assert time.monotonic() - started < 2.0
@@ -749,7 +749,7 @@ def test_a_certificate_no_trusted_ca_signed_is_rejected(
     any_transports: AnyTransports,
 ) -> None:
     server = tls_exchanges(exchange_certificate)
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         any_transports(server.url).post(ENVELOPE, REQUEST_HEADERS)
     # The pooled transport adds the reason (tests/test_connections.py holds it to each).
     assert raised.value.detail.startswith("The TLS connection to Exchange failed")
@@ -778,7 +778,7 @@ def test_a_trusted_certificate_for_another_name_is_rejected(
 ) -> None:
     server = tls_exchanges(misnamed_certificate)
     transport = any_transports(server.url, ca_bundle=str(misnamed_certificate.cert_path))
-    with pytest.raises(UpstreamUnreachable) as raised:
+    with pytest.raises(ExchangeUnreachable) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert raised.value.detail.startswith("The TLS connection to Exchange failed")
     assert raised.value.before_sending
@@ -932,7 +932,7 @@ def test_an_invalid_answer_is_a_bad_response_and_its_connection_is_not_reused(
 
     server = raw_servers(invalid_first)
     transport = transports(server.url)
-    with pytest.raises(UpstreamBadResponse) as raised:
+    with pytest.raises(ExchangeBadAnswer) as raised:
         transport.post(ENVELOPE, REQUEST_HEADERS)
     assert (raised.value.status, raised.value.outcome) == (502, "invalid_response")
     assert transport.post(ENVELOPE, REQUEST_HEADERS).body == ANSWER

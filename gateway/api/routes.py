@@ -39,7 +39,7 @@ from gateway.errors import (
 from gateway.exchange.client import PhoneCalls
 from gateway.guards import idempotency, validation
 from gateway.guards.callers import ANONYMOUS
-from gateway.guards.idempotency import Answer
+from gateway.guards.idempotency import StoredAnswer
 from gateway.guards.ownership import owner_of
 from gateway.guards.quotas import CALLS, REQUESTS, Charge
 from gateway.telemetry import logs, tracing
@@ -161,7 +161,7 @@ def place_call() -> Response:
     return response
 
 
-def _dial(order: validation.PlaceCall) -> Answer:
+def _dial(order: validation.PlaceCall) -> StoredAnswer:
     """Charge the caller's call quota, have Exchange dial and sign the call id for the caller."""
     gateway = current_app.extensions["gateway"]
     _charge(CALLS)
@@ -176,7 +176,7 @@ def _dial(order: validation.PlaceCall) -> Answer:
     body = {"callId": call_id, "ewsResponseCode": result.ews_code}
     if result.warning:
         body["warning"] = result.warning
-    return Answer(201, body, "/calls/" + quote(call_id, safe=""))
+    return StoredAnswer(201, body, "/calls/" + quote(call_id, safe=""))
 
 
 def _charge(quota: str) -> None:

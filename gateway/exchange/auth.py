@@ -2,7 +2,7 @@
 
 `basic` and `bearer` add an Authorization header to each request. `ntlm`,
 `kerberos` and `negotiate` authenticate a connection, as IIS does: the
-transport (gateway.exchange.transport's Authenticator seam) hands each new connection
+transport (gateway.exchange.transport's ExchangeAuthenticator seam) hands each new connection
 to SecurityContextAuth, which runs a pyspnego context over it with the
 request itself; the connection then carries further requests
 unauthenticated, as long as it stays in the pool. Over https each handshake
@@ -34,10 +34,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from spnego.channel_bindings import GssChannelBindings
 
-from gateway.errors import UpstreamAuthFailed, UpstreamTimeout
-from gateway.exchange.http1 import Answer
+from gateway.errors import ExchangeAuthFailed, ExchangeOutcome, ExchangeTimeout
+from gateway.exchange.http1 import HttpAnswer
 from gateway.exchange.tickets import ServiceTickets, TicketCache
-from gateway.exchange.transport import Authenticator, Connection
+from gateway.exchange.transport import Connection, ExchangeAuthenticator
 
 # The logger's name predates the package layout; operators filter on it.
 LOG = logging.getLogger("gateway.upstream_auth")
@@ -90,7 +90,7 @@ class BearerToken:
                 self._reload()
         return self._header
 
-    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+    def challenged(self, connection: Connection, answer: HttpAnswer) -> str | None:
         if connection.auth_state:
             return None
         connection.auth_state = True
@@ -99,7 +99,7 @@ class BearerToken:
         # A 401 was not acted on: the request may go again, with a token that changed.
         return self._header if self._header != before else None
 
-    def answered(self, connection: Connection, answer: Answer) -> None:
+    def answered(self, connection: Connection, answer: HttpAnswer) -> None:
         """Nothing to check: bearer tokens carry no answer from Exchange."""
 
     def _identity(self) -> tuple[int, int, int] | None:
@@ -147,11 +147,11 @@ class BasicRefusalHold:
             raise _held(self.HOLD_REFUSAL_S)
         return None  # already among the request's fields
 
-    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+    def challenged(self, connection: Connection, answer: HttpAnswer) -> str | None:
         self._refused_until = time.monotonic() + self.HOLD_REFUSAL_S
         return None  # the 401 is Exchange's answer
 
-    def answered(self, connection: Connection, answer: Answer) -> None:
+    def answered(self, connection: Connection, answer: HttpAnswer) -> None:
         """Nothing to check: Basic carries no answer from Exchange."""
 
 
@@ -211,7 +211,7 @@ class SecurityContextAuth:
             state = connection.auth_state = self._start(connection)
         return self._send(state)
 
-    def challenged(self, connection: Connection, answer: Answer) -> str | None:
+    def challenged(self, connection: Connection, answer: HttpAnswer) -> str | None:
         state: _Handshake = connection.auth_state
         if state.done:
             if state.restarted:
@@ -238,7 +238,7 @@ class SecurityContextAuth:
         state.pending = _step(state.context, offered)
         return self._send(state)
 
-    def answered(self, connection: Connection, answer: Answer) -> None:
+    def answered(self, connection: Connection, answer: HttpAnswer) -> None:
         state: _Handshake = connection.auth_state
         if state.done:
             return
@@ -273,8 +273,8 @@ class SecurityContextAuth:
                 LOG.info("no Kerberos ticket for Negotiate (%s); trying NTLM", type(exc).__name__)
                 return credentials.username, credentials.password, "ntlm"
             if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout(
-                    "The Kerberos KDC did not answer in time", outcome="timeout"
+                raise ExchangeTimeout(
+                    "The Kerberos KDC did not answer in time", outcome=ExchangeOutcome.TIMEOUT
                 ) from None
             raise _library_failed("could not get a Kerberos ticket", exc) from None
         if credentials.password is not None and falls_back:
@@ -315,8 +315,8 @@ class SecurityContextAuth:
             return _Handshake(context, self._service_tickets.first_token(context, deadline))
         except TimeoutError:
             if not falls_back:
-                raise UpstreamTimeout(
-                    "The Kerberos KDC did not answer in time", outcome="timeout"
+                raise ExchangeTimeout(
+                    "The Kerberos KDC did not answer in time", outcome=ExchangeOutcome.TIMEOUT
                 ) from None
         except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
             raise _library_failed("failed", exc) from None
@@ -367,7 +367,7 @@ def certificate_hash(der_certificate: bytes) -> bytes:
     return digest.finalize()
 
 
-def offered_schemes(answer: Answer) -> list[str]:
+def offered_schemes(answer: HttpAnswer) -> list[str]:
     """Return the schemes a 401's WWW-Authenticate offers, as KNOWN_SCHEMES spells them.
 
     Only known names: they go into problem details, and Exchange's text does not.
@@ -380,7 +380,7 @@ def offered_schemes(answer: Answer) -> list[str]:
     return offered
 
 
-def _offered_token(answer: Answer, scheme: str) -> bytes | None:
+def _offered_token(answer: HttpAnswer, scheme: str) -> bytes | None:
     """Return the token Exchange sent for the scheme in WWW-Authenticate, if any."""
     for challenge in (answer.header("WWW-Authenticate") or "").split(","):
         name, _, value = challenge.strip().partition(" ")
@@ -392,22 +392,24 @@ def _offered_token(answer: Answer, scheme: str) -> bytes | None:
     return None
 
 
-def _library_failed(what: str, exc: Exception) -> UpstreamAuthFailed:
+def _library_failed(what: str, exc: Exception) -> ExchangeAuthFailed:
     # The library's message says why (no such principal, clock skew, wrong binding) and
     # holds no secret; it goes to the log, the caller gets its kind.
     LOG.warning("authentication to Exchange %s: %s: %s", what, type(exc).__name__, exc)
     return _failed(f"the security library {what} ({type(exc).__name__})")
 
 
-def _held(hold_s: float) -> UpstreamAuthFailed:
+def _held(hold_s: float) -> ExchangeAuthFailed:
     return _failed(
         f"Exchange refused the gateway's credentials less than {hold_s:g} s ago; they are "
         "not sent again before then"
     )
 
 
-def _failed(reason: str) -> UpstreamAuthFailed:
-    return UpstreamAuthFailed(f"Upstream authentication failed: {reason}", outcome="http_error")
+def _failed(reason: str) -> ExchangeAuthFailed:
+    return ExchangeAuthFailed(
+        f"Upstream authentication failed: {reason}", outcome=ExchangeOutcome.HTTP_ERROR
+    )
 
 
 @dataclass(frozen=True)
@@ -431,7 +433,9 @@ def static_authorization(config: ExchangeCredentials) -> str | None:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-def build_authenticator(config: ExchangeCredentials, host: str) -> Authenticator | None:
+def build_exchange_authenticator(
+    config: ExchangeCredentials, host: str
+) -> ExchangeAuthenticator | None:
     """Build the configured per-connection authentication to Exchange, whose host is host."""
     mode = config.mode
     if mode == "basic":

@@ -13,30 +13,20 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import tenacity
 
 from gateway import wire
-from gateway.errors import GatewayError, GatewayOverloaded
+from gateway.errors import ExchangeOutcome, GatewayError, GatewayOverloaded
 from gateway.exchange import replies
 from gateway.exchange.envelopes import EnvelopeBuilder
-from gateway.exchange.replies import Answer, CallInformation, Disconnected, PlacedCall
-from gateway.exchange.resilience import IDEMPOTENT_OPERATIONS, UpstreamPolicy
-from gateway.exchange.transport import UpstreamReply
-from gateway.telemetry import logs, tracing
+from gateway.exchange.replies import CallInformation, Disconnected, EwsAnswer, PlacedCall
+from gateway.exchange.resilience import IDEMPOTENT_OPERATIONS, ExchangePolicy
+from gateway.exchange.transport import ExchangeReply
 
 CONTENT_TYPE = "text/xml; charset=utf-8"
-# Exchange's diagnostic fields (lower case, as the transport gives them) and their log names.
-LOG_FIELD_BY_DIAGNOSTIC = {
-    "request-id": "exchangeRequestId",
-    "x-feserver": "exchangeFrontEnd",
-    "x-beserver": "exchangeBackEnd",
-    "x-calculatedbetarget": "exchangeBackEndTarget",
-    "x-diaginfo": "exchangeDiagInfo",
-}
-# Exchange's values are logged, not trusted: a bounded length each.
-MAX_DIAGNOSTIC_CHARS = 200
 # The version (4) and variant (10) bits of a random GUID (RFC 9562).
 _GUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _GUID_VERSION_4 = (0x4 << 76) | (0x2 << 62)
@@ -52,18 +42,32 @@ class Transport(Protocol):
         *,
         deadline: float | None = None,
         idempotent: bool = False,
-    ) -> UpstreamReply:
+    ) -> ExchangeReply:
         """Return Exchange's whole answer by the deadline (monotonic), or raise a GatewayError.
 
         idempotent: the request may be sent again if a reused connection closes unanswered.
         """
 
 
-class UpstreamObserver(Protocol):
-    """Receives one report per upstream call (the metrics layer implements it)."""
+@dataclass(frozen=True, slots=True)
+class ExchangeCallReport:
+    """What one call to Exchange did: one per attempt, and one for a call refused unsent."""
 
-    def upstream_call(self, operation: str, outcome: str, code: str | None, seconds: float) -> None:
-        """Record an upstream call."""
+    operation: str
+    outcome: ExchangeOutcome
+    code: str | None  # Exchange's ResponseCode, when it gave one
+    seconds: float  # from the attempt's start to its end
+    started_ns: int  # wall clock (time.time_ns) at the start, for the trace
+    client_request_id: str  # the client-request-id header sent
+    reply: ExchangeReply | None  # Exchange's HTTP answer, when one arrived
+
+
+class ExchangeObserver(Protocol):
+    """Hears of every call to Exchange (gateway.telemetry.exchange_calls implements it for
+    metrics, traces and the request's log line)."""
+
+    def exchange_call(self, report: ExchangeCallReport) -> None:
+        """Record one call to Exchange."""
 
 
 class PhoneCalls(Protocol):
@@ -100,15 +104,15 @@ class EwsClient:
         *,
         server_version: str,
         anchor_mailbox: str | None = None,
-        observer: UpstreamObserver | None = None,
-        policy: UpstreamPolicy | None = None,
+        observer: ExchangeObserver | None = None,
+        policy: ExchangePolicy | None = None,
     ) -> None:
         self._envelopes = EnvelopeBuilder(server_version)
         self._anchor_mailbox = anchor_mailbox
         self._guids = _RequestGuids()
         self._transport = transport
         self._observer = observer
-        self._policy = policy or UpstreamPolicy()
+        self._policy = policy or ExchangePolicy()
         # One Retrying for all calls: tenacity keeps each thread's state apart.
         self._retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(2),
@@ -160,27 +164,27 @@ class EwsClient:
         body: Mapping[str, Any],
         request_id: str,
         mailbox: str | None,
-        read_result: Callable[[Answer], ResultT],
+        read_result: Callable[[EwsAnswer], ResultT],
     ) -> ResultT:
         """Send one operation and read its result; every outcome is observed once."""
         envelope = self.build_envelope(operation, body, mailbox)
         headers = self._headers(operation, request_id, mailbox)
         deadline = time.monotonic() + self._policy.timeout_s
-        started = time.perf_counter()
+        started = time.perf_counter(), time.time_ns()
         try:
             with self._policy.call_slot():
                 result: ResultT = self._retrying(
                     self._attempt, operation, envelope, headers, deadline, read_result
                 )
         except GatewayOverloaded as error:
-            self._observe(operation, error.outcome or "rejected", None, started)
+            outcome = error.outcome or ExchangeOutcome.REJECTED
+            self._observe(operation, outcome, None, started, headers, reply=None)
             raise
         return result
 
     def _headers(self, operation: str, request_id: str, mailbox: str | None) -> dict[str, str]:
         """Return the fields Microsoft asks EWS clients to send, for routing and correlation."""
         client_request_id = self._guids.next()
-        logs.add_request_fields({"clientRequestId": client_request_id})
         headers = {
             "Content-Type": CONTENT_TYPE,
             "SOAPAction": f'"{wire.soap_action(operation)}"',
@@ -200,33 +204,30 @@ class EwsClient:
         envelope: bytes,
         headers: Mapping[str, str],
         deadline: float,
-        read_result: Callable[[Answer], ResultT],
+        read_result: Callable[[EwsAnswer], ResultT],
     ) -> ResultT:
         """Make one call to Exchange and read its result; every outcome is observed once."""
-        started = time.perf_counter()
+        started = time.perf_counter(), time.time_ns()
         reply = None
-        with tracing.exchange_call(operation) as call:
-            try:
-                with self._policy.guard():
-                    reply = self._transport.post(
-                        envelope,
-                        headers,
-                        deadline=deadline,
-                        idempotent=operation in IDEMPOTENT_OPERATIONS,
-                    )
-                if reply.diagnostics:
-                    logs.add_request_fields(_log_fields(reply.diagnostics))
-                answer = replies.read_answer(operation, reply)
-                result = read_result(answer)
-            except GatewayError as error:
-                if reply is not None:
-                    error.upstream_status = reply.status
-                outcome = error.outcome or "invalid_response"
-                self._observe(operation, outcome, error.ews_code, started)
-                call.answered(outcome, error.ews_code, reply)
-                raise
-            self._observe(operation, "success", answer.code, started)
-            call.answered("success", answer.code, reply)
+        try:
+            with self._policy.guard():
+                reply = self._transport.post(
+                    envelope,
+                    headers,
+                    deadline=deadline,
+                    idempotent=operation in IDEMPOTENT_OPERATIONS,
+                )
+            answer = replies.read_ews_answer(operation, reply)
+            result = read_result(answer)
+        except GatewayError as error:
+            if reply is not None:
+                error.upstream_status = reply.status
+            outcome = error.outcome or ExchangeOutcome.INVALID_RESPONSE
+            self._observe(operation, outcome, error.ews_code, started, headers, reply=reply)
+            raise
+        self._observe(
+            operation, ExchangeOutcome.SUCCESS, answer.code, started, headers, reply=reply
+        )
         return result
 
     def _may_retry(self, retry_state: tenacity.RetryCallState) -> bool:
@@ -236,9 +237,27 @@ class EwsClient:
         operation, _envelope, _headers, deadline = retry_state.args[:4]
         return error is not None and self._policy.may_retry(operation, error, deadline)
 
-    def _observe(self, operation: str, outcome: str, code: str | None, started: float) -> None:
+    def _observe(
+        self,
+        operation: str,
+        outcome: ExchangeOutcome,
+        code: str | None,
+        started: tuple[float, int],
+        headers: Mapping[str, str],
+        *,
+        reply: ExchangeReply | None,
+    ) -> None:
         if self._observer is not None:
-            self._observer.upstream_call(operation, outcome, code, time.perf_counter() - started)
+            report = ExchangeCallReport(
+                operation,
+                outcome,
+                code,
+                time.perf_counter() - started[0],
+                started[1],
+                headers["client-request-id"],
+                reply,
+            )
+            self._observer.exchange_call(report)
 
 
 ResultT = TypeVar("ResultT")
@@ -268,14 +287,6 @@ class _RequestGuids:
         self._prefix = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-"
         self._counter = itertools.count()
         self._pid = os.getpid()
-
-
-def _log_fields(diagnostics: Mapping[str, str]) -> dict[str, str]:
-    return {
-        LOG_FIELD_BY_DIAGNOSTIC[name]: value[:MAX_DIAGNOSTIC_CHARS]
-        for name, value in diagnostics.items()
-        if name in LOG_FIELD_BY_DIAGNOSTIC
-    }
 
 
 def _exchange_back_off(retry_state: tenacity.RetryCallState) -> float:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from gateway.errors import UpstreamBadResponse
+from gateway.errors import ExchangeBadAnswer
 from gateway.exchange import http1
 
 # RFC 8305 section 5: the recommended Connection Attempt Delay.
@@ -209,7 +209,7 @@ def open_tunnel(
             raise ProxyNotHttp
     try:
         return http1.read_connect_answer(bytes(head))
-    except UpstreamBadResponse:
+    except ExchangeBadAnswer:
         raise ProxyNotHttp from None
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import httptools
 import idna
 
-from gateway.errors import GatewayError, UpstreamBadResponse, UpstreamUnreachable
+from gateway.errors import ExchangeBadAnswer, ExchangeOutcome, ExchangeUnreachable, GatewayError
 
 # Status line and header block together, and again the trailers of a chunked body.
 MAX_HEAD_BYTES = 64 * 1024
@@ -57,7 +57,7 @@ _REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 
 @dataclass(frozen=True, slots=True)
-class Answer:
+class HttpAnswer:
     """One final HTTP answer from Exchange, read whole."""
 
     status: int
@@ -148,7 +148,7 @@ def format_connect(authority: str, headers: Mapping[str, str]) -> bytes:
     return "".join(lines).encode("latin-1")
 
 
-def read_answer(receive: Receive, max_body_bytes: int) -> Answer:
+def read_http_answer(receive: Receive, max_body_bytes: int) -> HttpAnswer:
     """Read Exchange's final answer, skipping interim (1xx) ones, and its whole body."""
     reader = _AnswerReader(max_body_bytes)
     while not reader.complete:
@@ -179,9 +179,9 @@ def decode_content(body: bytes, coding: str | None, max_bytes: int) -> bytes:
         # No content, nothing to decode (RFC 9110 8.4 codes content): the status still counts.
         return body
     if kind not in ("gzip", "x-gzip", "deflate"):
-        raise UpstreamBadResponse(
+        raise ExchangeBadAnswer(
             "Exchange's answer is in a content coding the gateway cannot read",
-            outcome="invalid_response",
+            outcome=ExchangeOutcome.INVALID_RESPONSE,
         )
     if kind == "deflate":
         # RFC 9110's deflate is zlib-wrapped; some servers send it raw.
@@ -192,17 +192,17 @@ def decode_content(body: bytes, coding: str | None, max_bytes: int) -> bytes:
     try:
         plain = inflater.decompress(body, max_bytes + 1)
     except zlib.error:
-        raise UpstreamBadResponse(
-            f"Exchange's {kind} answer is corrupt", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            f"Exchange's {kind} answer is corrupt", outcome=ExchangeOutcome.INVALID_RESPONSE
         ) from None
     if len(plain) > max_bytes:
-        raise UpstreamBadResponse(
+        raise ExchangeBadAnswer(
             f"Exchange's answer exceeded {max_bytes} bytes once decompressed",
-            outcome="invalid_response",
+            outcome=ExchangeOutcome.INVALID_RESPONSE,
         )
     if not inflater.eof:
-        raise UpstreamBadResponse(
-            f"Exchange's {kind} answer is cut short", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            f"Exchange's {kind} answer is cut short", outcome=ExchangeOutcome.INVALID_RESPONSE
         )
     return plain
 
@@ -263,23 +263,23 @@ class _AnswerReader:
             self._extra = True  # bytes after the answer: the stream cannot be trusted
         self._check_progress(data)
 
-    def finish_at_close(self) -> Answer:
+    def finish_at_close(self) -> HttpAnswer:
         """Return the answer Exchange ended by closing the connection, if it was complete."""
         if self.head_complete and self._read_until_close():
             self.complete = True
-            return Answer(self.status, self.headers, bytes(self._body), reusable=False)
-        raise UpstreamUnreachable(
+            return HttpAnswer(self.status, self.headers, bytes(self._body), reusable=False)
+        raise ExchangeUnreachable(
             "Exchange closed the connection before its answer was complete",
-            outcome="connection_error",
+            outcome=ExchangeOutcome.CONNECTION_ERROR,
         )
 
-    def answer(self) -> Answer:
+    def answer(self) -> HttpAnswer:
         reusable = (
             not self._extra
             and self._parser.get_http_version() == "1.1"
             and not _closes(self.headers)
         )
-        return Answer(self.status, self.headers, bytes(self._body), reusable)
+        return HttpAnswer(self.status, self.headers, bytes(self._body), reusable)
 
     def _raise_from(self, cause: BaseException | None) -> None:
         if isinstance(cause, _AnswerEnded):
@@ -417,13 +417,13 @@ def _closes(headers: Mapping[str, str]) -> bool:
     return any(option.strip(_WHITESPACE).lower() == "close" for option in options.split(","))
 
 
-def _invalid(problem: str) -> UpstreamBadResponse:
-    return UpstreamBadResponse(
-        f"Exchange sent an invalid HTTP answer: {problem}", outcome="invalid_response"
+def _invalid(problem: str) -> ExchangeBadAnswer:
+    return ExchangeBadAnswer(
+        f"Exchange sent an invalid HTTP answer: {problem}", outcome=ExchangeOutcome.INVALID_RESPONSE
     )
 
 
-def _too_large(limit: int) -> UpstreamBadResponse:
-    return UpstreamBadResponse(
-        f"Exchange's answer exceeded {limit} bytes", outcome="invalid_response"
+def _too_large(limit: int) -> ExchangeBadAnswer:
+    return ExchangeBadAnswer(
+        f"Exchange's answer exceeded {limit} bytes", outcome=ExchangeOutcome.INVALID_RESPONSE
     )

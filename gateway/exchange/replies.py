@@ -20,13 +20,14 @@ from lxml import etree
 
 from gateway import wire
 from gateway.errors import (
-    EwsUnavailable,
+    ExchangeBadAnswer,
+    ExchangeOutcome,
+    ExchangeUnavailable,
     GatewayError,
-    UpstreamBadResponse,
     error_for_http_status,
     error_for_response_code,
 )
-from gateway.exchange.transport import UpstreamReply
+from gateway.exchange.transport import ExchangeReply
 
 _SOAP = f"{{{wire.SOAP_ENV_NS}}}"
 _M = f"{{{wire.MESSAGES_NS}}}"
@@ -65,7 +66,7 @@ class CallInformation:
 
 
 @dataclass(frozen=True)
-class Answer:
+class EwsAnswer:
     """A successful (or warning) response message of one operation."""
 
     message: etree._Element
@@ -73,7 +74,7 @@ class Answer:
     warning: str | None
 
 
-def read_answer(operation: str, reply: UpstreamReply) -> Answer:
+def read_ews_answer(operation: str, reply: ExchangeReply) -> EwsAnswer:
     """Return the operation's response message from Exchange's answer, or raise the mapped error."""
     _raise_for_http_status(reply)
     envelope = _parse_envelope(reply)
@@ -82,40 +83,44 @@ def read_answer(operation: str, reply: UpstreamReply) -> Answer:
         raise _fault_error(fault)
     message = envelope.find(f"{_SOAP}Body/{_M}{operation}Response")
     if message is None:
-        raise UpstreamBadResponse(
-            f"Exchange's answer holds no {operation}Response", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            f"Exchange's answer holds no {operation}Response",
+            outcome=ExchangeOutcome.INVALID_RESPONSE,
         )
     if reply.status != 200:
-        raise EwsUnavailable(
-            f"Exchange answered HTTP {reply.status} without a SOAP fault", outcome="http_error"
+        raise ExchangeUnavailable(
+            f"Exchange answered HTTP {reply.status} without a SOAP fault",
+            outcome=ExchangeOutcome.HTTP_ERROR,
         )
     return _classify(message)
 
 
-def disconnected(answer: Answer) -> Disconnected:
+def disconnected(answer: EwsAnswer) -> Disconnected:
     """Read a DisconnectPhoneCall answer."""
     return Disconnected(ews_code=answer.code, warning=answer.warning)
 
 
-def placed_call(answer: Answer) -> PlacedCall:
+def placed_call(answer: EwsAnswer) -> PlacedCall:
     """Read a PlayOnPhone answer: the new call's id."""
     phone_call_id = answer.message.find(f"{_M}PhoneCallId")
     call_id = phone_call_id.get("Id") if phone_call_id is not None else None
     if not call_id:
-        raise UpstreamBadResponse(
-            "Exchange accepted PlayOnPhone but returned no PhoneCallId", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            "Exchange accepted PlayOnPhone but returned no PhoneCallId",
+            outcome=ExchangeOutcome.INVALID_RESPONSE,
         )
     return PlacedCall(call_id=call_id, ews_code=answer.code, warning=answer.warning)
 
 
-def call_information(answer: Answer) -> CallInformation:
+def call_information(answer: EwsAnswer) -> CallInformation:
     """Read a GetPhoneCallInformation answer."""
     info = answer.message.find(f"{_M}PhoneCallInformation")
     state = info.findtext(f"{_T}PhoneCallState") if info is not None else None
     cause = info.findtext(f"{_T}ConnectionFailureCause") if info is not None else None
     if info is None or state is None or cause is None:
-        raise UpstreamBadResponse(
-            "Exchange answered without PhoneCallInformation", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            "Exchange answered without PhoneCallInformation",
+            outcome=ExchangeOutcome.INVALID_RESPONSE,
         )
     return CallInformation(
         state=state,
@@ -133,47 +138,47 @@ def _sip_response_code(text: str | None) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise UpstreamBadResponse(
-            "Exchange's SIPResponseCode is not a number", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            "Exchange's SIPResponseCode is not a number", outcome=ExchangeOutcome.INVALID_RESPONSE
         ) from None
 
 
-def _classify(message: etree._Element) -> Answer:
+def _classify(message: etree._Element) -> EwsAnswer:
     """Raise the mapped error for ResponseClass="Error"; otherwise return the answer."""
     response_class = message.get("ResponseClass")
     if response_class is None:
-        raise UpstreamBadResponse(
-            "Exchange answered without a response message", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            "Exchange answered without a response message", outcome=ExchangeOutcome.INVALID_RESPONSE
         )
     code = (message.findtext(f"{_M}ResponseCode") or "").strip() or wire.NO_ERROR
     text = (message.findtext(f"{_M}MessageText") or "").strip()
     if response_class == "Error":
         raise error_for_response_code(
-            code, text, outcome="ews_error", back_off_ms=_back_off_ms(message)
+            code, text, outcome=ExchangeOutcome.EWS_ERROR, back_off_ms=_back_off_ms(message)
         )
     if response_class not in ("Success", "Warning"):
-        raise UpstreamBadResponse(
+        raise ExchangeBadAnswer(
             f"Exchange answered an unknown ResponseClass {response_class!r}",
-            outcome="invalid_response",
+            outcome=ExchangeOutcome.INVALID_RESPONSE,
         )
     warning = (text or code) if response_class == "Warning" else None
-    return Answer(message=message, code=code, warning=warning)
+    return EwsAnswer(message=message, code=code, warning=warning)
 
 
-def _raise_for_http_status(reply: UpstreamReply) -> None:
+def _raise_for_http_status(reply: ExchangeReply) -> None:
     """Map the HTTP statuses that carry no SOAP answer (the table is in gateway.errors)."""
     status = reply.status
     if status in (200, 500):
         return
     if 300 <= status < 400:
-        raise UpstreamBadResponse(
+        raise ExchangeBadAnswer(
             f"Exchange redirected the request (HTTP {status}), usually to its error page",
-            outcome="http_error",
+            outcome=ExchangeOutcome.HTTP_ERROR,
         )
     error = error_for_http_status(status, retry_after_seconds(reply.retry_after))
     if error is not None:
         raise error
-    raise UpstreamBadResponse(f"Exchange answered HTTP {status}", outcome="http_error")
+    raise ExchangeBadAnswer(f"Exchange answered HTTP {status}", outcome=ExchangeOutcome.HTTP_ERROR)
 
 
 def retry_after_seconds(header: str | None, now: datetime | None = None) -> int | None:
@@ -196,7 +201,7 @@ def retry_after_seconds(header: str | None, now: datetime | None = None) -> int 
     return max(0, math.ceil(seconds))
 
 
-def _parse_envelope(reply: UpstreamReply) -> etree._Element:
+def _parse_envelope(reply: ExchangeReply) -> etree._Element:
     """Parse a SOAP envelope without resolving DTDs, entities or anything remote."""
     try:
         root = etree.fromstring(reply.body, parser=_parser())
@@ -204,11 +209,12 @@ def _parse_envelope(reply: UpstreamReply) -> etree._Element:
         root = None
     if root is None or _has_doctype(root) or root.tag != _ENVELOPE:
         if reply.status == 500:
-            raise EwsUnavailable(
-                "Exchange answered HTTP 500 with an error page", outcome="http_error"
+            raise ExchangeUnavailable(
+                "Exchange answered HTTP 500 with an error page", outcome=ExchangeOutcome.HTTP_ERROR
             )
-        raise UpstreamBadResponse(
-            "Exchange's answer is not a well-formed SOAP envelope", outcome="invalid_response"
+        raise ExchangeBadAnswer(
+            "Exchange's answer is not a well-formed SOAP envelope",
+            outcome=ExchangeOutcome.INVALID_RESPONSE,
         )
     return root
 
@@ -265,4 +271,6 @@ def _fault_error(fault: etree._Element) -> GatewayError:
         code = (fault.findtext("faultcode") or "").strip().rpartition(":")[2] or "Other"
     message = (fault.findtext("faultstring") or "").strip()
     back_off = _back_off_ms(detail) if detail is not None else None
-    return error_for_response_code(code, message, outcome="soap_fault", back_off_ms=back_off)
+    return error_for_response_code(
+        code, message, outcome=ExchangeOutcome.SOAP_FAULT, back_off_ms=back_off
+    )

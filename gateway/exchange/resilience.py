@@ -18,11 +18,12 @@ from enum import Enum
 from gateway import wire
 from gateway.errors import (
     CircuitOpen,
-    EwsBusy,
-    EwsUnavailable,
+    ExchangeBusy,
+    ExchangeOutcome,
+    ExchangeTimeout,
+    ExchangeUnavailable,
+    ExchangeUnreachable,
     GatewayOverloaded,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 
 
@@ -71,7 +72,7 @@ class CircuitBreaker:
         raise CircuitOpen(
             "Exchange failed repeatedly; calls are paused until it recovers",
             retry_after_s=max(1, math.ceil(remaining_s)),
-            outcome="rejected",
+            outcome=ExchangeOutcome.REJECTED,
         )
 
     def record_success(self) -> None:
@@ -114,7 +115,7 @@ class Bulkhead:
                 raise GatewayOverloaded(
                     "too many calls to Exchange are in flight; try again shortly",
                     retry_after_s=1,
-                    outcome="rejected",
+                    outcome=ExchangeOutcome.REJECTED,
                 )
             yield
 
@@ -136,7 +137,7 @@ MIN_ATTEMPT_S = 0.5
 
 
 @dataclass(frozen=True)
-class UpstreamPolicy:
+class ExchangePolicy:
     """How calls to Exchange are bounded: deadline, retry, circuit breaker and bulkhead."""
 
     timeout_s: float = 10.0
@@ -147,7 +148,7 @@ class UpstreamPolicy:
     def may_retry(self, operation: str, error: BaseException, deadline: float) -> bool:
         """Retry once when Exchange asked for a short, known back-off that fits the deadline."""
         if operation not in IDEMPOTENT_OPERATIONS or not isinstance(
-            error, EwsBusy | EwsUnavailable
+            error, ExchangeBusy | ExchangeUnavailable
         ):
             return False
         back_off_s = error.back_off_s
@@ -170,7 +171,7 @@ class UpstreamPolicy:
         self.breaker.before_call()
         try:
             yield
-        except (UpstreamTimeout, UpstreamUnreachable):
+        except (ExchangeTimeout, ExchangeUnreachable):
             self.breaker.record_failure()
             raise
         except BaseException:

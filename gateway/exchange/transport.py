@@ -27,7 +27,7 @@ new connection only when a reused one turns out closed: before the request
 was written (always safe), or, for an idempotent operation, before any byte
 of an answer came back. PlayOnPhone is never sent twice.
 
-Authentication plugs in per connection (Authenticator): it sees each new
+Authentication plugs in per connection (ExchangeAuthenticator): it sees each new
 connection after TLS (its peer certificate, for channel binding), gives the
 Authorization for each request and may answer a 401 on the same connection.
 """
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from gateway import __version__
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import ExchangeOutcome, ExchangeTimeout, ExchangeUnreachable, GatewayError
 from gateway.exchange import connector, http1
 from gateway.exchange.proxy import Proxy
 
@@ -69,7 +69,7 @@ _STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFErr
 
 
 @dataclass(frozen=True)
-class UpstreamReply:
+class ExchangeReply:
     """An HTTP answer from Exchange, fully read (and decompressed)."""
 
     status: int
@@ -98,7 +98,7 @@ class Connection:
         # authenticator asking a third party (the KDC) for it must keep to.
         self.deadline = 0.0
 
-    def round_trip(self, request: bytes, deadline: float) -> http1.Answer:
+    def round_trip(self, request: bytes, deadline: float) -> http1.HttpAnswer:
         """Send one request and read its whole answer by the deadline.
 
         Raises _Stale when the connection turns out closed before any byte of an answer.
@@ -125,13 +125,13 @@ class Connection:
             received = True
             return data
 
-        return http1.read_answer(receive, MAX_REPLY_BYTES)
+        return http1.read_http_answer(receive, MAX_REPLY_BYTES)
 
     def close(self) -> None:
         self.sock.close()
 
 
-class Authenticator(Protocol):
+class ExchangeAuthenticator(Protocol):
     """How the gateway proves itself to Exchange, per connection and per request."""
 
     def connected(self, connection: Connection, deadline: float) -> None:
@@ -140,11 +140,11 @@ class Authenticator(Protocol):
     def authorization(self, connection: Connection) -> str | None:
         """Return the Authorization value for the next request on this connection, if any."""
 
-    def challenged(self, connection: Connection, answer: http1.Answer) -> str | None:
+    def challenged(self, connection: Connection, answer: http1.HttpAnswer) -> str | None:
         """Answer a 401 on this connection with the Authorization to send the request again
         with, or None to give up (the 401 is then Exchange's answer)."""
 
-    def answered(self, connection: Connection, answer: http1.Answer) -> None:
+    def answered(self, connection: Connection, answer: http1.HttpAnswer) -> None:
         """See the answer (not a 401) that ends the request; raise a GatewayError to refuse it."""
 
 
@@ -163,7 +163,7 @@ class ExchangeTransport:
         verify_tls: bool = True,
         ca_bundle: str | None = None,
         authorization: str | None = None,
-        authenticator: Authenticator | None = None,
+        authenticator: ExchangeAuthenticator | None = None,
         pool_size: int = 16,
         idle_s: float = 30.0,
         proxy: Proxy | None = None,
@@ -211,7 +211,7 @@ class ExchangeTransport:
         *,
         deadline: float | None = None,
         idempotent: bool = False,
-    ) -> UpstreamReply:
+    ) -> ExchangeReply:
         """Send one request and return the whole answer by the deadline, or raise a GatewayError.
 
         idempotent: the request may go again when a reused connection closes before
@@ -230,9 +230,9 @@ class ExchangeTransport:
         if answer.status == 407 and self._proxy is not None and self._tls is None:
             # In absolute form a 407 is the proxy's (through a CONNECT tunnel, only Exchange
             # answers; the tunnel's own refusal is handled where it is asked for).
-            raise UpstreamUnreachable(
+            raise ExchangeUnreachable(
                 f"The proxy {self._proxy.address} refused the request to Exchange (HTTP 407)",
-                outcome="connection_error",
+                outcome=ExchangeOutcome.CONNECTION_ERROR,
             )
         return _reply(answer)
 
@@ -244,7 +244,7 @@ class ExchangeTransport:
         for connection in idle:
             connection.close()
 
-    def _exchange(self, request: _Request, deadline: float, idempotent: bool) -> http1.Answer:
+    def _exchange(self, request: _Request, deadline: float, idempotent: bool) -> http1.HttpAnswer:
         """Ask on an idle connection, or a new one; again on a new one if the idle one was stale."""
         connection = self._take_idle()
         if connection is not None:
@@ -263,7 +263,7 @@ class ExchangeTransport:
         except _Stale:
             raise _unanswered() from None
 
-    def _ask(self, connection: Connection, request: _Request, deadline: float) -> http1.Answer:
+    def _ask(self, connection: Connection, request: _Request, deadline: float) -> http1.HttpAnswer:
         """Send the request on this connection, answering authentication challenges on it."""
         try:
             authenticator = self._authenticator
@@ -284,9 +284,9 @@ class ExchangeTransport:
         self,
         connection: Connection,
         request: _Request,
-        authenticator: Authenticator,
+        authenticator: ExchangeAuthenticator,
         deadline: float,
-    ) -> http1.Answer:
+    ) -> http1.HttpAnswer:
         """Send with the authenticator's Authorization; answer its 401s on the same connection."""
         connection.deadline = deadline
         authorization = authenticator.authorization(connection)
@@ -385,15 +385,15 @@ class ExchangeTransport:
                 sock, f"{name}:{self._port}", proxy.authorization, deadline
             )
         except connector.ProxyNotHttp:
-            raise UpstreamUnreachable(
+            raise ExchangeUnreachable(
                 f"The proxy {proxy.address} did not answer CONNECT in HTTP; is it an HTTP proxy?",
-                outcome="connection_error",
+                outcome=ExchangeOutcome.CONNECTION_ERROR,
             ) from None
         if not 200 <= status < 300:
             # The proxy's address is safe to name; its credentials never are.
-            raise UpstreamUnreachable(
+            raise ExchangeUnreachable(
                 f"The proxy {proxy.address} refused the tunnel to Exchange (HTTP {status})",
-                outcome="connection_error",
+                outcome=ExchangeOutcome.CONNECTION_ERROR,
             )
 
     def _handshake(self, sock: Any) -> ssl.SSLSocket:
@@ -407,8 +407,9 @@ class ExchangeTransport:
                 "TLS handshake with Exchange failed",
                 extra={"tlsReason": reason, "exchangeHost": self._host},
             )
-            raise UpstreamUnreachable(
-                f"The TLS connection to Exchange failed: {reason}", outcome="connection_error"
+            raise ExchangeUnreachable(
+                f"The TLS connection to Exchange failed: {reason}",
+                outcome=ExchangeOutcome.CONNECTION_ERROR,
             ) from None
 
 
@@ -428,15 +429,15 @@ class _Stale(Exception):
         self.sent = sent
 
 
-def _unanswered() -> UpstreamUnreachable:
-    return UpstreamUnreachable(
-        "Exchange closed the connection before answering", outcome="connection_error"
+def _unanswered() -> ExchangeUnreachable:
+    return ExchangeUnreachable(
+        "Exchange closed the connection before answering", outcome=ExchangeOutcome.CONNECTION_ERROR
     )
 
 
-def _reply(answer: http1.Answer) -> UpstreamReply:
+def _reply(answer: http1.HttpAnswer) -> ExchangeReply:
     headers = answer.headers
-    return UpstreamReply(
+    return ExchangeReply(
         status=answer.status,
         content_type=headers.get("content-type") or "",
         retry_after=headers.get("retry-after"),
@@ -452,7 +453,7 @@ def seconds_left(deadline: float | None, timeout_s: float) -> float:
         return timeout_s
     remaining_s = min(timeout_s, deadline - time.monotonic())
     if remaining_s <= 0:
-        raise UpstreamTimeout("no time was left to ask Exchange", outcome="timeout")
+        raise ExchangeTimeout("no time was left to ask Exchange", outcome=ExchangeOutcome.TIMEOUT)
     return remaining_s
 
 
@@ -525,17 +526,20 @@ def translate_os_error(exc: OSError) -> GatewayError:
     return unreachable(exc)
 
 
-def timed_out() -> UpstreamTimeout:
-    return UpstreamTimeout("Exchange did not answer in time", outcome="timeout")
+def timed_out() -> ExchangeTimeout:
+    return ExchangeTimeout("Exchange did not answer in time", outcome=ExchangeOutcome.TIMEOUT)
 
 
-def tls_failed() -> UpstreamUnreachable:
-    return UpstreamUnreachable("The TLS connection to Exchange failed", outcome="connection_error")
+def tls_failed() -> ExchangeUnreachable:
+    return ExchangeUnreachable(
+        "The TLS connection to Exchange failed", outcome=ExchangeOutcome.CONNECTION_ERROR
+    )
 
 
-def unreachable(exc: BaseException) -> UpstreamUnreachable:
+def unreachable(exc: BaseException) -> ExchangeUnreachable:
     """Say Exchange could not be reached, naming only the failure's class."""
     # Messages can quote the request, headers included.
-    return UpstreamUnreachable(
-        f"Exchange could not be reached ({type(exc).__name__})", outcome="connection_error"
+    return ExchangeUnreachable(
+        f"Exchange could not be reached ({type(exc).__name__})",
+        outcome=ExchangeOutcome.CONNECTION_ERROR,
     )

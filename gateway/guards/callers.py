@@ -48,7 +48,7 @@ OPEN_CALLER = Caller(operator=True)
 API_KEY_ID_HEX_DIGITS = 16
 
 
-class Authenticator(Protocol):
+class CallerAuthenticator(Protocol):
     """Checks a request's headers and says who is calling."""
 
     @property

@@ -38,16 +38,16 @@ from typing import Any, Protocol
 import redis
 
 from gateway.errors import (
+    ExchangeAuthFailed,
+    ExchangeBadAnswer,
+    ExchangeTimeout,
+    ExchangeUnreachable,
     GatewayError,
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     IdempotencyOutcomeUnknown,
     InvalidRequest,
     SharedStateUnavailable,
-    UpstreamAuthFailed,
-    UpstreamBadResponse,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 
 KEY_TTL_S = 24 * 3600
@@ -55,7 +55,7 @@ MAX_KEY_CHARS = 255
 POLL_S = 0.05
 KEY_PREFIX = "ews-gateway:idempotency:"
 # Failures after which Exchange may have placed the call although the gateway cannot tell.
-OUTCOME_UNKNOWN = (UpstreamTimeout, UpstreamBadResponse, UpstreamUnreachable)
+OUTCOME_UNKNOWN = (ExchangeTimeout, ExchangeBadAnswer, ExchangeUnreachable)
 PENDING, DONE, UNKNOWN = "pending", "done", "unknown"
 # RFC 8941 §3.3.3: a string is quoted; inside, '"' and '\' come only escaped.
 _SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
@@ -63,7 +63,7 @@ _SF_ESCAPE = re.compile(r'\\(["\\])')
 
 
 @dataclass(frozen=True)
-class Answer:
+class StoredAnswer:
     """The first answer to a key: status, JSON body, Location; `replayed` on later requests."""
 
     status: int
@@ -126,7 +126,9 @@ class IdempotentCalls:
         # does: waiting duplicates cannot take the threads kept for probes.
         self._wait_slot = wait_slot
 
-    def place(self, owner: str, key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
+    def place(
+        self, owner: str, key: str, fingerprint: str, place: Callable[[], StoredAnswer]
+    ) -> StoredAnswer:
         """Answer the request with KEY from OWNER whose body hashes to FINGERPRINT."""
         store_key = KEY_PREFIX + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
         # The random claim makes this request's record its own, to free it after a lost answer.
@@ -158,7 +160,9 @@ class IdempotentCalls:
                 self._store.release_own(store_key, pending)
             raise
 
-    def _first(self, store_key: str, fingerprint: str, place: Callable[[], Answer]) -> Answer:
+    def _first(
+        self, store_key: str, fingerprint: str, place: Callable[[], StoredAnswer]
+    ) -> StoredAnswer:
         try:
             answer = place()
         except GatewayError as error:
@@ -218,12 +222,12 @@ def may_have_dialled(error: GatewayError) -> bool:
         return False
     if isinstance(error, OUTCOME_UNKNOWN):
         return True
-    if isinstance(error, UpstreamAuthFailed) and error.upstream_status is None:
+    if isinstance(error, ExchangeAuthFailed) and error.upstream_status is None:
         return True  # not a 401 but a refusal of Exchange's final answer (mutual auth): EWS ran
     return error.outcome == "http_error" and error.upstream_status == 500
 
 
-def _answer_from(record: dict[str, Any], fingerprint: str, *, stale_after_s: float) -> Answer:
+def _answer_from(record: dict[str, Any], fingerprint: str, *, stale_after_s: float) -> StoredAnswer:
     if record["fingerprint"] != fingerprint:
         raise IdempotencyKeyReused(
             "this Idempotency-Key was first used with another body; use a new key"
@@ -240,7 +244,7 @@ def _answer_from(record: dict[str, Any], fingerprint: str, *, stale_after_s: flo
             "the first request with this Idempotency-Key has not finished; retry later",
             retry_after_s=1,
         )
-    return Answer(record["status"], record["body"], record["location"], replayed=True)
+    return StoredAnswer(record["status"], record["body"], record["location"], replayed=True)
 
 
 def fingerprint(fields: dict[str, Any]) -> str:

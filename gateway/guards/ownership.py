@@ -13,7 +13,7 @@ import base64
 import hashlib
 import hmac
 
-from gateway.errors import CallNotFound, UpstreamBadResponse
+from gateway.errors import CallNotFound, ExchangeBadAnswer
 from gateway.guards.callers import Caller
 from gateway.guards.validation import MAX_CALL_ID_CHARS
 
@@ -45,10 +45,10 @@ class CallIds:
     def issue(self, ews_call_id: str, caller: Caller) -> str:
         """Wrap Exchange's call id for the caller that placed the call.
 
-        Raises UpstreamBadResponse when Exchange's id is too long to wrap within 512 characters.
+        Raises ExchangeBadAnswer when Exchange's id is too long to wrap within 512 characters.
         """
         if len(ews_call_id) > MAX_EWS_ID_CHARS:
-            raise UpstreamBadResponse(
+            raise ExchangeBadAnswer(
                 f"Exchange returned a call id longer than {MAX_EWS_ID_CHARS} characters"
             )
         tag = self._owner_tag(owner_of(caller))

@@ -14,8 +14,6 @@ Spans: one SERVER span per request, continuing the caller's W3C
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +25,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway import __version__
-from gateway.exchange.transport import UpstreamReply
+from gateway.errors import ExchangeOutcome
+from gateway.exchange.client import ExchangeCallReport
 
 # Exchange's values are recorded, not trusted: a bounded length.
 MAX_REQUEST_ID_CHARS = 200
@@ -103,52 +102,33 @@ def start_request(method: str, headers: Any, request_id: str) -> ServerSpan | No
     return ServerSpan(span, method, context.attach(trace.set_span_in_context(span)))
 
 
-class ExchangeCall:
-    """What one call to Exchange learned, recorded on its CLIENT span."""
+def record_exchange_call(report: ExchangeCallReport) -> None:
+    """Record one call to Exchange as a CLIENT span, a child of the request's span.
 
-    def __init__(self, span: trace.Span) -> None:
-        self._span = span
-
-    def answered(self, outcome: str, ews_code: str | None, reply: UpstreamReply | None) -> None:
-        """Record the outcome (as in the metrics), the EWS ResponseCode, and from Exchange's
-        HTTP answer (None if there was none) its status and its `request-id`."""
-        self._span.set_attribute("ews.outcome", outcome)
-        if ews_code is not None:
-            self._span.set_attribute("ews.response_code", ews_code)
-        if reply is not None:
-            self._span.set_attribute("http.response.status_code", reply.status)
-            request_id = reply.diagnostics.get("request-id")
-            if request_id is not None:
-                self._span.set_attribute("ews.request_id", request_id[:MAX_REQUEST_ID_CHARS])
-        if outcome != "success":
-            self._span.set_status(Status(StatusCode.ERROR, outcome))
-
-
-class _Unrecorded(ExchangeCall, AbstractContextManager[ExchangeCall]):
-    """Tracing is off: a shared, empty stand-in (no generator or span per call)."""
-
-    def __init__(self) -> None:
-        pass
-
-    def answered(self, outcome: str, ews_code: str | None, reply: UpstreamReply | None) -> None:
-        """Record nothing."""
-
-    def __exit__(self, *_exc: object) -> None:
-        return None
-
-
-_UNRECORDED = _Unrecorded()
-
-
-def exchange_call(operation: str) -> AbstractContextManager[ExchangeCall]:
-    """Wrap one call to Exchange in a CLIENT span, a child of the request's span."""
-    return _UNRECORDED if _tracer is None else _recorded_call(_tracer, operation)
-
-
-@contextmanager
-def _recorded_call(tracer: trace.Tracer, operation: str) -> Iterator[ExchangeCall]:
-    attributes: dict[str, Any] = {"rpc.system": "soap", "rpc.method": operation}
-    with tracer.start_as_current_span(
-        operation, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
-    ) as span:
-        yield ExchangeCall(span)
+    The span is written once the call has ended, with the call's own start and end times, so
+    a call with tracing off costs one global lookup.
+    """
+    if _tracer is None:
+        return
+    attributes: dict[str, Any] = {
+        "rpc.system": "soap",
+        "rpc.method": report.operation,
+        "ews.outcome": str(report.outcome),
+    }
+    if report.code is not None:
+        attributes["ews.response_code"] = report.code
+    if report.reply is not None:
+        attributes["http.response.status_code"] = report.reply.status
+        request_id = report.reply.diagnostics.get("request-id")
+        if request_id is not None:
+            attributes["ews.request_id"] = request_id[:MAX_REQUEST_ID_CHARS]
+    span = _tracer.start_span(
+        report.operation,
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
+        start_time=report.started_ns,
+        record_exception=False,
+    )
+    if report.outcome != ExchangeOutcome.SUCCESS:
+        span.set_status(Status(StatusCode.ERROR, str(report.outcome)))
+    span.end(end_time=report.started_ns + int(report.seconds * 1e9))

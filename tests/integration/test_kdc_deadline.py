@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import UpstreamTimeout
+from gateway.errors import ExchangeTimeout
 from gateway.exchange.auth import Credentials, SecurityContextAuth
 from gateway.exchange.transport import ExchangeTransport
 from tests.test_transport import ENVELOPE, REQUEST_HEADERS, FakeExchange, exchange
@@ -86,7 +86,7 @@ def test_kerberos_with_a_silent_kdc_is_a_timeout_by_the_deadline(
     silent_kdc: None, exchange: FakeExchange
 ) -> None:
     error, took_s = post_with("kerberos", exchange)
-    assert isinstance(error, UpstreamTimeout)
+    assert isinstance(error, ExchangeTimeout)
     assert (str(error), error.outcome) == ("The Kerberos KDC did not answer in time", "timeout")
     # The contract: a 504 no later than about a second after the timeout (was 27 s).
     assert took_s < TIMEOUT_S + 1.0
@@ -106,7 +106,7 @@ def test_calls_waiting_on_a_silent_kdc_share_one_request_and_each_keep_its_deadl
         started = time.monotonic()
         try:
             transport.post(ENVELOPE, REQUEST_HEADERS)
-        except UpstreamTimeout as timeout:
+        except ExchangeTimeout as timeout:
             outcomes.append((timeout.outcome or "", time.monotonic() - started))
 
     def kdc_threads() -> set[threading.Thread]:

@@ -20,7 +20,7 @@ import redis
 from cryptography import x509
 
 from gateway.errors import SharedStateUnavailable
-from gateway.guards.idempotency import Answer, IdempotentCalls, RedisKeys
+from gateway.guards.idempotency import IdempotentCalls, RedisKeys, StoredAnswer
 from tests.identity import SigningKey, claims, rsa_key
 from tests.integration.conftest import (
     Response,
@@ -428,9 +428,9 @@ def test_a_claim_whose_answer_redis_lost_is_taken_back_so_the_retry_dials_once(
     )
     dialled: list[str] = []
 
-    def dial() -> Answer:
+    def dial() -> StoredAnswer:
         dialled.append("PlayOnPhone")
-        return Answer(201, {"callId": "c1", "ewsResponseCode": "NoError"}, "/calls/c1")
+        return StoredAnswer(201, {"callId": "c1", "ewsResponseCode": "NoError"}, "/calls/c1")
 
     with pytest.raises(SharedStateUnavailable):
         calls.place("gina", "order-9", "fp", dial)
