@@ -12,7 +12,8 @@ from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 
 from gateway import __version__
-from gateway.api import callscreen, routes
+from gateway.api import callscreen, rendering, routes
+from gateway.api.services import EXTENSION, Services, ServiceState
 from gateway.api.streams import EventStreams
 from gateway.config import Config
 from gateway.exchange import auth
@@ -47,7 +48,7 @@ def create_app(
     *,
     ews: PhoneCalls | None = None,
     registry: CollectorRegistry | None = None,
-    state: routes.ServiceState | None = None,
+    state: ServiceState | None = None,
 ) -> Flask:
     """Build the gateway's Flask app from validated configuration."""
     app = Flask("gateway")
@@ -66,7 +67,7 @@ def create_app(
             observer=ExchangeTelemetry(metrics),
             policy=build_policy(config, metrics, bulkhead),
         )
-    state = state or routes.ServiceState()
+    state = state or ServiceState()
     state.streams = EventStreams(
         ews,
         poll_interval_s=config.events_poll_s,
@@ -74,15 +75,14 @@ def create_app(
         poll_threads=config.poll_threads,
         observer=metrics,
     )
-    app.extensions["gateway"] = {
-        "ews": ews,
-        "metrics": metrics,
-        "state": state,
-        "streams": state.streams,
-        "callers": caller_authenticator(config),
-        "openapi": resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
-        **build_guards(config, metrics, bulkhead),
-    }
+    app.extensions[EXTENSION] = build_services(
+        config,
+        metrics,
+        bulkhead,
+        ews=ews,
+        state=state,
+        openapi=resources.files("gateway").joinpath("openapi.yaml").read_bytes(),
+    )
     routes.register(app)
     if config.demo_page:
         callscreen.register(app)
@@ -97,42 +97,44 @@ def allow_browsers(app: Flask, origins: tuple[str, ...]) -> None:
         app,
         # Compiled patterns are matched whole; a plain string may be taken for a regex.
         origins=[re.compile(re.escape(origin) + r"\Z", re.IGNORECASE) for origin in origins],
-        methods=["GET", "POST", "DELETE"],
-        allow_headers=[
-            "Authorization",
-            "Content-Type",
-            "X-Request-ID",
-            "X-API-Key",
-            "Idempotency-Key",
-            "Last-Event-ID",
-        ],
-        expose_headers=[
-            "Location",
-            "Retry-After",
-            "X-Request-ID",
-            "RateLimit",
-            "RateLimit-Policy",
-        ],
-        max_age=600,
+        methods=list(rendering.CORS_METHODS),
+        allow_headers=list(rendering.CORS_ALLOWED_HEADERS),
+        expose_headers=list(rendering.CORS_EXPOSED_HEADERS),
+        max_age=rendering.CORS_MAX_AGE_S,
         vary_header=True,
     )
 
 
-def build_guards(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> dict[str, object]:
-    """Build call ownership, the dial policy, rate limits, idempotency and the audit trail."""
+def build_services(
+    config: Config,
+    metrics: Metrics,
+    bulkhead: Bulkhead,
+    *,
+    ews: PhoneCalls,
+    state: ServiceState,
+    openapi: bytes,
+) -> Services:
+    """Build the guards (call ownership, the dial policy, rate limits, idempotency, the audit
+    trail) and hold them with the rest of what requests use."""
+    assert state.streams is not None  # the factory starts them first
     client = sharedstate.connect(
         RedisSettings(config.redis_url, config.redis_password or None, config.redis_ca_bundle)
     )
     store: KeyStore = MemoryKeys()
     if client is not None:
         store = RedisKeys(client, on_error=lambda: metrics.redis_failed("idempotency"))
-    # Without a configured key (tests, single processes) ids hold for this app only; serve
-    # makes one before its workers fork so they agree.
-    return {
-        "call_ids": CallIds(config.call_id_key or secrets.token_bytes(32)),
+    return Services(
+        ews=ews,
+        metrics=metrics,
+        state=state,
+        streams=state.streams,
+        callers=caller_authenticator(config),
+        # Without a configured key (tests, single processes) ids hold for this app only;
+        # serve makes one before its workers fork so they agree.
+        call_ids=CallIds(config.call_id_key or secrets.token_bytes(32)),
         # No policy only outside serve, which refuses to start without one.
-        "dial_policy": DialPolicy(config.dial_allow or (ALLOW_ALL,)),
-        "quotas": Quotas(
+        dial_policy=DialPolicy(config.dial_allow or (ALLOW_ALL,)),
+        quotas=Quotas(
             build_storage(config.redis_url, client.connection_pool if client else None),
             calls=config.rate_limit_calls,
             requests=config.rate_limit_requests,
@@ -141,13 +143,14 @@ def build_guards(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> dict[s
             on_storage_error=lambda: metrics.redis_failed("rate_limit"),
         ),
         # Duplicates wait as long as the first request may take (deadline plus a retry's wait).
-        "idempotency": IdempotentCalls(
+        idempotency=IdempotentCalls(
             store,
             wait_s=config.ews_timeout_s + config.retry_max_back_off_s + 1,
             wait_slot=bulkhead.held,
         ),
-        "audit": AuditTrail(config.audit_dial_digits),
-    }
+        audit=AuditTrail(config.audit_dial_digits),
+        openapi=openapi,
+    )
 
 
 def build_policy(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> ExchangePolicy:

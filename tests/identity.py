@@ -277,7 +277,7 @@ class Clock:
 def close_upstream(app: Flask) -> None:
     """Close the pooled connections of the EWS client create_app built, so no socket outlives
     the test (the client has no public close; its transport does)."""
-    transport = getattr(app.extensions["gateway"]["ews"], "_transport", None)
+    transport = getattr(app.extensions["gateway"].ews, "_transport", None)
     close = getattr(transport, "close", None)
     if callable(close):
         close()

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.test import TestResponse
 
 from gateway import __version__, errors
-from gateway.api import routes as api
+from gateway.api.services import ServiceState
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange.client import CallInformation, Disconnected, EwsClient, PlacedCall
@@ -97,7 +97,7 @@ class FakeExchange:
         return self.calls[-1]
 
 
-def build_app(fake: FakeExchange, state: api.ServiceState | None = None) -> Flask:
+def build_app(fake: FakeExchange, state: ServiceState | None = None) -> Flask:
     config = Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
     return create_app(config, ews=cast(EwsClient, fake), registry=CollectorRegistry(), state=state)
 
@@ -108,12 +108,12 @@ def fake() -> FakeExchange:
 
 
 @pytest.fixture
-def state() -> api.ServiceState:
-    return api.ServiceState()
+def state() -> ServiceState:
+    return ServiceState()
 
 
 @pytest.fixture
-def client(fake: FakeExchange, state: api.ServiceState) -> FlaskClient:
+def client(fake: FakeExchange, state: ServiceState) -> FlaskClient:
     return build_app(fake, state).test_client()
 
 
@@ -614,9 +614,7 @@ def test_readyz_answers_200_while_serving(client: FlaskClient) -> None:
     assert client.get("/readyz").status_code == 200
 
 
-def test_readyz_is_a_503_problem_while_draining(
-    client: FlaskClient, state: api.ServiceState
-) -> None:
+def test_readyz_is_a_503_problem_while_draining(client: FlaskClient, state: ServiceState) -> None:
     state.draining = True
 
     assert_problem(client.get("/readyz"), 503)

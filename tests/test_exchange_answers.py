@@ -41,7 +41,7 @@ def gateway(exchange: FakeExchange) -> Iterator[FlaskClient]:
     app = create_app(config, registry=CollectorRegistry())
     yield app.test_client()
     # Its pooled connections close before the fake Exchange does.
-    app.extensions["gateway"]["ews"]._transport.close()
+    app.extensions["gateway"].ews._transport.close()
 
 
 # 7. Mapping

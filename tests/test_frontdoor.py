@@ -72,7 +72,9 @@ def test_a_refusal_is_a_problem_with_the_request_id_and_cors_for_a_listed_origin
     assert headers["X-Request-ID"] == "trace-3"
     assert headers["Connection"] == "close"
     assert headers["Access-Control-Allow-Origin"] == "https://APP.example.com"
-    assert headers["Access-Control-Expose-Headers"] == "Location, Retry-After, X-Request-ID"
+    assert headers["Access-Control-Expose-Headers"] == (
+        "Location, Retry-After, X-Request-ID, RateLimit, RateLimit-Policy"
+    )
     assert headers["Vary"] == "Origin"
     assert problem == {
         "type": "urn:ews-gateway:problem:request-header-fields-too-large",

@@ -321,7 +321,7 @@ def test_basic_credentials_exchange_refused_are_not_sent_again_for_a_while(
     try:
         answers = [app.test_client().post("/calls", json=CALL) for _ in range(3)]
     finally:
-        app.extensions["gateway"]["ews"]._transport.close()
+        app.extensions["gateway"].ews._transport.close()
     assert [answer.status_code for answer in answers] == [502, 502, 502]
     problems = [answer.json for answer in answers]
     assert {problem["type"] for problem in problems} == {

@@ -274,11 +274,11 @@ class DownRedis:
 def test_an_unreachable_redis_fails_an_idempotent_post_closed_with_503(
     app: Flask, fake: FakeExchange
 ) -> None:
-    metrics = app.extensions["gateway"]["metrics"]
+    metrics = app.extensions["gateway"].metrics
     store = RedisKeys(
         cast(redis.Redis, DownRedis()), on_error=lambda: metrics.redis_failed("idempotency")
     )
-    app.extensions["gateway"]["idempotency"] = IdempotentCalls(store, wait_s=1)
+    app.extensions["gateway"].idempotency = IdempotentCalls(store, wait_s=1)
 
     with_key = post(app, '"order-6"')
     without_key = post(app, None)

@@ -89,7 +89,7 @@ class Gateway:
 
     def close(self) -> None:
         """Close the pooled connections to Exchange."""
-        self.app.extensions["gateway"]["ews"]._transport.close()
+        self.app.extensions["gateway"].ews._transport.close()
 
     def place_call(self) -> Any:
         return self.client.post("/calls", json=CALL)

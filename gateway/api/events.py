@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.api import rendering
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.exchange.replies import CallInformation
 
@@ -87,16 +88,9 @@ def state_event(sequence: int, call_id: str, state: Snapshot) -> bytes:
 
 
 def problem(error: GatewayError, request_id: str) -> dict[str, Any]:
-    """Return the problem+json body for an error, as the API's error handler writes it."""
-    body: dict[str, Any] = {
-        "type": f"urn:ews-gateway:problem:{error.slug}",
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "requestId": request_id,
-    }
-    if error.ews_code is not None:
-        body["ewsResponseCode"] = error.ews_code
+    """Return the problem+json body for an error, as the API's error handler writes it, with
+    the seconds to wait (`retryAfter`) that a Retry-After header would carry."""
+    body = rendering.problem_of(error, request_id)
     if error.retry_after_s is not None:
         body["retryAfter"] = error.retry_after_s
     return body

@@ -21,8 +21,9 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
-from gateway.api import events
-from gateway.api.streams import EventStreams, Watch
+from gateway.api import events, rendering
+from gateway.api.services import EXTENSION, RequestState, Services
+from gateway.api.streams import Watch
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
     CallNotFound,
@@ -36,17 +37,12 @@ from gateway.errors import (
     RouteNotFound,
     UnsupportedMediaType,
 )
-from gateway.exchange.client import PhoneCalls
 from gateway.guards import idempotency, validation
-from gateway.guards.callers import ANONYMOUS
 from gateway.guards.idempotency import StoredAnswer
 from gateway.guards.ownership import owner_of
 from gateway.guards.quotas import CALLS, REQUESTS, Charge
 from gateway.telemetry import logs, tracing
-from gateway.telemetry.metrics import Metrics
 
-PROBLEM_JSON = "application/problem+json"
-ACCESS_LOG = logging.getLogger("gateway.access")
 LOG = logging.getLogger("gateway")
 UNMATCHED_ROUTE = "<unmatched>"
 # Probes, scrapers and the spec answer without caller credentials.
@@ -81,24 +77,16 @@ class CallIdConverter(BaseConverter):
     part_isolating = False
 
 
-class ServiceState:
-    """Whether this process should take traffic (it stops while draining), and its streams."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.streams: EventStreams | None = None
-
-    def begin_draining(self) -> None:
-        """Answer /readyz 503 from now on and end the open event streams."""
-        self.draining = True
-        if self.streams is not None:
-            self.streams.drain()
+def services() -> Services:
+    """Return what the app factory wired into the current app."""
+    wired: Services = current_app.extensions[EXTENSION]
+    return wired
 
 
-def services() -> tuple[PhoneCalls, Metrics]:
-    """Return the EWS client and metrics wired into the current app."""
-    ext = current_app.extensions["gateway"]
-    return ext["ews"], ext["metrics"]
+def request_state() -> RequestState:
+    """Return what the current request has learned so far (start_request made it)."""
+    state: RequestState = g.gateway_request
+    return state
 
 
 def authorized_call(call_id: str) -> str:
@@ -107,24 +95,24 @@ def authorized_call(call_id: str) -> str:
     Every route that names a call (GET, DELETE, the event stream) goes through here; the
     rule itself is gateway.guards.ownership.CallIds.ews_call_id(call_id, caller).
     """
-    g.call_id = call_id
+    state = request_state()
+    state.call_id = call_id
     checked = validation.check_call_id(call_id)
     try:
-        ews_id: str = current_app.extensions["gateway"]["call_ids"].ews_call_id(checked, g.caller)
+        return services().call_ids.ews_call_id(checked, state.caller)
     except CallNotFound:
-        g.refusal = "ownership"
+        state.refusal = "ownership"
         raise
-    return ews_id
 
 
 @bp.delete("/calls/<call_id:call_id>")
 def disconnect_call(call_id: str) -> Response:
     """Hang up a call."""
-    ews, _ = services()
-    result = ews.disconnect_call(
-        authorized_call(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
+    state = request_state()
+    result = services().ews.disconnect_call(
+        authorized_call(call_id), request_id=state.request_id, mailbox=state.caller.mailbox
     )
-    g.ews_code = result.ews_code
+    state.ews_code = result.ews_code
     body = {"callId": call_id, "status": "disconnected", "ewsResponseCode": result.ews_code}
     return _json(body, 200, result.warning)
 
@@ -132,10 +120,10 @@ def disconnect_call(call_id: str) -> Response:
 @bp.post("/calls")
 def place_call() -> Response:
     """Start a call that plays a voice item on a phone."""
-    gateway = current_app.extensions["gateway"]
+    wired, state = services(), request_state()
     order = validation.parse_place_call(_json_body())
-    g.dial_string = order.dial_string
-    gateway["dial_policy"].check(order.dial_string)
+    state.dial_string = order.dial_string
+    wired.dial_policy.check(order.dial_string)
     header = request.headers.get("Idempotency-Key")
     if header is None:
         answer = _dial(order)
@@ -145,17 +133,17 @@ def place_call() -> Response:
             "itemChangeKey": order.item_change_key,
             "dialString": order.dial_string,
         }
-        answer = gateway["idempotency"].place(
-            owner_of(g.caller),
+        answer = wired.idempotency.place(
+            owner_of(state.caller),
             idempotency.parse_key(header),
             idempotency.fingerprint(fields),
             functools.partial(_dial, order),
         )
     if answer.replayed:
-        gateway["metrics"].replayed()
-        g.audit_outcome = "replayed"
-    g.call_id = answer.body["callId"]
-    g.ews_code = answer.body["ewsResponseCode"]
+        wired.metrics.replayed()
+        state.audit_outcome = "replayed"
+    state.call_id = answer.body["callId"]
+    state.ews_code = answer.body["ewsResponseCode"]
     response = _json(dict(answer.body), answer.status)
     response.headers["Location"] = answer.location
     return response
@@ -163,16 +151,16 @@ def place_call() -> Response:
 
 def _dial(order: validation.PlaceCall) -> StoredAnswer:
     """Charge the caller's call quota, have Exchange dial and sign the call id for the caller."""
-    gateway = current_app.extensions["gateway"]
+    wired, state = services(), request_state()
     _charge(CALLS)
-    result = gateway["ews"].play_on_phone(
+    result = wired.ews.play_on_phone(
         order.item_id,
         order.dial_string,
         change_key=order.item_change_key,
-        request_id=g.request_id,
-        mailbox=g.caller.mailbox,
+        request_id=state.request_id,
+        mailbox=state.caller.mailbox,
     )
-    call_id = gateway["call_ids"].issue(result.call_id, g.caller)
+    call_id = wired.call_ids.issue(result.call_id, state.caller)
     body = {"callId": call_id, "ewsResponseCode": result.ews_code}
     if result.warning:
         body["warning"] = result.warning
@@ -181,19 +169,20 @@ def _dial(order: validation.PlaceCall) -> StoredAnswer:
 
 def _charge(quota: str) -> None:
     """Count this request against the caller's QUOTA (429 once spent); note the fields."""
-    charge = current_app.extensions["gateway"]["quotas"].charge(quota, owner_of(g.caller))
+    state = request_state()
+    charge = services().quotas.charge(quota, owner_of(state.caller))
     if charge is not None:
-        g.rate_limits.append(charge)
+        state.rate_limits.append(charge)
 
 
 @bp.get("/calls/<call_id:call_id>")
 def get_call(call_id: str) -> Response:
     """Show the state of a call."""
-    ews, _ = services()
-    info = ews.get_call_information(
-        authorized_call(call_id), request_id=g.request_id, mailbox=g.caller.mailbox
+    state = request_state()
+    info = services().ews.get_call_information(
+        authorized_call(call_id), request_id=state.request_id, mailbox=state.caller.mailbox
     )
-    g.ews_code = info.ews_code
+    state.ews_code = info.ews_code
     # The same fields, warning included, as each state event of the call's stream.
     return _json({"callId": call_id, **events.call_body(info)}, 200)
 
@@ -201,19 +190,19 @@ def get_call(call_id: str) -> Response:
 @bp.get("/calls/<call_id:call_id>/events")
 def watch_call(call_id: str) -> Response:
     """Stream the call's state: the current one, then each change, until Disconnected."""
+    state = request_state()
     watch = Watch(
         call_id,
         authorized_call(call_id),
-        g.caller.mailbox,
-        g.request_id,
+        state.caller.mailbox,
+        state.request_id,
         events.parse_last_event_id(request.headers.get("Last-Event-ID")),
     )
     if request.method == "HEAD":
         return Response(status=200, mimetype="text/event-stream")
-    streams: EventStreams = current_app.extensions["gateway"]["streams"]
     # gunicorn lends its socket so the pump can take the connection over from this thread.
     sock = request.environ.get("gunicorn.socket")
-    return streams.response(watch, sock, request.environ.get("SERVER_PROTOCOL", ""))
+    return services().streams.response(watch, sock, request.environ.get("SERVER_PROTOCOL", ""))
 
 
 @bp.get("/livez")
@@ -225,24 +214,29 @@ def livez() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     """Answer 200 while this process should take traffic, 503 while draining."""
-    if current_app.extensions["gateway"]["state"].draining:
-        return _problem_response(503, "not-ready", "Not ready", "the gateway is shutting down")
+    if services().state.draining:
+        body = rendering.problem_body(
+            503,
+            "not-ready",
+            "Not ready",
+            "the gateway is shutting down",
+            request_state().request_id,
+        )
+        return _problem_response(body, request_state())
     return _json({"status": "ready"}, 200)
 
 
 @bp.get("/metrics")
 def metrics() -> Response:
     """Expose Prometheus metrics."""
-    _, metrics = services()
-    payload, content_type = metrics.exposition()
+    payload, content_type = services().metrics.exposition()
     return Response(payload, 200, content_type=content_type)
 
 
 @bp.get("/openapi.yaml")
 def openapi() -> Response:
     """Serve the OpenAPI description of this API."""
-    spec = current_app.extensions["gateway"]["openapi"]
-    return Response(spec, 200, content_type="application/yaml")
+    return Response(services().openapi, 200, content_type="application/yaml")
 
 
 def _json_body() -> Any:
@@ -291,28 +285,23 @@ def _json(body: dict[str, Any], status: int, warning: str | None = None) -> Resp
 
 def start_request() -> Response | None:
     """Give the request an id, start its clock and find out who is calling."""
-    # Each use of the g proxy costs a context lookup: take the object once.
-    state = g._get_current_object()
-    state.started = time.perf_counter()
+    started = time.perf_counter()
     caller_id = request.headers.get("X-Request-ID", "")
-    state.request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
-    state.ews_code = None
-    state.upstream_outcome = None
-    state.rate_limits = []
-    state.upstream_status = None
-    state.error_detail = None
-    state.log_level = logging.INFO
-    # Exchange's correlation ids, added by the EWS layer, join the request's log line.
-    state.upstream_log_fields = logs.start_request_fields()
-    state.span = tracing.start_request(request.method, request.headers, state.request_id)
-    gateway = current_app.extensions["gateway"]
-    gateway["metrics"].in_progress.inc()
-    state.caller = ANONYMOUS
+    request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
+    state = g.gateway_request = RequestState(
+        request_id,
+        started,
+        tracing.start_request(request.method, request.headers, request_id),
+        # Exchange's correlation ids, which the EWS client's observer adds, join the log line.
+        logs.start_request_fields(),
+    )
+    wired = services()
+    wired.metrics.in_progress.inc()
     # CORS preflights carry no credentials; probes and the spec answer to anyone.
     if request.method == "OPTIONS":
         return _options()
     if not (request.url_rule is None or request.endpoint in PUBLIC_ENDPOINTS):
-        state.caller = gateway["callers"].authenticate(request.headers)
+        state.caller = wired.callers.authenticate(request.headers)
         _charge(REQUESTS)
     return None
 
@@ -353,55 +342,53 @@ def _options() -> Response:
 
 def finish_request(response: Response) -> Response:
     """Stamp the request id, count the request and write its log line."""
-    state = g._get_current_object()
+    state = request_state()
     response.headers["X-Request-ID"] = state.request_id
-    if state.get("rate_limits"):
+    if state.rate_limits:
         _add_rate_limit_fields(response.headers, state.rate_limits)
-    if request.endpoint in ALWAYS_AUDITED or state.get("refusal"):
+    if request.endpoint in ALWAYS_AUDITED or state.refusal:
         _audit(state, response.status_code)
     seconds = time.perf_counter() - state.started
     route = route_label(request.url_rule)
-    metrics: Metrics = current_app.extensions["gateway"]["metrics"]
-    metrics.http_request(request.method, route, response.status_code, seconds)
+    services().metrics.http_request(request.method, route, response.status_code, seconds)
     if state.span is not None:
         state.span.finish(route, response.status_code)
-    fields = {
-        "requestId": state.request_id,
-        "traceId": None if state.span is None else state.span.trace_id,
-        "method": request.method,
-        "route": route,
-        "status": response.status_code,
-        "durationMs": round(seconds * 1000, 2),
-    }
-    fields.update(_upstream_fields(state))
-    if state.error_detail is not None:
-        fields["detail"] = state.error_detail
-    ACCESS_LOG.log(state.log_level, "request", extra=fields)
+    rendering.log_request(
+        state.request_id,
+        method=request.method,
+        route=route,
+        status=response.status_code,
+        seconds=seconds,
+        trace_id=None if state.span is None else state.span.trace_id,
+        upstream=_upstream_fields(state),
+        detail=state.error_detail,
+        level=state.log_level,
+    )
     return response
 
 
-def _audit(state: Any, status: int) -> None:
+def _audit(state: RequestState, status: int) -> None:
     """Write the request's audit line: who did what to which call, and how it ended."""
-    outcome = state.get("audit_outcome")
+    outcome = state.audit_outcome
     if outcome is None:
-        refusal = state.get("refusal")
-        outcome = f"refused-{refusal}" if refusal else state.get("problem") or "ok"
-    current_app.extensions["gateway"]["audit"].record(
+        refusal = state.refusal
+        outcome = f"refused-{refusal}" if refusal else state.problem or "ok"
+    services().audit.record(
         action=AUDITED_ACTIONS.get(request.endpoint or "", request.method.lower()),
         outcome=outcome,
         status=status,
         request_id=state.request_id,
-        caller=state.get("caller", ANONYMOUS),
-        call_id=state.get("call_id"),
-        dial_string=state.get("dial_string"),
+        caller=state.caller,
+        call_id=state.call_id,
+        dial_string=state.dial_string,
     )
 
 
-def _upstream_fields(state: Any) -> dict[str, Any]:
+def _upstream_fields(state: RequestState) -> dict[str, Any]:
     """Return what the log line says about the call to Exchange: its outcome, status and code.
 
     Each is None when Exchange was not called; Exchange's correlation ids (request-id,
-    X-FEServer...) follow, as the EWS layer found them.
+    X-FEServer...) follow, as the EWS client's observer found them.
     """
     succeeded = state.upstream_outcome is None and bool(state.ews_code)
     return {
@@ -409,18 +396,17 @@ def _upstream_fields(state: Any) -> dict[str, Any]:
         # A successful EWS result only ever comes in an HTTP 200 answer.
         "upstreamStatus": 200 if succeeded else state.upstream_status,
         "ewsResponseCode": state.ews_code,
-        **state.get("upstream_log_fields", {}),
+        **state.upstream_log_fields,
     }
 
 
 def end_request(_error: BaseException | None) -> None:
     """Take the request off the in-progress gauge however it ended."""
-    if "started" in g:
-        _, metrics = services()
-        metrics.in_progress.dec()
-    span = g.get("span")
-    if span is not None:
-        span.close()
+    state: RequestState | None = g.get("gateway_request")
+    if state is not None:
+        services().metrics.in_progress.dec()
+        if state.span is not None:
+            state.span.close()
 
 
 @functools.cache
@@ -435,23 +421,22 @@ def route_label(rule: Rule | None) -> str:
 
 def handle_gateway_error(error: GatewayError) -> Response:
     """Render a gateway error as problem+json; its log line says why, at the level it merits."""
-    state = g._get_current_object()
+    state = request_state()
     state.ews_code = error.ews_code
     state.upstream_outcome = error.outcome
     state.upstream_status = error.upstream_status
     state.error_detail = error.detail
-    state.log_level = _LOG_LEVEL_BY_STATUS.get(error.status, logging.INFO)
-    refusal = REFUSAL_BY_ERROR.get(type(error)) or state.get("refusal")
+    state.log_level = rendering.log_level_for(error.status)
+    wired = services()
+    refusal = REFUSAL_BY_ERROR.get(type(error)) or state.refusal
     if refusal:
         state.refusal = refusal
-        current_app.extensions["gateway"]["metrics"].refused(refusal)
-    response = _problem_response(
-        error.status, error.slug, error.title, error.detail, ews_code=error.ews_code
-    )
+        wired.metrics.refused(refusal)
+    response = _problem_response(rendering.problem_of(error, state.request_id), state)
     response.headers.update(error.headers)
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
-    challenge = current_app.extensions["gateway"]["callers"].challenge
+    challenge = wired.callers.challenge
     if error.status == 401 and challenge:
         response.headers["WWW-Authenticate"] = challenge
     return response
@@ -464,19 +449,13 @@ def handle_http_exception(error: HTTPException) -> Response:
     status = error.code or 500
     problem = ERROR_BY_REQUEST_STATUS.get(status)
     if problem is None:
-        return _problem_response(status, "http-error", "Request cannot be served", str(error.name))
+        state = request_state()
+        body = rendering.problem_body(
+            status, "http-error", "Request cannot be served", str(error.name), state.request_id
+        )
+        return _problem_response(body, state)
     detail = _DETAIL_BY_STATUS.get(status, problem.title)
     return handle_gateway_error(problem(detail.format(method=request.method, path=request.path)))
-
-
-# 502-504 are Exchange (or the service that vouches for callers) failing the call; 500 is
-# the gateway's own failure. Anything else is the caller's and routine.
-_LOG_LEVEL_BY_STATUS = {
-    500: logging.ERROR,
-    502: logging.WARNING,
-    503: logging.WARNING,
-    504: logging.WARNING,
-}
 
 
 # What a caller reads for each of Werkzeug's errors, instead of Werkzeug's own sentences.
@@ -517,30 +496,25 @@ def _matches(adapter: MapAdapter, path: str, method: str) -> bool:
 
 def handle_unexpected(error: Exception) -> Response:
     """Log an unexpected failure with its traceback; the caller sees only a 500 problem."""
-    LOG.exception("unexpected error", extra={"requestId": g.get("request_id")})
-    g.error_detail = f"unexpected {type(error).__name__}"
-    g.log_level = logging.ERROR
-    return _problem_response(
-        500, "internal-error", "Internal error", "an unexpected error occurred"
+    state: RequestState | None = g.get("gateway_request")
+    request_id = None if state is None else state.request_id
+    LOG.exception("unexpected error", extra={"requestId": request_id})
+    body = rendering.problem_body(
+        500, "internal-error", "Internal error", "an unexpected error occurred", request_id
     )
+    if state is None:
+        return _problem_response(body, None)
+    state.error_detail = f"unexpected {type(error).__name__}"
+    state.log_level = logging.ERROR
+    return _problem_response(body, state)
 
 
-def _problem_response(
-    status: int, slug: str, title: str, detail: str, *, ews_code: str | None = None
-) -> Response:
-    g.problem = slug
-    body: dict[str, Any] = {
-        "type": f"urn:ews-gateway:problem:{slug}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "requestId": g.get("request_id"),
-    }
-    if ews_code is not None:
-        body["ewsResponseCode"] = ews_code
+def _problem_response(body: dict[str, Any], state: RequestState | None) -> Response:
+    if state is not None:
+        state.problem = body["type"].removeprefix(rendering.PROBLEM_TYPE_PREFIX)
     response = jsonify(body)
-    response.status_code = status
-    response.mimetype = PROBLEM_JSON
+    response.status_code = body["status"]
+    response.mimetype = rendering.PROBLEM_JSON
     return response
 
 

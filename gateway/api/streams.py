@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from flask import Response
 
-from gateway.api import events
+from gateway.api import events, rendering
 from gateway.api.events import Resume, Snapshot
 from gateway.api.handoff import HandOffResponse, relayed_response
 from gateway.api.pollers import Pollers, PollKey, PollOutcome
@@ -396,37 +396,9 @@ class EventStreams:
         if self._observer is not None:
             self._observer.stream_closed()
         # Logged before the watcher sees the end, so a line is never missing when it has.
-        level, fields = _closing_line(stream, reason)
-        LOG.log(level, "event stream closed", extra=fields)
+        rendering.log_stream_closed(stream.watch.request_id, reason, stream.events, stream.problem)
         stream.sock.close()
 
     def _observe_pollers(self) -> None:
         if self._observer is not None:
             self._observer.calls_polled(len(self._pollers))
-
-
-def _closing_line(stream: _Stream, reason: str) -> tuple[int, dict[str, Any]]:
-    """Return the level and fields of the line logged as STREAM closes.
-
-    The stream's request was logged as 200 when its head was sent; a stream that
-    ended with an `error` event says here what its watcher was told, as the request
-    line of `GET /calls/{callId}` would: `WARNING` when Exchange failed (5xx), else
-    `INFO`.
-    """
-    fields: dict[str, Any] = {
-        "requestId": stream.watch.request_id,
-        "reason": reason,
-        "events": stream.events,
-    }
-    problem = stream.problem
-    if problem is None:
-        return logging.INFO, fields
-    fields |= {
-        "problemStatus": problem.status,
-        "upstreamOutcome": problem.outcome,
-        "upstreamStatus": problem.upstream_status,
-        "ewsResponseCode": problem.ews_code,
-        "detail": problem.detail,
-    }
-    level = logging.WARNING if problem.status >= 500 else logging.INFO
-    return level, fields

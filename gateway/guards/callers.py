@@ -48,6 +48,13 @@ OPEN_CALLER = Caller(operator=True)
 API_KEY_ID_HEX_DIGITS = 16
 
 
+class RequestHeaders(Protocol):
+    """A request's header fields, looked up case-insensitively (werkzeug's Headers)."""
+
+    def get(self, key: str, default: str, /) -> str:
+        """Return the field's value, or DEFAULT when it is absent."""
+
+
 class CallerAuthenticator(Protocol):
     """Checks a request's headers and says who is calling."""
 
@@ -55,7 +62,7 @@ class CallerAuthenticator(Protocol):
     def challenge(self) -> str | None:
         """The WWW-Authenticate value sent with a 401, if any."""
 
-    def authenticate(self, headers: Mapping[str, str]) -> Caller:
+    def authenticate(self, headers: RequestHeaders) -> Caller:
         """Return the caller or raise Unauthenticated / Forbidden."""
 
 
@@ -64,7 +71,7 @@ class OpenGateway:
 
     challenge: str | None = None
 
-    def authenticate(self, headers: Mapping[str, str]) -> Caller:
+    def authenticate(self, headers: RequestHeaders) -> Caller:
         """Accept every caller as the one anonymous caller."""
         return OPEN_CALLER
 
@@ -94,7 +101,7 @@ class ApiKeys:
             raise ConfigError("GATEWAY_API_KEYS_FILE holds no key digests")
         return cls(frozenset(digests))
 
-    def authenticate(self, headers: Mapping[str, str]) -> Caller:
+    def authenticate(self, headers: RequestHeaders) -> Caller:
         """Accept the caller if its key's digest matches, comparing in constant time."""
         key = headers.get("X-API-Key", "")
         if not key:
@@ -213,7 +220,7 @@ class JwtBearer:
         self._audience = audience
         self._mailbox_claim = mailbox_claim
 
-    def authenticate(self, headers: Mapping[str, str]) -> Caller:
+    def authenticate(self, headers: RequestHeaders) -> Caller:
         """Verify the bearer token and return its subject (and mailbox when acting as the user)."""
         scheme, _, token = headers.get("Authorization", "").partition(" ")
         token = token.strip()

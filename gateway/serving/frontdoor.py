@@ -35,11 +35,11 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import SocketUnreader
 
 from gateway import errors
+from gateway.api import rendering
 from gateway.api.routes import UNMATCHED_ROUTE
 from gateway.guards import validation
 from gateway.telemetry.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
 
-ACCESS_LOG = logging.getLogger("gateway.access")
 LOG = logging.getLogger("gateway")
 
 # What gunicorn may hold of one request head, set deliberately (README, "Limits"):
@@ -52,7 +52,6 @@ LIMIT_REQUEST_FIELD_SIZE = 16 * 1024
 # How much more of a refused head is read to find its Origin and X-Request-ID headers.
 MAX_EXTRA_HEAD_BYTES = 64 * 1024
 EXTRA_HEAD_WAIT_S = 0.5
-CORS_EXPOSED_HEADERS = "Location, Retry-After, X-Request-ID"
 
 _HEADER = re.compile(rb"^(origin|x-request-id)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
 
@@ -283,29 +282,17 @@ def answer(
     problem: errors.GatewayError, request_id: str, origin: str | None, cors_origins: Sequence[str]
 ) -> bytes:
     """Render a whole HTTP/1.1 answer: problem+json, X-Request-ID, CORS for an allowed origin."""
-    body = json.dumps(
-        {
-            "type": f"urn:ews-gateway:problem:{problem.slug}",
-            "title": problem.title,
-            "status": problem.status,
-            "detail": problem.detail,
-            "requestId": request_id,
-        }
-    ).encode()
+    body = json.dumps(rendering.problem_of(problem, request_id)).encode()
     lines = [
         f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}",
         f"Date: {formatdate(usegmt=True)}",
-        "Content-Type: application/problem+json",
+        f"Content-Type: {rendering.PROBLEM_JSON}",
         f"Content-Length: {len(body)}",
         f"X-Request-ID: {request_id}",
         "Connection: close",
     ]
-    if origin is not None and origin.lower() in (allowed.lower() for allowed in cors_origins):
-        lines += [
-            f"Access-Control-Allow-Origin: {origin}",
-            f"Access-Control-Expose-Headers: {CORS_EXPOSED_HEADERS}",
-            "Vary: Origin",
-        ]
+    if origin is not None and rendering.is_allowed_origin(origin, cors_origins):
+        lines += [f"{name}: {value}" for name, value in rendering.cors_headers(origin).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -339,18 +326,11 @@ def refuse(
         sock.sendall(answer(problem, request_id, facts.origin, cors_origins))
     seconds = 0.0 if facts.started is None else time.monotonic() - facts.started
     metrics.http_request(facts.method_label, UNMATCHED_ROUTE, problem.status, seconds)
-    ACCESS_LOG.log(
-        logging.ERROR if problem.status == 500 else logging.INFO,
-        "request",
-        extra={
-            "requestId": request_id,
-            "method": facts.method_label,
-            "route": UNMATCHED_ROUTE,
-            "status": problem.status,
-            "durationMs": round(seconds * 1000, 2),
-            "upstreamOutcome": None,
-            "upstreamStatus": None,
-            "ewsResponseCode": None,
-            "detail": problem.detail,
-        },
+    rendering.log_request(
+        request_id,
+        method=facts.method_label,
+        route=UNMATCHED_ROUTE,
+        status=problem.status,
+        seconds=seconds,
+        detail=problem.detail,
     )

@@ -25,7 +25,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway.api.routes import ServiceState
+from gateway.api.services import EXTENSION, ServiceState
 from gateway.app import caller_authenticator, create_app
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
@@ -225,7 +225,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
             exc,
             req,
             cors_origins=self.app.config.cors_origins,
-            metrics=self._flask.extensions["gateway"]["metrics"],
+            metrics=self._flask.extensions[EXTENSION].metrics,
         )
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:

@@ -121,7 +121,7 @@ def apps() -> Iterator[Callable[..., Flask]]:
 
     yield build
     for app in built:
-        app.extensions["gateway"]["ews"]._transport.close()
+        app.extensions["gateway"].ews._transport.close()
 
 
 def https_exchange(
