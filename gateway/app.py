@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 from flask_cors import CORS
-from prometheus_client import CollectorRegistry
 
 from gateway import __version__
 from gateway.api import callscreen, rendering, routes
@@ -37,7 +36,7 @@ from gateway.guards.ownership import CallIds
 from gateway.guards.quotas import LEASE_TARGET_S, Quotas, build_storage
 from gateway.guards.sharedstate import RedisSettings
 from gateway.telemetry.exchange_calls import ExchangeTelemetry
-from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.metrics import Metrics, Registry
 
 # POST /calls bodies are a few hundred bytes; refuse anything far larger unread.
 MAX_BODY_BYTES = 16 * 1024
@@ -47,7 +46,7 @@ def create_app(
     config: Config,
     *,
     ews: PhoneCalls | None = None,
-    registry: CollectorRegistry | None = None,
+    registry: Registry | None = None,
     state: ServiceState | None = None,
 ) -> Flask:
     """Build the gateway's Flask app from validated configuration."""

@@ -34,6 +34,9 @@ from prometheus_client.mmap_dict import MmapedDict
 from gateway.errors import metric_code
 from gateway.exchange.resilience import BreakerState
 
+# What create_app takes to keep an app's samples apart (tests pass a fresh one per app).
+Registry = CollectorRegistry
+
 # Any other method is labelled OTHER_METHOD, so callers cannot mint new series.
 STANDARD_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
