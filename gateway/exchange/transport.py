@@ -3,15 +3,8 @@
 ExchangeTransport speaks HTTP/1.1 itself (gateway.exchange.http1: llhttp reads the
 answers) over a small pool of keep-alive connections shared by all threads.
 Its one use, POST an envelope and read one answer, is small, and general
-clients cost far more CPU on it than the exchange on the socket does.
-Measured single-threaded against a local nginx, one call took about 140
-microseconds of CPU through http.client, about 150 through h11 and about 220
-through urllib3's pool, against about 40 for the bare write and read; this
-transport took about 70 with its first, hand-written reader. With llhttp, the
-idle limit, correlation headers and Exchange's diagnostics (measured in-process
-on a loaded 2-core machine, the socket faked, a 12-field answer): a whole
-GetPhoneCallInformation (envelope, transport, reading) took 93-105 microseconds
-of CPU against 86-93 before, reading the answer alone 16 against 25.
+clients cost far more CPU on it than the exchange on the socket does: the
+cheapest, http.client, about twice this transport's (benchmarks/RESULTS.md).
 
 A connection carries another request only after a complete HTTP/1.1 answer
 framed by its length or chunks, without Connection: close and with nothing

@@ -113,9 +113,8 @@ class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
 
     The clock starts when a thread begins reading the request, which gthread does once its
     first bytes have arrived; an idle kept-alive connection waits in the poller instead.
-    Bytes already waiting are read as gunicorn reads them, with no timeout to arm: measured,
-    a kept-alive GET /livez cost the worker 330-340 microseconds of CPU with the front door
-    and 320-333 without it (the spread of a machine shared with other work).
+    Bytes already waiting are read as gunicorn reads them, with no timeout to arm, so the
+    deadline costs a kept-alive request no measurable CPU (benchmarks/RESULTS.md).
     """
 
     def __init__(self, sock: socket.socket, timeout_s: float) -> None:

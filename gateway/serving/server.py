@@ -56,9 +56,8 @@ MAX_REQUESTS_JITTER_SHARE = 0.1
 # microseconds of an answer. The thread that answered waits this long for it,
 # which spares two hand-offs through the worker's main thread (about a tenth of
 # a request's CPU); then the connection goes back to the main thread's poller.
-# A pipelined request already read is served at once, without waiting: measured on the
-# shared two-core machine, 20 pipelined GET /livez were answered in a median 8-17 ms, against
-# 52-54 ms when each waited out the poll first (the worker's CPU per request halved).
+# A pipelined request already read is served at once, without waiting: that halves the
+# worker's CPU per pipelined request (benchmarks/RESULTS.md).
 NEXT_REQUEST_WAIT_S = 0.002
 # How long, and for how many bytes, a closing connection reads what its client still sends.
 CLOSE_LINGER_S = 1.0

@@ -27,8 +27,8 @@ def configure_logging(level: str) -> None:
     # Python warnings from libraries would be plain-text lines among the JSON ones.
     logging.captureWarnings(True)
     # The lines name no source line, thread or process, so no record collects them: a fifth of
-    # the cost of a line, and every request writes one or two (the "Optimization" section of
-    # the Python Logging HOWTO).
+    # the cost of a line, and every request writes one or two (benchmarks/RESULTS.md; the
+    # "Optimization" section of the Python Logging HOWTO).
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
