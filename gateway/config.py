@@ -80,6 +80,8 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     bind: str = "0.0.0.0:8080"
     read_timeout_s: float = 10.0
+    max_connections: int = 1000  # open client connections a worker keeps
+    max_connections_per_client: int = 256  # of them from one client address
     workers: int | None = None
     threads: int | None = None
     log_level: str = "info"
@@ -158,6 +160,12 @@ class Config:
             bind=env.bind("GATEWAY_BIND", default=cls.bind),
             read_timeout_s=env.number(
                 "GATEWAY_READ_TIMEOUT_SECONDS", default=10.0, low=0.5, high=300.0
+            ),
+            max_connections=env.count_in(
+                "GATEWAY_MAX_CONNECTIONS", default=1000, low=1, high=100_000
+            ),
+            max_connections_per_client=env.count_in(
+                "GATEWAY_MAX_CONNECTIONS_PER_CLIENT", default=256, low=1, high=100_000
             ),
             workers=env.count("GATEWAY_WORKERS"),
             threads=env.count("GATEWAY_THREADS"),

@@ -471,6 +471,29 @@ def test_the_read_timeout_defaults_to_ten_seconds_and_is_bounded() -> None:
     assert "GATEWAY_READ_TIMEOUT_SECONDS" in rejects(GATEWAY_READ_TIMEOUT_SECONDS="0")
 
 
+# GATEWAY_MAX_CONNECTIONS, GATEWAY_MAX_CONNECTIONS_PER_CLIENT
+
+
+def test_a_worker_keeps_a_thousand_connections_and_256_from_one_client_by_default() -> None:
+    config = from_env()
+
+    assert (config.max_connections, config.max_connections_per_client) == (1000, 256)
+
+
+def test_connection_limits_are_read() -> None:
+    config = from_env(GATEWAY_MAX_CONNECTIONS="50", GATEWAY_MAX_CONNECTIONS_PER_CLIENT="5")
+
+    assert (config.max_connections, config.max_connections_per_client) == (50, 5)
+
+
+@pytest.mark.parametrize("name", ["GATEWAY_MAX_CONNECTIONS", "GATEWAY_MAX_CONNECTIONS_PER_CLIENT"])
+@pytest.mark.parametrize("raw", ["0", "-1", "1.5", "many", "100001"])
+def test_a_connection_limit_that_is_not_a_sane_whole_number_is_rejected_naming_it(
+    name: str, raw: str
+) -> None:
+    assert name in rejects(**{name: raw})
+
+
 # GATEWAY_EVENTS_POLL_SECONDS, GATEWAY_EVENTS_MAX_STREAMS
 
 

@@ -5,25 +5,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import secrets
 import select
+import selectors
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from gateway.api.services import EXTENSION, ServiceState
 from gateway.app import caller_authenticator, create_app
@@ -92,6 +98,10 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "graceful_timeout": int(config.ews_timeout_s) + GRACEFUL_MARGIN_S,
         # Longer than the balancer's idle timeout, so the balancer closes idle connections first.
         "keepalive": KEEPALIVE_S,
+        # The worker refuses connections over GATEWAY_MAX_CONNECTIONS itself (closing them at
+        # once); gunicorn's own bound, one above, would instead stop accepting, leaving every
+        # new connection, probes included, queued in the kernel.
+        "worker_connections": config.max_connections + 1,
         # What one request head may hold (frontdoor: fits large bearer tokens, bounds memory).
         "limit_request_line": frontdoor.LIMIT_REQUEST_LINE,
         "limit_request_fields": frontdoor.LIMIT_REQUEST_FIELDS,
@@ -139,6 +149,13 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     Closing: a connection that ends is closed by the thread that answered on it
     (_close_gently), not by the main thread, which a slow client would otherwise stall.
+
+    Accepting: a new connection waits in the main thread's poller until its first byte
+    arrives (or GATEWAY_READ_TIMEOUT_SECONDS pass, and it is closed), as a kept-alive one does
+    between requests, so a client that connects and says nothing holds no thread. Past
+    GATEWAY_MAX_CONNECTIONS open connections in the worker, or
+    GATEWAY_MAX_CONNECTIONS_PER_CLIENT from one address, a new connection is closed at once
+    and counted (ews_gateway_connections_refused_total).
     """
 
     wsgi: Any
@@ -148,6 +165,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         # Connections handed to the thread pool that no thread has taken up yet.
         self._waiting_for_thread = 0
         self._waiting_lock = threading.Lock()
+        # Open connections by client address; touched by the main thread only.
+        self._by_client: Counter[str] = Counter()
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -169,6 +188,56 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
             return body
 
         return serve
+
+    def accept(self, listener: Any) -> None:
+        """Accept one connection and let it wait for its first byte in the poller."""
+        try:
+            sock, client = listener.accept()
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            raise
+        address = client[0] if isinstance(client, tuple) else str(client)
+        config = self.app.config
+        if self.nr_conns >= config.max_connections:
+            self._refuse_connection(sock, "worker_limit")
+            return
+        if self._by_client[address] >= config.max_connections_per_client:
+            self._refuse_connection(sock, "client_limit")
+            return
+        self.nr_conns += 1
+        self._by_client[address] += 1
+        conn = _Connection(
+            self.cfg, sock, client, listener.getsockname(), counts=self._by_client, address=address
+        )
+        conn.timeout = time.monotonic() + config.read_timeout_s
+        self.pending_conns.append(conn)
+        self.poller.register(
+            sock, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn)
+        )
+
+    def _refuse_connection(self, sock: socket.socket, reason: str) -> None:
+        """Close a connection over a limit at once (a reset, so it holds no kernel state)."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        sock.close()
+        self._flask.extensions[EXTENSION].metrics.connection_refused(reason)
+
+    def murder_pending(self) -> None:
+        waiting = list(self.pending_conns)
+        super().murder_pending()
+        self._forget_closed(waiting)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        waiting = list(self.keepalived_conns)
+        super().murder_keepalived(force)
+        self._forget_closed(waiting)
+
+    @staticmethod
+    def _forget_closed(conns: list[Any]) -> None:
+        for conn in conns:
+            if conn.sock.fileno() == -1:
+                _forget(conn)
 
     def enqueue_req(self, conn: Any) -> None:
         if conn.parser is None:
@@ -197,11 +266,15 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         if not fs.cancelled() and fs.exception() is None and fs.result() is HANDED_OFF:
             # An event stream: the pump writes, watches and closes it from now on.
             self.nr_conns -= 1
+            _forget(conn)
             return
         if conn.sock.fileno() == -1:  # closed by the thread that answered: _close_gently
             self.nr_conns -= 1
+            _forget(conn)
             return
         super().finish_request(conn, fs)
+        if conn.sock.fileno() == -1:  # gunicorn closed it
+            _forget(conn)
 
     def run(self) -> None:
         super().run()
@@ -258,6 +331,36 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
             while _readable_within(listener, 0):
                 self.accept(listener)
             listener.close()
+
+
+class _Connection(TConn):  # type: ignore[misc]
+    """A client connection counted among its client address's open ones until it ends."""
+
+    def __init__(
+        self, cfg: Any, sock: Any, client: Any, server: Any, *, counts: Counter[str], address: str
+    ) -> None:
+        super().__init__(cfg, sock, client, server)
+        self._counts = counts
+        self._address: str | None = address
+
+    def forget(self) -> None:
+        """Take the connection off its client's count (once; it ended or left for the pump)."""
+        if self._address is None:
+            return
+        self._counts[self._address] -= 1
+        if self._counts[self._address] <= 0:
+            del self._counts[self._address]
+        self._address = None
+
+
+def _forget(conn: Any) -> None:
+    """Take a connection that ended off its client's count (only ours are counted)."""
+    if isinstance(conn, _Connection):
+        conn.forget()
+
+
+# SO_LINGER on with a zero timeout: close() sends a reset and frees the socket at once.
+_RESET = struct.pack("ii", 1, 0)
 
 
 class GatewayLogger(Logger):  # type: ignore[misc]

@@ -75,6 +75,8 @@ REDIS_FEATURES = ("rate_limit", "idempotency")
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # From a poll's answer to the event on a watcher's socket: milliseconds when all is well.
 DELIVERY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# GATEWAY_MAX_CONNECTIONS per worker; GATEWAY_MAX_CONNECTIONS_PER_CLIENT per client address.
+CONNECTION_LIMITS = ("worker_limit", "client_limit")
 
 
 class Metrics:
@@ -158,8 +160,16 @@ class Metrics:
             ["feature"],
             registry=self.registry,
         )
+        self.connections_refused = Counter(
+            "ews_gateway_connections_refused",
+            "Client connections closed at once because a worker's limit was reached, by limit.",
+            ["reason"],
+            registry=self.registry,
+        )
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
+        for reason in CONNECTION_LIMITS:
+            self.connections_refused.labels(reason)
         for feature in REDIS_FEATURES:
             self.redis_errors.labels(feature)
         self.event_streams_open = Gauge(
@@ -215,6 +225,10 @@ class Metrics:
         series[1].observe(seconds)
         if series[2] is not None:
             series[2].inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """Count a connection closed at once for REASON (one of CONNECTION_LIMITS)."""
+        self.connections_refused.labels(reason).inc()
 
     def refused(self, reason: str) -> None:
         """Count a request refused for REASON (one of REFUSAL_REASONS)."""
