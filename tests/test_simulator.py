@@ -28,6 +28,7 @@ from gateway.simulator.faults import FaultBook
 from gateway.simulator.journal import RecordedRequest, RequestJournal
 from gateway.simulator.outcomes import Reply
 from gateway.simulator.schema import EwsSchema
+from tests.ews_schema import SCHEMA_DIR, requires_schema, schema_available
 
 pytestmark = pytest.mark.network
 
@@ -36,8 +37,6 @@ M = "http://schemas.microsoft.com/exchange/services/2006/messages"
 T = "http://schemas.microsoft.com/exchange/services/2006/types"
 E = "http://schemas.microsoft.com/exchange/services/2006/errors"
 NS = {"s": SOAP, "m": M, "t": T, "e": E}
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "ews-schema"
-needs_schema = pytest.mark.skipif(not SCHEMA_DIR.is_dir(), reason="../shared/ews-schema not found")
 VERSION_HEADER = '<t:RequestServerVersion Version="Exchange2010"/>'
 EXCHANGE_ID = re.compile(r"[A-Za-z0-9_-]{48}")
 
@@ -870,7 +869,7 @@ def test_health_says_it_is_a_simulator(ews: Ews) -> None:
     assert response.json() == {"status": "ok", "simulator": True}
 
 
-@pytest.mark.parametrize("path", ["/", "/simulator/nothing", "/EWS/Services.wsdl"])
+@pytest.mark.parametrize("path", ["/", "/simulator/nothing"])
 def test_unknown_paths_are_404_json(ews: Ews, path: str) -> None:
     response = ews.http.get(ews.server.url + path)
     assert response.status_code == 404
@@ -1014,14 +1013,14 @@ def test_serve_forever_announces_a_simulator_and_stops_on_sigterm() -> None:
 
 @pytest.fixture(scope="module")
 def schema_checked() -> Iterator[SimulatorServer]:
-    if not SCHEMA_DIR.is_dir():
-        pytest.skip("../shared/ews-schema not found")
+    if not schema_available():
+        pytest.skip(f"EWS schema not found at {SCHEMA_DIR} (set EWS_SCHEMA_DIR)")
     server = start_in_thread("127.0.0.1", 0, schema_dir=SCHEMA_DIR)
     yield server
     server.stop()
 
 
-@needs_schema
+@requires_schema
 def test_with_the_real_schema_valid_requests_pass(
     schema_checked: SimulatorServer, http: requests.Session
 ) -> None:
@@ -1032,7 +1031,7 @@ def test_with_the_real_schema_valid_requests_pass(
     assert response_code(ews.post(disconnect(call_id), header)) == "NoError"
 
 
-@needs_schema
+@requires_schema
 def test_with_the_real_schema_a_types_namespace_phone_call_id_is_rejected(
     schema_checked: SimulatorServer, http: requests.Session
 ) -> None:
@@ -1042,7 +1041,7 @@ def test_with_the_real_schema_a_types_namespace_phone_call_id_is_rejected(
     assert "This element is not expected" in message
 
 
-@needs_schema
+@requires_schema
 def test_with_the_real_schema_an_unknown_header_element_is_rejected(
     schema_checked: SimulatorServer, http: requests.Session
 ) -> None:
@@ -1051,7 +1050,7 @@ def test_with_the_real_schema_an_unknown_header_element_is_rejected(
     assert_schema_validation_fault(ews.post(disconnect("x"), header))
 
 
-@needs_schema
+@requires_schema
 def test_the_simulators_answers_are_valid_against_the_real_schema(
     ews: Ews, clock: FakeClock
 ) -> None:
