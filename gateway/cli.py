@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         "simulator",
         help="run the EWS simulator alone",
         description="Run the built-in EWS simulator: an Exchange that places no real calls. "
-        "Its EWS endpoint is /EWS/Exchange.asmx; its control API (/simulator/faults to "
+        "Its EWS endpoint is /EWS/Exchange.asmx, its WSDL /EWS/Services.wsdl; its control "
+        "API (/simulator/faults to "
         "inject Exchange's failures, /simulator/calls, /simulator/requests) is listed at "
         "/simulator/. The README lists the fault kinds.",
     )
@@ -102,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         "--schema-dir",
         default=None,
         metavar="DIR",
-        help="validate requests against the EWS schema in this folder",
+        help="validate requests against the EWS schema in this folder (messages.xsd, "
+        "types.xsd, xml.xsd) and serve its messages.xsd and types.xsd under /EWS/",
     )
     simulator.add_argument(
         "--mailbox-servers",

@@ -12,6 +12,9 @@ TYPES_NS: Final = "http://schemas.microsoft.com/exchange/services/2006/types"
 ERRORS_NS: Final = "http://schemas.microsoft.com/exchange/services/2006/errors"
 
 EWS_PATH: Final = "/EWS/Exchange.asmx"
+# The project's WSDL, a resource of the `gateway` package: the client builds its
+# envelopes from it, and the simulator serves it as Exchange serves Services.wsdl.
+WSDL_RESOURCE: Final = "wsdl/um.wsdl"
 
 DISCONNECT_PHONE_CALL: Final = "DisconnectPhoneCall"
 PLAY_ON_PHONE: Final = "PlayOnPhone"

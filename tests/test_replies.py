@@ -22,7 +22,7 @@ from gateway.errors import ExchangeBadAnswer
 from gateway.exchange import replies
 from gateway.exchange.transport import ExchangeReply
 from gateway.simulator.calls import Phase
-from gateway.simulator.envelopes import OperationResult, operation_response
+from gateway.simulator.envelopes import OperationResult, SipResponse, operation_response
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORDED_SUCCESSES = {
@@ -106,8 +106,11 @@ phases = st.builds(
     after_steps=st.just(0),
     state=st.sampled_from(wire.PHONE_CALL_STATES),
     failure_cause=st.sampled_from(wire.CONNECTION_FAILURE_CAUSES),
-    sip_response_code=st.none() | st.integers(min_value=100, max_value=699),
-    sip_response_text=st.none() | answer_text,
+)
+sip_responses = st.none() | st.builds(
+    SipResponse,
+    code=st.none() | st.integers(min_value=100, max_value=699),
+    text=st.none() | answer_text,
 )
 
 
@@ -120,6 +123,7 @@ def answers(draw: st.DrawFn) -> tuple[str, bytes]:
         message_text=draw(st.none() | answer_text),
         phone_call_id=draw(answer_text) if operation == wire.PLAY_ON_PHONE else None,
         phase=draw(phases) if operation == wire.GET_PHONE_CALL_INFORMATION else None,
+        sip=draw(sip_responses) if operation == wire.GET_PHONE_CALL_INFORMATION else None,
     )
     return operation, operation_response(operation, result)
 
@@ -136,7 +140,9 @@ def test_generated_answers_read_as_zeep_reads_them(
 def test_a_sip_response_code_that_is_not_a_number_is_an_invalid_answer() -> None:
     body = operation_response(
         wire.GET_PHONE_CALL_INFORMATION,
-        OperationResult(phase=Phase(0, "Disconnected", "UserBusy", 486, "Busy Here")),
+        OperationResult(
+            phase=Phase(0, "Disconnected", "UserBusy"), sip=SipResponse(486, "Busy Here")
+        ),
     ).replace(b">486<", b">busy<")
     answer = replies.read_ews_answer(wire.GET_PHONE_CALL_INFORMATION, reply_of(body))
     with pytest.raises(ExchangeBadAnswer) as raised:

@@ -28,6 +28,7 @@ from gateway.simulator.faults import FaultBook
 from gateway.simulator.journal import RecordedRequest, RequestJournal
 from gateway.simulator.outcomes import Reply
 from gateway.simulator.schema import EwsSchema
+from tests.ews_schema import SCHEMA_DIR, requires_schema, schema_available
 
 pytestmark = pytest.mark.network
 
@@ -36,8 +37,6 @@ M = "http://schemas.microsoft.com/exchange/services/2006/messages"
 T = "http://schemas.microsoft.com/exchange/services/2006/types"
 E = "http://schemas.microsoft.com/exchange/services/2006/errors"
 NS = {"s": SOAP, "m": M, "t": T, "e": E}
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "shared" / "ews-schema"
-needs_schema = pytest.mark.skipif(not SCHEMA_DIR.is_dir(), reason="../shared/ews-schema not found")
 VERSION_HEADER = '<t:RequestServerVersion Version="Exchange2010"/>'
 EXCHANGE_ID = re.compile(r"[A-Za-z0-9_-]{48}")
 
@@ -179,14 +178,17 @@ def test_a_new_call_moves_from_connecting_to_alerted_to_connected(
     assert ews.information(call_id)[:2] == ("Connected", "None")
 
 
-def test_a_number_ending_in_486_is_busy(ews: Ews, clock: FakeClock) -> None:
+def test_a_number_ending_in_486_is_busy_with_no_sip_fields(ews: Ews, clock: FakeClock) -> None:
+    """MS-OXWUMS: SIPResponseCode and SIPResponseText are absent from a successful answer."""
     call_id = ews.place_call("+4930123486")
     assert ews.information(call_id)[0] == "Connecting"
     clock.advance(1)
-    assert ews.information(call_id) == ("Disconnected", "UserBusy", "486", "Busy Here")
+    assert ews.information(call_id) == ("Disconnected", "UserBusy", None, None)
 
 
-def test_a_number_ending_in_480_rings_out_unanswered(ews: Ews, clock: FakeClock) -> None:
+def test_a_number_ending_in_480_rings_out_unanswered_with_no_sip_fields(
+    ews: Ews, clock: FakeClock
+) -> None:
     call_id = ews.place_call("+4930123480")
     assert ews.information(call_id)[0] == "Connecting"
     clock.advance(1)
@@ -194,12 +196,7 @@ def test_a_number_ending_in_480_rings_out_unanswered(ews: Ews, clock: FakeClock)
     clock.advance(3.9)
     assert ews.information(call_id)[0] == "Alerted"
     clock.advance(0.1)
-    assert ews.information(call_id) == (
-        "Disconnected",
-        "NoAnswer",
-        "480",
-        "Temporarily Unavailable",
-    )
+    assert ews.information(call_id) == ("Disconnected", "NoAnswer", None, None)
 
 
 def test_the_timeline_follows_the_real_clock_with_a_small_step(http: requests.Session) -> None:
@@ -230,7 +227,7 @@ def test_disconnecting_a_busy_call_keeps_how_it_ended(ews: Ews, clock: FakeClock
     call_id = ews.place_call("486")
     clock.advance(1)
     assert response_code(ews.post(disconnect(call_id))) == "NoError"
-    assert ews.information(call_id) == ("Disconnected", "UserBusy", "486", "Busy Here")
+    assert ews.information(call_id) == ("Disconnected", "UserBusy", None, None)
 
 
 def test_ended_calls_are_forgotten_ten_minutes_after_they_end(ews: Ews, clock: FakeClock) -> None:
@@ -324,6 +321,7 @@ def test_an_unknown_call_id_is_error_invalid_phone_call_id(
 def test_phone_call_information_comes_in_schema_order(ews: Ews, clock: FakeClock) -> None:
     call_id = ews.place_call("486")
     clock.advance(1)
+    ews.set_faults({"kind": "sip", "code": 486, "text": "Busy Here"})
     info = answer_of(ews.post(get_information(call_id))).find("m:PhoneCallInformation", NS)
     assert info is not None
     assert [child.tag for child in info] == [
@@ -586,6 +584,43 @@ def test_a_warning_rule_answers_warning_and_still_does_the_operation(ews: Ews) -
     assert ews.information(call_id)[0] == "Disconnected"
 
 
+def test_a_sip_rule_adds_sip_fields_to_call_information(ews: Ews, clock: FakeClock) -> None:
+    call_id = ews.place_call("+4930123486")
+    clock.advance(1)
+    ews.set_faults({"kind": "sip", "code": 486, "text": "Busy Here", "count": 1})
+    assert ews.information(call_id) == ("Disconnected", "UserBusy", "486", "Busy Here")
+    assert ews.information(call_id) == ("Disconnected", "UserBusy", None, None)
+
+
+def test_a_sip_rule_without_text_adds_only_the_code(ews: Ews) -> None:
+    call_id = ews.place_call()
+    ews.set_faults({"kind": "sip", "code": 183})
+    assert ews.information(call_id) == ("Connecting", "None", "183", None)
+
+
+def test_a_sip_rule_applies_only_to_get_phone_call_information(ews: Ews) -> None:
+    ews.set_faults({"kind": "sip", "code": 480, "count": 1})
+    call_id = ews.place_call()
+    assert response_code(ews.post(disconnect(call_id))) == "NoError"
+    assert ews.control("GET", "faults").json()["faults"] == [
+        {
+            "kind": "sip",
+            "rate": 1.0,
+            "count": 1,
+            "operation": "GetPhoneCallInformation",
+            "code": 480,
+        }
+    ]
+    assert ews.information(call_id) == ("Disconnected", "None", "480", None)
+
+
+def test_a_sip_rule_leaves_an_error_answer_alone(ews: Ews) -> None:
+    ews.set_faults({"kind": "sip", "code": 486, "text": "Busy Here"})
+    answer = answer_of(ews.post(get_information("unknown")))
+    assert answer.findtext("m:ResponseCode", namespaces=NS) == "ErrorInvalidPhoneCallId"
+    assert answer.find("m:PhoneCallInformation", NS) is None
+
+
 def test_an_http_401_rule_challenges_with_negotiate_and_ntlm(ews: Ews) -> None:
     ews.set_faults({"kind": "http-401"})
     with ews.post(disconnect("x")) as response:
@@ -796,6 +831,14 @@ BAD_RULES = {
     "huge of zero megabytes": ({"faults": [{"kind": "huge", "megabytes": 0}]}, "megabytes"),
     "code with a space": ({"faults": [{"kind": "fault", "code": "a b"}]}, "faults[0].code"),
     "url with a quote": ({"faults": [{"kind": "external-entity", "url": 'x"y'}]}, "url"),
+    "sip without a code": ({"faults": [{"kind": "sip", "text": "Busy Here"}]}, "'code'"),
+    "sip code below 100": ({"faults": [{"kind": "sip", "code": 99}]}, "faults[0].code"),
+    "sip code above 699": ({"faults": [{"kind": "sip", "code": 700}]}, "faults[0].code"),
+    "sip code as text": ({"faults": [{"kind": "sip", "code": "486"}]}, "faults[0].code"),
+    "sip for another operation": (
+        {"faults": [{"kind": "sip", "code": 486, "operation": "PlayOnPhone"}]},
+        "GetPhoneCallInformation",
+    ),
     "rules not in a list": ({"faults": {"kind": "busy"}}, "list"),
     "no faults key": ([{"kind": "busy"}], "faults"),
 }
@@ -826,7 +869,7 @@ def test_health_says_it_is_a_simulator(ews: Ews) -> None:
     assert response.json() == {"status": "ok", "simulator": True}
 
 
-@pytest.mark.parametrize("path", ["/", "/simulator/nothing", "/EWS/Services.wsdl"])
+@pytest.mark.parametrize("path", ["/", "/simulator/nothing"])
 def test_unknown_paths_are_404_json(ews: Ews, path: str) -> None:
     response = ews.http.get(ews.server.url + path)
     assert response.status_code == 404
@@ -970,14 +1013,14 @@ def test_serve_forever_announces_a_simulator_and_stops_on_sigterm() -> None:
 
 @pytest.fixture(scope="module")
 def schema_checked() -> Iterator[SimulatorServer]:
-    if not SCHEMA_DIR.is_dir():
-        pytest.skip("../shared/ews-schema not found")
+    if not schema_available():
+        pytest.skip(f"EWS schema not found at {SCHEMA_DIR} (set EWS_SCHEMA_DIR)")
     server = start_in_thread("127.0.0.1", 0, schema_dir=SCHEMA_DIR)
     yield server
     server.stop()
 
 
-@needs_schema
+@requires_schema
 def test_with_the_real_schema_valid_requests_pass(
     schema_checked: SimulatorServer, http: requests.Session
 ) -> None:
@@ -988,7 +1031,7 @@ def test_with_the_real_schema_valid_requests_pass(
     assert response_code(ews.post(disconnect(call_id), header)) == "NoError"
 
 
-@needs_schema
+@requires_schema
 def test_with_the_real_schema_a_types_namespace_phone_call_id_is_rejected(
     schema_checked: SimulatorServer, http: requests.Session
 ) -> None:
@@ -998,7 +1041,7 @@ def test_with_the_real_schema_a_types_namespace_phone_call_id_is_rejected(
     assert "This element is not expected" in message
 
 
-@needs_schema
+@requires_schema
 def test_with_the_real_schema_an_unknown_header_element_is_rejected(
     schema_checked: SimulatorServer, http: requests.Session
 ) -> None:
@@ -1007,7 +1050,7 @@ def test_with_the_real_schema_an_unknown_header_element_is_rejected(
     assert_schema_validation_fault(ews.post(disconnect("x"), header))
 
 
-@needs_schema
+@requires_schema
 def test_the_simulators_answers_are_valid_against_the_real_schema(
     ews: Ews, clock: FakeClock
 ) -> None:
@@ -1024,6 +1067,8 @@ def test_the_simulators_answers_are_valid_against_the_real_schema(
     answers.append(ews.post(disconnect("x")))
     ews.set_faults({"kind": "warning", "message": "careful", "count": 1})
     answers.append(ews.post(play_on_phone()))
+    ews.set_faults({"kind": "sip", "code": 486, "text": "Busy Here", "count": 1})
+    answers.append(ews.post(get_information(busy_call)))
     for response in answers:
         envelope_element = parse(response)
         info = envelope_element.find("s:Header/t:ServerVersionInfo", NS)

@@ -23,8 +23,6 @@ from lxml import etree
 
 from gateway import wire
 
-WSDL_FILE = "wsdl/um.wsdl"
-
 # A field's place in the request body, e.g. ("ItemId", "ChangeKey").
 FieldPath = tuple[str, ...]
 # What makes two envelopes differ only in their values.
@@ -38,7 +36,7 @@ class EnvelopeBuilder:
     """Build the SOAP envelope of an operation, headers included."""
 
     def __init__(self, server_version: str) -> None:
-        wsdl = resources.files("gateway").joinpath(WSDL_FILE)
+        wsdl = resources.files("gateway").joinpath(wire.WSDL_RESOURCE)
         with resources.as_file(wsdl) as wsdl_path:
             self._zeep = zeep.Client(str(wsdl_path), settings=zeep.Settings(forbid_dtd=True))
         self._zeep.set_ns_prefix("m", wire.MESSAGES_NS)

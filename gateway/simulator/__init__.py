@@ -1,4 +1,4 @@
-"""A stand-in for Exchange's EWS endpoint, for demos, integration tests and benchmarks.
+"""A stand-in for Exchange's EWS virtual directory, for demos, integration tests and benchmarks.
 
 It shares only the wire constants with the gateway's EWS client, never its code,
 so a bug in the client is not mirrored here. Conventions for frontend developers:

@@ -49,7 +49,7 @@ _BILLION_LAUGHS_DOCTYPE = f'<!DOCTYPE s:Envelope [<!ENTITY lol0 "lol">{_LAUGHS}]
 
 
 def bad_answer(fired: FiredRule, operation: str) -> Outcome:
-    """Build the answer a misbehaviour rule asks for (every kind but latency and warning)."""
+    """Build the answer a misbehaviour rule asks for (every kind but latency, warning, sip)."""
     return _BAD_ANSWERS[fired.rule.kind](fired, operation)
 
 

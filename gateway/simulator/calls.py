@@ -37,22 +37,21 @@ _DIALABLE = re.compile(r"\+?[0-9*#]+|sip:\S+", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Phase:
-    """One point of a call's state timeline, reached `after_steps` steps after dialling."""
+    """One point of a call's state timeline, reached `after_steps` steps after dialling.
+
+    No phase carries a SIP response: MS-OXWUMS leaves SIPResponseCode and
+    SIPResponseText out of a successful GetPhoneCallInformation answer, so how
+    a call ended shows in its failure cause alone (a `sip` fault rule adds them).
+    """
 
     after_steps: float
     state: str
     failure_cause: str = NO_FAILURE
-    sip_response_code: int | None = None
-    sip_response_text: str | None = None
 
 
 ANSWERED = (Phase(0, CONNECTING), Phase(1, ALERTED), Phase(2, CONNECTED))
-BUSY = (Phase(0, CONNECTING), Phase(1, DISCONNECTED, USER_BUSY, 486, "Busy Here"))
-UNANSWERED = (
-    Phase(0, CONNECTING),
-    Phase(1, ALERTED),
-    Phase(5, DISCONNECTED, NO_ANSWER, 480, "Temporarily Unavailable"),
-)
+BUSY = (Phase(0, CONNECTING), Phase(1, DISCONNECTED, USER_BUSY))
+UNANSWERED = (Phase(0, CONNECTING), Phase(1, ALERTED), Phase(5, DISCONNECTED, NO_ANSWER))
 
 
 def is_dialable(dial_string: str) -> bool:
@@ -149,7 +148,7 @@ class CallBook:
             return self._view(call)
 
     def hang_up(self, mailbox: str | None, call_id: str) -> CallView | None:
-        """End the call, keeping the SIP fields it had; hanging up twice succeeds twice."""
+        """End the call; a call that already ended keeps its cause; twice succeeds twice."""
         with self._lock:
             self._forget_old_calls()
             call = self._calls.get(call_id)
@@ -158,7 +157,7 @@ class CallBook:
             now = self._clock()
             current = call.phase_at(now, self._step_seconds)
             if current.state != DISCONNECTED:
-                call.hung_up = Phase(0, DISCONNECTED, NO_FAILURE, *_sip_fields(current))
+                call.hung_up = Phase(0, DISCONNECTED, NO_FAILURE)
                 call.hung_up_at = now
             return self._view(call)
 
@@ -178,7 +177,3 @@ class CallBook:
             ended_at = call.ended_at(self._step_seconds)
             if ended_at is not None and ended_at <= horizon:
                 del self._calls[call_id]
-
-
-def _sip_fields(phase: Phase) -> tuple[int | None, str | None]:
-    return phase.sip_response_code, phase.sip_response_text

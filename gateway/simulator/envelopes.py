@@ -23,8 +23,16 @@ _M, _T, _S, _E = wire.MESSAGES_NS, wire.TYPES_NS, wire.SOAP_ENV_NS, wire.ERRORS_
 
 
 @dataclass(frozen=True)
+class SipResponse:
+    """The SIP status a GetPhoneCallInformation answer carries, when one is asked for."""
+
+    code: int | None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
 class OperationResult:
-    """What an operation answers in-band; `phase` is set for GetPhoneCallInformation."""
+    """What an operation answers in-band; `phase` (and `sip`) for GetPhoneCallInformation."""
 
     response_class: str = SUCCESS
     code: str = wire.NO_ERROR
@@ -32,6 +40,7 @@ class OperationResult:
     back_off_ms: int | None = None
     phone_call_id: str | None = None
     phase: Phase | None = None
+    sip: SipResponse | None = None
 
 
 def operation_response(operation: str, result: OperationResult) -> bytes:
@@ -50,7 +59,7 @@ def operation_response(operation: str, result: OperationResult) -> bytes:
     if result.phone_call_id is not None:
         etree.SubElement(response, f"{{{_M}}}PhoneCallId", Id=result.phone_call_id)
     if result.phase is not None:
-        _add_phone_call_information(response, result.phase)
+        _add_phone_call_information(response, result.phase, result.sip)
     return _serialize(envelope)
 
 
@@ -65,14 +74,16 @@ def _add_response_message(response: etree._Element, result: OperationResult) -> 
         _add_back_off(message_xml, result.back_off_ms)
 
 
-def _add_phone_call_information(response: etree._Element, phase: Phase) -> None:
+def _add_phone_call_information(
+    response: etree._Element, phase: Phase, sip: SipResponse | None
+) -> None:
     information = etree.SubElement(response, f"{{{_M}}}PhoneCallInformation")
     _text_child(information, f"{{{_T}}}PhoneCallState", phase.state)
     _text_child(information, f"{{{_T}}}ConnectionFailureCause", phase.failure_cause)
-    if phase.sip_response_text is not None:
-        _text_child(information, f"{{{_T}}}SIPResponseText", phase.sip_response_text)
-    if phase.sip_response_code is not None:
-        _text_child(information, f"{{{_T}}}SIPResponseCode", str(phase.sip_response_code))
+    if sip is not None and sip.text is not None:
+        _text_child(information, f"{{{_T}}}SIPResponseText", sip.text)
+    if sip is not None and sip.code is not None:
+        _text_child(information, f"{{{_T}}}SIPResponseCode", str(sip.code))
 
 
 def soap_fault(code: str, message: str, back_off_ms: int | None = None) -> bytes:

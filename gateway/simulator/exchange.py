@@ -15,6 +15,7 @@ from gateway.simulator.envelopes import (
     SUCCESS,
     WARNING,
     OperationResult,
+    SipResponse,
     operation_response,
     soap_fault,
 )
@@ -134,12 +135,24 @@ class FakeExchange:
             return self._perform(request, place)
         if fired.rule.kind == "warning":
             return self._perform(request, place, warning=fired.rule.text("message"))
+        if fired.rule.kind == "sip":
+            sip = SipResponse(fired.rule.number("code"), fired.rule.optional_text("text"))
+            return self._perform(request, place, sip=sip)
         return bad_answer(fired, request.operation)
 
-    def _perform(self, request: EwsRequest, place: _Placement, warning: str | None = None) -> Reply:
+    def _perform(
+        self,
+        request: EwsRequest,
+        place: _Placement,
+        *,
+        warning: str | None = None,
+        sip: SipResponse | None = None,
+    ) -> Reply:
         result = self._operations[request.operation](request, self._calls_for(request, place))
         if warning is not None and result.response_class == SUCCESS:
             result = replace(result, response_class=WARNING, message_text=warning)
+        if sip is not None and result.phase is not None:
+            result = replace(result, sip=sip)
         headers = Deployment.diagnostics(place.server) if place.server else ()
         return Reply(200, operation_response(request.operation, result), headers=headers)
 

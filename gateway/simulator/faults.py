@@ -15,6 +15,9 @@ BUSY_DEFAULT_BACK_OFF_MS = 5_000
 # Bigger answers prove nothing more about a client's size limit and only eat memory and time.
 HUGE_MAX_MEGABYTES = 1024
 
+# SIP status codes (RFC 3261 section 7.2): three digits, 1xx to 6xx.
+SIP_CODE_MIN, SIP_CODE_MAX = 100, 699
+
 # Codes end up in a faultcode QName, so they must be NCNames; URLs end up in a quoted SYSTEM id.
 _NCNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _SYSTEM_LITERAL = re.compile(r'[^\s"<>]+')
@@ -40,6 +43,10 @@ _KIND_PARAMS: Mapping[str, Mapping[str, _Param]] = {
     "ews-error": {"code": _Param(str, required=True, pattern=_NCNAME), "backOffMs": _Param(int)},
     "fault": {"code": _Param(str, required=True, pattern=_NCNAME)},
     "warning": {"message": _Param(str, required=True)},
+    "sip": {
+        "code": _Param(int, required=True, minimum=SIP_CODE_MIN, maximum=SIP_CODE_MAX),
+        "text": _Param(str),
+    },
     "http-401": {},
     "http-503": {"retryAfter": _Param(int)},
     "html-500": {},
@@ -53,6 +60,8 @@ _KIND_PARAMS: Mapping[str, Mapping[str, _Param]] = {
     "huge": {"megabytes": _Param(int, required=True, minimum=1, maximum=HUGE_MAX_MEGABYTES)},
 }
 KINDS = tuple(_KIND_PARAMS)
+# Kinds that make sense for one operation only: a rule of such a kind is bound to it.
+_KIND_OPERATION: Mapping[str, str] = {"sip": wire.GET_PHONE_CALL_INFORMATION}
 _COMMON_FIELDS = frozenset({"kind", "rate", "count", "operation"})
 
 
@@ -74,6 +83,11 @@ class FaultRule:
     def text(self, name: str) -> str:
         """Return a required text parameter."""
         return str(self.params[name])
+
+    def optional_text(self, name: str) -> str | None:
+        """Return a text parameter, or None when the rule leaves it out."""
+        value = self.params.get(name)
+        return value if isinstance(value, str) else None
 
     def as_json(self, remaining: int | None) -> dict[str, object]:
         """Describe the rule as the control API shows it, with its remaining count."""
@@ -118,7 +132,7 @@ def parse_rule(raw: object, where: str) -> FaultRule:
         kind=kind,
         rate=_rate(raw.get("rate", 1.0), where),
         count=_count(raw.get("count"), where),
-        operation=_operation(raw.get("operation"), where),
+        operation=_kind_operation(kind, _operation(raw.get("operation"), where), where),
         params=_params(raw, specs, where),
     )
 
@@ -143,6 +157,15 @@ def _operation(value: object, where: str) -> str | None:
     raise InvalidFaultRule(
         f"{where}.operation must be one of {', '.join(wire.OPERATIONS)}, not {value!r}"
     )
+
+
+def _kind_operation(kind: str, operation: str | None, where: str) -> str | None:
+    bound = _KIND_OPERATION.get(kind)
+    if bound is None:
+        return operation
+    if operation not in (None, bound):
+        raise InvalidFaultRule(f"{where} of kind {kind!r} applies only to {bound}")
+    return bound
 
 
 def _params(

@@ -1,4 +1,10 @@
-"""The simulator's HTTP layer: Exchange's /EWS/Exchange.asmx plus the /simulator/ control API."""
+"""The simulator's HTTP layer: Exchange's /EWS/ virtual directory plus the /simulator/ control API.
+
+As on IIS, everything under /EWS/ is authenticated first: a request without
+credentials gets the 401 challenge whatever its method or path, and only an
+authenticated one learns that its path is missing (404) or its method wrong
+(405).
+"""
 
 from __future__ import annotations
 
@@ -17,14 +23,9 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from gateway import wire
-from gateway.simulator.acceptor import Acceptor, Session
-from gateway.simulator.control import (
-    CONTROL_PREFIX,
-    handle_control,
-    json_reply,
-    method_not_allowed,
-    not_found,
-)
+from gateway.simulator.acceptor import Acceptor, Headers, Session
+from gateway.simulator.control import CONTROL_PREFIX, handle_control, json_reply, not_found
+from gateway.simulator.documents import EwsDocuments, in_ews_directory, verb_not_allowed
 from gateway.simulator.exchange import FakeExchange
 from gateway.simulator.outcomes import ConnectionReset, Outcome, Reply, Silence, StreamedReply
 
@@ -55,12 +56,14 @@ class HttpServer(ThreadingHTTPServer):
         family: int,
         exchange: FakeExchange,
         *,
+        documents: EwsDocuments | None = None,
         acceptor: Acceptor | None = None,
         tls: ssl.SSLContext | None = None,
         channel_binding: bytes | None = None,
     ) -> None:
         self.address_family = family
         self.exchange = exchange
+        self.documents = documents if documents is not None else EwsDocuments.load()
         self.acceptor = acceptor
         self.tls = tls
         self.channel_binding = channel_binding
@@ -88,7 +91,7 @@ class HttpServer(ThreadingHTTPServer):
 
 
 class EwsRequestHandler(BaseHTTPRequestHandler):
-    """Serve one keep-alive connection: EWS SOAP on EWS_PATH, JSON under /simulator/."""
+    """Serve one keep-alive connection: EWS under /EWS/, JSON under /simulator/."""
 
     protocol_version = "HTTP/1.1"
     timeout = IDLE_CONNECTION_TIMEOUT_S
@@ -149,6 +152,10 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         """Route a GET."""
         self._route("GET")
 
+    def do_HEAD(self) -> None:
+        """Route a HEAD: answered as a GET would be, without the body."""
+        self._route("HEAD")
+
     def do_POST(self) -> None:
         """Route a POST."""
         self._route("POST")
@@ -181,24 +188,30 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(json_reply(error.status, {"error": str(error)}))
             return
-        if path.casefold() == wire.EWS_PATH.casefold():
-            if method != "POST":
-                self._send(method_not_allowed(method, path, ["POST"]))
-                return
-            self._answer_ews(body)
+        if in_ews_directory(path):
+            self._answer_ews_directory(method, path, body)
         elif path.startswith(CONTROL_PREFIX):
             self._send(handle_control(self._exchange, method, path, body))
         else:
             self._send(not_found(path))
 
-    def _answer_ews(self, body: bytes) -> None:
-        """Answer an EWS request once its sender is authenticated; a 401 acts on nothing."""
+    def _answer_ews_directory(self, method: str, path: str, body: bytes) -> None:
+        """Authenticate the sender, then answer; a 401 acts on nothing and reveals nothing."""
         authorization = self.headers.get("Authorization")
         self._gzip = _accepts_gzip(self.headers.get("Accept-Encoding"))
         admission = self._session.admit(authorization) if self._session is not None else ()
         if isinstance(admission, Reply):
             self._send(admission)
             return
+        if path.casefold() != wire.EWS_PATH.casefold():
+            self._send(_with_headers(self._documents.answer(method, path), admission))
+        elif method != "POST":
+            self._send(_with_headers(verb_not_allowed(("POST",)), admission))
+        else:
+            self._answer_ews(body, authorization, admission)
+
+    def _answer_ews(self, body: bytes, authorization: str | None, admission: Headers) -> None:
+        """Hand an authenticated SOAP request to the fake Exchange and carry out its answer."""
         outcome = self._exchange.answer(
             body,
             self.headers.get("SOAPAction"),
@@ -207,9 +220,13 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             self._received_at,
             anchor_mailbox=self.headers.get("X-AnchorMailbox"),
         )
-        if admission and isinstance(outcome, Reply):
-            outcome = replace(outcome, headers=outcome.headers + admission)
+        if isinstance(outcome, Reply):
+            outcome = _with_headers(outcome, admission)
         self._carry_out(outcome)
+
+    @property
+    def _documents(self) -> EwsDocuments:
+        return cast(HttpServer, self.server).documents
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").strip().lower() == "chunked":
@@ -261,7 +278,8 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
             # As IIS with dynamic compression: only for a client that asked for gzip.
             body, headers = gzip.compress(body), (*headers, ("Content-Encoding", "gzip"))
         self._send_head(reply.status, reply.content_type, len(body), headers)
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _stream(self, reply: StreamedReply) -> None:
         self._send_head(reply.status, reply.content_type, reply.length)
@@ -290,6 +308,11 @@ class EwsRequestHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
         self.close_connection = True
+
+
+def _with_headers(reply: Reply, headers: Headers) -> Reply:
+    """Add what authentication adds to an answer (the final token of mutual authentication)."""
+    return replace(reply, headers=reply.headers + headers) if headers else reply
 
 
 def _accepts_gzip(accept_encoding: str | None) -> bool:

@@ -19,6 +19,7 @@ from gateway.simulator.acceptor import Acceptor, channel_binding_of
 from gateway.simulator.calls import CallBook
 from gateway.simulator.control import CONTROL_PREFIX
 from gateway.simulator.deployment import Deployment
+from gateway.simulator.documents import EwsDocuments
 from gateway.simulator.exchange import FakeExchange
 from gateway.simulator.faults import FaultBook
 from gateway.simulator.handler import HttpServer
@@ -82,6 +83,7 @@ class SimulatorServer:
             (host, port),
             family,
             self.exchange,
+            documents=EwsDocuments.load(schema_dir),
             acceptor=acceptor,
             tls=None if tls is None else tls.context(),
             channel_binding=None if tls is None else channel_binding_of(tls.cert_path),

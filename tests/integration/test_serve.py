@@ -76,11 +76,22 @@ def test_a_call_goes_from_placed_to_connected_to_disconnected(gateway: Server) -
     assert final["connectionFailureCause"] == "None"
 
 
-def test_a_busy_line_ends_disconnected_with_user_busy(gateway: Server) -> None:
+def test_a_busy_line_ends_disconnected_with_user_busy_and_no_sip_fields(gateway: Server) -> None:
+    """MS-OXWUMS leaves the SIP fields out of a successful answer: the cause tells it all."""
+    call_id = place_call(gateway, dial_string="+15550000486")
+    final = wait_for_state(gateway, call_id, "Disconnected")
+    assert final["connectionFailureCause"] == "UserBusy"
+    assert "sipResponseCode" not in final
+    assert "sipResponseText" not in final
+
+
+def test_sip_fields_exchange_sends_reach_the_caller(gateway: Server, simulator: Server) -> None:
+    set_faults(simulator, {"kind": "sip", "code": 486, "text": "Busy Here"})
     call_id = place_call(gateway, dial_string="+15550000486")
     final = wait_for_state(gateway, call_id, "Disconnected")
     assert final["connectionFailureCause"] == "UserBusy"
     assert final["sipResponseCode"] == 486
+    assert final["sipResponseText"] == "Busy Here"
 
 
 def test_the_request_id_reaches_exchange_and_comes_back(gateway: Server, simulator: Server) -> None:

@@ -228,13 +228,13 @@ export interface components {
              */
             state: "Idle" | "Connecting" | "Alerted" | "Connected" | "Disconnected" | "Incoming" | "Transferring" | "Forwarding";
             /**
-             * @description EWS ConnectionFailureCauseType.
+             * @description EWS ConnectionFailureCauseType: how the call ended (e.g. `UserBusy`, `NoAnswer`); `None` while it lasts and after a hang-up. Rely on this field, not on the SIP fields, to tell a busy or unanswered call.
              * @enum {string}
              */
             connectionFailureCause: "None" | "UserBusy" | "NoAnswer" | "Unavailable" | "Other";
-            /** @description Present when Exchange reports it. */
+            /** @description Only when Exchange sends it, which it may not: MS-OXWUMS leaves the SIP fields out of a successful GetPhoneCallInformation answer. Use `connectionFailureCause` to tell how a call ended. */
             sipResponseCode?: number;
-            /** @description Present when Exchange reports it. */
+            /** @description Only when Exchange sends it, like `sipResponseCode`. */
             sipResponseText?: string;
             /** @example NoError */
             ewsResponseCode: string;
