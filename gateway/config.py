@@ -21,6 +21,7 @@ from gateway.errors import ConfigError
 from gateway.exchange import http1
 from gateway.exchange.auth import BEARER_TOKEN
 from gateway.exchange.proxy import Proxy, proxy_for
+from gateway.guards.dialing import never_matches
 from gateway.wire import EXCHANGE_VERSIONS
 
 # The proxy variables curl reads for each scheme of EWS_URL, the lower-case name first.
@@ -182,7 +183,7 @@ class Config:
             retry_max_back_off_s=env.number(
                 "EWS_RETRY_MAX_BACKOFF_SECONDS", default=2.0, low=0.0, high=60.0
             ),
-            dial_allow=env.patterns("GATEWAY_DIAL_ALLOW"),
+            dial_allow=env.dial_patterns("GATEWAY_DIAL_ALLOW"),
             rate_limit_calls=env.rate_limit("GATEWAY_RATE_LIMIT_CALLS", default="10/minute"),
             rate_limit_requests=env.rate_limit("GATEWAY_RATE_LIMIT_REQUESTS", default=None),
             redis_url=env.redis_url("GATEWAY_REDIS_URL"),
@@ -402,14 +403,18 @@ class _Env:
             raise ConfigError(f"{name} names {value!r}, which is not a readable file")
         return value or None
 
-    def patterns(self, name: str) -> tuple[str, ...] | None:
-        """Read comma-separated glob patterns; None when the variable is unset or blank."""
+    def dial_patterns(self, name: str) -> tuple[str, ...] | None:
+        """Read comma-separated dial patterns (None when unset); refuse one no dial string fits."""
         raw = self.text(name)
         if not raw:
             return None
         patterns = tuple(item.strip() for item in raw.split(","))
         if not all(patterns):
             raise ConfigError(f"{name} holds an empty pattern (two commas in a row?)")
+        for pattern in patterns:
+            reason = never_matches(pattern)
+            if reason is not None:
+                raise ConfigError(f"{name}: {pattern!r} can never match a dial string: {reason}")
         return patterns
 
     def rate_limit(self, name: str, *, default: str | None) -> str | None:

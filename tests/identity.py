@@ -40,6 +40,8 @@ BEARER_CHALLENGE = 'Bearer realm="ews-gateway"'
 FAR_S = 600
 # The call id key of every test gateway built from jwt_environ (32 bytes or more).
 CALL_ID_KEY = "test-call-id-key-0123456789abcdef"
+# How long a held key fetch or a wait for a refresh lasts before the test fails rather than hang.
+HOLD_LIMIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ class JwksEndpoint:
         self.document = document
         self.status = 200
         self._hits = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -239,9 +241,17 @@ class JwksEndpoint:
         with self._lock:
             return self._hits
 
+    def wait_for_hits(self, hits: int) -> int:
+        """Wait until the endpoint was fetched HITS times (a refresh runs on its own thread);
+        return the count, which is lower only if that never happened within HOLD_LIMIT_S."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._hits >= hits, HOLD_LIMIT_S)
+            return self._hits
+
     def _answer(self) -> tuple[bytes, int]:
         with self._lock:
             self._hits += 1
+            self._lock.notify_all()
             document, status = self.document, self.status
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
         return body, status
@@ -254,6 +264,43 @@ class JwksEndpoint:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+class KeySetSource:
+    """Stands in for fetching the JWKS URL: answers `document` (or raises `failure`), at once
+    or, after hold(), only once released; counts its fetches."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+        self.failure: Exception | None = None
+        self.fetches = 0
+        self.fetching = threading.Event()
+        self.answered = threading.Event()
+        self._released = threading.Event()
+        self._released.set()
+        self._lock = threading.Lock()
+
+    def hold(self) -> None:
+        """Make the next fetches hang, as an identity provider that stopped answering."""
+        self._released.clear()
+        self.fetching.clear()
+        self.answered.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __call__(self) -> jwt.PyJWKSet:
+        with self._lock:
+            self.fetches += 1
+        self.fetching.set()
+        try:
+            if not self._released.wait(HOLD_LIMIT_S):
+                raise TimeoutError("the test never released the fetch")
+            if self.failure is not None:
+                raise self.failure
+            return jwt.PyJWKSet.from_dict(self.document)
+        finally:
+            self.answered.set()
 
 
 def jwks(*keys: SigningKey, extra: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:

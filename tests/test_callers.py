@@ -7,9 +7,11 @@ import hashlib
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from flask.testing import FlaskClient
@@ -27,10 +29,12 @@ from tests.identity import (
     BEARER_CHALLENGE,
     CALL_ID_KEY,
     FAR_S,
+    HOLD_LIMIT_S,
     ISSUER,
     PROBLEM_JSON,
     Clock,
     JwksEndpoint,
+    KeySetSource,
     RecordingExchange,
     SigningKey,
     bearer,
@@ -407,7 +411,7 @@ def test_the_jwks_is_fetched_again_once_its_ttl_has_passed(
     clock.advance(2)
     checker.authenticate(bearer(key_a.token(claims())))
 
-    assert idp.hits == 2
+    assert idp.wait_for_hits(2) == 2
 
 
 @pytest.mark.network
@@ -422,7 +426,7 @@ def test_cached_keys_keep_working_while_the_jwks_endpoint_fails(
     caller = checker.authenticate(bearer(key_a.token(claims())))
 
     assert caller.subject == "user-1"
-    assert idp.hits == 2
+    assert idp.wait_for_hits(2) == 2
 
 
 @pytest.mark.network
@@ -488,6 +492,162 @@ def test_a_symmetric_key_in_the_jwks_is_never_used(
     assert_unauthenticated(unnamed)
     assert genuine.status_code == 200
     assert exchange.calls == [("disconnect_call", "abc", None)]
+
+
+# The JWKS refreshed off the request path, against a key source the test holds and releases.
+
+JWKS_URL = "https://login.example.com/tenant/discovery/v2.0/keys"
+
+
+@pytest.fixture
+def key_source(key_a: SigningKey) -> KeySetSource:
+    return KeySetSource(jwks(key_a))
+
+
+def primed_checker(source: KeySetSource, key: SigningKey, **settings: float) -> JwtBearer:
+    """A JWT checker whose keys come from SOURCE, once it has fetched them for KEY's token."""
+    checker = JwtBearer(
+        JwksKeys(JWKS_URL, fetch=source, **settings), issuer=ISSUER, audience=AUDIENCE
+    )
+    checker.authenticate(bearer(key.token(claims())))
+    return checker
+
+
+def test_a_cached_key_is_used_at_once_while_a_refresh_for_an_unknown_kid_hangs(
+    key_source: KeySetSource, key_a: SigningKey, clock: Clock
+) -> None:
+    # The cached key is stale as well; a wait would outlast the held fetch.
+    checker = primed_checker(
+        key_source, key_a, ttl_s=60, min_refresh_s=60, timeout_s=2 * HOLD_LIMIT_S
+    )
+    rotated = rsa_key(kid="c")
+    key_source.document = jwks(key_a, rotated)
+    key_source.hold()
+    clock.advance(61)
+
+    with ThreadPoolExecutor(1) as pool:
+        needs_the_new_key = pool.submit(
+            checker.authenticate, bearer(rotated.token(claims(sub="rotated-user")))
+        )
+        assert key_source.fetching.wait(HOLD_LIMIT_S)
+        cached = checker.authenticate(bearer(key_a.token(claims())))
+        refresh_still_hanging = not key_source.answered.is_set()
+        key_source.release()
+
+        assert cached.subject == "user-1"
+        assert refresh_still_hanging
+        assert needs_the_new_key.result(HOLD_LIMIT_S).subject == "rotated-user"
+    assert key_source.fetches == 2
+
+
+def test_concurrent_requests_for_an_unknown_kid_share_one_fetch(
+    key_source: KeySetSource, key_a: SigningKey
+) -> None:
+    # No interval between fetches: only sharing the one in flight keeps them to one.
+    checker = primed_checker(key_source, key_a, min_refresh_s=0)
+    rotated = rsa_key(kid="c")
+    key_source.document = jwks(key_a, rotated)
+    key_source.hold()
+
+    with ThreadPoolExecutor(8) as pool:
+        token = bearer(rotated.token(claims(sub="rotated-user")))
+        waiting = [pool.submit(checker.authenticate, token) for _ in range(8)]
+        assert key_source.fetching.wait(HOLD_LIMIT_S)
+        key_source.release()
+
+        subjects = [future.result(HOLD_LIMIT_S).subject for future in waiting]
+    assert subjects == ["rotated-user"] * 8
+    assert key_source.fetches == 2
+
+
+def test_unknown_kids_fetch_at_most_once_per_interval_and_wait_for_nothing_in_between(
+    key_source: KeySetSource, key_a: SigningKey, clock: Clock
+) -> None:
+    checker = primed_checker(key_source, key_a, min_refresh_s=60)
+    key_source.hold()  # a fetch now would hang until the test's limit, then fail it
+    clock.advance(59)
+
+    for number in range(20):
+        with pytest.raises(Unauthenticated):
+            checker.authenticate(bearer(key_a.token(claims(), kid=f"forged-{number}")))
+    assert key_source.fetches == 1
+
+    key_source.release()
+    clock.advance(2)
+    for number in range(20):
+        with pytest.raises(Unauthenticated):
+            checker.authenticate(bearer(key_a.token(claims(), kid=f"forged-again-{number}")))
+    assert key_source.fetches == 2
+
+
+def test_a_refresh_that_fails_keeps_the_keys_there_were(
+    key_source: KeySetSource, key_a: SigningKey, clock: Clock
+) -> None:
+    checker = primed_checker(key_source, key_a, ttl_s=300, min_refresh_s=60)
+    key_source.failure = jwt.PyJWKClientConnectionError("Fail to fetch data from the url")
+    clock.advance(301)
+
+    assert checker.authenticate(bearer(key_a.token(claims()))).subject == "user-1"
+    with pytest.raises(Unauthenticated):
+        # A new kid waits for the failing refresh, or finds it over: 401, not 503.
+        checker.authenticate(bearer(rsa_key(kid="c").token(claims())))
+
+    assert checker.authenticate(bearer(key_a.token(claims()))).subject == "user-1"
+    assert key_source.fetches == 2
+
+
+def test_a_refresh_finding_no_asymmetric_key_keeps_the_keys_there_were(
+    key_source: KeySetSource, key_a: SigningKey, clock: Clock
+) -> None:
+    checker = primed_checker(key_source, key_a, min_refresh_s=60)
+    key_source.document = {"keys": [{"kty": "oct", "kid": "h", "k": _b64url(b"s" * 32)}]}
+    clock.advance(61)
+
+    with pytest.raises(Unauthenticated):
+        checker.authenticate(bearer(key_a.token(claims(), kid="h")))
+
+    assert checker.authenticate(bearer(key_a.token(claims()))).subject == "user-1"
+    assert key_source.fetches == 2
+
+
+def test_a_stale_key_set_is_replaced_behind_the_requests_that_still_use_it(
+    key_source: KeySetSource, key_a: SigningKey, key_b: SigningKey, clock: Clock
+) -> None:
+    checker = primed_checker(key_source, key_a, ttl_s=300, min_refresh_s=60)
+    key_source.document = jwks(key_b)
+    key_source.hold()
+    clock.advance(301)
+
+    assert checker.authenticate(bearer(key_a.token(claims()))).subject == "user-1"
+    assert key_source.fetching.wait(HOLD_LIMIT_S)
+    key_source.release()
+
+    # key_b's kid is new: its request waits for the refresh in flight or finds it done.
+    assert checker.authenticate(bearer(key_b.token(claims(sub="b")))).subject == "b"
+    with pytest.raises(Unauthenticated):
+        checker.authenticate(bearer(key_a.token(claims())))  # gone from the new key set
+    assert key_source.fetches == 2
+
+
+@pytest.mark.parametrize("primed", [False, True], ids=["first-use", "unknown-kid"])
+def test_a_request_waiting_for_keys_gives_up_after_the_timeout(
+    primed: bool, key_source: KeySetSource, key_a: SigningKey, clock: Clock
+) -> None:
+    """With no keys yet it is a 503 (keys-unavailable), with some a 401 for the unknown kid."""
+    keys = JwksKeys(JWKS_URL, fetch=key_source, timeout_s=0.05)
+    checker = JwtBearer(keys, issuer=ISSUER, audience=AUDIENCE)
+    if primed:
+        checker.authenticate(bearer(key_a.token(claims())))
+        clock.advance(31)
+    key_source.hold()
+
+    expected = Unauthenticated if primed else KeysUnavailable
+    with pytest.raises(expected):
+        checker.authenticate(bearer(key_a.token(claims(), kid="c")))
+
+    assert not key_source.answered.is_set()
+    key_source.release()
+    assert key_source.answered.wait(HOLD_LIMIT_S)
 
 
 def _b64url(data: bytes) -> str:

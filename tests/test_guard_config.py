@@ -40,6 +40,54 @@ def test_the_dial_policy_is_a_list_of_trimmed_patterns() -> None:
     assert "GATEWAY_DIAL_ALLOW" in rejects(GATEWAY_DIAL_ALLOW="+1555*,,4???")
 
 
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"^\+1555.*$",  # a regular expression
+        "[0-9]",
+        r"\+1555*",
+        "+1555.*",
+        "sip:.*@pbx.example.com",
+        "(+1555|+1666)*",
+        r"4\d{3}",
+        "+1555 *",  # whitespace, which no dial string holds
+        "+1555\t*",
+        "+1555\u2013*",  # an en dash, as word processors write a hyphen
+        "1555+*",  # '+' only leads a number
+        "+1555*@pbx.example.com",
+        "pbx.example.com",  # neither a number nor a sip: URI
+        "sip*",  # no wildcard stands for the colon
+        "sip:",
+        "?" * 33,  # longer than any number
+    ],
+)
+def test_a_pattern_no_dial_string_can_match_is_refused_in_one_line_naming_it(pattern: str) -> None:
+    message = rejects(GATEWAY_DIAL_ALLOW=f"4???,{pattern}")
+
+    assert message.startswith("GATEWAY_DIAL_ALLOW: ")
+    assert repr(pattern) in message
+    assert "can never match a dial string" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "+1555*",
+        "4???",
+        "#*",
+        "+?*",
+        "?" * 32,
+        "sip:*@pbx.example.com",
+        "sips:*-*@*.example.com",
+        "*:alice@pbx.example.com",  # a wildcard may spell the scheme
+        "*",
+    ],
+)
+def test_a_pattern_some_dial_string_can_match_is_accepted(pattern: str) -> None:
+    assert from_env(GATEWAY_DIAL_ALLOW=pattern).dial_allow == (pattern,)
+
+
 @pytest.mark.parametrize("value", ["ten per minute", "10/fortnight", "10/minute;5/second"])
 def test_a_limit_outside_the_limits_notation_is_refused_naming_the_variable(value: str) -> None:
     assert "GATEWAY_RATE_LIMIT_CALLS" in rejects(GATEWAY_RATE_LIMIT_CALLS=value)

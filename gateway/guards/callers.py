@@ -8,8 +8,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +27,8 @@ RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 ASYMMETRIC_ALGORITHMS = frozenset({*RSA_ALGORITHMS, *EC_ALGORITHMS.values(), "EdDSA"})
 CLOCK_SKEW_S = 30
+# The JWKS fetch's socket timeout, and the longest a request waits for keys it needs.
+JWKS_TIMEOUT_S = 2.0
 MAX_MAILBOX_CHARS = 320
 
 
@@ -150,46 +153,97 @@ def _algorithms_for(key: object) -> list[str]:
 
 
 class JwksKeys:
-    """Keys from a JWKS URL, cached; refetched when stale or for an unknown `kid`, at most
-    once per `min_refresh_s` so forged `kid`s cannot hammer the identity provider."""
+    """Keys from a JWKS URL, cached and refreshed off the request path.
 
-    def __init__(self, url: str, *, ttl_s: float = 300, min_refresh_s: float = 30) -> None:
-        self._client = jwt.PyJWKClient(url, cache_keys=False, cache_jwk_set=False, timeout=5)
+    A refresh runs on its own thread, one at a time, once the keys are older than `ttl_s` or
+    when a token names an unknown `kid`, and starts at most once per `min_refresh_s`, so forged
+    `kid`s cannot hammer the identity provider. A request whose key is cached never waits; one
+    whose key is not waits for the refresh in flight, at most `timeout_s`. A failed refresh
+    keeps the keys there were. `fetch` stands in for fetching the URL (tests).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: float = 300,
+        min_refresh_s: float = 30,
+        timeout_s: float = JWKS_TIMEOUT_S,
+        fetch: Callable[[], jwt.PyJWKSet] | None = None,
+    ) -> None:
+        if fetch is None:
+            client = jwt.PyJWKClient(url, cache_keys=False, cache_jwk_set=False, timeout=timeout_s)
+            fetch = partial(client.get_jwk_set, refresh=True)
+        self._fetch = fetch
         self._ttl_s = ttl_s
         self._min_refresh_s = min_refresh_s
+        self._wait_s = timeout_s
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
+        self._refresh_started_at = float("-inf")
+        # Set when the refresh in flight ends; None while none is.
+        self._refreshed: threading.Event | None = None
+        # Guards the fields above, and is never held while fetching.
         self._lock = threading.Lock()
 
     def key_for(self, token: str) -> tuple[Any, list[str]]:
-        """Return the key named by the token's `kid`, fetching the key set if needed."""
+        """Return the key named by the token's `kid`, waiting for a refresh only if it is new."""
         kid = _unverified_kid(token)
         with self._lock:
-            age = time.monotonic() - self._fetched_at
-            if age > self._ttl_s or (kid not in self._keys and age > self._min_refresh_s):
-                self._refresh()
             jwk = self._keys.get(kid)
-        if jwk is None:
-            raise Unauthenticated("the token's signing key is not known")
-        return jwk.key, [jwk.algorithm_name]
+            stale = time.monotonic() - self._fetched_at > self._ttl_s
+            refreshed = self._start_refresh() if jwk is None or stale else None
+        if jwk is None and refreshed is not None:
+            refreshed.wait(self._wait_s)
+            with self._lock:
+                jwk = self._keys.get(kid)
+        if jwk is not None:
+            return jwk.key, [jwk.algorithm_name]
+        if not self._keys:
+            raise KeysUnavailable("the token signing keys cannot be fetched now")
+        raise Unauthenticated("the token's signing key is not known")
 
-    def _refresh(self) -> None:
+    def _start_refresh(self) -> threading.Event | None:
+        """Return the refresh in flight, starting one unless the last started too recently.
+
+        Called with the lock held.
+        """
+        if self._refreshed is None:
+            now = time.monotonic()
+            if now - self._refresh_started_at < self._min_refresh_s:
+                return None
+            self._refresh_started_at = now
+            self._refreshed = threading.Event()
+            threading.Thread(
+                target=self._refresh, args=(self._refreshed,), name="jwks-refresh", daemon=True
+            ).start()
+        return self._refreshed
+
+    def _refresh(self, refreshed: threading.Event) -> None:
+        keys: dict[str | None, jwt.PyJWK] = {}
         try:
-            jwk_set = self._client.get_jwk_set(refresh=True)
-        except (jwt.PyJWKClientError, jwt.PyJWKSetError, ValueError) as error:
-            if not self._keys:
-                raise KeysUnavailable("the token signing keys cannot be fetched now") from None
+            keys = _signing_keys(self._fetch())
+        except Exception as error:
+            # Whatever failed (no answer in time, an error page, no usable key), no caller is
+            # here to raise to: the keys there were stay.
             LOG.warning("JWKS refresh failed; keeping the cached keys", extra={"error": str(error)})
-            self._fetched_at = time.monotonic()
-            return
-        keys = {
-            jwk.key_id: jwk for jwk in jwk_set.keys if jwk.algorithm_name in ASYMMETRIC_ALGORITHMS
-        }
-        if len(keys) == 1:
-            # A lone key also serves tokens that name no kid.
-            keys[None] = next(iter(keys.values()))
-        self._keys = keys
-        self._fetched_at = time.monotonic()
+        finally:
+            with self._lock:
+                if keys:
+                    self._keys = keys
+                    self._fetched_at = time.monotonic()
+                self._refreshed = None
+            refreshed.set()
+
+
+def _signing_keys(jwk_set: jwt.PyJWKSet) -> dict[str | None, jwt.PyJWK]:
+    keys = {jwk.key_id: jwk for jwk in jwk_set.keys if jwk.algorithm_name in ASYMMETRIC_ALGORITHMS}
+    if not keys:
+        raise ValueError("the JWKS holds no asymmetric signing key")
+    if len(keys) == 1:
+        # A lone key also serves tokens that name no kid.
+        keys[None] = next(iter(keys.values()))
+    return keys
 
 
 def _unverified_kid(token: str) -> str | None:

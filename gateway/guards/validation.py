@@ -14,8 +14,12 @@ _OPAQUE_ID = re.compile(r"[\x21-\x7e]+")
 MAX_CALL_ID_CHARS = 512
 MAX_ITEM_ID_CHARS = 1024
 MAX_CHANGE_KEY_CHARS = 512
-_DIAL_DIGITS = re.compile(r"\+?[0-9*#]{1,32}")
-_SIP_URI = re.compile(r"sips?:[\x21-\x7e]{1,250}")
+# A dial string is a number (an optional leading '+', then digits and the DTMF keys) or a
+# sip:/sips: URI of printable ASCII; gateway.guards.dialing refuses patterns outside both.
+MAX_DIAL_KEYS = 32
+MAX_SIP_URI_CHARS = 250
+_DIAL_DIGITS = re.compile(rf"\+?[0-9*#]{{1,{MAX_DIAL_KEYS}}}")
+_SIP_URI = re.compile(rf"sips?:[\x21-\x7e]{{1,{MAX_SIP_URI_CHARS}}}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 PLACE_CALL_FIELDS = frozenset({"itemId", "itemChangeKey", "dialString"})
@@ -58,8 +62,8 @@ def parse_place_call(body: Any) -> PlaceCall:
         raise InvalidRequest("dialString is required and must be a string")
     if not (_DIAL_DIGITS.fullmatch(dial_string) or _SIP_URI.fullmatch(dial_string)):
         raise InvalidRequest(
-            "dialString must be up to 32 digits, '*' or '#' with an optional leading '+', "
-            "or a sip: URI of up to 250 characters"
+            f"dialString must be up to {MAX_DIAL_KEYS} digits, '*' or '#' with an optional "
+            f"leading '+', or a sip: URI of up to {MAX_SIP_URI_CHARS} characters"
         )
     assert item_id is not None
     return PlaceCall(item_id=item_id, dial_string=dial_string, item_change_key=change_key)
