@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from gateway.errors import DialStringNotAllowed
 from gateway.guards.dialing import DialPolicy
+from tests.fake_ews import FakeExchange
 from tests.guards import KEY_A, app_with_keys
-from tests.test_api import FakeExchange
 
 DIAL_CHARACTERS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-._")
 

@@ -11,29 +11,25 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from flask.testing import FlaskClient
-from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
-from gateway.config import Config
 from gateway.exchange import auth as upstream_auth
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import Acceptor, BearerAcceptor, NtlmAcceptor
 from gateway.simulator.server import TlsIdentity
-from tests.test_transport import Certificate, self_signed_certificate
+from tests.certificates import Certificate, self_signed_certificate
+from tests.in_process_gateway import Gateway, https_url, placed_calls
 
 pytestmark = pytest.mark.network
 
 DOMAIN, USER, PASSWORD = "CORP", "svc-gateway", "correct horse battery staple"
 FIXTURES = Path(__file__).parent / "fixtures"
-CALL = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
 
 
 @pytest.fixture(scope="module")
@@ -75,34 +71,6 @@ def simulators() -> Iterator[Simulators]:
         simulator.stop()
 
 
-class Gateway:
-    """The gateway app in process, and the registry its metrics go to."""
-
-    opened: ClassVar[list[Gateway]] = []
-
-    def __init__(self, environ: dict[str, str]) -> None:
-        self.registry = CollectorRegistry()
-        config = Config.from_env({"GATEWAY_AUTH": "none", **environ})
-        self.app = create_app(config, registry=self.registry)
-        self.client: FlaskClient = self.app.test_client()
-        Gateway.opened.append(self)
-
-    def close(self) -> None:
-        """Close the pooled connections to Exchange."""
-        self.app.extensions["gateway"]["ews"]._transport.close()
-
-    def place_call(self) -> Any:
-        return self.client.post("/calls", json=CALL)
-
-    def upstream(self, outcome: str) -> float:
-        labels = {"operation": "PlayOnPhone", "outcome": outcome}
-        return self.registry.get_sample_value("ews_gateway_upstream_requests_total", labels) or 0
-
-
-def https_url(simulator: SimulatorServer) -> str:
-    return simulator.ews_url.replace("127.0.0.1", "localhost")
-
-
 def ntlm_gateway(simulator: SimulatorServer, certificate: Certificate, **extra: str) -> Gateway:
     return Gateway(
         {
@@ -114,11 +82,6 @@ def ntlm_gateway(simulator: SimulatorServer, certificate: Certificate, **extra: 
             **extra,
         }
     )
-
-
-def placed_calls(simulator: SimulatorServer) -> int:
-    requests = simulator.exchange.journal.recorded()
-    return sum(1 for request in requests if request.operation == "PlayOnPhone")
 
 
 @pytest.mark.usefixtures("ntlm_accounts")

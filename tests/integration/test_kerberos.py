@@ -25,10 +25,13 @@ from gateway.exchange.tickets import TicketCache
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
 from gateway.simulator.server import TlsIdentity
-from tests.integration.test_kdc_deadline import kdc_sockets
-from tests.test_transport import Certificate, self_signed_certificate
-from tests.test_upstream_auth import Gateway, https_url, placed_calls
+from tests.certificates import Certificate, self_signed_certificate
+from tests.in_process_gateway import Gateway, https_url, placed_calls
+from tests.integration.kdc import kdc_sockets
 
+pytest.importorskip(
+    "krb5", reason="python-krb5 is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
+)
 k5test = pytest.importorskip("k5test", reason="k5test (the dev extra) is not installed")
 pytest.importorskip(
     "gssapi", reason="GSSAPI is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
