@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from gateway.api import routes as api
+from gateway.api import routes
 from gateway.api.handoff import HandedOff
 from gateway.app import create_app
 from gateway.config import Config
@@ -49,7 +49,7 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     watcher_end.close()
 
 
-def build(tmp_path: Path, **settings: object) -> tuple[Flask, api.ServiceState]:
+def build(tmp_path: Path, **settings: object) -> tuple[Flask, routes.ServiceState]:
     keys = tmp_path / "keys"
     keys.write_text(
         hashlib.sha256(b"k3y").hexdigest() + "\n" + hashlib.sha256(b"other").hexdigest()
@@ -62,7 +62,7 @@ def build(tmp_path: Path, **settings: object) -> tuple[Flask, api.ServiceState]:
         call_id_key=CALL_ID_KEY,
         **settings,  # type: ignore[arg-type]
     )
-    state = api.ServiceState()
+    state = routes.ServiceState()
     app = create_app(
         config, ews=cast(EwsClient, FakeExchange()), registry=CollectorRegistry(), state=state
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway.exchange import auth as upstream_auth
+from gateway.exchange import auth
 from gateway.exchange.tickets import TicketCache
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
@@ -277,9 +277,9 @@ def test_without_the_right_channel_binding_the_ticket_is_refused(
     simulator, acceptor = exchange
     gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
     if binding is None:
-        monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+        monkeypatch.setattr(auth, "GssChannelBindings", lambda **_: None)
     else:
-        monkeypatch.setattr(upstream_auth, "certificate_hash", binding)
+        monkeypatch.setattr(auth, "certificate_hash", binding)
 
     answer = gateway.place_call()
 

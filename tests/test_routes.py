@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.test import TestResponse
 
 from gateway import __version__, errors
-from gateway.api import routes as api
+from gateway.api import routes
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange.client import CallInformation, Disconnected, EwsClient, PlacedCall
@@ -25,7 +25,7 @@ from tests.problems import assert_problem
 PRINTABLE_ASCII = "".join(chr(code) for code in range(0x21, 0x7F))
 
 
-def build_app(fake: FakeExchange, state: api.ServiceState | None = None) -> Flask:
+def build_app(fake: FakeExchange, state: routes.ServiceState | None = None) -> Flask:
     config = Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
     return create_app(config, ews=cast(EwsClient, fake), registry=CollectorRegistry(), state=state)
 
@@ -36,12 +36,12 @@ def fake() -> FakeExchange:
 
 
 @pytest.fixture
-def state() -> api.ServiceState:
-    return api.ServiceState()
+def state() -> routes.ServiceState:
+    return routes.ServiceState()
 
 
 @pytest.fixture
-def client(fake: FakeExchange, state: api.ServiceState) -> FlaskClient:
+def client(fake: FakeExchange, state: routes.ServiceState) -> FlaskClient:
     return build_app(fake, state).test_client()
 
 
@@ -506,7 +506,7 @@ def test_readyz_answers_200_while_serving(client: FlaskClient) -> None:
 
 
 def test_readyz_is_a_503_problem_while_draining(
-    client: FlaskClient, state: api.ServiceState
+    client: FlaskClient, state: routes.ServiceState
 ) -> None:
     state.draining = True
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.exchange import auth as upstream_auth
+from gateway.exchange import auth
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import Acceptor, BearerAcceptor, NtlmAcceptor
 from gateway.simulator.server import TlsIdentity
@@ -117,10 +117,10 @@ def test_ntlm_without_the_right_channel_binding_is_refused(
     gateway = ntlm_gateway(simulator, certificate)
     if binding is None:
         # As a client without Extended Protection: no binding at all.
-        monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+        monkeypatch.setattr(auth, "GssChannelBindings", lambda **_: None)
     else:
         # As when a TLS-intercepting proxy sits between the gateway and Exchange.
-        monkeypatch.setattr(upstream_auth, "certificate_hash", binding)
+        monkeypatch.setattr(auth, "certificate_hash", binding)
 
     answer = gateway.place_call()
 
@@ -261,7 +261,7 @@ def test_a_rotated_bearer_token_file_is_used_from_the_next_call(
     simulators: Simulators, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Checked on every call here; once a second in production.
-    monkeypatch.setattr(upstream_auth.BearerToken, "CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(auth.BearerToken, "CHECK_INTERVAL_S", 0.0)
     acceptor = BearerAcceptor(lifetime_s=3600)
     simulator = simulators(acceptor, None)
     token_file = tmp_path / "token"
@@ -357,7 +357,7 @@ def test_the_channel_binding_hashes_the_certificate_as_its_signature_does(
 ) -> None:
     der = certificate_signed_with(signature_hash)
 
-    assert upstream_auth.certificate_hash(der) == expected(der).digest()
+    assert auth.certificate_hash(der) == expected(der).digest()
 
 
 def test_a_certificate_signed_with_sha1_is_bound_by_its_sha256() -> None:
@@ -366,7 +366,7 @@ def test_a_certificate_signed_with_sha1_is_bound_by_its_sha256() -> None:
     der = ssl.PEM_cert_to_DER_cert(pem)
     assert x509.load_der_x509_certificate(der).signature_hash_algorithm.name == "sha1"
 
-    assert upstream_auth.certificate_hash(der) == hashlib.sha256(der).digest()
+    assert auth.certificate_hash(der) == hashlib.sha256(der).digest()
 
 
 @pytest.fixture
@@ -403,7 +403,7 @@ def test_ntlm_inside_negotiate_without_a_channel_binding_is_refused(
     acceptor = NtlmAcceptor(negotiate=True)
     simulator = simulators(acceptor, certificate)
     gateway = ntlm_gateway(simulator, certificate, EWS_AUTH="negotiate")
-    monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+    monkeypatch.setattr(auth, "GssChannelBindings", lambda **_: None)
 
     answer = gateway.place_call()
 
