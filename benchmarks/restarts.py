@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.telemetry.metrics import Metrics
-from tests.integration.conftest import free_port
+from tests.integration.processes import free_port
 
 WORKERS = 16
 CLIENTS = 32

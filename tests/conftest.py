@@ -7,6 +7,15 @@ from typing import Any
 
 import pytest
 
+# Helper modules hold assertions too: rewritten as a test module's are, a failure shows values.
+pytest.register_assert_rewrite(
+    "tests.ews_schema",
+    "tests.fake_ews",
+    "tests.problems",
+    "tests.integration.processes",
+    "tests.integration.witness",
+)
+
 
 class NetworkBlocked(RuntimeError):
     """Raised when a unit test tries to open a socket."""

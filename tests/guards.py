@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.exchange.client import EwsClient
-from tests.test_api import FakeExchange
+from tests.fake_ews import FakeExchange
 
 KEY_A, KEY_B = "key-of-caller-a", "key-of-caller-b"
 PLACE = {"itemId": "AAMkItem", "dialString": "+15551234567"}

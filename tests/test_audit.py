@@ -11,8 +11,8 @@ import pytest
 
 from gateway.guards.audit import mask_dial_string
 from gateway.telemetry.logs import json_formatter
+from tests.fake_ews import FakeExchange
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, subject_of
-from tests.test_api import FakeExchange
 
 
 class Lines(logging.Handler):

@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,19 @@ from gateway.exchange import connector, http1
 from gateway.exchange.client import EwsClient
 from gateway.exchange.resilience import BreakerState, CircuitBreaker, ExchangePolicy
 from gateway.exchange.transport import MAX_REPLY_BYTES, Connection, ExchangeTransport
-from tests.test_transport import (
+from tests.addresses import SilentAddress, resolving_to, silent_addresses
+from tests.certificates import Certificate, exchange_certificate, misnamed_certificate
+from tests.loopback_exchange import (
     ANSWER,
     ENVELOPE,
     EWS_PATH,
     REQUEST_HEADERS,
-    Certificate,
     FakeExchange,
     RawServers,
     TlsExchange,
     Transports,
     exchange,
-    exchange_certificate,
     http_answer,
-    misnamed_certificate,
     raw_servers,
     read_request,
     tls_exchanges,
@@ -50,6 +49,7 @@ __all__ = [  # fixtures, imported to be found by pytest
     "exchange_certificate",
     "misnamed_certificate",
     "raw_servers",
+    "silent_addresses",
     "tls_exchanges",
     "transports",
 ]
@@ -250,49 +250,6 @@ def test_an_idempotent_call_on_a_new_connection_closed_unanswered_is_not_sent_ag
 
 
 # 5. One deadline: resolution and every address
-
-
-class SilentAddress:
-    """A loopback address whose SYNs go unanswered: a listener with a full accept queue."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._listener = socket.socket()
-        self._listener.bind((host, port))
-        self._listener.listen(0)
-        self._fillers = []
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex((host, port))
-            self._fillers.append(filler)
-        time.sleep(0.05)
-
-    def close(self) -> None:
-        for filler in self._fillers:
-            filler.close()
-        self._listener.close()
-
-
-@pytest.fixture
-def silent_addresses() -> Iterator[Callable[[str, int], SilentAddress]]:
-    opened: list[SilentAddress] = []
-
-    def open_silent(host: str, port: int) -> SilentAddress:
-        opened.append(SilentAddress(host, port))
-        return opened[-1]
-
-    yield open_silent
-    for silent in opened:
-        silent.close()
-
-
-def resolving_to(*hosts: str) -> connector.Resolver:
-    """A resolver answering these loopback addresses, in order, for any name."""
-
-    def resolve(_host: str, port: int) -> list[connector.Address]:
-        return [(socket.AF_INET, (host, port)) for host in hosts]
-
-    return resolve
 
 
 @pytest.mark.network

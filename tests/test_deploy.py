@@ -29,7 +29,7 @@ from gateway.app import caller_authenticator
 from gateway.config import Config
 from gateway.errors import ERROR_BY_RESPONSE_CODE, ExchangeBusy, metric_code
 from gateway.serving.server import gunicorn_options
-from tests.integration.conftest import free_port, gateway_env, http, start
+from tests.integration.processes import free_port, gateway_env, http, start
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from gateway.errors import DialStringNotAllowed, InvalidRequest
 from gateway.guards.dialing import DialPolicy, glob_regex, never_matches
 from gateway.guards.validation import MAX_DIAL_KEYS, MAX_SIP_URI_CHARS, parse_place_call
+from tests.fake_ews import FakeExchange
 from tests.guards import KEY_A, app_with_keys
-from tests.test_api import FakeExchange
 
 DIAL_CHARACTERS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-._")
 

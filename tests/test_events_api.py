@@ -25,7 +25,8 @@ from gateway.config import Config
 from gateway.exchange.client import CallInformation, EwsClient
 from gateway.guards.callers import Caller
 from gateway.guards.ownership import CallIds
-from tests.test_api import FakeExchange, assert_problem
+from tests.fake_ews import FakeExchange
+from tests.problems import assert_problem
 
 ORIGIN = "https://app.example.com"
 CALL_ID_KEY = b"events-api-tests-call-id-key-0123456789"

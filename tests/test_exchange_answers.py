@@ -23,7 +23,7 @@ from gateway.config import Config
 from gateway.exchange import replies
 from gateway.exchange.client import EwsClient
 from gateway.exchange.transport import ExchangeReply
-from tests.test_transport import Answer, FakeExchange, exchange
+from tests.loopback_exchange import Answer, FakeExchange, exchange
 
 __all__ = ["exchange"]  # a fixture, imported to be found by pytest
 

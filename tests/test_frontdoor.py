@@ -17,8 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway import errors
 from gateway.config import Config
-from gateway.serving import frontdoor
-from gateway.serving import server as serving
+from gateway.serving import frontdoor, server
 from gateway.serving.frontdoor import CallerFacts
 from gateway.telemetry.metrics import Metrics
 
@@ -124,7 +123,7 @@ def test_a_pipelined_request_already_read_is_served_without_waiting_for_the_sock
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Were the socket polled, this would wait five seconds and then say no."""
-    monkeypatch.setattr(serving, "NEXT_REQUEST_WAIT_S", 5.0)
+    monkeypatch.setattr(server, "NEXT_REQUEST_WAIT_S", 5.0)
     quiet, peer = socket.socketpair()
     with quiet, peer:
         buffered = io.BytesIO()
@@ -134,7 +133,7 @@ def test_a_pipelined_request_already_read_is_served_without_waiting_for_the_sock
         )
         worker = SimpleNamespace(alive=True, _waiting_for_thread=0)
 
-        assert serving.GatewayThreadWorker._next_request_is_here(worker, conn) is True
+        assert server.GatewayThreadWorker._next_request_is_here(worker, conn) is True
 
 
 # The parser on a socket pair: what gunicorn would hand the worker
@@ -143,7 +142,7 @@ def test_a_pipelined_request_already_read_is_served_without_waiting_for_the_sock
 @pytest.fixture
 def gunicorn_config() -> Any:
     cfg = GunicornConfig()
-    for name, value in serving.gunicorn_options(
+    for name, value in server.gunicorn_options(
         Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
     ).items():
         if name.startswith("limit_request"):

@@ -26,21 +26,20 @@ from gateway.errors import ExchangeAuthFailed, ExchangeTimeout, ExchangeUnreacha
 from gateway.exchange import connector
 from gateway.exchange.auth import BasicRefusalHold, Credentials, SecurityContextAuth
 from gateway.exchange.proxy import Proxy
-from tests.test_connections import SilentAddress, resolving_to, silent_addresses
-from tests.test_transport import (
+from tests.addresses import SilentAddress, resolving_to, silent_addresses
+from tests.certificates import Certificate, self_signed_certificate
+from tests.loopback_exchange import (
     ANSWER,
     ENVELOPE,
     EWS_PATH,
     REQUEST_HEADERS,
     Answer,
-    Certificate,
     FakeExchange,
     RawServers,
     Transports,
     exchange,
     raw_servers,
     read_request,
-    self_signed_certificate,
     transports,
 )
 

@@ -36,8 +36,8 @@ from gateway.guards.idempotency import (
     StoredAnswer,
     parse_key,
 )
+from tests.fake_ews import FakeExchange
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
-from tests.test_api import FakeExchange
 
 
 def post(app: Flask, key: str | None, body: dict[str, Any] = PLACE, caller: str = KEY_A) -> Any:

@@ -4,6 +4,9 @@ Every import under gateway/ is read from the source (those inside functions and 
 TYPE_CHECKING too) and checked against the layers below: a unit may import only units of a
 lower layer, never one of its own layer or a higher one, so no circle between packages can
 form. The simulator stands apart and shares only the wire constants.
+
+Tests import one way too: a test module is pytest's alone to import, so what several tests
+share lives in a helper module (tests/fake_ews.py, tests/integration/processes.py, ...).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gateway"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gateway"
 
 # Highest first. A unit is a package under gateway/ or one of the loose modules.
 LAYERS: tuple[frozenset[str], ...] = (
@@ -120,3 +124,62 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
     module = PACKAGE / "guards" / "quotas.py"
     found = {target for _line, target in imported_modules(module)}
     assert "gateway.errors" in found
+
+
+def absolute_imports(source: str, package: str) -> Iterator[tuple[int, str]]:
+    """Yield (line, dotted name) for each module and name imported by SOURCE, in PACKAGE."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield node.lineno, base
+            for alias in node.names:
+                yield node.lineno, f"{base}.{alias.name}"
+
+
+def owning_test_module(name: str) -> str | None:
+    """Return the test module a dotted name is or lies in ("tests.test_routes.build_app")."""
+    parts = name.split(".")
+    for end in range(2, len(parts) + 1):
+        is_test_file = ROOT.joinpath(*parts[:end]).with_suffix(".py").is_file()
+        if parts[0] == "tests" and parts[end - 1].startswith("test_") and is_test_file:
+            return ".".join(parts[:end])
+    return None
+
+
+def test_no_module_imports_a_test_module() -> None:
+    """Tests, their helpers and the benchmarks share helper modules, never a test module."""
+    wrong = set()
+    for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
+        package = module_name(path)
+        if path.name != "__init__.py":
+            package = package.rpartition(".")[0]
+        for line, name in absolute_imports(path.read_text(), package):
+            imported = owning_test_module(name)
+            if imported is not None:
+                wrong.add(f"{path.relative_to(ROOT)}:{line}: imports {imported}")
+    assert sorted(wrong) == []
+
+
+@pytest.mark.parametrize(
+    ("package", "statement", "expected"),
+    [
+        ("tests", "import tests.test_routes", "tests.test_routes"),
+        ("tests", "from tests import test_routes", "tests.test_routes"),
+        ("tests", "from tests.test_routes import build_app", "tests.test_routes"),
+        ("tests", "from .test_routes import build_app", "tests.test_routes"),
+        ("tests.integration", "from ..test_routes import build_app", "tests.test_routes"),
+        ("tests.integration", "from . import test_serve", "tests.integration.test_serve"),
+        ("tests", "from tests.fake_ews import FakeExchange", None),
+    ],
+)
+def test_the_checker_sees_a_test_module_imported_in_any_spelling(
+    package: str, statement: str, expected: str | None
+) -> None:
+    imported = {owning_test_module(name) for _line, name in absolute_imports(statement, package)}
+    assert imported - {None} == ({expected} if expected else set())

@@ -20,6 +20,7 @@ from gateway.exchange.client import EwsClient, PlacedCall
 from gateway.guards.callers import OPEN_CALLER, Caller
 from gateway.guards.ownership import MAX_EWS_ID_CHARS, CallIds
 from gateway.guards.validation import check_call_id
+from tests.fake_ews import FakeExchange
 from tests.identity import (
     RecordingExchange,
     SigningKey,
@@ -30,7 +31,6 @@ from tests.identity import (
     jwt_environ,
     rsa_key,
 )
-from tests.test_api import FakeExchange
 
 KEY = b"k" * 32
 ALICE = Caller(subject="alice")

@@ -15,8 +15,8 @@ from limits.storage import MemoryStorage, Storage
 
 from gateway.errors import RateLimited
 from gateway.guards.quotas import CALLS, LEASE_TTL_S, REQUESTS, Quotas
+from tests.fake_ews import FakeExchange
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
-from tests.test_api import FakeExchange
 
 
 def test_calls_over_the_quota_are_429_with_retry_after_and_exchange_is_not_asked(

@@ -2,244 +2,49 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
-import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway import __version__
 from gateway.errors import ExchangeBadAnswer, ExchangeTimeout, ExchangeUnreachable
 from gateway.exchange.auth import Credentials, SecurityContextAuth
 from gateway.exchange.client import Transport
 from gateway.exchange.transport import MAX_REPLY_BYTES, ExchangeReply, ExchangeTransport
+from tests.certificates import Certificate, exchange_certificate, misnamed_certificate
+from tests.loopback_exchange import (
+    ANSWER,
+    ENVELOPE,
+    EWS_PATH,
+    REQUEST_HEADERS,
+    SOAP_XML,
+    Answer,
+    FakeExchange,
+    RawServers,
+    TlsExchange,
+    Transports,
+    exchange,
+    http_answer,
+    raw_servers,
+    read_request,
+    tls_exchanges,
+    transports,
+)
 
-EWS_PATH = "/EWS/Exchange.asmx"
-SOAP_XML = "text/xml; charset=utf-8"
-ENVELOPE = b"<?xml version='1.0' encoding='utf-8'?><soap-env:Envelope/>"
-REQUEST_HEADERS = {
-    "Content-Type": SOAP_XML,
-    "SOAPAction": '"http://schemas.microsoft.com/exchange/services/2006/messages/DisconnectPhoneCall"',
-    "X-Request-ID": "req-7",
-}
-ANSWER = b'<?xml version="1.0" encoding="utf-8"?><s:Envelope>answer</s:Envelope>'
-
-
-@dataclass(frozen=True)
-class ReceivedRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    peer: tuple[str, int]
-
-
-@dataclass
-class Answer:
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": SOAP_XML})
-    body: bytes = ANSWER
-
-
-class _ExchangeHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as IIS does
-    server: FakeExchange
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.lock:
-            self.server.open_connections += 1
-
-    def finish(self) -> None:
-        with self.server.lock:
-            self.server.open_connections -= 1
-        super().finish()
-
-    def _record_and_answer(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.server.received.append(
-            ReceivedRequest(self.command, self.path, dict(self.headers), body, self.client_address)
-        )
-        answer = self.server.answer
-        self.send_response(answer.status)
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(answer.body)))
-        self.end_headers()
-        self.wfile.write(answer.body)
-
-    do_POST = do_GET = _record_and_answer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class FakeExchange(ThreadingHTTPServer):
-    """An HTTP server on loopback that records each request and gives one canned answer."""
-
-    request_queue_size = 64  # a burst of concurrent connections must not overflow the backlog
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ExchangeHandler)
-        self.answer = Answer()
-        self.received: list[ReceivedRequest] = []
-        self.lock = threading.Lock()
-        self.open_connections = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}{EWS_PATH}"
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The transport hangs up mid-answer in some tests; that is the point, not an error.
-        pass
-
-
-class RawServer:
-    """A loopback TCP server that hands every accepted connection to `on_connection`."""
-
-    def __init__(self, on_connection: Callable[[socket.socket], None]) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self._on_connection = on_connection
-        self._stop = threading.Event()
-        self.connections: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}{EWS_PATH}"
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            self.connections.append(connection)
-            self._on_connection(connection)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._listener.close()
-        for connection in self.connections:
-            connection.close()
-
-
-class TlsExchange(FakeExchange):
-    """FakeExchange behind TLS, presenting the given certificate."""
-
-    def __init__(
-        self, certificate: Certificate, maximum_version: ssl.TLSVersion | None = None
-    ) -> None:
-        super().__init__()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certificate.cert_path, certificate.key_path)
-        if maximum_version is not None:
-            # An old server: its protocol versions, and the ciphers they need.
-            context.set_ciphers("DEFAULT:@SECLEVEL=0")
-            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-            context.maximum_version = maximum_version
-        # The handshake runs on accept; a client that rejects it is dropped there.
-        self.socket = context.wrap_socket(self.socket, server_side=True)
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.server_port}{EWS_PATH}"
-
-
-@dataclass(frozen=True)
-class Certificate:
-    cert_path: Path
-    key_path: Path
-
-
-def self_signed_certificate(directory: Path, names: list[x509.GeneralName]) -> Certificate:
-    """Write a self-signed certificate (its own CA) for the given names, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Exchange")])
-    now = datetime.datetime.now(datetime.UTC)
-    public_key = key.public_key()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    certificate = Certificate(directory / "exchange.pem", directory / "exchange.key")
-    certificate.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    certificate.key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return certificate
-
-
-def http_answer(body: bytes = ANSWER) -> bytes:
-    """A 200 answer carrying the body on a connection kept alive."""
-    return (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/xml; charset=utf-8\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-
-
-def read_request(connection: socket.socket) -> bytes:
-    """Read one HTTP request (headers and Content-Length body) from a raw connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += connection.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += connection.recv(65536)
-    return data
+__all__ = [  # fixtures, imported to be found by pytest
+    "exchange",
+    "exchange_certificate",
+    "misnamed_certificate",
+    "raw_servers",
+    "tls_exchanges",
+    "transports",
+]
 
 
 def hold_open(connection: socket.socket) -> None:
@@ -251,82 +56,6 @@ def hang_up(connection: socket.socket) -> None:
     """Read the request and close the connection without a word."""
     read_request(connection)
     connection.close()
-
-
-@pytest.fixture
-def exchange() -> Iterator[FakeExchange]:
-    server = FakeExchange()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    yield server
-    server.shutdown()
-    thread.join()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def exchange_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
-    names: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.DNSName("localhost"),
-    ]
-    return self_signed_certificate(tmp_path_factory.mktemp("exchange-tls"), names)
-
-
-@pytest.fixture(scope="module")
-def misnamed_certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
-    names: list[x509.GeneralName] = [x509.DNSName("exchange.example.test")]
-    return self_signed_certificate(tmp_path_factory.mktemp("misnamed-tls"), names)
-
-
-@pytest.fixture
-def tls_exchanges() -> Iterator[Callable[[Certificate], TlsExchange]]:
-    started: list[tuple[TlsExchange, threading.Thread]] = []
-
-    def start(certificate: Certificate) -> TlsExchange:
-        server = TlsExchange(certificate)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.shutdown()
-        thread.join()
-        server.server_close()
-
-
-# Start a raw TCP server that runs a function on each connection; build transports.
-RawServers = Callable[[Callable[[socket.socket], None]], RawServer]
-Transports = Callable[..., ExchangeTransport]
-
-
-@pytest.fixture
-def raw_servers() -> Iterator[RawServers]:
-    servers: list[RawServer] = []
-
-    def start(on_connection: Callable[[socket.socket], None]) -> RawServer:
-        servers.append(RawServer(on_connection))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-@pytest.fixture
-def transports() -> Iterator[Transports]:
-    """Build transports that are closed before the servers they talk to."""
-    opened: list[ExchangeTransport] = []
-
-    def open_transport(url: str, **options: Any) -> ExchangeTransport:
-        opened.append(ExchangeTransport(url, **{"timeout_s": 5.0, **options}))
-        return opened[-1]
-
-    yield open_transport
-    for transport in opened:
-        transport.close()
 
 
 # The transport with a per-request scheme and with a per-connection one (EWS_AUTH=ntlm),

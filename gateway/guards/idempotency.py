@@ -129,7 +129,7 @@ class IdempotentCalls:
     def place(
         self, owner: str, key: str, fingerprint: str, place: Callable[[], StoredAnswer]
     ) -> StoredAnswer:
-        """Answer the request with KEY from OWNER whose body hashes to FINGERPRINT."""
+        """StoredAnswer the request with KEY from OWNER whose body hashes to FINGERPRINT."""
         store_key = KEY_PREFIX + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
         # The random claim makes this request's record its own, to free it after a lost answer.
         pending = json.dumps(

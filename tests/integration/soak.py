@@ -36,7 +36,7 @@ from statistics import mean
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from tests.integration.conftest import Server, free_port, gateway_env, http, start, worker_pids
+from tests.integration.processes import Server, free_port, gateway_env, http, start, worker_pids
 from tests.integration.witness import NO_FAULT, Attempt, read_witness, rule_label
 
 PROBLEM_JSON = "application/problem+json"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, free_port, gateway_env, start
+from tests.integration.processes import Server, free_port, gateway_env, start
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

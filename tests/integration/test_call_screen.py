@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Server, free_port, http, set_faults, start
+from tests.integration.processes import Server, free_port, http, set_faults, start
 
 ROOT = Path(__file__).parents[2]
 PAGE_DIR = ROOT / "gateway" / "demo"

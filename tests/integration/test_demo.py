@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, free_port, http, start
+from tests.integration.processes import Server, free_port, http, start
 
 README = Path(__file__).parents[2] / "README.md"
 RAM_DISK = Path("/dev/shm")

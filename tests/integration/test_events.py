@@ -21,16 +21,18 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.integration.load import LoadClient
+from tests.integration.processes import (
     Server,
     free_port,
     gateway_env,
     http,
+    port_of,
     set_faults,
     simulator_requests,
     start,
+    wait_until,
 )
-from tests.integration.test_production import LoadClient, port_of, wait_until
 
 STEP_S = 1.5
 POLL_S = 0.5

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.integration.processes import (
     Server,
     free_port,
     gateway_env,

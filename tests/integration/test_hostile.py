@@ -22,7 +22,7 @@ from lxml import etree
 
 from gateway import wire
 from tests.ews_schema import SCHEMA_DIR, schema_available
-from tests.integration.conftest import (
+from tests.integration.processes import (
     Response,
     Server,
     free_port,

@@ -7,7 +7,6 @@ behind the shared ticket's lock) far past EWS_TIMEOUT_SECONDS.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ import pytest
 from gateway.errors import ExchangeTimeout
 from gateway.exchange.auth import Credentials, SecurityContextAuth
 from gateway.exchange.transport import ExchangeTransport
-from tests.test_transport import ENVELOPE, REQUEST_HEADERS, FakeExchange, exchange
+from tests.integration.kdc import kdc_sockets
+from tests.loopback_exchange import ENVELOPE, REQUEST_HEADERS, FakeExchange, exchange
 
 pytest.importorskip(
     "krb5", reason="python-krb5 is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
@@ -28,21 +28,6 @@ __all__ = ["exchange"]  # a fixture, imported to be found by pytest
 
 REALM = "SILENT.TEST"
 TIMEOUT_S = 0.5
-
-
-def kdc_sockets() -> tuple[socket.socket, socket.socket]:
-    """A UDP and a TCP socket on one free loopback port, as a KDC listens."""
-    for _ in range(20):
-        stream = socket.create_server(("127.0.0.1", 0), backlog=64)
-        datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            datagrams.bind(stream.getsockname())
-        except OSError:
-            datagrams.close()
-            stream.close()
-            continue
-        return datagrams, stream
-    raise RuntimeError("no loopback port free for both UDP and TCP")
 
 
 @pytest.fixture

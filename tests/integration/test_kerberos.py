@@ -20,15 +20,18 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway.exchange import auth as upstream_auth
+from gateway.exchange import auth
 from gateway.exchange.tickets import TicketCache
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
 from gateway.simulator.server import TlsIdentity
-from tests.integration.test_kdc_deadline import kdc_sockets
-from tests.test_transport import Certificate, self_signed_certificate
-from tests.test_upstream_auth import Gateway, https_url, placed_calls
+from tests.certificates import Certificate, self_signed_certificate
+from tests.in_process_gateway import Gateway, https_url, placed_calls
+from tests.integration.kdc import kdc_sockets
 
+pytest.importorskip(
+    "krb5", reason="python-krb5 is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
+)
 k5test = pytest.importorskip("k5test", reason="k5test (the dev extra) is not installed")
 pytest.importorskip(
     "gssapi", reason="GSSAPI is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
@@ -274,9 +277,9 @@ def test_without_the_right_channel_binding_the_ticket_is_refused(
     simulator, acceptor = exchange
     gateway = kerberos_gateway(simulator, certificate, EWS_USERNAME=ACCOUNT, EWS_PASSWORD=PASSWORD)
     if binding is None:
-        monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+        monkeypatch.setattr(auth, "GssChannelBindings", lambda **_: None)
     else:
-        monkeypatch.setattr(upstream_auth, "certificate_hash", binding)
+        monkeypatch.setattr(auth, "certificate_hash", binding)
 
     answer = gateway.place_call()
 

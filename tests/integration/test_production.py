@@ -15,50 +15,33 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException, HTTPResponse
+from http.client import HTTPConnection, HTTPResponse
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import (
+from tests.integration.load import LoadClient
+from tests.integration.processes import (
     Response,
     Server,
     free_port,
     gateway_env,
     http,
+    port_of,
     set_faults,
     simulator_requests,
     start,
+    wait_until,
     worker_pids,
 )
 
-T = TypeVar("T")
-WAIT_S = 20.0
 PROBLEM_JSON = "application/problem+json"
 CALL_ROUTE = "/calls/<call_id>"
 REQUESTS = "ews_gateway_http_requests_total"
 IN_PROGRESS = "ews_gateway_http_requests_in_progress"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def wait_until(condition: Callable[[], T], what: str, timeout_s: float = WAIT_S) -> T:
-    """Poll CONDITION until it returns something true; fail naming WHAT after TIMEOUT_S."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def port_of(server: Server) -> int:
-    return int(server.url.rsplit(":", 1)[1])
 
 
 @pytest.fixture
@@ -207,71 +190,6 @@ def test_counts_stay_exact_across_four_workers_and_one_killed_mid_request(
         assert answered(samples, **route) == sent
         assert in_progress(samples) == 1
     assert answered(samples, method="GET", route=CALL_ROUTE) == 0  # the killed one never ended
-
-
-@dataclass
-class Attempt:
-    """One request a load client sent, and what came back."""
-
-    request_id: str
-    sent_at: float
-    answered_at: float = float("inf")
-    status: int | None = None
-    body: Any = None
-    error: str | None = None
-
-
-@dataclass
-class LoadClient:
-    """Sends one request after another until the gateway refuses its connection."""
-
-    port: int
-    method: str
-    path: str
-    keep_alive: bool
-    give_up_at: float
-    attempts: list[Attempt] = field(default_factory=list)
-    refused: bool = False
-
-    def run(self) -> None:
-        connection: HTTPConnection | None = None
-        try:
-            while time.monotonic() < self.give_up_at:
-                if connection is None:
-                    connection = HTTPConnection("127.0.0.1", self.port, timeout=30)
-                    try:
-                        connection.connect()
-                    except ConnectionRefusedError:
-                        self.refused = True
-                        return
-                    except OSError as error:
-                        self.attempts.append(
-                            Attempt("(connecting)", time.monotonic(), error=repr(error))
-                        )
-                        return
-                attempt = self.send(connection)
-                self.attempts.append(attempt)
-                if attempt.error is not None:
-                    return
-                if not self.keep_alive or connection.sock is None:  # closed: Connection: close
-                    connection.close()
-                    connection = None
-        finally:
-            if connection is not None:
-                connection.close()
-
-    def send(self, connection: HTTPConnection) -> Attempt:
-        attempt = Attempt(request_id=os.urandom(8).hex(), sent_at=time.monotonic())
-        try:
-            connection.request(self.method, self.path, headers={"X-Request-ID": attempt.request_id})
-            response = connection.getresponse()
-            body = response.read()
-            attempt.answered_at = time.monotonic()
-            attempt.status = response.status
-            attempt.body = json.loads(body)
-        except (OSError, HTTPException, ValueError) as error:
-            attempt.error = repr(error)
-        return attempt
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_then_refuses(

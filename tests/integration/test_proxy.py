@@ -23,16 +23,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.config import Config
-from tests.integration.conftest import free_port
-from tests.test_transport import (
-    Answer,
-    Certificate,
-    FakeExchange,
-    TlsExchange,
-    exchange,
-    exchange_certificate,
-    tls_exchanges,
-)
+from tests.certificates import Certificate, exchange_certificate
+from tests.integration.processes import free_port
+from tests.loopback_exchange import Answer, FakeExchange, TlsExchange, exchange, tls_exchanges
 
 __all__ = ["exchange", "exchange_certificate", "tls_exchanges"]  # fixtures
 

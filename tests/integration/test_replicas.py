@@ -21,19 +21,19 @@ from cryptography import x509
 
 from gateway.errors import SharedStateUnavailable
 from gateway.guards.idempotency import IdempotentCalls, RedisKeys, StoredAnswer
+from tests.certificates import Certificate, self_signed_certificate
 from tests.identity import SigningKey, claims, rsa_key
-from tests.integration.conftest import (
+from tests.integration.processes import (
     Response,
     Server,
     free_port,
     gateway_env,
     http,
+    run_serve,
     set_faults,
     simulator_requests,
     start,
 )
-from tests.integration.test_serve import run_serve
-from tests.test_transport import Certificate, self_signed_certificate
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = pytest.mark.skipif(

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.integration.processes import (
     Response,
     Server,
     free_port,

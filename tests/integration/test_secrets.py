@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.integration.conftest import (
+from tests.integration.processes import (
     Response,
     Server,
     free_port,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -12,11 +10,13 @@ from urllib.parse import quote
 import pytest
 
 from tests.ews_schema import assert_envelope_valid, schema_available
-from tests.integration.conftest import (
+from tests.integration.processes import (
     Server,
     free_port,
     gateway_env,
     http,
+    run_serve,
+    sample,
     set_faults,
     simulator_requests,
     start,
@@ -158,13 +158,6 @@ def test_exchange_failures_reach_the_caller_as_the_contract_says(
     assert http("GET", f"{gateway.url}/livez").status == 200
 
 
-def sample(exposition: str, series: str) -> float:
-    for line in exposition.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{series} not in /metrics")
-
-
 def test_metrics_count_every_request_exactly_across_workers(gateway: Server) -> None:
     for _ in range(40):
         http("DELETE", f"{gateway.url}/calls/unknown")
@@ -197,18 +190,6 @@ def test_serve_warns_at_start_when_callers_or_exchange_go_unchecked(
     assert any(message.startswith("GATEWAY_AUTH=none") for message in warnings)
     assert any(message.startswith("EWS_VERIFY_TLS=false") for message in warnings)
     assert any(message.startswith("GATEWAY_DIAL_ALLOW allows every") for message in warnings)
-
-
-def run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run `serve` with only ENV (and PATH) set, expecting it to refuse to start."""
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "serve"],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def test_serve_without_ews_url_fails_at_once_naming_it() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, free_port, http, start
-from tests.test_upstream_auth import Gateway
+from tests.in_process_gateway import Gateway
+from tests.integration.processes import Server, free_port, http, start
 
 CALL = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
 

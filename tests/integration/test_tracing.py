@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from tests.integration.conftest import Server, free_port, gateway_env, http, start
+from tests.integration.processes import Server, free_port, gateway_env, http, start
 
 REQUESTS = 40
 # Each worker exits after about this many requests, so REQUESTS take several worker

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, free_port, start
+from tests.integration.processes import Server, free_port, start
 
 CLIENT = Path(__file__).parents[2] / "clients" / "typescript"
 NPM_TIMEOUT_S = 300

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, free_port, http, start, worker_pids
-from tests.integration.test_serve import sample
+from tests.integration.processes import Server, free_port, http, sample, start, worker_pids
 
 RESTARTS = 200
 WORKERS = 8

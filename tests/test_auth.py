@@ -11,29 +11,25 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from flask.testing import FlaskClient
-from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
-from gateway.config import Config
-from gateway.exchange import auth as upstream_auth
+from gateway.exchange import auth
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import Acceptor, BearerAcceptor, NtlmAcceptor
 from gateway.simulator.server import TlsIdentity
-from tests.test_transport import Certificate, self_signed_certificate
+from tests.certificates import Certificate, self_signed_certificate
+from tests.in_process_gateway import Gateway, https_url, placed_calls
 
 pytestmark = pytest.mark.network
 
 DOMAIN, USER, PASSWORD = "CORP", "svc-gateway", "correct horse battery staple"
 FIXTURES = Path(__file__).parent / "fixtures"
-CALL = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
 
 
 @pytest.fixture(scope="module")
@@ -75,34 +71,6 @@ def simulators() -> Iterator[Simulators]:
         simulator.stop()
 
 
-class Gateway:
-    """The gateway app in process, and the registry its metrics go to."""
-
-    opened: ClassVar[list[Gateway]] = []
-
-    def __init__(self, environ: dict[str, str]) -> None:
-        self.registry = CollectorRegistry()
-        config = Config.from_env({"GATEWAY_AUTH": "none", **environ})
-        self.app = create_app(config, registry=self.registry)
-        self.client: FlaskClient = self.app.test_client()
-        Gateway.opened.append(self)
-
-    def close(self) -> None:
-        """Close the pooled connections to Exchange."""
-        self.app.extensions["gateway"].ews._transport.close()
-
-    def place_call(self) -> Any:
-        return self.client.post("/calls", json=CALL)
-
-    def upstream(self, outcome: str) -> float:
-        labels = {"operation": "PlayOnPhone", "outcome": outcome}
-        return self.registry.get_sample_value("ews_gateway_upstream_requests_total", labels) or 0
-
-
-def https_url(simulator: SimulatorServer) -> str:
-    return simulator.ews_url.replace("127.0.0.1", "localhost")
-
-
 def ntlm_gateway(simulator: SimulatorServer, certificate: Certificate, **extra: str) -> Gateway:
     return Gateway(
         {
@@ -114,11 +82,6 @@ def ntlm_gateway(simulator: SimulatorServer, certificate: Certificate, **extra: 
             **extra,
         }
     )
-
-
-def placed_calls(simulator: SimulatorServer) -> int:
-    requests = simulator.exchange.journal.recorded()
-    return sum(1 for request in requests if request.operation == "PlayOnPhone")
 
 
 @pytest.mark.usefixtures("ntlm_accounts")
@@ -154,10 +117,10 @@ def test_ntlm_without_the_right_channel_binding_is_refused(
     gateway = ntlm_gateway(simulator, certificate)
     if binding is None:
         # As a client without Extended Protection: no binding at all.
-        monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+        monkeypatch.setattr(auth, "GssChannelBindings", lambda **_: None)
     else:
         # As when a TLS-intercepting proxy sits between the gateway and Exchange.
-        monkeypatch.setattr(upstream_auth, "certificate_hash", binding)
+        monkeypatch.setattr(auth, "certificate_hash", binding)
 
     answer = gateway.place_call()
 
@@ -298,7 +261,7 @@ def test_a_rotated_bearer_token_file_is_used_from_the_next_call(
     simulators: Simulators, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Checked on every call here; once a second in production.
-    monkeypatch.setattr(upstream_auth.BearerToken, "CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr(auth.BearerToken, "CHECK_INTERVAL_S", 0.0)
     acceptor = BearerAcceptor(lifetime_s=3600)
     simulator = simulators(acceptor, None)
     token_file = tmp_path / "token"
@@ -394,7 +357,7 @@ def test_the_channel_binding_hashes_the_certificate_as_its_signature_does(
 ) -> None:
     der = certificate_signed_with(signature_hash)
 
-    assert upstream_auth.certificate_hash(der) == expected(der).digest()
+    assert auth.certificate_hash(der) == expected(der).digest()
 
 
 def test_a_certificate_signed_with_sha1_is_bound_by_its_sha256() -> None:
@@ -403,7 +366,7 @@ def test_a_certificate_signed_with_sha1_is_bound_by_its_sha256() -> None:
     der = ssl.PEM_cert_to_DER_cert(pem)
     assert x509.load_der_x509_certificate(der).signature_hash_algorithm.name == "sha1"
 
-    assert upstream_auth.certificate_hash(der) == hashlib.sha256(der).digest()
+    assert auth.certificate_hash(der) == hashlib.sha256(der).digest()
 
 
 @pytest.fixture
@@ -440,7 +403,7 @@ def test_ntlm_inside_negotiate_without_a_channel_binding_is_refused(
     acceptor = NtlmAcceptor(negotiate=True)
     simulator = simulators(acceptor, certificate)
     gateway = ntlm_gateway(simulator, certificate, EWS_AUTH="negotiate")
-    monkeypatch.setattr(upstream_auth, "GssChannelBindings", lambda **_: None)
+    monkeypatch.setattr(auth, "GssChannelBindings", lambda **_: None)
 
     answer = gateway.place_call()
 

@@ -17,8 +17,13 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from gateway.config import Config
 from gateway.errors import ConfigError
-from gateway.serving import server as serving
-from gateway.serving.server import GatewayServer, ensure_can_listen, gunicorn_options
+from gateway.serving.server import (
+    GatewayServer,
+    GatewayThreadWorker,
+    _close_gently,
+    ensure_can_listen,
+    gunicorn_options,
+)
 
 BASE_ENV = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
 # nginx's proxy_read_timeout and keepalive_timeout, and AWS ALB's idle timeout, default to 60 s.
@@ -143,7 +148,7 @@ def test_a_closing_connection_sends_fin_and_is_closed_by_the_thread_that_answere
         client.sendall(b"what the client still sent")
         client.shutdown(socket.SHUT_WR)
 
-        serving._close_gently(server)
+        _close_gently(server)
 
         assert server.fileno() == -1
         assert client.recv(100) == b""  # FIN: the client sees the end of the answer
@@ -157,6 +162,6 @@ def test_a_connection_closed_by_its_thread_is_counted_off_once() -> None:
     answered = Future()  # what gthread's pool hands back: the request was answered, kept
     answered.set_result(True)
 
-    serving.GatewayThreadWorker.finish_request(worker, SimpleNamespace(sock=server), answered)
+    GatewayThreadWorker.finish_request(worker, SimpleNamespace(sock=server), answered)
 
     assert worker.nr_conns == 2
