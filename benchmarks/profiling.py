@@ -38,7 +38,6 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "the call to Exchange",
         (
             "gateway/exchange/",
-            "tenacity",
             "httptools",
             "lxml",
             "gateway/telemetry/exchange_calls.py",

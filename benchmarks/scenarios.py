@@ -202,7 +202,7 @@ def memory(bench: Bench, ews_url: str, call_id: str, results: Results) -> Memory
     results.gateway_ready_s.append(gateway.ready_s)
     workers_at_start = wait_for_workers(gateway, WORKERS)
     at_start = settled_rss(gateway)
-    chunk = Load(gateway.url, "DELETE", _call_path(call_id), plan.connections, plan.round_s)
+    chunk = Load(gateway.url, "DELETE", call_path(call_id), plan.connections, plan.round_s)
     # Bounded twice: by count (the point of the run) and by time (a stall must not hang it).
     deadline = time.monotonic() + MEMORY_TIME_CAP_S
     answered = errors = 0
@@ -238,7 +238,7 @@ def _disconnect_envelope(call_id: str) -> bytes:
     return upstream.DISCONNECT_REQUEST.format(call_id=escape(call_id, {'"': "&quot;"})).encode()
 
 
-def _call_path(call_id: str) -> str:
+def call_path(call_id: str) -> str:
     return "/calls/" + quote(call_id, safe="")
 
 
@@ -249,4 +249,4 @@ def exchange_id(call_id: str) -> str:
 
 def _path(target: str, call_id: str) -> str:
     """The gateway takes the id it issued; the baseline knows only Exchange's id."""
-    return _call_path(call_id if target == GATEWAY else exchange_id(call_id))
+    return call_path(call_id if target == GATEWAY else exchange_id(call_id))

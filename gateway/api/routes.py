@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from typing import Any
 from urllib.parse import quote
 
@@ -287,7 +286,7 @@ def start_request() -> Response | None:
     """Give the request an id, start its clock and find out who is calling."""
     started = time.perf_counter()
     caller_id = request.headers.get("X-Request-ID", "")
-    request_id = caller_id if validation.is_sane_request_id(caller_id) else uuid.uuid4().hex
+    request_id = caller_id if validation.is_sane_request_id(caller_id) else logs.new_request_id()
     state = g.gateway_request = RequestState(
         request_id,
         started,

@@ -21,7 +21,6 @@ import re
 import select
 import socket
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from email.utils import formatdate
@@ -38,6 +37,7 @@ from gateway import errors
 from gateway.api import rendering
 from gateway.api.routes import UNMATCHED_ROUTE
 from gateway.guards import validation
+from gateway.telemetry import logs
 from gateway.telemetry.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
 
 LOG = logging.getLogger("gateway")
@@ -299,7 +299,7 @@ def request_id_for(caller_id: str | None) -> str:
     """Return the caller's X-Request-ID if it is sane, else a new one (as the app does)."""
     if caller_id is not None and validation.is_sane_request_id(caller_id):
         return caller_id
-    return uuid.uuid4().hex
+    return logs.new_request_id()
 
 
 def refuse(

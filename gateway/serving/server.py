@@ -553,7 +553,7 @@ def _gunicorn_log_config(level: str) -> dict[str, Any]:
         "formatters": {"json": {"()": "gateway.telemetry.logs.json_formatter"}},
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "class": "gateway.telemetry.logs.LineHandler",
                 "formatter": "json",
                 "stream": "ext://sys.stderr",
             }

@@ -137,9 +137,10 @@ def access_lines(gateway: Server) -> dict[str, dict[str, Any]]:
     """The gateway's request log lines by request id."""
     lines = {}
     for line in gateway.log().splitlines():
-        if line.startswith("{") and '"logger": "gateway.access"' in line:
+        if line.startswith("{"):
             record = json.loads(line)
-            lines[record["requestId"]] = record
+            if record["logger"] == "gateway.access":
+                lines[record["requestId"]] = record
     return lines
 
 
