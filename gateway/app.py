@@ -63,6 +63,7 @@ def create_app(
             build_transport(config),
             server_version=config.ews_server_version,
             anchor_mailbox=config.anchor_mailbox,
+            impersonation_id=config.ews_impersonation_id,
             observer=ExchangeTelemetry(metrics),
             policy=build_policy(config, metrics, bulkhead),
         )
@@ -208,6 +209,7 @@ def caller_authenticator(config: Config) -> CallerAuthenticator:
             issuer=config.jwt_issuer,
             audience=config.jwt_audience,
             mailbox_claim=mailbox_claim,
+            impersonation_id=config.ews_impersonation_id,
             operator_claim=config.operator_claim,
         )
     return OpenGateway()

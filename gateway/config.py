@@ -42,6 +42,21 @@ GSSAPI_INSTALL = "pip install 'ews-call-gateway[kerberos]' (builds against libkr
 SERVICE_PRINCIPAL = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9.-]+")
 GATEWAY_AUTH_MODES = ("none", "apikey", "jwt")
 IMPERSONATION_MODES = ("none", "token")
+# How an impersonated mailbox is named to Exchange (EWS_IMPERSONATION_ID): any of its SMTP
+# addresses, the account's user principal name, or its security identifier.
+IMPERSONATION_IDS = ("smtp", "upn", "sid")
+# Mailbox claims whose value is a UPN or an SID, so the id type follows them unless set:
+# Entra ID and AD FS name them so (AD FS by URI). OpenID Connect's own `sid` is a session
+# id: it fails the SID check (gateway.guards.callers), so such tokens are 403, never sent.
+UPN_CLAIMS = frozenset({"upn", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/upn"})
+SID_CLAIMS = frozenset(
+    {
+        "sid",
+        "onprem_sid",
+        "primarysid",
+        "http://schemas.microsoft.com/ws/2008/06/identity/claims/primarysid",
+    }
+)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Threads per gunicorn worker, and how many of them never wait on Exchange.
 DEFAULT_THREADS = 64
@@ -78,6 +93,8 @@ class Config:
     jwt_audience: str | None = None
     jwt_mailbox_claim: str = "email"
     ews_impersonation: str = "none"
+    # from_env follows the mailbox claim when EWS_IMPERSONATION_ID is unset (impersonation_id_for).
+    ews_impersonation_id: str = "smtp"
     cors_origins: tuple[str, ...] = ()
     bind: str = "0.0.0.0:8080"
     read_timeout_s: float = 10.0
@@ -134,6 +151,7 @@ class Config:
     def from_env(cls, environ: Mapping[str, str]) -> Config:
         """Build and validate a Config from environment variables."""
         env = _Env(environ)
+        mailbox_claim = env.text("GATEWAY_JWT_MAILBOX_CLAIM") or "email"
         config = cls(
             ews_url=env.url("EWS_URL"),
             gateway_auth=env.choice("GATEWAY_AUTH", GATEWAY_AUTH_MODES, default=None),
@@ -155,8 +173,13 @@ class Config:
             jwt_public_key=env.secret("GATEWAY_JWT_PUBLIC_KEY") or None,
             jwt_issuer=env.text("GATEWAY_JWT_ISSUER") or None,
             jwt_audience=env.text("GATEWAY_JWT_AUDIENCE") or None,
-            jwt_mailbox_claim=env.text("GATEWAY_JWT_MAILBOX_CLAIM") or "email",
+            jwt_mailbox_claim=mailbox_claim,
             ews_impersonation=env.choice("EWS_IMPERSONATION", IMPERSONATION_MODES, default="none"),
+            ews_impersonation_id=env.choice(
+                "EWS_IMPERSONATION_ID",
+                IMPERSONATION_IDS,
+                default=impersonation_id_for(mailbox_claim),
+            ),
             cors_origins=env.origins("GATEWAY_CORS_ORIGINS"),
             bind=env.bind("GATEWAY_BIND", default=cls.bind),
             read_timeout_s=env.number(
@@ -480,6 +503,15 @@ class _Env:
             return Path(file_name).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {file_name!r} ({exc.strerror})") from None
+
+
+def impersonation_id_for(mailbox_claim: str) -> str:
+    """Return the EWS_IMPERSONATION_ID a mailbox claim implies: upn, sid, else smtp."""
+    if mailbox_claim in UPN_CLAIMS:
+        return "upn"
+    if mailbox_claim in SID_CLAIMS:
+        return "sid"
+    return "smtp"
 
 
 def _or_default(value: int | None, default: int) -> int:

@@ -75,6 +75,7 @@ ERROR_SERVER_BUSY: Final = "ErrorServerBusy"
 ERROR_SCHEMA_VALIDATION: Final = "ErrorSchemaValidation"
 ERROR_ITEM_NOT_FOUND: Final = "ErrorItemNotFound"
 ERROR_INVALID_PHONE_NUMBER: Final = "ErrorInvalidPhoneNumber"
+ERROR_NON_EXISTENT_MAILBOX: Final = "ErrorNonExistentMailbox"
 
 # MessageXml value that carries Exchange's throttling back-off.
 BACK_OFF_MILLISECONDS: Final = "BackOffMilliseconds"

@@ -43,6 +43,12 @@ CALL_ID = "MDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAxQDE5Mi4xNjguMS4xMA=="
 ITEM_ID = "AAMkADk0N2Q5ZTFlLTg2ZDMtNDUwYi04ZmE3LWNmYjQ4OTdlZGM2MABGAAAAAAA="
 DIAL_STRING = "+4930123456789"
 MAILBOX = "user@example.com"
+# A mailbox named each way EWS_IMPERSONATION_ID allows, and the ConnectingSID child it takes.
+MAILBOX_IDS = {
+    "smtp": (MAILBOX, "SmtpAddress"),
+    "upn": ("user@corp.example.com", "PrincipalName"),
+    "sid": ("S-1-5-21-3623811015-3361044348-30300820-1013", "SID"),
+}
 SOAP = f"{{{wire.SOAP_ENV_NS}}}"
 M = f"{{{wire.MESSAGES_NS}}}"
 T = f"{{{wire.TYPES_NS}}}"
@@ -159,8 +165,17 @@ def observer() -> ObserverRecorder:
     return ObserverRecorder()
 
 
-def client_for(exchange: RecordedExchange, observer: ObserverRecorder | None = None) -> EwsClient:
-    return EwsClient(exchange, server_version="Exchange2010", observer=observer)
+def client_for(
+    exchange: RecordedExchange,
+    observer: ObserverRecorder | None = None,
+    impersonation_id: str = "smtp",
+) -> EwsClient:
+    return EwsClient(
+        exchange,
+        server_version="Exchange2010",
+        observer=observer,
+        impersonation_id=impersonation_id,
+    )
 
 
 def call(
@@ -276,13 +291,34 @@ def test_play_on_phone_without_a_change_key_sends_no_change_key_attribute() -> N
     assert dict(item_id.attrib) == {"Id": ITEM_ID}
 
 
+@pytest.mark.parametrize("impersonation_id", sorted(MAILBOX_IDS))
 @pytest.mark.parametrize("operation", wire.OPERATIONS)
-def test_impersonation_names_the_mailbox_by_primary_smtp_address(operation: str) -> None:
+def test_impersonation_names_the_mailbox_by_the_configured_id_type_alone(
+    operation: str, impersonation_id: str
+) -> None:
+    mailbox, element = MAILBOX_IDS[impersonation_id]
     exchange = RecordedExchange(error_response(operation, "ErrorInvalidPhoneCallId"))
     with pytest.raises(CallNotFound):
-        call(client_for(exchange), operation, mailbox=MAILBOX)
-    path = f"{SOAP}Header/{T}ExchangeImpersonation/{T}ConnectingSID/{T}PrimarySmtpAddress"
-    assert [element.text for element in exchange.envelope.findall(path)] == [MAILBOX]
+        call(client_for(exchange, impersonation_id=impersonation_id), operation, mailbox=mailbox)
+    connecting_sid = exchange.envelope.find(
+        f"{SOAP}Header/{T}ExchangeImpersonation/{T}ConnectingSID"
+    )
+    assert connecting_sid is not None
+    assert [(child.tag, child.text) for child in connecting_sid] == [(f"{T}{element}", mailbox)]
+
+
+def test_by_default_the_mailbox_is_named_by_smtp_address_never_primary_smtp_address() -> None:
+    exchange = RecordedExchange(recorded("disconnect_success.xml"))
+    EwsClient(exchange, server_version="Exchange2010").disconnect_call(
+        CALL_ID, request_id=REQUEST_ID, mailbox=MAILBOX
+    )
+    assert exchange.envelope.findtext(f".//{T}ConnectingSID/{T}SmtpAddress") == MAILBOX
+    assert b"PrimarySmtpAddress" not in exchange.sent[0].body
+
+
+def test_an_unknown_impersonation_id_type_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="primary"):
+        EwsClient(RecordedExchange(), server_version="Exchange2010", impersonation_id="primary")
 
 
 @pytest.mark.parametrize("operation", wire.OPERATIONS)
@@ -356,13 +392,19 @@ ENVELOPE_CASES = {
 
 
 @requires_schema
-@pytest.mark.parametrize("mailbox", [None, MAILBOX])
+@pytest.mark.parametrize("impersonation_id", [None, *sorted(MAILBOX_IDS)])
 @pytest.mark.parametrize("case", sorted(ENVELOPE_CASES))
 def test_envelopes_are_valid_against_the_ews_schema(
-    envelope_builder: EwsClient, case: str, mailbox: str | None
+    case: str, impersonation_id: str | None
 ) -> None:
     operation, body = ENVELOPE_CASES[case]
-    assert_envelope_valid(envelope_builder.build_envelope(operation, body, mailbox))
+    mailbox = None if impersonation_id is None else MAILBOX_IDS[impersonation_id][0]
+    client = EwsClient(
+        RecordedExchange(),
+        server_version="Exchange2010",
+        impersonation_id=impersonation_id or "smtp",
+    )
+    assert_envelope_valid(client.build_envelope(operation, body, mailbox))
 
 
 @requires_schema
@@ -371,7 +413,8 @@ def test_envelopes_are_valid_against_the_ews_schema(
     [
         (b"<m:PhoneCallId", b"<t:PhoneCallId"),
         (b'Version="Exchange2010"', b'Version="Exchange2019"'),
-        (b"<t:PrimarySmtpAddress>user@example.com<", b"<t:PrimarySmtpAddress><"),
+        (b"<t:SmtpAddress>user@example.com<", b"<t:SmtpAddress><"),
+        (b"<t:SmtpAddress>user@example.com</t:SmtpAddress>", b"<t:Smtp>user@example.com</t:Smtp>"),
     ],
 )
 def test_the_schema_check_rejects_envelopes_exchange_would_refuse(

@@ -525,3 +525,39 @@ def test_a_stream_limit_that_is_not_a_sane_whole_number_is_rejected_naming_it(ra
 def test_half_the_bulkhead_polls_watched_calls() -> None:
     assert from_env(GATEWAY_THREADS="64").poll_threads == 30
     assert from_env(GATEWAY_THREADS="2").poll_threads == 1
+
+
+def test_an_impersonated_mailbox_is_named_by_smtp_address_by_default() -> None:
+    assert from_env().ews_impersonation_id == "smtp"
+    assert from_env(GATEWAY_JWT_MAILBOX_CLAIM="preferred_username").ews_impersonation_id == "smtp"
+
+
+@pytest.mark.parametrize(
+    ("claim", "impersonation_id"),
+    [
+        ("email", "smtp"),
+        ("upn", "upn"),
+        ("http://schemas.xmlsoap.org/ws/2005/05/identity/claims/upn", "upn"),
+        ("sid", "sid"),
+        ("onprem_sid", "sid"),
+        ("primarysid", "sid"),
+        ("http://schemas.microsoft.com/ws/2008/06/identity/claims/primarysid", "sid"),
+    ],
+)
+def test_the_impersonation_id_type_follows_the_mailbox_claim(
+    claim: str, impersonation_id: str
+) -> None:
+    assert from_env(GATEWAY_JWT_MAILBOX_CLAIM=claim).ews_impersonation_id == impersonation_id
+
+
+@pytest.mark.parametrize("impersonation_id", ["smtp", "upn", "sid"])
+def test_a_chosen_impersonation_id_type_wins_over_the_claim(impersonation_id: str) -> None:
+    for claim in ("email", "upn", "onprem_sid"):
+        config = from_env(GATEWAY_JWT_MAILBOX_CLAIM=claim, EWS_IMPERSONATION_ID=impersonation_id)
+        assert config.ews_impersonation_id == impersonation_id
+
+
+@pytest.mark.parametrize("raw", ["primary", "SMTP", "PrimarySmtpAddress", "email", "sid,upn"])
+def test_an_unknown_impersonation_id_type_is_one_line_naming_the_variable(raw: str) -> None:
+    message = rejects(EWS_IMPERSONATION_ID=raw)
+    assert message == f"EWS_IMPERSONATION_ID must be one of smtp, upn, sid, got {raw!r}"

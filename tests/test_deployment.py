@@ -111,6 +111,24 @@ def test_impersonated_calls_through_two_servers_all_succeed_and_none_is_asked_of
     assert held == {(mailbox, deployment.home_of(mailbox)) for mailbox in MAILBOXES}
 
 
+@pytest.mark.parametrize(
+    "alias", ["dana@example.com", "d.ortiz@example.org"], ids=["same domain", "other domain"]
+)
+def test_an_alias_anchors_the_call_on_its_mailboxs_server_as_the_primary_address_would(
+    gateway: FlaskClient, signer: SigningKey, two_servers: SimulatorServer, alias: str
+) -> None:
+    # The front end finds the mailbox behind X-AnchorMailbox as Active Directory does.
+    deployment = two_servers.exchange.deployment
+    assert deployment is not None
+    primary = "dana.ortiz@example.com"  # listed by the simulator with both aliases
+
+    assert place_read_and_hang_up(gateway, signer, alias) == [201, 200, 200, 200]
+
+    for request in recorded(two_servers):
+        assert (request["anchorMailbox"], request["mailbox"]) == (alias, primary)
+        assert request["server"] == request["homeServer"] == deployment.home_of(primary)
+
+
 def _calls(simulator: SimulatorServer) -> list[dict[str, Any]]:
     with urllib.request.urlopen(simulator.url + "/simulator/calls", timeout=10) as answer:
         calls: list[dict[str, Any]] = json.load(answer)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from gateway import wire
-from gateway.exchange.envelopes import EnvelopeBuilder
+from gateway.exchange.envelopes import CONNECTING_SID, EnvelopeBuilder
 
 M = f"{{{wire.MESSAGES_NS}}}"
 T = f"{{{wire.TYPES_NS}}}"
@@ -20,21 +20,32 @@ xml_text = st.text(
     min_size=1,
 )
 values = printable_ascii | xml_text
+impersonation_ids = st.sampled_from(sorted(CONNECTING_SID))
+
+Builders = dict[str, EnvelopeBuilder]
 
 
 @pytest.fixture(scope="module")
-def builder() -> EnvelopeBuilder:
-    return EnvelopeBuilder("Exchange2013")
+def builders() -> Builders:
+    """One builder for each EWS_IMPERSONATION_ID, each with its own templates."""
+    return {kind: EnvelopeBuilder("Exchange2013", kind) for kind in CONNECTING_SID}
+
+
+@pytest.fixture(scope="module")
+def builder(builders: Builders) -> EnvelopeBuilder:
+    return builders["smtp"]
 
 
 @settings(max_examples=400, deadline=None)
-@given(call_id=values, mailbox=st.none() | values)
-@example(call_id="<&>\"'", mailbox="a&b<c>@example.com")
-@example(call_id="ewsgatewayslot0end", mailbox="ewsgatewayslot1end")
-@example(call_id="&amp;]]>", mailbox=None)
+@given(call_id=values, mailbox=st.none() | values, impersonation_id=impersonation_ids)
+@example(call_id="<&>\"'", mailbox="a&b<c>@example.com", impersonation_id="smtp")
+@example(call_id="<&>\"'", mailbox="a&b<c>@corp.example.com", impersonation_id="upn")
+@example(call_id="ewsgatewayslot0end", mailbox="ewsgatewayslot1end", impersonation_id="sid")
+@example(call_id="&amp;]]>", mailbox=None, impersonation_id="smtp")
 def test_call_id_operations_match_zeep(
-    builder: EnvelopeBuilder, call_id: str, mailbox: str | None
+    builders: Builders, call_id: str, mailbox: str | None, impersonation_id: str
 ) -> None:
+    builder = builders[impersonation_id]
     for operation in (wire.DISCONNECT_PHONE_CALL, wire.GET_PHONE_CALL_INFORMATION):
         body = {"PhoneCallId": {"Id": call_id}}
         envelope = builder.build(operation, body, mailbox)
@@ -47,15 +58,24 @@ def test_call_id_operations_match_zeep(
     change_key=st.none() | values,
     dial_string=values,
     mailbox=st.none() | values,
+    impersonation_id=impersonation_ids,
 )
-@example(item_id='"quoted"', change_key="<ck>", dial_string="+49 & <30>", mailbox=None)
+@example(
+    item_id='"quoted"',
+    change_key="<ck>",
+    dial_string="+49 & <30>",
+    mailbox=None,
+    impersonation_id="smtp",
+)
 def test_play_on_phone_matches_zeep(
-    builder: EnvelopeBuilder,
+    builders: Builders,
     item_id: str,
     change_key: str | None,
     dial_string: str,
     mailbox: str | None,
+    impersonation_id: str,
 ) -> None:
+    builder = builders[impersonation_id]
     body = {"ItemId": {"Id": item_id, "ChangeKey": change_key}, "DialString": dial_string}
     envelope = builder.build(wire.PLAY_ON_PHONE, body, mailbox)
     assert envelope == builder.serialize(wire.PLAY_ON_PHONE, body, mailbox)
@@ -71,10 +91,27 @@ def test_values_land_in_their_own_places_whatever_the_shape(builder: EnvelopeBui
             assert item is not None
             assert (item.get("Id"), item.get("ChangeKey")) == ("item-1", change_key)
             assert root.findtext(f".//{M}PlayOnPhone/{M}DialString") == "+4930"
-            assert root.findtext(f".//{T}PrimarySmtpAddress") == mailbox
+            assert root.findtext(f".//{T}ConnectingSID/{T}SmtpAddress") == mailbox
 
 
 def test_one_template_serves_different_values(builder: EnvelopeBuilder) -> None:
     first = builder.build(wire.DISCONNECT_PHONE_CALL, {"PhoneCallId": {"Id": "first"}})
     second = builder.build(wire.DISCONNECT_PHONE_CALL, {"PhoneCallId": {"Id": "second"}})
     assert first.replace(b'"first"', b'"second"') == second
+
+
+@settings(max_examples=200, deadline=None)
+@given(mailbox=values, impersonation_id=impersonation_ids)
+@example(mailbox="a&b<c>]]>@example.com", impersonation_id="smtp")
+@example(mailbox="S-1-5-21-1&<>", impersonation_id="sid")
+def test_the_mailbox_reads_back_unchanged_from_its_connecting_sid_child(
+    builders: Builders, mailbox: str, impersonation_id: str
+) -> None:
+    envelope = builders[impersonation_id].build(
+        wire.DISCONNECT_PHONE_CALL, {"PhoneCallId": {"Id": "call-1"}}, mailbox
+    )
+    connecting_sid = etree.fromstring(envelope).find(f".//{T}ConnectingSID")
+    assert connecting_sid is not None
+    (child,) = connecting_sid
+    assert child.tag == f"{T}{CONNECTING_SID[impersonation_id]}"
+    assert child.text == mailbox

@@ -142,9 +142,16 @@ class RecordingTransport:
         return ExchangeReply(200, "text/xml; charset=utf-8", None, None, SUCCESS)
 
 
-def sent_headers(anchor_mailbox: str | None, mailbox: str | None) -> dict[str, str]:
+def sent_headers(
+    anchor_mailbox: str | None, mailbox: str | None, impersonation_id: str = "smtp"
+) -> dict[str, str]:
     transport = RecordingTransport()
-    client = EwsClient(transport, server_version="Exchange2013", anchor_mailbox=anchor_mailbox)
+    client = EwsClient(
+        transport,
+        server_version="Exchange2013",
+        anchor_mailbox=anchor_mailbox,
+        impersonation_id=impersonation_id,
+    )
     client.disconnect_call("call-1", request_id="req-1", mailbox=mailbox)
     return transport.headers[0]
 
@@ -152,6 +159,20 @@ def sent_headers(anchor_mailbox: str | None, mailbox: str | None) -> dict[str, s
 def test_an_impersonated_call_is_anchored_on_the_impersonated_mailbox() -> None:
     headers = sent_headers(anchor_mailbox="svc@example.com", mailbox="alice@example.com")
     assert headers["X-AnchorMailbox"] == "alice@example.com"
+
+
+def test_a_call_impersonating_by_upn_is_anchored_on_the_upn() -> None:
+    headers = sent_headers("svc@example.com", "alice@corp.example.com", impersonation_id="upn")
+    assert headers["X-AnchorMailbox"] == "alice@corp.example.com"
+
+
+@pytest.mark.parametrize("anchor_mailbox", ["svc@example.com", None])
+def test_a_call_impersonating_by_sid_is_anchored_only_on_the_configured_mailbox(
+    anchor_mailbox: str | None,
+) -> None:
+    # X-AnchorMailbox takes an SMTP address or a UPN, never an SID.
+    headers = sent_headers(anchor_mailbox, "S-1-5-21-1-2-3-1104", impersonation_id="sid")
+    assert headers.get("X-AnchorMailbox") == anchor_mailbox
 
 
 def test_a_call_impersonating_nobody_is_anchored_on_the_configured_mailbox() -> None:

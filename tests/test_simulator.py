@@ -373,6 +373,102 @@ def test_the_control_api_lists_calls_with_their_mailbox(ews: Ews) -> None:
     ]
 
 
+# Naming the impersonated mailbox --------------------------------------------------------
+
+# A mailbox the simulator lists (gateway.simulator.directory.DEFAULT_MAILBOXES) by every name.
+DANA = "dana.ortiz@example.com"
+DANA_NAMES = {
+    "primary address": ("PrimarySmtpAddress", DANA),
+    "primary address through SmtpAddress": ("SmtpAddress", "Dana.Ortiz@Example.com"),
+    "alias": ("SmtpAddress", "dana@example.com"),
+    "alias in another domain": ("SmtpAddress", "d.ortiz@example.org"),
+    "UPN": ("PrincipalName", "DOrtiz@corp.example.com"),
+    "SID": ("SID", "S-1-5-21-3623811015-3361044348-30300820-1104"),
+}
+
+
+def as_dana(name: str) -> str:
+    child, value = DANA_NAMES[name]
+    return impersonating(value, child)
+
+
+def assert_no_such_mailbox_fault(response: requests.Response) -> str:
+    """Check the answer is Exchange's ErrorNonExistentMailbox fault and return its message."""
+    assert response.status_code == 500, response.text
+    fault = answer_of(response)
+    assert fault.tag == f"{{{SOAP}}}Fault"
+    assert fault.findtext("faultcode") == "a:ErrorNonExistentMailbox"
+    assert fault.findtext("detail/e:ResponseCode", namespaces=NS) == "ErrorNonExistentMailbox"
+    return str(fault.findtext("detail/e:Message", namespaces=NS))
+
+
+@pytest.mark.parametrize(
+    ("placed_by", "hung_up_by"), [("alias", "SID"), ("UPN", "primary address")]
+)
+def test_every_name_of_a_listed_mailbox_reaches_the_same_calls(
+    ews: Ews, placed_by: str, hung_up_by: str
+) -> None:
+    call_id = ews.place_call(header=as_dana(placed_by))
+    for name in DANA_NAMES:
+        assert ews.information(call_id, as_dana(name))[0] == "Connecting", name
+    response = ews.post(disconnect(call_id), as_dana(hung_up_by))
+    assert response_code(response) == "NoError"
+    (call,) = ews.control("GET", "calls").json()
+    assert call["mailbox"] == DANA
+
+
+@pytest.mark.parametrize("alias", ["dana@example.com", "D.Ortiz@example.org"])
+def test_an_alias_as_primary_smtp_address_is_refused_as_a_mailbox_that_does_not_exist(
+    ews: Ews, alias: str
+) -> None:
+    """Exchange takes only the primary address in PrimarySmtpAddress; SmtpAddress takes any."""
+    call_id = ews.place_call(header=impersonating(alias, "SmtpAddress"))
+
+    refused = ews.post(get_information(call_id), impersonating(alias, "PrimarySmtpAddress"))
+
+    message = assert_no_such_mailbox_fault(refused)
+    assert message == "The SMTP address has no mailbox associated with it."
+    assert ews.information(call_id, impersonating(alias, "SmtpAddress"))[0] == "Connecting"
+
+
+@pytest.mark.parametrize(
+    ("child", "value"),
+    [
+        ("SID", "S-1-5-21-1-2-3-4242"),
+        ("PrincipalName", DANA),  # Dana's address, but not her UPN
+        ("SmtpAddress", "dortiz@corp.example.com"),  # Dana's UPN, but not an address of hers
+    ],
+)
+def test_a_name_the_directory_does_not_hold_in_that_form_is_refused(
+    ews: Ews, child: str, value: str
+) -> None:
+    response = ews.post(play_on_phone(), impersonating(value, child))
+
+    assert_no_such_mailbox_fault(response)
+    assert ews.control("GET", "calls").json() == []
+    (recorded,) = ews.control("GET", "requests").json()
+    assert recorded["mailbox"] is None
+
+
+def test_an_unlisted_address_or_upn_is_a_mailbox_of_its_own(ews: Ews) -> None:
+    call_id = ews.place_call(header=impersonating("zoe@example.net", "SmtpAddress"))
+    assert ews.information(call_id, impersonating("Zoe@example.net"))[0] == "Connecting"
+    assert ews.information(call_id, impersonating("zoe@example.net", "PrincipalName"))[0] == (
+        "Connecting"
+    )
+
+
+def test_the_control_api_lists_the_mailboxes_and_their_names(ews: Ews) -> None:
+    mailboxes = ews.control("GET", "mailboxes").json()
+    dana = next(m for m in mailboxes if m["primarySmtpAddress"] == DANA)
+    assert dana == {
+        "primarySmtpAddress": DANA,
+        "aliases": ["dana@example.com", "d.ortiz@example.org"],
+        "principalName": "dortiz@corp.example.com",
+        "sid": "S-1-5-21-3623811015-3361044348-30300820-1104",
+    }
+
+
 # What Exchange rejects -----------------------------------------------------------------
 
 REJECTED_REQUESTS = {

@@ -102,11 +102,14 @@ class EwsClient:
         *,
         server_version: str,
         anchor_mailbox: str | None = None,
+        impersonation_id: str = "smtp",
         observer: ExchangeObserver | None = None,
         policy: ExchangePolicy | None = None,
     ) -> None:
-        self._envelopes = EnvelopeBuilder(server_version)
+        self._envelopes = EnvelopeBuilder(server_version, impersonation_id)
         self._anchor_mailbox = anchor_mailbox
+        # X-AnchorMailbox takes an SMTP address or a UPN; an SID cannot anchor a call.
+        self._anchors_on_mailbox = impersonation_id in ("smtp", "upn")
         self._guids = _RequestGuids()
         self._transport = transport
         self._observer = observer
@@ -182,7 +185,7 @@ class EwsClient:
         }
         # Exchange 2013+ front ends route by it to the mailbox's own server. An address an
         # HTTP header cannot carry as ASCII goes without: routed by the account instead.
-        anchor = mailbox or self._anchor_mailbox
+        anchor = mailbox if mailbox and self._anchors_on_mailbox else self._anchor_mailbox
         if anchor and anchor.isascii():
             headers["X-AnchorMailbox"] = anchor
         return headers

@@ -28,6 +28,10 @@ FieldPath = tuple[str, ...]
 # What makes two envelopes differ only in their values.
 Shape = tuple[str, tuple[FieldPath, ...], bool]
 
+# ConnectingSIDType's choice (types.xsd) for each EWS_IMPERSONATION_ID. Not PrimarySmtpAddress:
+# Exchange accepts only the primary address there, SmtpAddress any of the mailbox's addresses.
+CONNECTING_SID = {"smtp": "SmtpAddress", "upn": "PrincipalName", "sid": "SID"}
+
 _MARKER = "ewsgatewayslot{}end"
 _MARKER_SPLIT = re.compile(rb"ewsgatewayslot(\d+)end")
 
@@ -35,13 +39,16 @@ _MARKER_SPLIT = re.compile(rb"ewsgatewayslot(\d+)end")
 class EnvelopeBuilder:
     """Build the SOAP envelope of an operation, headers included."""
 
-    def __init__(self, server_version: str) -> None:
+    def __init__(self, server_version: str, impersonation_id: str = "smtp") -> None:
+        if impersonation_id not in CONNECTING_SID:
+            raise ValueError(f"no such impersonation id type: {impersonation_id!r}")
         wsdl = resources.files("gateway").joinpath(wire.WSDL_RESOURCE)
         with resources.as_file(wsdl) as wsdl_path:
             self._zeep = zeep.Client(str(wsdl_path), settings=zeep.Settings(forbid_dtd=True))
         self._zeep.set_ns_prefix("m", wire.MESSAGES_NS)
         self._zeep.set_ns_prefix("t", wire.TYPES_NS)
         self._server_version = server_version
+        self._connecting_sid = CONNECTING_SID[impersonation_id]
         self._templates: dict[Shape, _Template] = {}
 
     def build(self, operation: str, body: Mapping[str, Any], mailbox: str | None = None) -> bytes:
@@ -64,7 +71,7 @@ class EnvelopeBuilder:
         """Return the envelope as zeep serializes it, without templates."""
         headers: dict[str, Any] = {"RequestVersion": {"Version": self._server_version}}
         if mailbox is not None:
-            headers["Impersonation"] = {"ConnectingSID": {"PrimarySmtpAddress": mailbox}}
+            headers["Impersonation"] = {"ConnectingSID": {self._connecting_sid: mailbox}}
         envelope = self._zeep.create_message(
             self._zeep.service, operation, **body, _soapheaders=headers
         )

@@ -30,11 +30,14 @@ CLOCK_SKEW_S = 30
 # The JWKS fetch's socket timeout, and the longest a request waits for keys it needs.
 JWKS_TIMEOUT_S = 2.0
 MAX_MAILBOX_CHARS = 320
+# An SID in its SDDL string form: revision 1, an authority, at most 15 sub-authorities.
+_SID = re.compile(r"S-1-[0-9]{1,15}(?:-[0-9]{1,10}){1,15}")
 
 
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated caller; `mailbox` is set when calls run as the caller's own mailbox.
+    """An authenticated caller; `mailbox` is set when calls run as the caller's own mailbox,
+    and names it as EWS_IMPERSONATION_ID says (an SMTP address, a UPN or an SID).
 
     `subject` is the JWT `sub`, or `apikey:` and the first 16 hex digits of the key's SHA-256
     (never the key); `operator` callers may act on any call (gateway.guards.ownership).
@@ -266,9 +269,13 @@ class JwtBearer:
         issuer: str,
         audience: str,
         mailbox_claim: str | None = None,
+        impersonation_id: str = "smtp",
         operator_claim: tuple[str, str] | None = None,
     ) -> None:
+        if impersonation_id not in _MAILBOX_IDS:
+            raise ValueError(f"no such impersonation id type: {impersonation_id!r}")
         self._keys = keys
+        self._impersonation_id = impersonation_id
         self._operator_claim = operator_claim
         self._issuer = issuer
         self._audience = audience
@@ -312,15 +319,33 @@ class JwtBearer:
         return isinstance(value, list) and wanted in value
 
     def _mailbox(self, claims: Mapping[str, Any]) -> str:
+        """Return the claim's mailbox id if it has the shape EWS_IMPERSONATION_ID expects."""
         mailbox = claims.get(self._mailbox_claim or "")
-        if (
-            not isinstance(mailbox, str)
-            or not 3 <= len(mailbox) <= MAX_MAILBOX_CHARS
-            or mailbox.count("@") != 1
-            or mailbox.startswith("@")
-            or mailbox.endswith("@")
-            or not mailbox.isprintable()
-            or any(char.isspace() for char in mailbox)
-        ):
-            raise Forbidden(f"the token's {self._mailbox_claim!r} claim names no mailbox")
+        fits, expected = _MAILBOX_IDS[self._impersonation_id]
+        if not isinstance(mailbox, str) or not fits(mailbox):
+            raise Forbidden(f"the token's {self._mailbox_claim!r} claim names no {expected}")
         return mailbox
+
+
+def _is_address(value: str) -> bool:
+    """Whether VALUE is one name@domain: an SMTP address or a user principal name."""
+    return (
+        3 <= len(value) <= MAX_MAILBOX_CHARS
+        and value.count("@") == 1
+        and not value.startswith("@")
+        and not value.endswith("@")
+        and value.isprintable()
+        and not any(char.isspace() for char in value)
+    )
+
+
+def _is_sid(value: str) -> bool:
+    return _SID.fullmatch(value) is not None
+
+
+# For each EWS_IMPERSONATION_ID: whether a claim's value fits it, and what it should name.
+_MAILBOX_IDS: Mapping[str, tuple[Callable[[str], bool], str]] = {
+    "smtp": (_is_address, "mailbox address"),
+    "upn": (_is_address, "user principal name"),
+    "sid": (_is_sid, "security identifier (S-1-5-...)"),
+}

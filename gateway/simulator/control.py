@@ -69,6 +69,10 @@ def _call_json(call: CallView, server: str | None = None) -> dict[str, object]:
     return described
 
 
+def _list_mailboxes(exchange: FakeExchange, _body: bytes) -> Reply:
+    return json_reply(200, [mailbox.as_json() for mailbox in exchange.directory.mailboxes])
+
+
 def _list_requests(exchange: FakeExchange, _body: bytes) -> Reply:
     return json_reply(200, [request.as_json() for request in exchange.journal.recorded()])
 
@@ -132,6 +136,7 @@ _ROUTES: Mapping[str, Mapping[str, _Route]] = {
     "": {"GET": _index},
     "health": {"GET": _health},
     "calls": {"GET": _list_calls},
+    "mailboxes": {"GET": _list_mailboxes},
     "requests": {"GET": _list_requests, "DELETE": _clear_requests},
     "faults": {"GET": _list_faults, "PUT": _replace_faults, "DELETE": _clear_faults},
     "idle": {"GET": _show_idle, "PUT": _set_idle, "DELETE": _clear_idle},

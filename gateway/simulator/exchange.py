@@ -10,6 +10,7 @@ from gateway import wire
 from gateway.simulator.bad_answers import bad_answer
 from gateway.simulator.calls import CallBook, is_dialable
 from gateway.simulator.deployment import Deployment, authenticated_account
+from gateway.simulator.directory import Directory
 from gateway.simulator.envelopes import (
     ERROR,
     SUCCESS,
@@ -23,7 +24,7 @@ from gateway.simulator.faults import FaultBook
 from gateway.simulator.idle import IdlePolicy
 from gateway.simulator.journal import RecordedRequest, RequestJournal
 from gateway.simulator.outcomes import Outcome, Reply
-from gateway.simulator.parsing import EwsRequest, RequestRejected, read_request
+from gateway.simulator.parsing import ConnectingSid, EwsRequest, RequestRejected, read_request
 from gateway.simulator.schema import EwsSchema
 
 # Frontend developers get "item not found" by asking for an item whose id starts with this.
@@ -40,6 +41,9 @@ UNDIALABLE = OperationResult(
 )
 
 
+_Operation = Callable[[EwsRequest, str | None, CallBook], OperationResult]
+
+
 class FakeExchange:
     """Answer the three Unified Messaging operations like Exchange's EWS endpoint."""
 
@@ -54,12 +58,14 @@ class FakeExchange:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         deployment: Deployment | None = None,
+        directory: Directory | None = None,
     ) -> None:
         if latency_ms < 0:
             raise ValueError(f"latency_ms must not be negative, not {latency_ms!r}")
         self.calls = calls
         # Several mailbox servers behind a front end; None: one server holding `calls`.
         self.deployment = deployment
+        self.directory = directory or Directory()
         # How idle kept-alive connections end; None: after the handler's long default.
         self.idle_policy: IdlePolicy | None = None
         self.faults = faults
@@ -68,7 +74,7 @@ class FakeExchange:
         self._latency_s = latency_ms / 1000
         self._sleep = sleep
         self._clock = clock
-        self._operations: dict[str, Callable[[EwsRequest, CallBook], OperationResult]] = {
+        self._operations: dict[str, _Operation] = {
             wire.PLAY_ON_PHONE: self._play_on_phone,
             wire.GET_PHONE_CALL_INFORMATION: self._get_phone_call_information,
             wire.DISCONNECT_PHONE_CALL: self._disconnect_phone_call,
@@ -113,12 +119,16 @@ class FakeExchange:
                 )
             )
             return Reply(500, soap_fault(wire.ERROR_SCHEMA_VALIDATION, rejected.message))
-        place = _Placement(request, authorization, anchor_mailbox, self.deployment)
+        mailbox = None
+        if request.impersonated is not None:
+            mailbox = self.directory.impersonated(*request.impersonated)
+        anchor = None if anchor_mailbox is None else self.directory.anchored(anchor_mailbox)
+        place = _Placement(mailbox, authorization, anchor, self.deployment)
         self.journal.record(
             RecordedRequest(
                 request.operation,
                 request_id,
-                request.mailbox,
+                mailbox,
                 soap_action,
                 body,
                 authorization,
@@ -127,28 +137,32 @@ class FakeExchange:
                 place.home,
             )
         )
+        if request.impersonated is not None and mailbox is None:
+            return Reply(500, _no_such_mailbox(request.impersonated))
         fired = self.faults.pick(request.operation)
         if fired is None:
-            return self._perform(request, place)
+            return self._perform(request, mailbox, place)
         if fired.rule.kind == "latency":
             self._sleep((fired.rule.number("ms") or 0) / 1000)
-            return self._perform(request, place)
+            return self._perform(request, mailbox, place)
         if fired.rule.kind == "warning":
-            return self._perform(request, place, warning=fired.rule.text("message"))
+            return self._perform(request, mailbox, place, warning=fired.rule.text("message"))
         if fired.rule.kind == "sip":
             sip = SipResponse(fired.rule.number("code"), fired.rule.optional_text("text"))
-            return self._perform(request, place, sip=sip)
+            return self._perform(request, mailbox, place, sip=sip)
         return bad_answer(fired, request.operation)
 
     def _perform(
         self,
         request: EwsRequest,
+        mailbox: str | None,
         place: _Placement,
         *,
         warning: str | None = None,
         sip: SipResponse | None = None,
     ) -> Reply:
-        result = self._operations[request.operation](request, self._calls_for(request, place))
+        calls = self._calls_for(request, place)
+        result = self._operations[request.operation](request, mailbox, calls)
         if warning is not None and result.response_class == SUCCESS:
             result = replace(result, response_class=WARNING, message_text=warning)
         if sip is not None and result.phase is not None:
@@ -164,22 +178,28 @@ class FakeExchange:
         server = place.home if request.operation == wire.PLAY_ON_PHONE else place.server
         return self.deployment.servers[server]
 
-    def _play_on_phone(self, request: EwsRequest, calls: CallBook) -> OperationResult:
+    def _play_on_phone(
+        self, request: EwsRequest, mailbox: str | None, calls: CallBook
+    ) -> OperationResult:
         item_id = request.item_id or ""
         if not item_id or item_id.startswith(MISSING_ITEM_PREFIX):
             return MISSING_ITEM
         dial_string = request.dial_string or ""
         if not is_dialable(dial_string):
             return UNDIALABLE
-        call = calls.place(request.mailbox, dial_string)
+        call = calls.place(mailbox, dial_string)
         return OperationResult(phone_call_id=call.call_id)
 
-    def _get_phone_call_information(self, request: EwsRequest, calls: CallBook) -> OperationResult:
-        call = calls.look_up(request.mailbox, request.phone_call_id or "")
+    def _get_phone_call_information(
+        self, request: EwsRequest, mailbox: str | None, calls: CallBook
+    ) -> OperationResult:
+        call = calls.look_up(mailbox, request.phone_call_id or "")
         return UNKNOWN_CALL if call is None else OperationResult(phase=call.phase)
 
-    def _disconnect_phone_call(self, request: EwsRequest, calls: CallBook) -> OperationResult:
-        call = calls.hang_up(request.mailbox, request.phone_call_id or "")
+    def _disconnect_phone_call(
+        self, request: EwsRequest, mailbox: str | None, calls: CallBook
+    ) -> OperationResult:
+        call = calls.hang_up(mailbox, request.phone_call_id or "")
         return UNKNOWN_CALL if call is None else OperationResult()
 
 
@@ -190,7 +210,7 @@ class _Placement:
 
     def __init__(
         self,
-        request: EwsRequest,
+        mailbox: str | None,
         authorization: str | None,
         anchor_mailbox: str | None,
         deployment: Deployment | None,
@@ -199,4 +219,19 @@ class _Placement:
         self.home: str | None = None
         if deployment is not None:
             self.server = deployment.route(anchor_mailbox, authorization)
-            self.home = deployment.home_of(request.mailbox or authenticated_account(authorization))
+            self.home = deployment.home_of(mailbox or authenticated_account(authorization))
+
+
+def _no_such_mailbox(impersonated: ConnectingSid) -> bytes:
+    """Return the SOAP fault Exchange answers a ConnectingSID that names no mailbox with.
+
+    ErrorNonExistentMailbox, not ErrorImpersonateUserDenied: Microsoft's ResponseCode
+    reference gives the first for an address that "does not refer to a valid account ... in
+    the SOAP header, such as in an Exchange Impersonation call", the second for an account
+    lacking the right to impersonate a user it found. Impersonation is read before the
+    operation runs, so it is a SOAP fault, with Exchange's wording for an SMTP address.
+    """
+    named = "SMTP address" if impersonated.kind.endswith("SmtpAddress") else impersonated.kind
+    return soap_fault(
+        wire.ERROR_NON_EXISTENT_MAILBOX, f"The {named} has no mailbox associated with it."
+    )

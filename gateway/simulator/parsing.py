@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from lxml import etree
 
@@ -16,6 +17,7 @@ _BODY = f"{{{wire.SOAP_ENV_NS}}}Body"
 _REQUEST_SERVER_VERSION = f"{{{wire.TYPES_NS}}}RequestServerVersion"
 _EXCHANGE_IMPERSONATION = f"{{{wire.TYPES_NS}}}ExchangeImpersonation"
 _CONNECTING_SID = f"{{{wire.TYPES_NS}}}ConnectingSID"
+# ConnectingSIDType's choice in types.xsd.
 _MAILBOX_IDENTIFIERS = frozenset(
     f"{{{wire.TYPES_NS}}}{name}"
     for name in ("PrimarySmtpAddress", "SmtpAddress", "PrincipalName", "SID")
@@ -36,12 +38,20 @@ class RequestRejected(Exception):
         self.operation = operation
 
 
+class ConnectingSid(NamedTuple):
+    """How ExchangeImpersonation names the mailbox: the ConnectingSID child and its text."""
+
+    kind: str  # PrimarySmtpAddress, SmtpAddress, PrincipalName or SID
+    value: str
+
+
 @dataclass(frozen=True)
 class EwsRequest:
-    """What the simulator needs from one accepted request."""
+    """What the simulator needs from one accepted request; `impersonated` is None when the
+    request runs as the authenticated account itself."""
 
     operation: str
-    mailbox: str | None
+    impersonated: ConnectingSid | None
     phone_call_id: str | None = None
     item_id: str | None = None
     dial_string: str | None = None
@@ -56,8 +66,8 @@ def read_request(body: bytes, soap_action: str | None, schema: EwsSchema | None)
         if schema is not None:
             _validate_against_schema(schema, [*headers, operation_element])
         _check_soap_action(soap_action, operation)
-        mailbox = _read_headers(headers)
-        return _read_operation(operation_element, operation, mailbox)
+        impersonated = _read_headers(headers)
+        return _read_operation(operation_element, operation, impersonated)
     except RequestRejected as rejected:
         raise RequestRejected(rejected.message, operation) from None
 
@@ -130,14 +140,14 @@ def _check_soap_action(soap_action: str | None, operation: str) -> None:
         )
 
 
-def _read_headers(headers: list[etree._Element]) -> str | None:
-    mailbox = None
+def _read_headers(headers: list[etree._Element]) -> ConnectingSid | None:
+    impersonated = None
     for header in headers:
         if header.tag == _REQUEST_SERVER_VERSION:
             _check_server_version(header.get("Version"))
         elif header.tag == _EXCHANGE_IMPERSONATION:
-            mailbox = _impersonated_mailbox(header)
-    return mailbox
+            impersonated = _connecting_sid(header)
+    return impersonated
 
 
 def _check_server_version(version: str | None) -> None:
@@ -148,7 +158,7 @@ def _check_server_version(version: str | None) -> None:
         )
 
 
-def _impersonated_mailbox(impersonation: etree._Element) -> str:
+def _connecting_sid(impersonation: etree._Element) -> ConnectingSid:
     children = _element_children(impersonation)
     if [child.tag for child in children] != [_CONNECTING_SID]:
         raise RequestRejected("ExchangeImpersonation must hold exactly one t:ConnectingSID.")
@@ -158,19 +168,24 @@ def _impersonated_mailbox(impersonation: etree._Element) -> str:
             "ConnectingSID must hold exactly one of t:PrimarySmtpAddress, t:SmtpAddress, "
             "t:PrincipalName or t:SID."
         )
-    mailbox = (identifiers[0].text or "").strip()
-    if not mailbox:
-        raise RequestRejected(f"ConnectingSID/{etree.QName(identifiers[0]).localname} is empty.")
-    return mailbox.casefold()
+    kind = etree.QName(identifiers[0]).localname
+    value = (identifiers[0].text or "").strip()
+    if not value:
+        raise RequestRejected(f"ConnectingSID/{kind} is empty.")
+    return ConnectingSid(kind, value)
 
 
-def _read_operation(element: etree._Element, operation: str, mailbox: str | None) -> EwsRequest:
+def _read_operation(
+    element: etree._Element, operation: str, impersonated: ConnectingSid | None
+) -> EwsRequest:
     children = _expected_children(element, operation)
     if operation != wire.PLAY_ON_PHONE:
-        return EwsRequest(operation, mailbox, phone_call_id=_required_id(children["PhoneCallId"]))
+        return EwsRequest(
+            operation, impersonated, phone_call_id=_required_id(children["PhoneCallId"])
+        )
     return EwsRequest(
         operation,
-        mailbox,
+        impersonated,
         item_id=_required_id(children["ItemId"]),
         dial_string=children["DialString"].text or "",
     )
