@@ -139,6 +139,12 @@ class FakeExchange:
         )
         if request.impersonated is not None and mailbox is None:
             return Reply(500, _no_such_mailbox(request.impersonated))
+        return self._answer_with_faults(request, mailbox, place)
+
+    def _answer_with_faults(
+        self, request: EwsRequest, mailbox: str | None, place: _Placement
+    ) -> Outcome:
+        """Answer as the fault rule due for this operation says, if any."""
         fired = self.faults.pick(request.operation)
         if fired is None:
             return self._perform(request, mailbox, place)
