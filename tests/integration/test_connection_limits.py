@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, free_port, gateway_env, start
+from tests.integration.processes import Server, free_port, gateway_env, start
 
 # Loopback addresses other than 127.0.0.1 stand for other clients (the kernel routes all
 # of 127.0.0.0/8 to loopback).

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.ews_schema import SCHEMA_DIR, requires_schema, schema_available
-from tests.integration.conftest import Server, free_port, http, simulator_requests, start
+from tests.integration.processes import Server, free_port, http, simulator_requests, start
 
 SCRIPTS = Path(__file__).parent / "js"
 # node-ews 3.5.0 requires a package it does not declare (ntlm-client); 3.4.2 installs whole.
