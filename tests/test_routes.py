@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import importlib.util
+import io
 import logging
 from typing import Any, cast
 from urllib.parse import quote
@@ -573,6 +575,102 @@ def test_a_body_over_16_kib_is_a_413_problem_and_exchange_is_not_contacted(
 
     assert_problem(place(client, body), 413)
     assert fake.calls == []
+
+
+def place_chunked(client: FlaskClient, body: bytes, **headers: str) -> TestResponse:
+    """POST /calls as gunicorn hands over a chunked body: decoded, with no Content-Length."""
+    return client.post(
+        "/calls",
+        input_stream=io.BytesIO(body),
+        content_type="application/json",
+        headers={"Transfer-Encoding": "chunked", **headers},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+
+
+def padded_call(size: int, tail: bytes = b"") -> bytes:
+    """A valid POST /calls body padded with spaces to SIZE bytes, then TAIL."""
+    body = b'{"itemId": "item-1", "dialString": "100"}'
+    return body + b" " * (size - len(body)) + tail
+
+
+def test_a_chunked_body_over_16_kib_is_413_even_when_its_first_16_kib_are_a_valid_call(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    # Was 201: the first 16 KiB were read as the whole body and a call was placed.
+    body = padded_call(16 * 1024, b"not json" * 500)
+
+    problem = assert_problem(place_chunked(client, body), 413)
+
+    assert problem["type"] == "urn:ews-gateway:problem:request-entity-too-large"
+    assert problem["detail"] == "the body is larger than the 16 KiB a request may carry"
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(("size", "status"), [(16 * 1024, 201), (16 * 1024 + 1, 413)])
+def test_the_limit_is_the_same_16_kib_for_chunked_bodies_and_content_length(
+    client: FlaskClient, size: int, status: int
+) -> None:
+    body = padded_call(size)
+
+    chunked = place_chunked(client, body)
+    announced = client.post("/calls", data=body, content_type="application/json")
+
+    assert (chunked.status_code, announced.status_code) == (status, status)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "x-gzip", "GZIP", "identity, gzip"])
+def test_a_body_with_a_content_coding_is_415_naming_content_encoding(
+    client: FlaskClient, fake: FakeExchange, coding: str
+) -> None:
+    # Was 400 "'utf-8' codec can't decode": the gzip bytes were read as JSON.
+    body = gzip.compress(b'{"itemId": "item-1", "dialString": "100"}')
+
+    response = client.post(
+        "/calls", data=body, content_type="application/json", headers={"Content-Encoding": coding}
+    )
+
+    problem = assert_problem(response, 415)
+    assert problem["type"] == "urn:ews-gateway:problem:unsupported-media-type"
+    assert "Content-Encoding" in problem["detail"]
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert fake.calls == []
+
+
+def test_a_gzip_body_sent_chunked_is_415_too(client: FlaskClient, fake: FakeExchange) -> None:
+    body = gzip.compress(b'{"itemId": "item-1", "dialString": "100"}')
+
+    response = place_chunked(client, body, **{"Content-Encoding": "gzip"})
+
+    assert "Content-Encoding gzip" in assert_problem(response, 415)["detail"]
+    assert fake.calls == []
+
+
+def test_a_coding_that_is_no_token_is_not_echoed_in_the_detail(client: FlaskClient) -> None:
+    response = client.post(
+        "/calls",
+        data=b"{}",
+        content_type="application/json",
+        headers={"Content-Encoding": "gzip<script>" + "x" * 100},
+    )
+
+    assert assert_problem(response, 415)["detail"] == (
+        "Content-Encoding other than identity is not supported; send the JSON body unencoded"
+    )
+
+
+def test_content_encoding_identity_is_no_coding_and_the_call_is_placed(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    response = client.post(
+        "/calls",
+        data=b'{"itemId": "item-1", "dialString": "100"}',
+        content_type="application/json",
+        headers={"Content-Encoding": "identity"},
+    )
+
+    assert response.status_code == 201
+    assert fake.last.operation == "play_on_phone"
 
 
 # Metrics

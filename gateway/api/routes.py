@@ -17,7 +17,12 @@ from urllib.parse import quote
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.datastructures import Headers
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import (
+    HTTPException,
+    MethodNotAllowed,
+    NotFound,
+    RequestEntityTooLarge,
+)
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
 from gateway.api import events, rendering
@@ -65,6 +70,8 @@ REFUSAL_BY_ERROR: dict[type[GatewayError], str] = {
     IdempotencyKeyReused: "idempotency_mismatch",
 }
 _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+# A content coding named in a problem's detail: a short RFC 9110 token, never arbitrary text.
+_CODING = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,32}")
 
 bp = Blueprint("gateway", __name__)
 
@@ -242,9 +249,8 @@ def _json_body() -> Any:
     """Return the parsed JSON body (`null` included: validation says what it must be)."""
     if not request.is_json:
         raise UnsupportedMediaType("send the body as application/json")
-    data = request.get_data(cache=False)
-    if request.content_length is not None and len(data) < request.content_length:
-        raise InvalidRequest("the request body ended before its announced length")
+    _refuse_content_coding()
+    data = _body_bytes()
     try:
         return json.loads(
             data, parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicates
@@ -253,6 +259,42 @@ def _json_body() -> Any:
         raise InvalidRequest("the body nests too deeply") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, a refused constant
         raise InvalidRequest(f"the body is not valid JSON: {error}") from None
+
+
+def _refuse_content_coding() -> None:
+    """Refuse a body sent with a content coding (RFC 9110 section 8.4): the gateway decodes none,
+    so gzip bytes would otherwise be read as JSON and fail as text that is not UTF-8."""
+    codings = [
+        coding.strip(" \t").lower()
+        for field in request.headers.getlist("Content-Encoding")
+        for coding in field.split(",")
+    ]
+    refused = [coding for coding in codings if coding not in ("", "identity")]
+    if refused:
+        named = refused[0] if _CODING.fullmatch(refused[0]) else "other than identity"
+        raise UnsupportedMediaType(
+            f"Content-Encoding {named} is not supported; send the JSON body unencoded",
+            # RFC 9110 section 15.5.16: which codings a request may use instead.
+            headers={"Accept-Encoding": "identity"},
+        )
+
+
+def _body_bytes() -> bytes:
+    """Read the whole body; one over MAX_CONTENT_LENGTH is 413 however it is framed.
+
+    Werkzeug refuses a Content-Length over the limit before reading. A body without one
+    (chunked, which gunicorn decodes and marks `wsgi.input_terminated`) it reads only up to
+    the limit and returns as if that were all of it; one byte more, read past its cap, tells
+    a body that ends there from one that goes on.
+    """
+    data = request.get_data(cache=False)
+    length, limit = request.content_length, request.max_content_length
+    at_limit = length is None and limit is not None and len(data) >= limit
+    if at_limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    if length is not None and len(data) < length:
+        raise InvalidRequest("the request body ended before its announced length")
+    return data
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from spnego.channel_bindings import GssChannelBindings
 
 from gateway.errors import ExchangeAuthFailed, ExchangeOutcome, ExchangeTimeout
 from gateway.exchange.http1 import HttpAnswer
-from gateway.exchange.tickets import ServiceTickets, TicketCache
+from gateway.exchange.tickets import ServiceTickets, TicketCache, client_context
 from gateway.exchange.transport import Connection, ExchangeAuthenticator
 
 # The logger's name predates the package layout; operators filter on it.
@@ -190,8 +190,8 @@ class SecurityContextAuth:
         self._refused_until = 0.0
         self._scheme, self._protocol = SCHEMES[mode]
         self._credentials = credentials
-        self._host = host
-        self._service = service
+        # The service principal, used as it is: no DNS canonicalisation, whatever krb5.conf says.
+        self._spn = f"{service}/{host}"
         # Kerberos with a password or keytab: one ticket for every connection. NTLM
         # needs none, and the ticket cache mode (neither) is MIT's own.
         wants_tickets = mode != "ntlm" and (credentials.password or credentials.keytab)
@@ -333,13 +333,12 @@ class SecurityContextAuth:
         bindings: GssChannelBindings | None,
     ) -> spnego.ContextProxy:
         try:
-            return spnego.client(
+            return client_context(
                 username,
                 password,
-                hostname=self._host,
-                service=self._service,
-                channel_bindings=bindings,
                 protocol=protocol,
+                spn=self._spn,
+                channel_bindings=bindings,
             )
         except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
             raise _library_failed("could not start", exc) from None

@@ -3,7 +3,8 @@
 The ticket-granting ticket is asked for with python-krb5 (installed with
 pyspnego's kerberos extra) the way pyspnego itself asks for one, but once per
 process rather than once per connection. Service tickets are asked for by
-GSSAPI as a context makes its first token. Either way the KDC is waited for
+GSSAPI as a context makes its first token, for the configured service
+principal exactly (ServicePrincipalContext). Either way the KDC is waited for
 only until the call's deadline.
 """
 
@@ -14,6 +15,9 @@ import time
 from typing import Any, Protocol
 
 import spnego
+from spnego._context import GSSMech
+from spnego._gss import GSSAPIProxy
+from spnego.channel_bindings import GssChannelBindings
 
 
 class Identity(Protocol):
@@ -181,3 +185,117 @@ class _KdcRequest:
         self.error: Exception | None = None
         self.name = ""
         self.token: bytes | None = None
+
+
+def client_context(
+    username: Any,
+    password: str | None,
+    *,
+    protocol: str,
+    spn: str,
+    channel_bindings: GssChannelBindings | None,
+) -> spnego.ContextProxy:
+    """Start pyspnego's client context for PROTOCOL (ntlm, kerberos or negotiate) whose
+    Kerberos service ticket, if it asks for one, is for SPN (SERVICE/host) exactly."""
+    service, _, host = spn.partition("/")
+
+    def ntlm() -> spnego.ContextProxy:
+        return spnego.client(
+            username,
+            password,
+            hostname=host,
+            service=service,
+            channel_bindings=channel_bindings,
+            protocol="ntlm",
+        )
+
+    def kerberos() -> spnego.ContextProxy:
+        return ServicePrincipalContext(username, password, spn, channel_bindings)
+
+    if protocol != "negotiate":
+        return kerberos() if protocol == "kerberos" else ntlm()
+    # pyspnego's SPNEGO over these two, Kerberos first, each left out (as pyspnego leaves
+    # them out) when these credentials cannot start it.
+    mechanisms: dict[GSSMech, spnego.ContextProxy] = {}
+    failure: Exception | None = None
+    for mechanism, start in ((GSSMech.kerberos, kerberos), (GSSMech.ntlm, ntlm)):
+        try:
+            context = start()
+        except Exception as exc:  # pyspnego, GSSAPI and krb5 each raise their own kinds
+            failure = exc
+            continue
+        context._is_wrapped = True  # as pyspnego marks those it wraps (for its debug lines)
+        mechanisms[mechanism] = context
+    if not mechanisms:
+        assert failure is not None  # each mechanism failed to start
+        raise failure
+    return spnego.client(
+        username,
+        password,
+        hostname=host,
+        service=service,
+        channel_bindings=channel_bindings,
+        protocol="negotiate",
+        options=spnego.NegotiateOptions.use_negotiate,
+        _negotiate_contexts=mechanisms,
+    )
+
+
+class ServicePrincipalContext(GSSAPIProxy):
+    """pyspnego's Kerberos client context, with a ticket for exactly the service principal SPN.
+
+    pyspnego names its target a host-based service (HTTP@host), which MIT krb5 canonicalises
+    through DNS unless krb5.conf turns that off (dns_canonicalize_hostname and rdns, both on
+    by default): the gateway asked the KDC for HTTP/<whatever Exchange's address
+    reverse-resolves to>, a principal no one registered. A Kerberos principal name
+    (GSS_KRB5_NT_PRINCIPAL_NAME) is used as it is, in krb5.conf's default realm.
+
+    Rests on pyspnego 0.11 and 0.12's GSSAPIProxy, which builds its GSSAPI context at the first
+    step only when none is set, from `_credential`, `_mech` and `_context_req`.
+    """
+
+    def __init__(
+        self,
+        username: Any,
+        password: str | None,
+        spn: str,
+        channel_bindings: GssChannelBindings | None,
+    ) -> None:
+        service, _, host = spn.partition("/")
+        super().__init__(
+            username,
+            password,
+            hostname=host,
+            service=service,
+            channel_bindings=channel_bindings,
+            protocol="kerberos",
+        )
+        self.spn = spn
+
+    def step(
+        self, in_token: bytes | None = None, *, channel_bindings: GssChannelBindings | None = None
+    ) -> bytes | None:
+        if self._context is None:
+            self._context = self._security_context(channel_bindings or self.channel_bindings)
+        return super().step(in_token, channel_bindings=channel_bindings)
+
+    def _security_context(self, bindings: GssChannelBindings | None) -> Any:
+        import gssapi  # noqa: PLC0415 - optional: the kerberos extra
+
+        gss_bindings = None
+        if bindings is not None:
+            gss_bindings = gssapi.raw.ChannelBindings(
+                initiator_address_type=bindings.initiator_addrtype,
+                initiator_address=bindings.initiator_address,
+                acceptor_address_type=bindings.acceptor_addrtype,
+                acceptor_address=bindings.acceptor_address,
+                application_data=bindings.application_data,
+            )
+        return gssapi.SecurityContext(
+            name=gssapi.Name(self.spn, name_type=gssapi.NameType.kerberos_principal),
+            creds=self._credential,
+            usage="initiate",
+            mech=self._mech,
+            flags=self._context_req,
+            channel_bindings=gss_bindings,
+        )

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +108,12 @@ def start(
     log_path: Path,
     *,
     stdout_path: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Server:
     """Start `python -m gateway ARGS` and wait until BASE_URL + HEALTH_PATH answers 200.
 
-    Both streams go to LOG_PATH, unless STDOUT_PATH takes stdout apart.
+    Both streams go to LOG_PATH, unless STDOUT_PATH takes stdout apart. WRAPPER, if given,
+    is a command that runs the gateway's (as `unshare ... sh -c 'exec "$@"'` does).
     """
     health_url = base_url + health_path
     with log_path.open("wb") as log, ExitStack() as streams:
@@ -120,7 +122,7 @@ def start(
         else:
             stdout, stderr = streams.enter_context(stdout_path.open("wb")), log
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", *args],
+            [*wrapper, sys.executable, "-m", "gateway", *args],
             env={**os.environ, **env},
             stdout=stdout,
             stderr=stderr,

@@ -6,6 +6,7 @@ chunked bodies, heads trickled in byte by byte, pipelined requests.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -295,6 +296,54 @@ def test_a_well_formed_chunked_body_is_served(gateway: Server) -> None:
     )
 
     assert exchange(gateway, raw).status == 201
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    """BODY framed as chunks of SIZE bytes, then the last chunk."""
+    pieces = [body[start : start + size] for start in range(0, len(body), size)]
+    return b"".join(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" for piece in pieces) + (
+        b"0\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [20 * 1024, 4096], ids=["one-chunk", "many-chunks"])
+def test_a_chunked_body_over_16_kib_is_413_and_exchange_is_not_contacted(
+    gateway: Server, simulator: Server, chunk_size: int
+) -> None:
+    # Was 201 with a call placed: the first 16 KiB, a valid call, were read as the whole body.
+    call = b'{"itemId": "AAMkADemo", "dialString": "100"}'
+    body = call + b" " * (16 * 1024 - len(call)) + b"not json" * 500
+    raw = head(
+        "POST /calls HTTP/1.1", "Content-Type: application/json", "Transfer-Encoding: chunked"
+    ) + chunked(body, chunk_size)
+
+    answer = exchange(gateway, raw)
+
+    problem = answer.problem(413)
+    assert problem["type"] == "urn:ews-gateway:problem:request-entity-too-large"
+    assert simulator_requests(simulator) == []  # no PlayOnPhone, nor any other request
+
+
+def test_a_gzip_body_is_415_naming_content_encoding(gateway: Server, simulator: Server) -> None:
+    # Was 400 "'utf-8' codec can't decode byte 0x8b".
+    body = gzip.compress(b'{"itemId": "AAMkADemo", "dialString": "100"}')
+    raw = (
+        head(
+            "POST /calls HTTP/1.1",
+            "Content-Type: application/json",
+            "Content-Encoding: gzip",
+            f"Content-Length: {len(body)}",
+        )
+        + body
+    )
+
+    answer = exchange(gateway, raw)
+
+    problem = answer.problem(415)
+    assert problem["type"] == "urn:ews-gateway:problem:unsupported-media-type"
+    assert "Content-Encoding" in problem["detail"]
+    assert answer.headers["accept-encoding"] == "identity"
+    assert simulator_requests(simulator) == []
 
 
 # Slow clients

@@ -3,14 +3,19 @@
 The suite starts krb5kdc with a throwaway realm (k5test) on a free loopback
 port; the gateway gets its tickets there and authenticates, over TLS with the
 channel binding required, to the simulator's Negotiate acceptor, which reads
-its keys from a keytab.
+its keys from a keytab. The realm's krb5.conf keeps MIT's defaults, host name
+canonicalisation through DNS (dns_canonicalize_hostname, rdns) included, which
+the gateway must not need turned off.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -26,8 +31,9 @@ from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import KerberosAcceptor
 from gateway.simulator.server import TlsIdentity
 from tests.certificates import Certificate, self_signed_certificate
-from tests.in_process_gateway import Gateway, https_url, placed_calls
+from tests.in_process_gateway import CALL, Gateway, https_url, placed_calls
 from tests.integration.kdc import kdc_sockets
+from tests.integration.processes import free_port, http, start
 
 pytest.importorskip(
     "krb5", reason="python-krb5 is not installed: pip install '.[kerberos]' (needs libkrb5-dev, cc)"
@@ -42,6 +48,9 @@ if shutil.which("krb5kdc") is None and not Path("/usr/sbin/krb5kdc").exists():
 
 REALM = "GATEWAY.TEST"
 SERVICE = f"HTTP/localhost@{REALM}"
+# Exchange by the name a deployment gives it; its address reverse-resolves to another name.
+EXCHANGE_HOST = "mail.corp.test"
+EXCHANGE_SERVICE = f"HTTP/{EXCHANGE_HOST}@{REALM}"
 ACCOUNT, PASSWORD = f"svc-gateway@{REALM}", "Kerberos-Password-1"
 KEYTAB_ACCOUNT = f"svc-keytab@{REALM}"
 
@@ -58,12 +67,12 @@ class Realm:
             portbase=port,
             create_host=False,
             get_creds=False,
-            krb5_conf={"libdefaults": {"rdns": "false", "dns_canonicalize_hostname": "false"}},
         )
         self.service_keytab = str(tmp / "http.keytab")
         self.client_keytab = str(tmp / "svc-keytab.keytab")
-        self.k5.addprinc(SERVICE)
-        self.k5.extract_keytab(SERVICE, self.service_keytab)
+        for service in (SERVICE, EXCHANGE_SERVICE):
+            self.k5.addprinc(service)
+            self.k5.extract_keytab(service, self.service_keytab)
         self.k5.addprinc(ACCOUNT, PASSWORD)
         self.k5.addprinc(KEYTAB_ACCOUNT)
         self.k5.extract_keytab(KEYTAB_ACCOUNT, self.client_keytab)
@@ -76,6 +85,12 @@ class Realm:
             if "ISSUE" in line and f"{principal} for" in line:
                 issued["AS_REQ" if "AS_REQ" in line else "TGS_REQ"] += 1
         return issued
+
+    def services_asked_for_by(self, principal: str) -> list[str]:
+        """Return the service principals the KDC's log says principal asked tickets for."""
+        log = Path(self.k5.tmpdir, "kdc.log").read_text(encoding="utf-8", errors="replace")
+        asked = re.compile(rf"TGS_REQ .* {re.escape(principal)} for ([^\s,]+)")
+        return [match[1] for match in map(asked.search, log.splitlines()) if match]
 
     def ticket_requests_of(self, principal: str) -> int:
         """Count the KDC's log lines of AS requests for principal, answered or refused."""
@@ -97,7 +112,7 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
-    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(EXCHANGE_HOST)]
     return self_signed_certificate(tmp_path_factory.mktemp("tls"), names)
 
 
@@ -239,6 +254,81 @@ def test_a_configured_spn_names_the_service_ticket(
     assert answer.status_code == 502
     assert answer.json["type"].endswith("upstream-authentication-failed")
     assert acceptor.users == []
+
+
+@pytest.fixture(scope="module")
+def private_hosts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A command prefix that runs a command with its own /etc/hosts (a private mount
+    namespace): EXCHANGE_HOST is 127.0.0.1 there, and 127.0.0.1 reverse-resolves to
+    localhost, as a balanced name or a DNS alias reverse-resolves to some other name."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed: no private /etc/hosts")
+    hosts = tmp_path_factory.mktemp("hosts") / "hosts"
+    system = Path("/etc/hosts").read_text(encoding="utf-8")
+    hosts.write_text(f"127.0.0.1 localhost\n{system}\n127.0.0.1 {EXCHANGE_HOST}\n")
+    wrapper = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"']
+    wrapper.append(str(hosts))
+    lookups = (
+        "import socket, sys; address = socket.gethostbyname(sys.argv[1]); "
+        "print(address, socket.getnameinfo((address, 0), socket.NI_NAMEREQD)[0])"
+    )
+    probe = subprocess.run(
+        [*wrapper, sys.executable, "-c", lookups, EXCHANGE_HOST], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        reason = probe.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        pytest.skip(f"unshare --mount cannot give a process its own /etc/hosts (root?): {reason}")
+    assert probe.stdout.decode().split() == ["127.0.0.1", "localhost"]
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    ("mode", "spn"),
+    [
+        ("kerberos", f"HTTP/{EXCHANGE_HOST}"),
+        ("kerberos", None),
+        ("negotiate", f"HTTP/{EXCHANGE_HOST}"),
+    ],
+    ids=["kerberos-EWS_SPN", "kerberos-host-of-EWS_URL", "negotiate-EWS_SPN"],
+)
+def test_the_service_ticket_is_for_the_name_given_not_the_one_dns_reverse_resolves(
+    exchange: tuple[SimulatorServer, KerberosAcceptor],
+    certificate: Certificate,
+    realm: Realm,
+    private_hosts: list[str],
+    tmp_path: Path,
+    mode: str,
+    spn: str | None,
+) -> None:
+    """At MIT's defaults krb5 turns a host-based name into HTTP/<the name its address
+    reverse-resolves to>: here HTTP/localhost, and every call was 502."""
+    simulator, acceptor = exchange
+    port = free_port()
+    env = {
+        "EWS_URL": https_url(simulator).replace("localhost", EXCHANGE_HOST),
+        "EWS_CA_BUNDLE": str(certificate.cert_path),
+        "EWS_AUTH": mode,
+        "EWS_USERNAME": ACCOUNT,
+        "EWS_PASSWORD": PASSWORD,
+        "GATEWAY_AUTH": "none",
+        "GATEWAY_DIAL_ALLOW": "*",
+        "GATEWAY_BIND": f"127.0.0.1:{port}",
+        "GATEWAY_WORKERS": "1",
+        "GATEWAY_THREADS": "2",
+        **({"EWS_SPN": spn} if spn else {}),
+    }
+    asked_before = len(realm.services_asked_for_by(ACCOUNT))
+    url = f"http://127.0.0.1:{port}"
+    gateway = start(["serve"], env, url, "/readyz", tmp_path / "gw.log", wrapper=private_hosts)
+    try:
+        answer = http("POST", f"{url}/calls", CALL)
+    finally:
+        gateway.stop()
+
+    assert realm.services_asked_for_by(ACCOUNT)[asked_before:] == [EXCHANGE_SERVICE]
+    assert answer.status == 201, answer.body
+    assert acceptor.users == [ACCOUNT]
+    assert placed_calls(simulator) == 1
 
 
 @pytest.mark.parametrize(

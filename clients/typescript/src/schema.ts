@@ -357,7 +357,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description The body is larger than 16 KiB. */
+        /** @description The body is larger than 16 KiB, whether it announces its length (`Content-Length`) or arrives chunked. Exchange was not contacted. */
         PayloadTooLarge: {
             headers: {
                 [name: string]: unknown;
@@ -411,9 +411,11 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description The body is not sent as application/json. */
+        /** @description The body is not sent as application/json, or is sent with a `Content-Encoding` other than `identity` (gzip, deflate, br...), which the gateway does not decode; send the JSON as it is. Exchange was not contacted. */
         UnsupportedMediaType: {
             headers: {
+                /** @description `identity` when a content coding was refused (RFC 9110 section 15.5.16): the body may be sent with none. */
+                "Accept-Encoding"?: string;
                 [name: string]: unknown;
             };
             content: {
