@@ -103,6 +103,8 @@ class Config:
     workers: int | None = None
     threads: int | None = None
     log_level: str = "info"
+    # None: libraries log warnings and errors only (never their debug lines, which hold tokens).
+    library_log_level: str | None = None
     metrics_dir: str | None = None
     # None: serving's default (about 250,000, with jitter); 0: never recycle.
     max_requests: int | None = None
@@ -194,6 +196,7 @@ class Config:
             workers=env.count("GATEWAY_WORKERS"),
             threads=env.count("GATEWAY_THREADS"),
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
+            library_log_level=env.optional_choice("GATEWAY_LIBRARY_LOG_LEVEL", LOG_LEVELS),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
             max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
             tracing=env.tracing(),
@@ -347,6 +350,10 @@ class _Env:
         if value not in options:
             raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
         return value
+
+    def optional_choice(self, name: str, options: Sequence[str]) -> str | None:
+        """Read one of OPTIONS, or None when the variable is unset or blank."""
+        return self.choice(name, options, default=None) if self.text(name) else None
 
     def number(self, name: str, *, default: float, low: float, high: float) -> float:
         raw = self.text(name)

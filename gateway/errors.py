@@ -372,6 +372,7 @@ ERROR_BY_RESPONSE_CODE: dict[str, type[GatewayError]] = {
     "ErrorMailboxStoreUnavailable": ExchangeUnavailable,
     "ErrorADUnavailable": ExchangeUnavailable,
     "ErrorConnectionFailed": ExchangeUnavailable,
+    "ErrorConnectionFailedTransientError": ExchangeUnavailable,
 }
 
 # Codes reported by name in metrics; any other is "Other", keeping label sets bounded.
@@ -385,7 +386,8 @@ def error_for_response_code(
     error_class = ERROR_BY_RESPONSE_CODE.get(code, ExchangeReportedError)
     retry_after_s = None
     back_off_s = back_off_ms / 1000 if back_off_ms is not None else None
-    if error_class is ExchangeBusy:
+    if error_class.status == 503:
+        # Throttled or transient: the caller is always told when to come back.
         retry_after_s = DEFAULT_RETRY_AFTER_S
         if back_off_ms is not None:
             retry_after_s = max(1, -(-back_off_ms // 1000))
@@ -398,22 +400,29 @@ def error_for_response_code(
 
 # What an HTTP status means when Exchange (or a balancer in front of it) answered no SOAP.
 # 440 Login Timeout is a forms-based login page in front of EWS: credentials, like 401.
+# A 401 reaches this table only when the gateway sent credentials in a scheme Exchange
+# offers (gateway.exchange.auth says so otherwise).
 ERROR_BY_HTTP_STATUS: dict[int, tuple[type[GatewayError], str]] = {
     401: (
         ExchangeAuthFailed,
-        "Upstream authentication failed: Exchange refused the gateway's credentials",
+        "Upstream authentication failed: Exchange refused the gateway's credentials (HTTP 401)",
     ),
     403: (
         ExchangeAuthFailed,
-        "Upstream authentication failed: Exchange refused the gateway's credentials",
+        "Upstream authentication failed: Exchange refused the gateway's credentials (HTTP 403)",
     ),
     440: (
         ExchangeAuthFailed,
-        "Upstream authentication failed: a login page stands in front of EWS (Login Timeout)",
+        "Upstream authentication failed: a login page stands in front of EWS (Login Timeout) "
+        "(HTTP 440)",
     ),
-    429: (ExchangeBusy, "Exchange answered Too Many Requests"),
-    503: (ExchangeUnavailable, "Exchange answered HTTP 503 Service Unavailable"),
-    504: (ExchangeTimeout, "A gateway in front of Exchange timed out waiting for it"),
+    404: (
+        ExchangeBadAnswer,
+        "EWS_URL's path answered 404: EWS is usually at /EWS/Exchange.asmx",
+    ),
+    429: (ExchangeBusy, "Exchange answered Too Many Requests (HTTP 429)"),
+    503: (ExchangeUnavailable, "Exchange answered HTTP 503 Service Unavailable (HTTP 503)"),
+    504: (ExchangeTimeout, "A gateway in front of Exchange timed out waiting for it (HTTP 504)"),
 }
 
 
@@ -431,7 +440,7 @@ def error_for_http_status(status: int, retry_after_s: int | None) -> GatewayErro
     if error_class is ExchangeAuthFailed:
         retry_after_s = None
     return error_class(
-        f"{detail} (HTTP {status})",
+        detail,
         retry_after_s=retry_after_s,
         back_off_s=retry_after_s,
         outcome=ExchangeOutcome.HTTP_ERROR,

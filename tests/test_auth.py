@@ -165,6 +165,47 @@ def test_ntlm_with_a_wrong_password_is_upstream_authentication_failed_and_not_re
     assert acceptor.ledger.refused == 1
 
 
+@pytest.mark.usefixtures("ntlm_accounts")
+@pytest.mark.parametrize(
+    ("negotiate", "offers", "modes"),
+    [(False, "NTLM", "ntlm"), (True, "Negotiate, NTLM", "ntlm or negotiate")],
+    ids=["ntlm-only", "negotiate-and-ntlm"],
+)
+@pytest.mark.parametrize(
+    ("environ", "sends"),
+    [
+        ({}, "EWS_AUTH=none sends no credentials"),
+        (
+            {"EWS_AUTH": "basic", "EWS_USERNAME": USER, "EWS_PASSWORD": PASSWORD},
+            "EWS_AUTH=basic speaks Basic",
+        ),
+    ],
+    ids=["none", "basic"],
+)
+def test_an_exchange_with_windows_authentication_only_names_its_schemes_and_the_mode_to_set(
+    simulators: Simulators,
+    negotiate: bool,
+    offers: str,
+    modes: str,
+    environ: dict[str, str],
+    sends: str,
+) -> None:
+    # Was "Exchange refused the gateway's credentials": none had been offered to it.
+    acceptor = NtlmAcceptor(negotiate=negotiate)
+    simulator = simulators(acceptor, None)
+    gateway = Gateway({"EWS_URL": simulator.ews_url, **environ})
+
+    answer = gateway.place_call()
+
+    assert answer.status_code == 502
+    assert answer.json["type"].endswith("upstream-authentication-failed")
+    assert answer.json["detail"] == (
+        f"Upstream authentication failed: Exchange offers {offers}, and {sends}; "
+        f"set EWS_AUTH={modes}"
+    )
+    assert (acceptor.ledger.refused, placed_calls(simulator)) == (0, 0)
+
+
 # Failure 2: Exchange answers the NTLM negotiate message without a challenge.
 
 

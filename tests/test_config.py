@@ -378,6 +378,12 @@ def test_the_log_level_is_limited_to_the_allowed_values() -> None:
     assert "GATEWAY_LOG_LEVEL" in rejects(GATEWAY_LOG_LEVEL="verbose")
 
 
+def test_libraries_log_at_their_own_level_only_when_asked() -> None:
+    assert from_env().library_log_level is None
+    assert from_env(GATEWAY_LIBRARY_LOG_LEVEL="debug").library_log_level == "debug"
+    assert "GATEWAY_LIBRARY_LOG_LEVEL" in rejects(GATEWAY_LIBRARY_LOG_LEVEL="trace")
+
+
 def test_secrets_never_appear_in_the_repr(tmp_path: Path) -> None:
     basic = from_env(EWS_AUTH="basic", EWS_USERNAME="svc", EWS_PASSWORD="hunter2-password")
     bearer = from_env(EWS_AUTH="bearer", EWS_BEARER_TOKEN="eyJ-secret-token")

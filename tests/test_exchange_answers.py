@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -99,6 +100,154 @@ def test_a_balancers_504_stays_504(exchange: FakeExchange, gateway: FlaskClient)
     assert response.status_code == 504
     assert response.json is not None
     assert response.json["type"] == "urn:ews-gateway:problem:upstream-timeout"
+
+
+@pytest.mark.network
+def test_a_transient_connection_failure_is_503_with_a_default_retry_after(
+    exchange: FakeExchange, gateway: FlaskClient
+) -> None:
+    # Was 502 exchange-error: the contract lists it with Exchange's other transient codes.
+    fault = (FIXTURES / "fault.xml").read_text(encoding="utf-8")
+    body = fault.replace("{code}", "ErrorConnectionFailedTransientError")
+    exchange.answer = Answer(500, {"Content-Type": "text/xml; charset=utf-8"}, body.encode())
+    response = gateway.delete("/calls/call-1")
+    assert (response.status_code, response.headers.get("Retry-After")) == (503, "5")
+    assert response.json is not None
+    assert response.json["type"] == "urn:ews-gateway:problem:exchange-unavailable"
+    assert response.json["ewsResponseCode"] == "ErrorConnectionFailedTransientError"
+
+
+def access_line(caplog: pytest.LogCaptureFixture) -> dict[str, object]:
+    [record] = [r for r in caplog.records if r.name == "gateway.access"]
+    return record.__dict__
+
+
+@pytest.mark.network
+def test_a_404_points_at_the_path_of_ews_url(
+    exchange: FakeExchange, gateway: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was "Exchange answered HTTP 404", read as an answer the gateway cannot read.
+    exchange.answer = Answer(404, HTML, b"<html>404 - File or directory not found.</html>")
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    response = gateway.post("/calls", json={"itemId": "item-1", "dialString": "100"})
+    assert response.status_code == 502
+    assert response.json is not None
+    expected = "EWS_URL's path answered 404: EWS is usually at /EWS/Exchange.asmx"
+    assert response.json["detail"] == expected
+    line = access_line(caplog)
+    assert (line["detail"], line["upstreamStatus"]) == (expected, 404)
+
+
+@contextmanager
+def gateway_with(exchange: FakeExchange, **environ: str) -> Iterator[FlaskClient]:
+    """The gateway as `serve` builds it with these settings, asking the fake Exchange."""
+    config = Config.from_env(
+        {"EWS_URL": exchange.url, "GATEWAY_AUTH": "none", "EWS_TIMEOUT_SECONDS": "5", **environ}
+    )
+    app = create_app(config, registry=CollectorRegistry())
+    try:
+        yield app.test_client()
+    finally:
+        app.extensions["gateway"].ews._transport.close()
+
+
+BASIC = {"EWS_AUTH": "basic", "EWS_USERNAME": "svc-gateway", "EWS_PASSWORD": "Basic-Password-1"}
+BEARER = {"EWS_AUTH": "bearer", "EWS_BEARER_TOKEN": "eyJ0eXAiOiJKV1QifQ.e30.c2lnbmF0dXJl"}
+# IIS with Windows authentication only, its challenges as a single field.
+NEGOTIATE_AND_NTLM = {**HTML, "WWW-Authenticate": "Negotiate, NTLM"}
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    ("environ", "challenge", "detail"),
+    [
+        (
+            {},
+            "Negotiate, NTLM",
+            "Upstream authentication failed: Exchange offers Negotiate, NTLM, and EWS_AUTH=none "
+            "sends no credentials; set EWS_AUTH=ntlm or negotiate",
+        ),
+        (
+            BASIC,
+            "Negotiate, NTLM",
+            "Upstream authentication failed: Exchange offers Negotiate, NTLM, and EWS_AUTH=basic "
+            "speaks Basic; set EWS_AUTH=ntlm or negotiate",
+        ),
+        (
+            BEARER,
+            "NTLM",
+            "Upstream authentication failed: Exchange offers NTLM, and EWS_AUTH=bearer speaks "
+            "Bearer; set EWS_AUTH=ntlm",
+        ),
+        (
+            {},
+            'Basic realm="mail.example.com"',
+            "Upstream authentication failed: Exchange offers Basic, and EWS_AUTH=none sends no "
+            "credentials; set EWS_AUTH=basic",
+        ),
+    ],
+    ids=["none-vs-windows", "basic-vs-windows", "bearer-vs-ntlm", "none-vs-basic"],
+)
+def test_a_401_offering_other_schemes_names_them_and_the_ews_auth_to_set(
+    exchange: FakeExchange,
+    caplog: pytest.LogCaptureFixture,
+    environ: dict[str, str],
+    challenge: str,
+    detail: str,
+) -> None:
+    # Was "Exchange refused the gateway's credentials", though none had been offered.
+    exchange.answer = Answer(401, {**HTML, "WWW-Authenticate": challenge}, b"")
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with gateway_with(exchange, **environ) as gateway:
+        response = gateway.post("/calls", json={"itemId": "item-1", "dialString": "100"})
+    assert response.status_code == 502
+    assert response.json is not None
+    assert response.json["type"] == "urn:ews-gateway:problem:upstream-authentication-failed"
+    assert response.json["detail"] == detail
+    line = access_line(caplog)
+    assert (line["detail"], line["upstreamStatus"]) == (detail, 401)
+
+
+@pytest.mark.network
+def test_basic_credentials_exchange_never_looked_at_are_not_held_back(
+    exchange: FakeExchange,
+) -> None:
+    # No Basic logon failed, so none counts toward a lockout: the next call asks again.
+    exchange.answer = Answer(401, NEGOTIATE_AND_NTLM, b"")
+    with gateway_with(exchange, **BASIC) as gateway:
+        answers = [gateway.delete("/calls/call-1") for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [502, 502]
+    assert answers[0].json == {**answers[1].json, "requestId": answers[0].json["requestId"]}
+    assert len(exchange.received) == 2
+
+
+@pytest.mark.network
+def test_basic_credentials_exchange_refused_are_named_refused(exchange: FakeExchange) -> None:
+    exchange.answer = Answer(401, {**HTML, "WWW-Authenticate": 'Basic realm="mail"'}, b"")
+    with gateway_with(exchange, **BASIC) as gateway:
+        response = gateway.delete("/calls/call-1")
+    assert response.json is not None
+    assert response.json["detail"] == (
+        "Upstream authentication failed: Exchange refused the gateway's credentials (HTTP 401)"
+    )
+
+
+@pytest.mark.network
+def test_the_schemes_exchange_offers_are_named_without_their_token_bytes(
+    exchange: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    negotiate = "oYGaMIGXoAMKAQGiAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    ntlm = "TlRMTVNTUAACAAAADAAMADgAAAAFgomiAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    exchange.answer = Answer(
+        401, {**HTML, "WWW-Authenticate": f"Negotiate {negotiate}, NTLM {ntlm}"}, b""
+    )
+    with caplog.at_level(logging.DEBUG), gateway_with(exchange) as gateway:
+        response = gateway.delete("/calls/call-1")
+    assert response.json is not None
+    assert response.json["detail"].endswith("set EWS_AUTH=ntlm or negotiate")
+    for text in (response.get_data(as_text=True), caplog.text, str(access_line(caplog))):
+        assert negotiate not in text
+        assert ntlm not in text
 
 
 @pytest.mark.parametrize(

@@ -183,8 +183,8 @@ def test_a_scheme_exchange_does_not_offer_is_named_not_taken_for_refused_credent
     auth = SecurityContextAuth("negotiate", credentials, "127.0.0.1", "HTTP")
     transport = ExchangeTransport(exchange.url, timeout_s=5, authenticator=auth)
     expected = (
-        "Upstream authentication failed: Exchange does not offer Negotiate authentication "
-        "(it offers NTLM); set EWS_AUTH to a scheme it offers"
+        "Upstream authentication failed: Exchange offers NTLM, and EWS_AUTH=negotiate speaks "
+        "Negotiate; set EWS_AUTH=ntlm"
     )
     try:
         for _ in range(2):

@@ -97,6 +97,21 @@ def test_gunicorn_logs_json_to_stderr_and_leaves_access_lines_to_the_gateway() -
     )
 
 
+def test_at_debug_gunicorn_logs_its_lifecycle_and_libraries_their_warnings() -> None:
+    settings = options(GATEWAY_LOG_LEVEL="debug")
+    config = settings["logconfig_dict"]
+    assert settings["loglevel"] == "info"
+    assert config["handlers"]["stderr"]["filters"] == ["levels", "secrets"]
+    assert config["filters"]["levels"]["()"] == "gateway.telemetry.logs.LevelGate"
+    assert (config["loggers"]["gateway"]["level"], config["root"]["level"]) == (10, 30)
+
+
+def test_library_debug_lines_reach_gunicorn_only_when_asked_for() -> None:
+    settings = options(GATEWAY_LOG_LEVEL="debug", GATEWAY_LIBRARY_LOG_LEVEL="debug")
+    assert settings["loglevel"] == "debug"
+    assert settings["logconfig_dict"]["root"]["level"] == 10
+
+
 def test_the_master_removes_the_metrics_directory_serve_made_when_it_exits(tmp_path: Path) -> None:
     scratch = tmp_path / "ews-gateway-metrics"
     scratch.mkdir()
@@ -108,8 +123,8 @@ def test_the_master_removes_the_metrics_directory_serve_made_when_it_exits(tmp_p
 
 def test_python_warnings_are_logged_as_json_lines_like_everything_else() -> None:
     script = (
-        "import warnings; from gateway.telemetry.logs import configure_logging; "
-        "configure_logging('info'); warnings.warn('a library complains')"
+        "import warnings; from gateway.telemetry.logs import LogLevels, configure_logging; "
+        "configure_logging(LogLevels.named('info')); warnings.warn('a library complains')"
     )
     run = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60

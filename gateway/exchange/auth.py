@@ -50,12 +50,33 @@ SCHEMES = {
     "kerberos": ("Negotiate", "kerberos"),
     "negotiate": ("Negotiate", "negotiate"),
 }
-
+# The HTTP scheme of every EWS_AUTH mode that sends credentials.
+SCHEME_OF_MODE = {"basic": "Basic", "bearer": "Bearer"} | {
+    mode: scheme for mode, (scheme, _) in SCHEMES.items()
+}
 
 # HTTP authentication schemes by lower-case name (IANA's registry, those IIS offers).
 KNOWN_SCHEMES = {
     name.lower(): name for name in ("Basic", "Bearer", "Digest", "Negotiate", "NTLM", "Kerberos")
 }
+# The EWS_AUTH mode to suggest for each scheme Exchange may offer, simplest to set up first.
+MODE_FOR_SCHEME = {"NTLM": "ntlm", "Negotiate": "negotiate", "Basic": "basic", "Bearer": "bearer"}
+
+
+class NoCredentials:
+    """EWS_AUTH=none: nothing is sent; a 401 says which schemes Exchange would take."""
+
+    def connected(self, connection: Connection, deadline: float) -> None:
+        """Nothing to prepare."""
+
+    def authorization(self, connection: Connection) -> str | None:
+        return None
+
+    def challenged(self, connection: Connection, answer: HttpAnswer) -> str | None:
+        raise _not_offered("none", offered_schemes(answer))
+
+    def answered(self, connection: Connection, answer: HttpAnswer) -> None:
+        """Nothing to check."""
 
 
 class BearerToken:
@@ -91,6 +112,7 @@ class BearerToken:
         return self._header
 
     def challenged(self, connection: Connection, answer: HttpAnswer) -> str | None:
+        _raise_unless_offered("bearer", answer)
         if connection.auth_state:
             return None
         connection.auth_state = True
@@ -148,6 +170,8 @@ class BasicRefusalHold:
         return None  # already among the request's fields
 
     def challenged(self, connection: Connection, answer: HttpAnswer) -> str | None:
+        # Exchange without Basic never looked at the credentials: no logon failed, none held.
+        _raise_unless_offered("basic", answer)
         self._refused_until = time.monotonic() + self.HOLD_REFUSAL_S
         return None  # the 401 is Exchange's answer
 
@@ -187,6 +211,7 @@ class SecurityContextAuth:
     HOLD_REFUSAL_S = 30.0
 
     def __init__(self, mode: str, credentials: Credentials, host: str, service: str) -> None:
+        self._mode = mode
         self._refused_until = 0.0
         self._scheme, self._protocol = SCHEMES[mode]
         self._credentials = credentials
@@ -226,11 +251,7 @@ class SecurityContextAuth:
             schemes = offered_schemes(answer)
             if self._scheme not in schemes:
                 # Not a refusal: Exchange never looked at the credentials.
-                raise _failed(
-                    f"Exchange does not offer {self._scheme} authentication (it offers "
-                    f"{', '.join(schemes) or 'none the gateway knows'}); set EWS_AUTH to a "
-                    "scheme it offers"
-                )
+                raise _not_offered(self._mode, schemes)
             # Credentials refused, or an NTLM negotiate answered without a challenge:
             # the 401 is Exchange's answer, mapped like any other.
             self._refused_until = time.monotonic() + self.HOLD_REFUSAL_S
@@ -391,6 +412,28 @@ def _offered_token(answer: HttpAnswer, scheme: str) -> bytes | None:
     return None
 
 
+def _raise_unless_offered(mode: str, answer: HttpAnswer) -> None:
+    """Raise when a 401 offers schemes, but not the one MODE speaks: no credential was read.
+
+    A 401 that names no scheme at all (a balancer's) is taken for a refusal.
+    """
+    schemes = offered_schemes(answer)
+    if schemes and SCHEME_OF_MODE[mode] not in schemes:
+        raise _not_offered(mode, schemes)
+
+
+def _not_offered(mode: str, schemes: list[str]) -> ExchangeAuthFailed:
+    """Say which schemes Exchange offers and which EWS_AUTH speaks one (never a token)."""
+    known = ", ".join(schemes) or "no scheme the gateway knows"
+    if mode == "none":
+        sends = "EWS_AUTH=none sends no credentials"
+    else:
+        sends = f"EWS_AUTH={mode} speaks {SCHEME_OF_MODE[mode]}"
+    modes = [suggested for scheme, suggested in MODE_FOR_SCHEME.items() if scheme in schemes]
+    advice = f"; set EWS_AUTH={' or '.join(modes)}" if modes else ""
+    return _failed(f"Exchange offers {known}, and {sends}{advice}")
+
+
 def _library_failed(what: str, exc: Exception) -> ExchangeAuthFailed:
     # The library's message says why (no such principal, clock skew, wrong binding) and
     # holds no secret; it goes to the log, the caller gets its kind.
@@ -432,9 +475,7 @@ def static_authorization(config: ExchangeCredentials) -> str | None:
     return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-def build_exchange_authenticator(
-    config: ExchangeCredentials, host: str
-) -> ExchangeAuthenticator | None:
+def build_exchange_authenticator(config: ExchangeCredentials, host: str) -> ExchangeAuthenticator:
     """Build the configured per-connection authentication to Exchange, whose host is host."""
     mode = config.mode
     if mode == "basic":
@@ -449,4 +490,4 @@ def build_exchange_authenticator(
             keytab=config.keytab,
         )
         return SecurityContextAuth(mode, credentials, spn_host, service)
-    return None
+    return NoCredentials()

@@ -290,7 +290,12 @@ class ExchangeTransport:
                 authenticator.answered(connection, answer)
                 return answer
             # Seen even on a closing connection: a refusal counts however the 401 came.
-            authorization = authenticator.challenged(connection, answer)
+            try:
+                authorization = authenticator.challenged(connection, answer)
+            except GatewayError as error:
+                # Exchange's answer was a 401, so EWS never acted on the request.
+                error.upstream_status = answer.status
+                raise
             if authorization is None or not answer.reusable:
                 return answer
         return answer

@@ -38,7 +38,7 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.guards.dialing import DialPolicy
 from gateway.serving import frontdoor
 from gateway.telemetry import metrics, tracing
-from gateway.telemetry.logs import configure_logging
+from gateway.telemetry.logs import LogLevels, configure_logging, logging_config
 
 LOG = logging.getLogger("gateway")
 RAM_DISK = Path("/dev/shm")  # noqa: S108 - only for heartbeat and metric files
@@ -113,8 +113,9 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "accesslog": None,
         "errorlog": "-",
         "logger_class": GatewayLogger,
-        "loglevel": config.log_level,
-        "logconfig_dict": _gunicorn_log_config(config.log_level),
+        # The gateway's levels and filters: no library's debug lines, credentials scrubbed.
+        "loglevel": logging.getLevelName(_log_levels(config).server).lower(),
+        "logconfig_dict": logging_config(_log_levels(config)),
         "proc_name": "ews-gateway",
         "child_exit": _worker_exited(config.metrics_dir),
         **_tracing_hooks(config),
@@ -400,7 +401,7 @@ def serve(config: Config) -> None:
             "GATEWAY_DIAL_ALLOW is required: comma-separated patterns of the numbers callers "
             "may dial, e.g. +1555*,4??? (* alone allows every number)"
         )
-    configure_logging(config.log_level)
+    configure_logging(_log_levels(config))
     # Fail here, with one line and nothing left behind, rather than after five retries
     # to bind or in every worker after the port is bound.
     ensure_can_listen(config.bind, "GATEWAY_BIND")
@@ -546,20 +547,5 @@ def _readable_within(sock: Any, seconds: float) -> bool:
     return bool(poll.poll(seconds * 1000))
 
 
-def _gunicorn_log_config(level: str) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "gateway.telemetry.logs.json_formatter"}},
-        "handlers": {
-            "stderr": {
-                "class": "gateway.telemetry.logs.LineHandler",
-                "formatter": "json",
-                "stream": "ext://sys.stderr",
-            }
-        },
-        "root": {"level": level.upper(), "handlers": ["stderr"]},
-        "loggers": {
-            "gunicorn.error": {"level": level.upper(), "handlers": [], "propagate": True},
-        },
-    }
+def _log_levels(config: Config) -> LogLevels:
+    return LogLevels.named(config.log_level, config.library_log_level)
