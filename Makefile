@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c 'import hashlib; print(hashlib.
 LOCK_COMPILE := $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
 	--custom-compile-command 'make lock' pyproject.toml deploy/build-requirements.in $(LOCK_FLAGS)
 
-.PHONY: demo test lint unit integration soak benchmark benchmark-quick client lock audit clean
+.PHONY: demo test lint unit integration soak benchmark benchmark-quick profile client lock audit clean
 
 # Where the demo listens; on a machine where 8080 or 8081 is taken:
 # make demo DEMO_BIND=127.0.0.1:9080 SIMULATOR_BIND=127.0.0.1:9081 (DEMO_BIND unset: GATEWAY_BIND,
@@ -43,6 +43,11 @@ soak: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.watchers
+	$(BIN)/python -m benchmarks.profiling
+
+# Where one worker's CPU goes under scenario 1's load (py-spy; also the last step of benchmark).
+profile: $(STAMP)
+	$(BIN)/python -m benchmarks.profiling --out profile
 
 benchmark-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick

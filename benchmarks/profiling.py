@@ -28,23 +28,22 @@ from benchmarks.processes import BenchmarkError
 from benchmarks.scenarios import FULL, STATIC_CALL_ID, call_path, place_call
 from benchmarks.upstream import EWS_PATH, nginx_binary
 
-# (category, path fragments of its frames), matched from the innermost frame outwards.
+# (category, path fragments of its frames), matched from the innermost frame outwards. py-spy
+# names a frame `function (path/file.py:line)`, the path from the package's top directory.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("logging", ("/logging/", "pythonjsonlogger", "gateway/telemetry/logs.py", "/audit.py")),
-    ("metrics", ("prometheus_client", "gateway/telemetry/metrics.py")),
-    ("tracing", ("opentelemetry", "gateway/telemetry/tracing.py")),
-    ("quotas", ("gateway/guards/quotas.py", "/limits/", "/redis/")),
+    (
+        "logging",
+        ("(logging/", "(pythonjsonlogger/", "gateway/telemetry/logs.py", "gateway/guards/audit.py"),
+    ),
+    ("metrics", ("(prometheus_client/", "gateway/telemetry/metrics.py")),
+    ("tracing", ("(opentelemetry/", "gateway/telemetry/tracing.py")),
+    ("quotas", ("gateway/guards/quotas.py", "(limits/", "(redis/")),
     (
         "the call to Exchange",
-        (
-            "gateway/exchange/",
-            "httptools",
-            "lxml",
-            "gateway/telemetry/exchange_calls.py",
-        ),
+        ("gateway/exchange/", "(httptools/", "(lxml/", "gateway/telemetry/exchange_calls.py"),
     ),
-    ("Flask", ("/flask/", "/werkzeug/", "flask_cors", "gateway/api/", "gateway/guards/")),
-    ("gunicorn", ("/gunicorn/", "gateway/serving/")),
+    ("Flask", ("(flask/", "(werkzeug/", "(flask_cors/", "gateway/api/", "gateway/guards/")),
+    ("gunicorn", ("(gunicorn/", "gateway/serving/")),
 )
 OTHER = "other"
 

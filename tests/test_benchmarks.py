@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks import profiling
 from benchmarks.redis_server import redis_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +77,17 @@ def test_a_quick_run_reports_both_systems_in_every_scenario_without_errors(
     assert raw["memory"]["requests"] >= raw["plan"]["memory_requests"]
     assert raw["memory"]["errors"] == 0
     assert len(raw["memory"]["after_mb"]) == 2
+
+
+def test_a_profile_sample_counts_for_the_innermost_frame_of_a_known_part(tmp_path: Path) -> None:
+    """json.dumps under the log formatter is logging; under nothing known it is other."""
+    raw = tmp_path / "worker.txt"
+    raw.write_text(
+        "handle (gunicorn/workers/gthread.py:553);finish_request (gateway/api/routes.py:349);"
+        "Logger.info (logging/__init__.py:1489);dumps (json/__init__.py:238) 7\n"
+        "handle (gunicorn/workers/gthread.py:553);post (gateway/exchange/transport.py:220) 2\n"
+        "_bootstrap (threading.py:1002);run (threading.py:982) 1\n"
+    )
+    shares = profiling.read_raw(raw)
+    assert shares == {"logging": 7, "the call to Exchange": 2, "other": 1}
+    assert "| logging | 70.0 % |" in profiling.render(shares)

@@ -196,7 +196,7 @@ def test_a_number_ending_in_480_rings_out_unanswered_with_no_sip_fields(
     clock.advance(3.9)
     assert ews.information(call_id)[0] == "Alerted"
     clock.advance(0.1)
-    assert ews.information(call_id) == ("Disconnected", "NoAnswer", None, None)
+    assert ews.information(call_id) == ("Disconnected", "None", None, None)
 
 
 def test_the_timeline_follows_the_real_clock_with_a_small_step(http: requests.Session) -> None:

@@ -26,7 +26,6 @@ CONNECTED = _schema_value("Connected", wire.PHONE_CALL_STATES)
 DISCONNECTED = _schema_value("Disconnected", wire.PHONE_CALL_STATES)
 NO_FAILURE = _schema_value("None", wire.CONNECTION_FAILURE_CAUSES)
 USER_BUSY = _schema_value("UserBusy", wire.CONNECTION_FAILURE_CAUSES)
-NO_ANSWER = _schema_value("NoAnswer", wire.CONNECTION_FAILURE_CAUSES)
 
 # Long enough for a caller to read how a call ended; short enough that a demo left
 # running for days does not grow without bound.
@@ -51,7 +50,9 @@ class Phase:
 
 ANSWERED = (Phase(0, CONNECTING), Phase(1, ALERTED), Phase(2, CONNECTED))
 BUSY = (Phase(0, CONNECTING), Phase(1, DISCONNECTED, USER_BUSY))
-UNANSWERED = (Phase(0, CONNECTING), Phase(1, ALERTED), Phase(5, DISCONNECTED, NO_ANSWER))
+# Of the failure causes, only None and UserBusy reach a client (MS-OXWUMS 3.1.4.4.4.1): a call
+# nobody answers rings, then ends Disconnected with None, as a hung-up call does.
+UNANSWERED = (Phase(0, CONNECTING), Phase(1, ALERTED), Phase(5, DISCONNECTED))
 
 
 def is_dialable(dial_string: str) -> bool:

@@ -228,7 +228,7 @@ export interface components {
              */
             state: "Idle" | "Connecting" | "Alerted" | "Connected" | "Disconnected" | "Incoming" | "Transferring" | "Forwarding";
             /**
-             * @description EWS ConnectionFailureCauseType: how the call ended (e.g. `UserBusy`, `NoAnswer`); `None` while it lasts and after a hang-up. Rely on this field, not on the SIP fields, to tell a busy or unanswered call.
+             * @description EWS ConnectionFailureCauseType: how the call ended. Exchange reports `UserBusy` for a busy line and `None` otherwise, while the call lasts and after it ends (MS-OXWUMS 3.1.4.4.4.1); a call that reached `Disconnected` from `Alerted` without `Connected` was not answered. Rely on this and the states, not on the SIP fields.
              * @enum {string}
              */
             connectionFailureCause: "None" | "UserBusy" | "NoAnswer" | "Unavailable" | "Other";
@@ -438,7 +438,10 @@ export interface components {
          *     forms login in front of EWS), or an NTLM, Kerberos or Negotiate
          *     handshake that cannot complete (no challenge, a 400 to the token, a
          *     channel binding refused, no Kerberos ticket from the KDC): all
-         *     `upstream-authentication-failed`; a
+         *     `upstream-authentication-failed`, whose `detail` names the schemes
+         *     Exchange offers and the `EWS_AUTH` to set when the gateway sent none
+         *     of them; an HTTP 404 (`EWS_URL`'s path is not EWS, usually
+         *     `/EWS/Exchange.asmx`); a
          *     redirect to Exchange's error page, an answer that is not a SOAP
          *     envelope or not HTTP/1.1 framed strictly, a compressed answer larger
          *     than 1 MiB inflated, or Exchange (or the outbound proxy) could not be
@@ -461,7 +464,12 @@ export interface components {
          *     `Idempotency-Key` finds the shared state (Redis) unreachable
          *     (`shared-state-unavailable`). When Exchange throttles
          *     (ErrorServerBusy, ErrorExceededConnectionCount,
-         *     ErrorTooManyObjectsOpened) `Retry-After` says how long to wait
+         *     ErrorTooManyObjectsOpened) or fails for a while
+         *     (ErrorUnifiedMessagingServerNotFound, ErrorUMServerUnavailable,
+         *     ErrorUnifiedMessagingRequestFailed, ErrorInternalServerTransientError,
+         *     ErrorMailboxStoreUnavailable, ErrorADUnavailable,
+         *     ErrorConnectionFailed, ErrorConnectionFailedTransientError)
+         *     `Retry-After` says how long to wait
          *     (Exchange's BackOffMilliseconds rounded up to seconds, 5 when it gave
          *     none); when Exchange answers HTTP 429, or 503 with `Retry-After`
          *     (seconds or an HTTP date), it is passed on in seconds (429 without
