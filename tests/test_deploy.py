@@ -4,11 +4,17 @@ No container engine or cluster runs here, so each file is kept true by the tools
 that check it offline (hadolint, kubernetes-validate, kustomize, promtool), by
 the same install steps the image runs, and by comparing every metric name the
 rules and dashboard query with a real scrape. A test whose tool is missing
-skips and names it.
+skips and names it; in CI (CI=true), where .ci/run installs every tool, it fails.
+
+Kubernetes: every variant is rendered as `kubectl apply -k` would apply it (the
+default, deploy/kubernetes, and each folder of deploy/kubernetes-variants) and
+checked against the Kubernetes schemas and the gateway's own configuration.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import re
@@ -17,9 +23,9 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn
+from urllib.parse import quote, urlsplit
 
 import pytest
 import yaml
@@ -35,6 +41,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 KUBERNETES = DEPLOY / "kubernetes"
+KUBERNETES_VARIANTS = DEPLOY / "kubernetes-variants"
+# What `kubectl apply -k` takes: the default variant, and each variant built on it.
+VARIANTS = {
+    "default": KUBERNETES,
+    **{path.name: path for path in sorted(KUBERNETES_VARIANTS.iterdir()) if path.is_dir()},
+}
+# The objects of the in-cluster Redis (components/redis), each named ews-gateway-redis.
+REDIS_KINDS = ("Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy")
+# What the operator creates beside the manifests, by (kind, name): the files of its volumes.
+OPERATOR_CREATED = {
+    ("ConfigMap", "ews-gateway-redis-ca"): {"ca.pem": "(the managed Redis's CA certificate)\n"},
+}
 PROMETHEUS = DEPLOY / "prometheus"
 RULE_FILES = sorted(PROMETHEUS.glob("*.yaml"))
 RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*.test.yaml"))
@@ -73,10 +91,17 @@ def tool(name: str) -> str | None:
     return shutil.which(name)
 
 
+def missing_tool(name: str) -> NoReturn:
+    """Skip a test whose tool is missing, naming it; fail instead in CI, which has them all."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{name} not installed, and CI must run every test")
+    pytest.skip(f"{name} not installed")
+
+
 def require_tool(name: str) -> str:
     path = tool(name)
     if path is None:
-        pytest.skip(f"{name} not installed")
+        missing_tool(name)
     return path
 
 
@@ -97,9 +122,9 @@ def yaml_documents(text: str) -> list[dict[str, Any]]:
     return [document for document in yaml.safe_load_all(text) if document]
 
 
-def kustomization() -> dict[str, Any]:
+def kustomization(directory: Path = KUBERNETES) -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(
-        (KUBERNETES / "kustomization.yaml").read_text(encoding="utf-8")
+        (directory / "kustomization.yaml").read_text(encoding="utf-8")
     )
     return data
 
@@ -109,7 +134,7 @@ def listed_manifests() -> list[Path]:
 
 
 def manifests() -> list[dict[str, Any]]:
-    """Every Kubernetes object of the files the kustomization lists."""
+    """The gateway's own objects: the files deploy/kubernetes lists, before any component."""
     return [
         doc
         for path in listed_manifests()
@@ -117,34 +142,40 @@ def manifests() -> list[dict[str, Any]]:
     ]
 
 
-def manifest(kind: str, name: str | None = None) -> dict[str, Any]:
+def only(documents: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     found = [
         doc
-        for doc in manifests()
+        for doc in documents
         if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name)
     ]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
 
-def pod_template() -> dict[str, Any]:
-    template: dict[str, Any] = manifest("Deployment")["spec"]["template"]
+def manifest(kind: str, name: str | None = None) -> dict[str, Any]:
+    return only(manifests(), kind, name)
+
+
+def pod_template(documents: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    deployment = only(manifests() if documents is None else documents, "Deployment", "ews-gateway")
+    template: dict[str, Any] = deployment["spec"]["template"]
     return template
 
 
-def gateway_container() -> dict[str, Any]:
-    containers = pod_template()["spec"]["containers"]
+def gateway_container(documents: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    containers = pod_template(documents)["spec"]["containers"]
     assert len(containers) == 1
     container: dict[str, Any] = containers[0]
     return container
 
 
-def container_env() -> dict[str, str]:
-    return {item["name"]: item["value"] for item in gateway_container().get("env", [])}
+def container_env(documents: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in gateway_container(documents).get("env", [])}
 
 
-def configmap_data() -> dict[str, str]:
-    data: dict[str, str] = manifest("ConfigMap", "ews-gateway")["data"]
+def configmap_data(documents: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    configmap = only(manifests() if documents is None else documents, "ConfigMap", "ews-gateway")
+    data: dict[str, str] = configmap["data"]
     return data
 
 
@@ -154,12 +185,81 @@ def schema_versions(validator: Any) -> list[str]:
     return [f"{major}.{minor}" for major, minor in sorted(minors)]
 
 
-def kustomize_command() -> list[str] | None:
+def kustomize_command(directory: Path) -> list[str] | None:
     if kustomize := tool("kustomize"):
-        return [kustomize, "build", str(KUBERNETES)]
+        return [kustomize, "build", str(directory)]
     if kubectl := tool("kubectl"):
-        return [kubectl, "kustomize", str(KUBERNETES)]
+        return [kubectl, "kustomize", str(directory)]
     return None
+
+
+@functools.cache
+def kustomize_output(directory: Path) -> str:
+    command = kustomize_command(directory)
+    if command is None:
+        missing_tool("kustomize (or kubectl, which embeds it)")
+    result = run(command)
+    assert result.returncode == 0, output(result)
+    return result.stdout
+
+
+def rendered(variant: str) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k` applies for a variant: `default` or a folder's name."""
+    return yaml_documents(kustomize_output(VARIANTS[variant]))
+
+
+def kustomization_files(directory: Path) -> set[Path]:
+    """Every file a kustomization reads: itself, its resources, components and patches."""
+    data = kustomization(directory)
+    files = {directory / "kustomization.yaml"}
+    for entry in data.get("resources", []) + data.get("components", []):
+        path = (directory / entry).resolve()
+        files |= kustomization_files(path) if path.is_dir() else {path}
+    return files | {
+        (directory / p["path"]).resolve() for p in data.get("patches", []) if "path" in p
+    }
+
+
+def deployments(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in documents if doc["kind"] == "Deployment"}
+
+
+def selected_pods(documents: list[dict[str, Any]], selector: dict[str, str]) -> list[str]:
+    """The Deployments whose pods a label selector matches."""
+    return [
+        name
+        for name, deployment in deployments(documents).items()
+        if selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    ]
+
+
+def file_source(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str, str]:
+    """The Secret or ConfigMap (kind, name, key) whose volume holds PATH in a container."""
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    for mount in container["volumeMounts"]:
+        if PurePosixPath(path).parent == PurePosixPath(mount["mountPath"]):
+            volume = volumes[mount["name"]]
+            if "secret" in volume:
+                return ("Secret", volume["secret"]["secretName"], PurePosixPath(path).name)
+            if "configMap" in volume:
+                return ("ConfigMap", volume["configMap"]["name"], PurePosixPath(path).name)
+    raise AssertionError(f"no Secret or ConfigMap volume holds {path}")
+
+
+def scrape_mechanisms(documents: list[dict[str, Any]]) -> list[str]:
+    """What makes Prometheus scrape the gateway: pod annotations, ServiceMonitors, or both."""
+    service_labels = only(documents, "Service", "ews-gateway")["metadata"]["labels"]
+    found = [
+        f"ServiceMonitor {doc['metadata']['name']}"
+        for doc in documents
+        if doc["kind"] == "ServiceMonitor"
+        and doc["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+    ]
+    for name, deployment in deployments(documents).items():
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        if annotations.get("prometheus.io/scrape") == "true":
+            found.append(f"annotations of Deployment {name}")
+    return found
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -369,34 +469,47 @@ def test_the_wheel_installs_into_a_fresh_venv_with_its_package_data(tmp_path: Pa
 # --- Kubernetes --------------------------------------------------------------------------
 
 
-def test_the_kustomization_lists_every_manifest_in_its_folder() -> None:
+def test_every_file_of_the_kubernetes_folders_belongs_to_a_variant() -> None:
     on_disk = {
-        path.relative_to(KUBERNETES).as_posix()
+        path.resolve()
+        for root in (KUBERNETES, KUBERNETES_VARIANTS)
         for pattern in ("*.yaml", "*.yml")
-        for path in KUBERNETES.rglob(pattern)
-    } - {"kustomization.yaml"}
-    assert sorted(kustomization()["resources"]) == sorted(on_disk)
+        for path in root.rglob(pattern)
+    }
+    used = {path for directory in VARIANTS.values() for path in kustomization_files(directory)}
+    assert sorted(on_disk) == sorted(used)
+
+
+def test_each_variant_is_the_default_with_one_component_of_its_name() -> None:
+    """Components compose: a variant adds one to the default, and its own folder adds nothing."""
+    components = {path.name for path in (KUBERNETES / "components").iterdir()}
+    assert [Path(entry).name for entry in kustomization()["components"]] == ["redis"]
+    assert set(VARIANTS) - {"default"} == components - {"redis"}
+    for name, directory in VARIANTS.items():
+        if name == "default":
+            continue
+        data = kustomization(directory)
+        assert [(directory / entry).resolve() for entry in data["resources"]] == [KUBERNETES]
+        [component] = [(directory / entry).resolve() for entry in data["components"]]
+        assert component == KUBERNETES / "components" / name
+        assert kustomization(component)["kind"] == "Component"
+        assert data.keys() <= {"apiVersion", "kind", "resources", "components"}
 
 
 @pytest.mark.parametrize("kubernetes", [OLDEST_KUBERNETES, "newest"])
-def test_every_manifest_fits_the_kubernetes_schema(kubernetes: str) -> None:
-    validator = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate not installed"
-    )
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_fits_the_kubernetes_schema(variant: str, kubernetes: str) -> None:
+    try:
+        validator = importlib.import_module("kubernetes_validate")
+    except ImportError:
+        missing_tool("kubernetes-validate")
     known = schema_versions(validator)
     version = known[-1] if kubernetes == "newest" else kubernetes
     assert version in known, (
         f"kubernetes-validate has no {version} schemas: raise OLDEST_KUBERNETES"
     )
-    command = kustomize_command()
-    if command is None:
-        documents = manifests()
-    else:
-        rendered = run(command)
-        assert rendered.returncode == 0, output(rendered)
-        documents = yaml_documents(rendered.stdout)
     failures = []
-    for document in documents:
+    for document in rendered(variant):
         if document["kind"] in CUSTOM_KINDS:
             continue
         try:
@@ -407,32 +520,155 @@ def test_every_manifest_fits_the_kubernetes_schema(kubernetes: str) -> None:
     assert not failures, "\n".join(failures)
 
 
-def test_kustomize_renders_every_listed_object_with_the_released_image() -> None:
-    command = kustomize_command()
-    if command is None:
-        pytest.skip("kustomize not installed (nor kubectl, which embeds it)")
-    rendered = run(command)
-    assert rendered.returncode == 0, output(rendered)
-    documents = yaml_documents(rendered.stdout)
-    names = sorted((doc["kind"], doc["metadata"]["name"]) for doc in documents)
-    assert names == sorted((doc["kind"], doc["metadata"]["name"]) for doc in manifests())
-    [deployment] = [doc for doc in documents if doc["kind"] == "Deployment"]
-    [image] = {c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]}
+def test_the_default_variant_is_the_gateway_with_its_redis() -> None:
+    names = sorted((doc["kind"], doc["metadata"]["name"]) for doc in rendered("default"))
+    gateway = [(doc["kind"], doc["metadata"]["name"]) for doc in manifests()]
+    redis = [(kind, "ews-gateway-redis") for kind in REDIS_KINDS]
+    assert names == sorted(gateway + redis)
+    assert all(
+        doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "ews-call-gateway"
+        for doc in rendered("default")
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_gateway_container_runs_the_released_image(variant: str) -> None:
+    spec = pod_template(rendered(variant))["spec"]
     [override] = kustomization()["images"]
-    assert image == f"{override['newName']}:{override['newTag']}"
+    images = {c["image"] for c in spec["containers"] + spec.get("initContainers", [])}
+    assert images == {f"{override['newName']}:{override['newTag']}"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_scrapes_the_gateway_exactly_once(variant: str) -> None:
+    """The default uses the pods' annotations; the service-monitor variant only its monitor."""
+    [mechanism] = scrape_mechanisms(rendered(variant))
+    if variant == "service-monitor":
+        assert mechanism == "ServiceMonitor ews-gateway"
+    else:
+        assert mechanism == "annotations of Deployment ews-gateway"
 
 
 def test_the_service_monitor_scrapes_the_services_metrics_port() -> None:
-    monitor = manifest("ServiceMonitor")
-    service = manifest("Service")
+    documents = rendered("service-monitor")
+    monitor = only(documents, "ServiceMonitor")
+    service = only(documents, "Service", "ews-gateway")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert (
-        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    )
     port_names = {port["name"] for port in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in port_names
         assert endpoint["path"] == "/metrics"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_gateways_redis_url_names_the_redis_of_its_variant(variant: str) -> None:
+    documents = rendered(variant)
+    url = urlsplit(configmap_data(documents)["GATEWAY_REDIS_URL"])
+    in_cluster = [doc for doc in documents if doc["metadata"]["name"] == "ews-gateway-redis"]
+    if variant == "managed-redis":
+        assert url.scheme == "rediss"
+        assert [doc["kind"] for doc in in_cluster] == ["Secret"]
+        return
+    assert url.scheme == "redis"
+    service = only(documents, "Service", url.hostname)
+    [port] = [port for port in service["spec"]["ports"] if port["port"] == url.port]
+    [name] = selected_pods(documents, service["spec"]["selector"])
+    [redis] = deployments(documents)[name]["spec"]["template"]["spec"]["containers"]
+    [container_port] = [p for p in redis["ports"] if p["name"] == port["targetPort"]]
+    assert f"--port {container_port['containerPort']}" in redis["args"][0]
+
+
+def test_redis_and_the_gateway_read_one_password_secret() -> None:
+    documents = rendered("default")
+    template = deployments(documents)["ews-gateway-redis"]["spec"]["template"]
+    [redis] = template["spec"]["containers"]
+    [password] = [item for item in redis["env"] if item["name"] == "REDISCLI_AUTH"]
+    reference = password["valueFrom"]["secretKeyRef"]
+    assert "requirepass $REDISCLI_AUTH" in redis["args"][0]
+    password_file = configmap_data(documents)["GATEWAY_REDIS_PASSWORD_FILE"]
+    source = file_source(pod_template(documents), gateway_container(documents), password_file)
+    assert source == ("Secret", reference["name"], reference["key"])
+    assert reference["key"] in only(documents, "Secret", reference["name"])["stringData"]
+
+
+def test_redis_keeps_its_append_only_file_on_a_claimed_volume() -> None:
+    documents = rendered("default")
+    redis_deployment = deployments(documents)["ews-gateway-redis"]
+    assert redis_deployment["spec"]["replicas"] == 1
+    # One writer of the append-only file at a time, also during a rollout.
+    assert redis_deployment["spec"]["strategy"]["type"] == "Recreate"
+    spec = redis_deployment["spec"]["template"]["spec"]
+    [redis] = spec["containers"]
+    arguments = redis["args"][0]
+    assert "--appendonly yes" in arguments
+    data_dir = re.search(r"--dir (\S+)", arguments)
+    assert data_dir is not None
+    [mount] = [m for m in redis["volumeMounts"] if m["mountPath"] == data_dir[1]]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    claim = only(documents, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_only_the_gateways_pods_may_reach_redis() -> None:
+    documents = rendered("default")
+    policy = only(documents, "NetworkPolicy")
+    assert selected_pods(documents, policy["spec"]["podSelector"]["matchLabels"]) == [
+        "ews-gateway-redis"
+    ]
+    [rule] = policy["spec"]["ingress"]
+    [source] = rule["from"]
+    assert selected_pods(documents, source["podSelector"]["matchLabels"]) == ["ews-gateway"]
+
+
+def test_the_managed_redis_ca_is_mounted_where_the_bundle_variable_points() -> None:
+    documents = rendered("managed-redis")
+    bundle = configmap_data(documents)["GATEWAY_REDIS_CA_BUNDLE"]
+    source = file_source(pod_template(documents), gateway_container(documents), bundle)
+    assert source == ("ConfigMap", "ews-gateway-redis-ca", "ca.pem")
+    volumes = pod_template(documents)["spec"]["volumes"]
+    [volume] = [v for v in volumes if v.get("configMap", {}).get("name") == source[1]]
+    # Without the CA the gateway could not reach Redis: the pod waits for it instead.
+    assert not volume["configMap"].get("optional")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_container_runs_unprivileged_within_limits(variant: str) -> None:
+    for name, deployment in deployments(rendered(variant)).items():
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] > 0, name
+        assert spec["automountServiceAccountToken"] is False, name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, container["name"]
+            assert security["allowPrivilegeEscalation"] is False, container["name"]
+            assert security["capabilities"]["drop"] == ["ALL"], container["name"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= container["resources"][kind].keys(), container["name"]
+
+
+def test_the_exchange_check_runs_with_the_gateways_image_settings_and_files() -> None:
+    documents = rendered("exchange-check")
+    [check] = pod_template(documents)["spec"]["initContainers"]
+    gateway = gateway_container(documents)
+    assert check["args"] == ["check"]
+    for field in ("image", "envFrom", "volumeMounts", "securityContext"):
+        assert check[field] == gateway[field], field
+
+
+def test_the_exchange_check_combined_with_a_managed_redis_mounts_its_ca(tmp_path: Path) -> None:
+    """Listed after managed-redis, the check copies the mounts that component added."""
+    base = os.path.relpath(KUBERNETES, tmp_path)
+    combined = {
+        "resources": [base],
+        "components": [f"{base}/components/managed-redis", f"{base}/components/exchange-check"],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(combined), encoding="utf-8")
+    documents = yaml_documents(kustomize_output(tmp_path))
+    [check] = pod_template(documents)["spec"]["initContainers"]
+    bundle = configmap_data(documents)["GATEWAY_REDIS_CA_BUNDLE"]
+    assert file_source(pod_template(documents), check, bundle)[1] == "ews-gateway-redis-ca"
+    assert check["volumeMounts"] == gateway_container(documents)["volumeMounts"]
 
 
 def test_service_autoscaler_and_disruption_budget_select_the_gateway_pods() -> None:
@@ -446,6 +682,14 @@ def test_service_autoscaler_and_disruption_budget_select_the_gateway_pods() -> N
     assert manifest("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
     # The autoscaler owns the replica count; an apply must not reset it.
     assert "replicas" not in deployment["spec"]
+
+
+def test_no_gateway_selector_matches_the_redis_pods() -> None:
+    documents = rendered("default")
+    for kind in ("Service", "PodDisruptionBudget"):
+        spec = only(documents, kind, "ews-gateway")["spec"]
+        selector = spec["selector"].get("matchLabels", spec["selector"])
+        assert selected_pods(documents, selector) == ["ews-gateway"], kind
 
 
 def test_the_service_and_scrape_annotations_use_the_served_port() -> None:
@@ -516,21 +760,25 @@ def test_envfrom_names_the_configmap_and_the_credentials_secret() -> None:
     assert {"secretRef": {"name": "ews-gateway-credentials"}} in sources
 
 
-def example_environment(root: Path) -> dict[str, str]:
-    """The container's environment, with its Secret and ConfigMap volumes written under ROOT."""
-    environment = {**configmap_data(), **container_env()}
-    for source in gateway_container()["envFrom"]:
+def example_environment(root: Path, documents: list[dict[str, Any]]) -> dict[str, str]:
+    """The gateway container's environment, its Secret and ConfigMap volumes written under ROOT."""
+    environment = {**configmap_data(documents), **container_env(documents)}
+    for source in gateway_container(documents)["envFrom"]:
         if "secretRef" in source:
-            environment.update(manifest("Secret", source["secretRef"]["name"])["stringData"])
-    volumes = {volume["name"]: volume for volume in pod_template()["spec"]["volumes"]}
-    for mount in gateway_container()["volumeMounts"]:
+            secret = only(documents, "Secret", source["secretRef"]["name"])
+            environment.update(secret["stringData"])
+    volumes = {volume["name"]: volume for volume in pod_template(documents)["spec"]["volumes"]}
+    for mount in gateway_container(documents)["volumeMounts"]:
         volume = volumes[mount["name"]]
         kind, key = ("Secret", "secretName") if "secret" in volume else ("ConfigMap", "name")
         spec = volume.get("secret") or volume.get("configMap")
         if spec is None or spec.get("optional"):
             continue  # an emptyDir, or a source the example leaves to the operator
-        resource = manifest(kind, spec[key])
-        files = resource.get("stringData") or resource.get("data") or {}
+        if (kind, spec[key]) in OPERATOR_CREATED:
+            files = OPERATOR_CREATED[kind, spec[key]]
+        else:
+            resource = only(documents, kind, spec[key])
+            files = resource.get("stringData") or resource.get("data") or {}
         directory = root / mount["mountPath"].lstrip("/")
         directory.mkdir(parents=True)
         for name, content in files.items():
@@ -541,10 +789,17 @@ def example_environment(root: Path) -> dict[str, str]:
     return environment
 
 
-def test_the_example_configuration_is_one_the_gateway_accepts(tmp_path: Path) -> None:
-    config = Config.from_env(example_environment(tmp_path))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variants_configuration_is_one_the_gateway_accepts(
+    variant: str, tmp_path: Path
+) -> None:
+    documents = rendered(variant)
+    config = Config.from_env(example_environment(tmp_path, documents))
     caller_authenticator(config)
-    assert config.workers == int(configmap_data()["GATEWAY_WORKERS"])
+    assert config.workers == int(configmap_data(documents)["GATEWAY_WORKERS"])
+    assert config.redis_url == configmap_data(documents)["GATEWAY_REDIS_URL"]
+    password = only(documents, "Secret", "ews-gateway-redis")["stringData"]["password"]
+    assert config.redis_password == password
 
 
 def test_the_examples_mention_every_variable_of_the_readme() -> None:
@@ -557,10 +812,13 @@ def test_the_examples_mention_every_variable_of_the_readme() -> None:
     assert not missing
 
 
-def test_the_examples_set_only_variables_the_readme_documents() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_sets_only_variables_the_readme_documents(variant: str) -> None:
+    documents = rendered(variant)
     known = readme_variables() | {f"{name}_FILE" for name in readme_variables()}
-    credentials = manifest("Secret", "ews-gateway-credentials")["stringData"]
-    assert not (configmap_data().keys() | credentials.keys() | container_env().keys()) - known
+    credentials = only(documents, "Secret", "ews-gateway-credentials")["stringData"]
+    names = configmap_data(documents).keys() | credentials.keys() | container_env(documents).keys()
+    assert not names - known
 
 
 # --- Prometheus rules --------------------------------------------------------------------
