@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         "Its EWS endpoint is /EWS/Exchange.asmx, its WSDL /EWS/Services.wsdl; its control "
         "API (/simulator/faults to "
         "inject Exchange's failures, /simulator/calls, /simulator/requests) is listed at "
-        "/simulator/. The README lists the fault kinds.",
+        "/simulator/. docs/simulator.md lists the fault kinds.",
     )
     simulator.add_argument(
         "--bind",
@@ -266,7 +266,7 @@ Try it:
   curl -N {base}/calls/<callId>/events
   curl -si -X DELETE {base}/calls/<callId>
   curl -s {base}/metrics | grep ews_gateway_
-Make the simulator fail like Exchange (kinds and their parameters: README):
+Make the simulator fail like Exchange (kinds and their parameters: docs/simulator.md):
   curl -s -X PUT {faults} -H 'Content-Type: application/json' \\
        -d '{{"faults": [{{"kind": "busy", "backOffMs": 3000, "count": 1}}]}}'
   curl -s -X DELETE {faults}

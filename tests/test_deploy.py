@@ -277,24 +277,27 @@ def dockerfile(keyword: str) -> list[str]:
     return [arguments for found, arguments in dockerfile_instructions() if found == keyword]
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def doc_section(document: str, title: str) -> str:
+    text = (REPO / document).read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]
 
 
-def readme_variables() -> set[str]:
-    """The variables named in the first column of README's configuration table."""
-    rows = re.findall(r"^\| (.+?) \|", readme_section("Configuration"), re.MULTILINE)
+def documented_variables() -> set[str]:
+    """The variables named in the first column of docs/configuration.md's table."""
+    table = doc_section("docs/configuration.md", "The variables")
+    rows = re.findall(r"^\| (.+?) \|", table, re.MULTILINE)
     return {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row)}
 
 
 def contract_series() -> set[str]:
-    """The series names the README's metrics table promises (histograms as their three series)."""
+    """The series docs/operations.md's metrics table promises (histograms as three series)."""
     series = set()
     for name, kind in re.findall(
-        r"^\| `(ews_gateway_\w+)` \| (\w+) \|", readme_section("Metrics"), re.MULTILINE
+        r"^\| `(ews_gateway_\w+)` \| (\w+) \|",
+        doc_section("docs/operations.md", "Metrics"),
+        re.MULTILINE,
     ):
         suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
         series |= {name + suffix for suffix in suffixes}
@@ -802,20 +805,20 @@ def test_every_variants_configuration_is_one_the_gateway_accepts(
     assert config.redis_password == password
 
 
-def test_the_examples_mention_every_variable_of_the_readme() -> None:
+def test_the_examples_mention_every_documented_variable() -> None:
     """Set, or described in a comment next to the values, for every configuration variable."""
     text = "".join(
         (KUBERNETES / name).read_text(encoding="utf-8")
         for name in ("configmap.yaml", "secret.yaml", "deployment.yaml")
     )
-    missing = {name for name in readme_variables() if not re.search(rf"\b{name}\b", text)}
+    missing = {name for name in documented_variables() if not re.search(rf"\b{name}\b", text)}
     assert not missing
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_sets_only_variables_the_readme_documents(variant: str) -> None:
+def test_every_variant_sets_only_documented_variables(variant: str) -> None:
     documents = rendered(variant)
-    known = readme_variables() | {f"{name}_FILE" for name in readme_variables()}
+    known = documented_variables() | {f"{name}_FILE" for name in documented_variables()}
     credentials = only(documents, "Secret", "ews-gateway-credentials")["stringData"]
     names = configmap_data(documents).keys() | credentials.keys() | container_env(documents).keys()
     assert not names - known

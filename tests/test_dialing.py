@@ -23,7 +23,7 @@ DIAL_CHARACTERS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNO
 
 
 def policy_allows(text: str, pattern: str) -> bool:
-    """An independent reading of the README: `*` alone allows all, else a glob must match."""
+    """An independent reading of docs/configuration.md: `*` alone allows all, else a glob."""
     return pattern == "*" or glob_matches(text, pattern)
 
 
@@ -103,7 +103,7 @@ def test_no_dial_string_outside_the_policy_ever_reaches_exchange(
         ("sip:+15551234@pbx.example.com", False),  # '+' only where a pattern writes it
     ],
 )
-def test_the_readme_patterns_match_whole_dial_strings(dial_string: str, allowed: bool) -> None:
+def test_the_documented_patterns_match_whole_dial_strings(dial_string: str, allowed: bool) -> None:
     policy = DialPolicy(("+1555*", "4???", "sip:*@pbx.example.com"))
 
     if allowed:

@@ -1,4 +1,4 @@
-"""gunicorn settings: the values keep the order and sizes the README promises."""
+"""gunicorn settings: the values keep the order and sizes docs/operations.md promises."""
 
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def log_request(
     detail: str | None = None,
     level: int | None = None,
 ) -> None:
-    """Write the access-log line of one request (README, "Logs", lists its fields).
+    """Write the access-log line of one request (docs/operations.md, "Logs", lists its fields).
 
     UPSTREAM holds what Exchange said: upstreamOutcome, upstreamStatus, ewsResponseCode and
     Exchange's correlation ids; all three are null when Exchange was not asked.

@@ -42,7 +42,7 @@ from gateway.telemetry.metrics import OTHER_METHOD, STANDARD_METHODS, Metrics
 
 LOG = logging.getLogger("gateway")
 
-# What gunicorn may hold of one request head, set deliberately (README, "Limits"):
+# What gunicorn may hold of one request head, set deliberately (docs/operations.md, "Limits"):
 # a request line of up to 8,190 bytes (gunicorn's maximum short of unlimited; a call id
 # percent-encoded is at most 1,536), 100 header lines, each up to 16 KiB, which fits the
 # largest bearer tokens identity providers issue (10-12 KB with many group claims).

@@ -1,5 +1,5 @@
 """Real `serve` while Exchange hangs, refuses connections or throttles: deadline, bulkhead,
-circuit breaker and the one retry, as the contract and the README promise them."""
+circuit breaker and the one retry, as the contract and docs/operations.md promise them."""
 
 from __future__ import annotations
 
