@@ -6,6 +6,7 @@ import socket
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 # Helper modules hold assertions too: rewritten as a test module's are, a failure shows values.
 pytest.register_assert_rewrite(
@@ -15,6 +16,12 @@ pytest.register_assert_rewrite(
     "tests.integration.processes",
     "tests.integration.witness",
 )
+
+
+# Property tests assert behaviour, never timings: on a loaded machine one example can take
+# longer than hypothesis's default 200 ms deadline without anything being wrong.
+settings.register_profile("gateway", deadline=None)
+settings.load_profile("gateway")
 
 
 class NetworkBlocked(RuntimeError):
