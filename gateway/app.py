@@ -118,7 +118,12 @@ def build_services(
     trail) and hold them with the rest of what requests use."""
     assert state.streams is not None  # the factory starts them first
     client = sharedstate.connect(
-        RedisSettings(config.redis_url, config.redis_password or None, config.redis_ca_bundle)
+        RedisSettings(
+            config.redis_url,
+            config.redis_password or None,
+            config.redis_ca_bundle,
+            config.redis_sentinel_password or None,
+        )
     )
     store: KeyStore = MemoryKeys()
     if client is not None:
@@ -135,7 +140,7 @@ def build_services(
         # No policy only outside serve, which refuses to start without one.
         dial_policy=DialPolicy(config.dial_allow or (ALLOW_ALL,)),
         quotas=Quotas(
-            build_storage(config.redis_url, client.connection_pool if client else None),
+            build_storage(client, on_error=lambda: metrics.redis_failed("rate_limit")),
             calls=config.rate_limit_calls,
             requests=config.rate_limit_requests,
             # Leases save a Redis round trip per request; counting in memory costs nothing.

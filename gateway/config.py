@@ -21,6 +21,7 @@ from gateway.errors import ConfigError
 from gateway.exchange import http1
 from gateway.exchange.auth import BEARER_TOKEN
 from gateway.exchange.proxy import Proxy, proxy_for
+from gateway.guards import sharedstate
 from gateway.guards.dialing import never_matches
 from gateway.wire import EXCHANGE_VERSIONS
 
@@ -122,6 +123,7 @@ class Config:
     redis_url: str | None = field(default=None, repr=False)
     redis_password: str = field(default="", repr=False)
     redis_ca_bundle: str | None = None
+    redis_sentinel_password: str = field(default="", repr=False)
     call_id_key: bytes = field(default=b"", repr=False)
     operator_claim: tuple[str, str] | None = None
     audit_dial_digits: int = 4
@@ -215,6 +217,7 @@ class Config:
             redis_url=env.redis_url("GATEWAY_REDIS_URL"),
             redis_password=env.secret("GATEWAY_REDIS_PASSWORD"),
             redis_ca_bundle=env.path("GATEWAY_REDIS_CA_BUNDLE"),
+            redis_sentinel_password=env.secret("GATEWAY_REDIS_SENTINEL_PASSWORD"),
             call_id_key=env.key("GATEWAY_CALL_ID_KEY"),
             operator_claim=env.claim("GATEWAY_OPERATOR_CLAIM"),
             audit_dial_digits=_or_default(
@@ -261,6 +264,18 @@ class Config:
         if self.ews_impersonation == "token" and self.gateway_auth != "jwt":
             raise ConfigError(
                 "EWS_IMPERSONATION=token needs GATEWAY_AUTH=jwt (the mailbox comes from the token)"
+            )
+        self._check_sentinel()
+
+    def _check_sentinel(self) -> None:
+        sentinel = (self.redis_url or "").startswith(sharedstate.SENTINEL_SCHEME + ":")
+        if self.redis_sentinel_password and not sentinel:
+            raise ConfigError(
+                "GATEWAY_REDIS_SENTINEL_PASSWORD needs a redis+sentinel:// GATEWAY_REDIS_URL"
+            )
+        if sentinel and self.redis_ca_bundle:
+            raise ConfigError(
+                "GATEWAY_REDIS_CA_BUNDLE is for rediss://; redis+sentinel:// speaks plain TCP"
             )
 
     def _check_kerberos(self) -> None:
@@ -461,12 +476,21 @@ class _Env:
         return raw
 
     def redis_url(self, name: str) -> str | None:
+        """Read a redis://, rediss:// or redis+sentinel:// URL without a password."""
         value = self.text(name)
         if not value:
             return None
+        if value.startswith(sharedstate.SENTINEL_SCHEME + ":"):
+            try:
+                sharedstate.sentinel_address(value)
+            except ValueError as error:
+                raise ConfigError(f"{name} {error}") from None
+            return value
         parts = urlsplit(value)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ConfigError(f"{name} must be a redis:// or rediss:// URL with a host")
+            raise ConfigError(
+                f"{name} must be a redis://, rediss:// or redis+sentinel:// URL with a host"
+            )
         if parts.password:
             raise ConfigError(f"{name} must not carry a password; use GATEWAY_REDIS_PASSWORD_FILE")
         return value

@@ -122,6 +122,48 @@ def test_a_bad_redis_url_is_refused_without_repeating_it(url: str) -> None:
     assert "pw" not in message
 
 
+def test_redis_may_be_found_through_sentinel_with_its_own_password(tmp_path: Path) -> None:
+    secret = tmp_path / "sentinel-password"
+    secret.write_text("s3ntinel\n")
+    url = "redis+sentinel://sentinel-0.redis:26379,sentinel-1.redis:26379/mymaster/0"
+
+    config = from_env(GATEWAY_REDIS_URL=url, GATEWAY_REDIS_SENTINEL_PASSWORD_FILE=str(secret))
+
+    assert (config.redis_url, config.redis_sentinel_password) == (url, "s3ntinel")
+    assert "s3ntinel" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:pw@sentinel:26379/mymaster",
+        "redis+sentinel://sentinel:26379",
+        "redis+sentinel://sentinel:26379/mymaster/zero",
+    ],
+)
+def test_a_bad_sentinel_url_is_refused_naming_the_variable(url: str) -> None:
+    message = rejects(GATEWAY_REDIS_URL=url)
+
+    assert message.startswith("GATEWAY_REDIS_URL ")
+    assert "pw" not in message
+
+
+def test_a_sentinel_password_needs_a_sentinel_url_and_sentinel_takes_no_ca_bundle(
+    tmp_path: Path,
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    plain = "redis://redis.example.com:6379/0"
+    sentinel = "redis+sentinel://sentinel:26379/mymaster"
+
+    assert "GATEWAY_REDIS_SENTINEL_PASSWORD" in rejects(
+        GATEWAY_REDIS_URL=plain, GATEWAY_REDIS_SENTINEL_PASSWORD="s3ntinel"
+    )
+    assert "GATEWAY_REDIS_CA_BUNDLE" in rejects(
+        GATEWAY_REDIS_URL=sentinel, GATEWAY_REDIS_CA_BUNDLE=str(bundle)
+    )
+
+
 def test_the_call_id_key_must_be_long_enough_and_is_never_shown() -> None:
     assert "GATEWAY_CALL_ID_KEY" in rejects(GATEWAY_CALL_ID_KEY="short")
 

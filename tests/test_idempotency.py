@@ -36,6 +36,7 @@ from gateway.guards.idempotency import (
     StoredAnswer,
     parse_key,
 )
+from gateway.guards.sharedstate import StaleConnection
 from tests.fake_ews import FakeExchange
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
 
@@ -308,3 +309,84 @@ def test_a_key_left_pending_by_a_process_that_died_mid_call_answers_outcome_unkn
     with pytest.raises(IdempotencyOutcomeUnknown):
         calls.place("alice", "lost", "fp", dial)
     assert dialled == [1]
+
+
+class LosingRedis:
+    """A Redis client (a dict) whose first SET NX is stored, then its pooled connection is
+    found stale before the answer arrives, as when a middlebox forgets the flow mid-command."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+        self.lost = 0
+
+    def set(self, key: str, value: str, nx: bool = False, ex: int | None = None) -> bool | None:
+        if nx and key in self.values:
+            return None
+        self.values[key] = value
+        if nx and not self.lost:
+            self.lost += 1
+            raise StaleConnection("stale_connection")
+        return True
+
+    def get(self, key: str) -> bytes | None:
+        value = self.values.get(key)
+        return None if value is None else value.encode()
+
+    def register_script(self, _script: str) -> Any:
+        def delete_if_equal(keys: list[str], args: list[str]) -> int:
+            if self.values.get(keys[0]) != args[0]:
+                return 0
+            del self.values[keys[0]]
+            return 1
+
+        return delete_if_equal
+
+
+def test_a_claim_sent_again_after_its_stored_first_try_was_lost_is_its_own_and_dials_once() -> None:
+    losing = LosingRedis()
+    errors: list[int] = []
+    calls = IdempotentCalls(
+        RedisKeys(cast(redis.Redis, losing), on_error=lambda: errors.append(1)), wait_s=1
+    )
+    dialled: list[int] = []
+
+    def dial() -> StoredAnswer:
+        dialled.append(1)
+        return StoredAnswer(201, {"callId": "c9", "ewsResponseCode": "NoError"}, "/calls/c9")
+
+    first = calls.place("gina", "order-9", "fp", dial)  # neither 503 nor 409 in use
+    again = calls.place("gina", "order-9", "fp", dial)
+
+    assert (first.status, first.replayed, again.replayed) == (201, False, True)
+    assert dialled == [1]
+    assert (losing.lost, errors) == (1, [1])  # the stale try was counted once
+
+
+class ReleasingKeys(MemoryKeys):
+    """Memory keys that note every key freed, and how."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freed: list[tuple[str, str]] = []
+
+    def release_own(self, key: str, record: str) -> None:
+        self.freed.append((key, record))
+        super().release_own(key, record)
+
+
+def test_a_key_is_freed_only_while_it_holds_this_requests_own_claim() -> None:
+    """So a late second run of that delete (a command sent again) frees no other claim."""
+    store = ReleasingKeys()
+    calls = IdempotentCalls(store, wait_s=1)
+
+    def refused() -> StoredAnswer:
+        raise ExchangeUnprocessable("Exchange answered ErrorInvalidPhoneNumber")
+
+    with pytest.raises(ExchangeUnprocessable):
+        calls.place("hana", "order-10", "fp", refused)
+
+    [(key, claim)] = store.freed  # compare and delete of its own pending record
+    assert json.loads(claim)["state"] == "pending"
+    assert store.claim(key, "another request's claim", KEY_TTL_S) is None
+    store.release_own(key, claim)  # the same delete run again, late (a command sent twice)
+    assert store.get(key) == "another request's claim"

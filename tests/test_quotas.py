@@ -7,16 +7,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, cast
 
 import limits
 import pytest
+import redis
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, Storage
 
 from gateway.errors import RateLimited
-from gateway.guards.quotas import CALLS, LEASE_TTL_S, REQUESTS, Quotas
+from gateway.guards import sharedstate
+from gateway.guards.quotas import CALLS, LEASE_TTL_S, REQUESTS, Quotas, build_storage
+from gateway.guards.sharedstate import RedisSettings, StaleConnection
 from tests.fake_ews import FakeExchange
 from tests.guards import KEY_A, KEY_B, PLACE, app_with_keys, sample
+from tests.integration.processes import free_port
+from tests.redis_servers import RedisServer, redis_installed
 
 
 def test_calls_over_the_quota_are_429_with_retry_after_and_exchange_is_not_asked(
@@ -443,3 +449,97 @@ def test_a_refusal_is_not_remembered_through_a_window_that_began_after_it() -> N
     clock.now += 1
 
     assert admitted(worker)  # the new window has counted one request of three
+
+
+class WindowRedis:
+    """A Redis client holding counters whose window has LEFT_MS milliseconds to go: TTL
+    rounds that to the nearest second, as Redis does; PTTL gives it whole."""
+
+    def __init__(self, left_ms: int, stale_tries: int = 0) -> None:
+        self.left_ms = left_ms
+        self.counts: dict[str, int] = {}
+        self.stale_tries = stale_tries  # counts whose pooled connection is found stale first
+        self.connection_pool = redis.ConnectionPool()  # never connects
+
+    def register_script(self, _script: str) -> Any:
+        def incr_expire(keys: list[str], args: list[int]) -> int:
+            if self.stale_tries:
+                self.stale_tries -= 1
+                raise StaleConnection("readonly")
+            self.counts[keys[0]] = self.counts.get(keys[0], 0) + int(args[1])
+            return self.counts[keys[0]]
+
+        return incr_expire
+
+    def get(self, key: str) -> bytes:
+        return str(self.counts.get(key, 0)).encode()
+
+    def ttl(self, _key: str) -> int:
+        return (self.left_ms + 500) // 1000
+
+    def pttl(self, _key: str) -> int:
+        return self.left_ms
+
+
+@pytest.mark.parametrize(
+    ("left_ms", "retry_after_s"), [(2400, 3), (2600, 3), (2000, 3), (999, 1), (59_999, 60)]
+)
+def test_retry_after_is_the_windows_reset_in_milliseconds_rounded_up(
+    left_ms: int, retry_after_s: int
+) -> None:
+    storage = build_storage(cast(redis.Redis, WindowRedis(left_ms)), on_error=lambda: None)
+    quotas = Quotas(storage, calls="1/minute", requests=None)
+    quotas.charge(CALLS, "alice")
+
+    with pytest.raises(RateLimited) as refused:
+        quotas.charge(CALLS, "alice")
+
+    # Redis drops a key the millisecond after its PTTL reaches 0: 2000 ms left is 3 s to wait.
+    assert refused.value.retry_after_s == retry_after_s
+    assert refused.value.headers["RateLimit"] == f'"calls";r=0;t={retry_after_s}'
+
+
+def test_a_count_a_failover_interrupted_is_sent_again_and_the_failure_counted() -> None:
+    failures: list[int] = []
+    window = WindowRedis(30_000, stale_tries=1)
+    quotas = Quotas(
+        build_storage(cast(redis.Redis, window), on_error=lambda: failures.append(1)),
+        calls="2/minute",
+        requests=None,
+    )
+
+    assert quotas.charge(CALLS, "alice") is not None  # counted, not let through uncounted
+    assert list(window.counts.values()) == [1]
+    assert failures == [1]
+
+
+def wait_as_told(quotas: Quotas) -> None:
+    """Spend a 1-per-2-seconds quota, be refused 0.6 s later, wait exactly as told: served."""
+    quotas.charge(CALLS, "alice")
+    time.sleep(0.6)  # 1.4 s left: Redis's TTL says 1
+    with pytest.raises(RateLimited) as refused:
+        quotas.charge(CALLS, "alice")
+    assert refused.value.retry_after_s is not None
+    time.sleep(refused.value.retry_after_s)
+    assert quotas.charge(CALLS, "alice") is not None
+
+
+def test_a_caller_that_waits_as_told_is_served_in_memory() -> None:
+    wait_as_told(
+        Quotas(build_storage(None, on_error=lambda: None), calls="1/2second", requests=None)
+    )
+
+
+@pytest.mark.network
+@pytest.mark.skipif(not redis_installed(), reason="redis-server is not installed")
+def test_a_caller_that_waits_as_told_is_served_in_redis(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    client = sharedstate.connect(RedisSettings(server.url))
+    try:
+        storage = build_storage(client, on_error=lambda: None)
+        wait_as_told(Quotas(storage, calls="1/2second", requests=None))
+    finally:
+        assert client is not None
+        client.close()
+        server.stop()

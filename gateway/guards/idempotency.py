@@ -20,6 +20,12 @@ Storage is Redis with GATEWAY_REDIS_URL, else this process's memory. Redis unrea
 requests with a key fail CLOSED with `503` (dialing without the key's protection could dial
 twice); requests without one never touch Redis. A claim whose answer Redis lost is taken back
 at once if Redis answers that, so the key is free for the retry.
+
+After a failover or on a stale connection each command is sent once more on a fresh one
+(gateway.guards.sharedstate), so it may run twice; every command here allows that. A claim's
+record carries a random token of its request, so a claim that finds its own record there knows
+its first try stored it, and dials; a key is freed only by compare and delete of that record,
+never by a plain DEL that a second run could aim at another request's claim.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from gateway.errors import (
     InvalidRequest,
     SharedStateUnavailable,
 )
+from gateway.guards.sharedstate import FreshConnectionRetry
 
 KEY_TTL_S = 24 * 3600
 MAX_KEY_CHARS = 255
@@ -83,9 +90,6 @@ class KeyStore(Protocol):
 
     def put(self, key: str, record: str, ttl_s: int) -> None:
         """Store RECORD under KEY, replacing what is there."""
-
-    def release(self, key: str) -> None:
-        """Forget KEY."""
 
     def release_own(self, key: str, record: str) -> None:
         """Forget KEY if it still holds RECORD (compare and delete)."""
@@ -144,7 +148,7 @@ class IdempotentCalls:
         while True:
             existing = self._claim(store_key, pending)
             if existing is None:
-                return self._first(store_key, fingerprint, place)
+                return self._first(store_key, pending, fingerprint, place)
             record = self._wait(store_key, existing, deadline)
             if record is not None:
                 return _answer_from(record, fingerprint, stale_after_s=self._wait_s)
@@ -161,7 +165,7 @@ class IdempotentCalls:
             raise
 
     def _first(
-        self, store_key: str, fingerprint: str, place: Callable[[], StoredAnswer]
+        self, store_key: str, pending: str, fingerprint: str, place: Callable[[], StoredAnswer]
     ) -> StoredAnswer:
         try:
             answer = place()
@@ -169,7 +173,8 @@ class IdempotentCalls:
             if may_have_dialled(error):
                 self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
             else:
-                self._forget(store_key)  # nothing was dialled: a retry with this key may dial
+                # Nothing was dialled: a retry with this key may dial.
+                self._forget(store_key, pending)
             raise
         except Exception:
             self._keep(store_key, {"state": UNKNOWN, "fingerprint": fingerprint})
@@ -204,9 +209,9 @@ class IdempotentCalls:
         with contextlib.suppress(SharedStateUnavailable):
             self._store.put(store_key, json.dumps(record), KEY_TTL_S)
 
-    def _forget(self, store_key: str) -> None:
+    def _forget(self, store_key: str, pending: str) -> None:
         with contextlib.suppress(SharedStateUnavailable):
-            self._store.release(store_key)
+            self._store.release_own(store_key, pending)
 
 
 def may_have_dialled(error: GatewayError) -> bool:
@@ -277,10 +282,6 @@ class MemoryKeys:
         with self._lock:
             self._records[key] = (record, self._clock() + ttl_s)
 
-    def release(self, key: str) -> None:
-        with self._lock:
-            self._records.pop(key, None)
-
     def release_own(self, key: str, record: str) -> None:
         with self._lock:
             if self._live(key) == record:
@@ -302,6 +303,7 @@ class RedisKeys:
     def __init__(self, client: redis.Redis, on_error: Callable[[], None]) -> None:
         self._client = client
         self._on_error = on_error
+        self._retry = FreshConnectionRetry("idempotency", on_error)
         # Compare and delete in one step, as Redis's own lock-release pattern does.
         self._delete_if_equal = client.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
@@ -311,7 +313,10 @@ class RedisKeys:
     def claim(self, key: str, record: str, ttl_s: int) -> str | None:
         if self._call(lambda: self._client.set(key, record, nx=True, ex=ttl_s)):
             return None
-        return self.get(key) or self.claim(key, record, ttl_s)
+        existing = self.get(key)
+        if existing == record:
+            return None  # stored by a first try whose answer was lost: this claim is ours
+        return existing or self.claim(key, record, ttl_s)
 
     def get(self, key: str) -> str | None:
         value = self._call(lambda: self._client.get(key))
@@ -320,17 +325,15 @@ class RedisKeys:
     def put(self, key: str, record: str, ttl_s: int) -> None:
         self._call(lambda: self._client.set(key, record, ex=ttl_s))
 
-    def release(self, key: str) -> None:
-        self._call(lambda: self._client.delete(key))
-
     def release_own(self, key: str, record: str) -> None:
         self._call(lambda: self._delete_if_equal(keys=[key], args=[record]))
 
     def _call(self, command: Callable[[], Any]) -> Any:
         try:
-            return command()
-        except redis.RedisError:
+            return self._retry(command)
+        except redis.RedisError as error:
             self._on_error()
+            self._retry.warn("idempotency keys unreachable; answering 503", error)
             raise SharedStateUnavailable(
                 "idempotency keys cannot be checked right now; retry shortly",
                 retry_after_s=1,

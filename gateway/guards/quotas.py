@@ -23,7 +23,13 @@ caller costs neither Redis nor this process a round trip per request.
 Redis unreachable: limits fail OPEN. The request goes on unlimited, a warning is logged (at
 most every 10 s per process) and `ews_gateway_redis_errors_total{feature="rate_limit"}`
 counts every failure; the dial policy still holds. A request storage has already counted past
-the quota is refused even if reading the window's reset then fails.
+the quota is refused even if reading the window's reset then fails. Each command to Redis is
+sent once more on a fresh connection after a failover or a stale connection
+(gateway.guards.sharedstate); a count sent again after its connection failed with no answer
+may have been counted already, so a caller may lose a unit, never get one more.
+
+The reset is read in milliseconds (PTTL, not TTL's seconds, which Redis rounds to the nearest)
+and `Retry-After` and `t=` round it up, so a caller that waits as told finds the window reset.
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import limits
+import redis
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, RedisStorage, Storage
-from redis import ConnectionPool
+from limits.typing import RedisClient
 
 from gateway.errors import RateLimited
+from gateway.guards.sharedstate import FreshConnectionRetry, failure_reason
 
 LOG = logging.getLogger("gateway")
 KEY_PREFIX = "ews-gateway:limits"
@@ -223,7 +232,11 @@ class Quotas:
             self._warned_at = now
             LOG.warning(
                 "rate limit storage unreachable; letting requests through unlimited",
-                extra={"quota": quota, "error": type(error.storage_error).__name__},
+                extra={
+                    "quota": quota,
+                    "error": type(error.storage_error).__name__,
+                    "reason": failure_reason(error.storage_error),
+                },
             )
 
 
@@ -237,10 +250,42 @@ def _refusal(quota: str, amount: int, window_s: int, policy: str, reset_s: float
     )
 
 
-def build_storage(redis_url: str | None, pool: ConnectionPool | None) -> Storage:
-    """Return Redis storage sharing the gateway's connection pool, or memory without Redis."""
-    if redis_url is None or pool is None:
+def build_storage(client: redis.Redis | None, on_error: Callable[[], None]) -> Storage:
+    """Return storage on the gateway's Redis client, or in memory without Redis."""
+    if client is None:
         return MemoryStorage(wrap_exceptions=True)
-    return RedisStorage(
-        redis_url, connection_pool=pool, key_prefix=KEY_PREFIX, wrap_exceptions=True
-    )
+    return SharedRedisStorage(client, FreshConnectionRetry("rate_limit", on_error))
+
+
+class SharedRedisStorage(RedisStorage):
+    """The limits library's Redis storage on the gateway's client (its pool, timeouts and
+    failover handling), each command through RETRY, the reset read in milliseconds."""
+
+    def __init__(self, client: redis.Redis, retry: FreshConnectionRetry) -> None:
+        self._client = client
+        self._retry = retry
+        # The URL only names the kind of storage: every command goes through get_connection.
+        super().__init__(
+            "redis://",
+            connection_pool=client.connection_pool,
+            key_prefix=KEY_PREFIX,
+            wrap_exceptions=True,
+        )
+
+    def get_connection(self, readonly: bool = False) -> RedisClient:
+        return cast(RedisClient, self._client)
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        name = self.prefixed_key(key)
+        return int(self._retry(lambda: self.lua_incr_expire([name], [expiry, amount])))
+
+    def get(self, key: str) -> int:
+        name = self.prefixed_key(key)
+        return int(cast(bytes | None, self._retry(lambda: self._client.get(name))) or 0)
+
+    def get_expiry(self, key: str) -> float:
+        """When KEY's window resets (time.time() seconds): Redis drops a key the millisecond
+        after its PTTL reaches 0. A key without one (gone, or no expiry) resets now."""
+        name = self.prefixed_key(key)
+        left_ms = cast(int, self._retry(lambda: self._client.pttl(name)))
+        return time.time() + (left_ms + 1) / 1000 if left_ms >= 0 else time.time()

@@ -156,7 +156,8 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "ews_gateway_redis_errors",
-            "Redis commands that failed or timed out, by the feature that sent them.",
+            "Tries of Redis commands that failed or timed out (also those sent again on a "
+            "fresh connection), by the feature that sent them.",
             ["feature"],
             registry=self.registry,
         )

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote
@@ -21,7 +17,7 @@ from cryptography import x509
 
 from gateway.errors import SharedStateUnavailable
 from gateway.guards.idempotency import IdempotentCalls, RedisKeys, StoredAnswer
-from tests.certificates import Certificate, self_signed_certificate
+from tests.certificates import self_signed_certificate
 from tests.identity import SigningKey, claims, rsa_key
 from tests.integration.processes import (
     Response,
@@ -34,75 +30,14 @@ from tests.integration.processes import (
     simulator_requests,
     start,
 )
+from tests.redis_servers import RedisServer, redis_installed
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 pytestmark = pytest.mark.skipif(
-    not Path(REDIS_SERVER).exists(), reason="redis-server is not installed (Debian: redis-server)"
+    not redis_installed(), reason="redis-server is not installed (Debian: redis-server)"
 )
 ISSUER, AUDIENCE = "https://login.example.com/", "ews-call-gateway"
 CALL_ID_KEY = "shared-call-id-key-of-every-replica-0123456789"
 PLACE = {"itemId": "AAMkVoiceMail", "dialString": "+15551234567"}
-
-
-@dataclass
-class RedisServer:
-    """A throwaway redis-server on a free loopback port; stop() and start() it at will."""
-
-    port: int
-    workdir: Path
-    process: subprocess.Popen[bytes] | None = None
-    password: str | None = None
-    certificate: Certificate | None = None
-
-    @property
-    def url(self) -> str:
-        scheme = "redis" if self.certificate is None else "rediss"
-        return f"{scheme}://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", ""]
-        args += ["--appendonly", "no"]
-        if self.certificate is None:
-            args += ["--port", str(self.port)]
-        else:
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
-            args += ["--tls-cert-file", str(self.certificate.cert_path)]
-            args += ["--tls-key-file", str(self.certificate.key_path)]
-        if self.password is not None:
-            args += ["--requirepass", self.password]
-        log = (self.workdir / "redis.log").open("ab")
-        self.process = subprocess.Popen([REDIS_SERVER, *args], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        client = self.client()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    client.close()
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        self.stop()
-        raise AssertionError("redis-server did not start")
-
-    def client(self) -> redis.Redis:
-        tls: dict[str, Any] = {}
-        if self.certificate is not None:
-            tls = {"ssl": True, "ssl_ca_certs": str(self.certificate.cert_path)}
-        return redis.Redis(
-            host="127.0.0.1",
-            port=self.port,
-            password=self.password,
-            socket_timeout=1,
-            socket_connect_timeout=1,
-            **tls,
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
 
 
 @pytest.fixture
