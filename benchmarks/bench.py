@@ -25,7 +25,7 @@ from gateway.config import DEFAULT_THREADS
 
 GATEWAY, BASELINE = "gateway", "baseline"
 # The same gateway counting its quotas in its own memory: what Redis costs, in the same run.
-GATEWAY_IN_MEMORY = "gateway, quotas in memory"
+GATEWAY_EMBEDDED = "gateway, embedded store"
 WORKERS = 2
 RAM_DISK = Path("/dev/shm")  # noqa: S108 - where `serve` puts metric files by default
 
@@ -96,7 +96,7 @@ class Bench:
         """Run `python -m gateway serve` as an operator would, with two workers.
 
         With redis-server installed its quotas are counted in Redis unless QUOTAS_IN_REDIS is
-        false; without it, always in memory.
+        false; otherwise in the instance's embedded store, as `serve` does without Redis.
         """
         port = free_port()
         shared = {}

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 
 from benchmarks import redis_server
-from benchmarks.bench import BASELINE, GATEWAY, GATEWAY_IN_MEMORY
+from benchmarks.bench import BASELINE, GATEWAY, GATEWAY_EMBEDDED
 from benchmarks.load import LoadResult
 from benchmarks.processes import REPO_ROOT
 from benchmarks.scenarios import UPSTREAM, Results, median
@@ -48,9 +48,9 @@ def describe_machine(generator: str, upstream_kind: str) -> dict[str, str]:
         "Gateway tree": _git_describe(),
         "Shared state": (
             f"redis-server {redis_server.version()} on loopback (GATEWAY_REDIS_URL): every "
-            "gateway counts its quotas there, except the one named quotas in memory"
+            "gateway counts its quotas there, except the one named embedded store"
             if redis_server.redis_binary()
-            else "none: redis-server is not installed, quotas are counted in memory"
+            else "none: redis-server is not installed, quotas are counted in the embedded store"
         ),
         "Load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
@@ -78,7 +78,7 @@ def render(results: Results, machine: dict[str, str]) -> str:
         _memory_table(results),
         *(
             ["## Cost of quotas in Redis", _redis_cost_table(results)]
-            if GATEWAY_IN_MEMORY in results.throughput
+            if GATEWAY_EMBEDDED in results.throughput
             else []
         ),
         "## Targets",
@@ -90,7 +90,7 @@ def render(results: Results, machine: dict[str, str]) -> str:
 def _throughput_table(results: Results) -> str:
     base = _summary(results.throughput[BASELINE])
     rows = []
-    for name in (BASELINE, GATEWAY, GATEWAY_IN_MEMORY):
+    for name in (BASELINE, GATEWAY, GATEWAY_EMBEDDED):
         runs = results.throughput.get(name)
         if not runs:
             continue
@@ -166,26 +166,28 @@ def _memory_table(results: Results) -> str:
 
 
 def _redis_cost_table(results: Results) -> str:
-    """The gateway counting quotas in Redis against itself counting them in memory."""
-    shared, local = (_summary(results.throughput[n]) for n in (GATEWAY, GATEWAY_IN_MEMORY))
-    low = {n: median([r.p50_ms for r in results.low_load[n]]) for n in (GATEWAY, GATEWAY_IN_MEMORY)}
+    """The gateway counting quotas in Redis against itself counting them in its embedded store."""
+    shared, local = (_summary(results.throughput[n]) for n in (GATEWAY, GATEWAY_EMBEDDED))
+    low = {n: median([r.p50_ms for r in results.low_load[n]]) for n in (GATEWAY, GATEWAY_EMBEDDED)}
     rows = [
         ["zero-latency req/s (median)", f"{shared['rate']:.0f}", f"{local['rate']:.0f}"],
         ["zero-latency p99 ms", f"{shared['p99']:.2f}", f"{local['p99']:.2f}"],
         ["zero-latency server CPU ms/req", f"{shared['cpu']:.3f}", f"{local['cpu']:.3f}"],
-        ["low-load p50 ms", f"{low[GATEWAY]:.3f}", f"{low[GATEWAY_IN_MEMORY]:.3f}"],
+        ["low-load p50 ms", f"{low[GATEWAY]:.3f}", f"{low[GATEWAY_EMBEDDED]:.3f}"],
     ]
     differences = [
         f"{shared['rate'] / local['rate']:.2f}x",
         f"{shared['p99'] / local['p99']:.2f}x",
         f"{shared['cpu'] - local['cpu']:+.3f} ms",
-        f"{low[GATEWAY] - low[GATEWAY_IN_MEMORY]:+.3f} ms",
+        f"{low[GATEWAY] - low[GATEWAY_EMBEDDED]:+.3f} ms",
     ]
     rows = [[*row, difference] for row, difference in zip(rows, differences, strict=True)]
     per_request = results.redis_commands_per_request
     commands = "" if per_request is None else f"{per_request:.3f}"
     rows.append(["Redis commands per request (scenario 1's rounds)", commands, "0", ""])
-    return _table(["measure", "quotas in Redis", "quotas in memory", "Redis against memory"], rows)
+    return _table(
+        ["measure", "quotas in Redis", "in the embedded store", "Redis against embedded"], rows
+    )
 
 
 def _targets_table(results: Results) -> str:

@@ -19,7 +19,7 @@ from benchmarks import upstream
 from benchmarks.bench import (
     BASELINE,
     GATEWAY,
-    GATEWAY_IN_MEMORY,
+    GATEWAY_EMBEDDED,
     WORKERS,
     Bench,
     Plan,
@@ -79,7 +79,7 @@ def measure(bench: Bench) -> Results:
     gateway, baseline = bench.start_gateway(ews_url), bench.start_baseline(ews_url)
     targets = {GATEWAY: gateway, BASELINE: baseline}
     if bench.shared_state:
-        targets[GATEWAY_IN_MEMORY] = bench.start_gateway(ews_url, quotas_in_redis=False)
+        targets[GATEWAY_EMBEDDED] = bench.start_gateway(ews_url, quotas_in_redis=False)
     results.gateway_ready_s += [targets[n].ready_s for n in targets if n != BASELINE]
     results.baseline_ready_s.append(baseline.ready_s)
     call_id = STATIC_CALL_ID if bench.upstream_kind == "nginx" else place_call(gateway)

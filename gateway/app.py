@@ -7,6 +7,7 @@ import secrets
 from importlib import resources
 from urllib.parse import urlsplit
 
+import redis
 from flask import Flask
 from flask_cors import CORS
 
@@ -31,6 +32,7 @@ from gateway.guards.callers import (
     StaticKey,
 )
 from gateway.guards.dialing import ALLOW_ALL, DialPolicy
+from gateway.guards.embeddedstore import EmbeddedStore, SqliteKeys
 from gateway.guards.idempotency import IdempotentCalls, KeyStore, MemoryKeys, RedisKeys
 from gateway.guards.ownership import CallIds
 from gateway.guards.quotas import LEASE_TARGET_S, Quotas, build_storage
@@ -125,9 +127,9 @@ def build_services(
             config.redis_sentinel_password or None,
         )
     )
-    store: KeyStore = MemoryKeys()
-    if client is not None:
-        store = RedisKeys(client, on_error=lambda: metrics.redis_failed("idempotency"))
+    # Without Redis, serve's workers share the embedded store it made for the instance; a
+    # single process (tests, the Flask test client) keeps keys and counts in its memory.
+    embedded = EmbeddedStore(config.state_dir) if client is None and config.state_dir else None
     return Services(
         ews=ews,
         metrics=metrics,
@@ -140,22 +142,41 @@ def build_services(
         # No policy only outside serve, which refuses to start without one.
         dial_policy=DialPolicy(config.dial_allow or (ALLOW_ALL,)),
         quotas=Quotas(
-            build_storage(client, on_error=lambda: metrics.redis_failed("rate_limit")),
+            build_storage(
+                client, on_error=lambda: metrics.redis_failed("rate_limit"), embedded=embedded
+            ),
             calls=config.rate_limit_calls,
             requests=config.rate_limit_requests,
-            # Leases save a Redis round trip per request; counting in memory costs nothing.
+            # Leases save a Redis round trip per request; a count in the embedded store (16 to
+            # 50 µs) or in memory is cheap enough to make for every unit.
             lease_target_s=LEASE_TARGET_S if client else 0.0,
-            on_storage_error=lambda: metrics.redis_failed("rate_limit"),
+            # Counted only for Redis; the embedded store's failures show in the warning.
+            on_storage_error=(lambda: metrics.redis_failed("rate_limit")) if client else _no_op,
         ),
         # Duplicates wait as long as the first request may take (deadline plus a retry's wait).
         idempotency=IdempotentCalls(
-            store,
+            key_store(client, embedded, metrics),
             wait_s=config.ews_timeout_s + config.retry_max_back_off_s + 1,
             wait_slot=bulkhead.held,
         ),
         audit=AuditTrail(config.audit_dial_digits),
         openapi=openapi,
     )
+
+
+def _no_op() -> None:
+    """Report nothing."""
+
+
+def key_store(
+    client: redis.Redis | None, embedded: EmbeddedStore | None, metrics: Metrics
+) -> KeyStore:
+    """Return where idempotency keys live: Redis, else the embedded store, else memory."""
+    if client is not None:
+        return RedisKeys(client, on_error=lambda: metrics.redis_failed("idempotency"))
+    if embedded is not None:
+        return SqliteKeys(embedded)
+    return MemoryKeys()
 
 
 def build_policy(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> ExchangePolicy:

@@ -107,6 +107,12 @@ class Config:
     # None: libraries log warnings and errors only (never their debug lines, which hold tokens).
     library_log_level: str | None = None
     metrics_dir: str | None = None
+    # GATEWAY_STATE_DIR: where serve makes each instance's private state directory (None: the
+    # system's temporary directory).
+    state_root: str | None = None
+    # Set by serve only (never from the environment): the instance's embedded store, shared by
+    # its workers; None keeps idempotency keys and quota counts in the process's memory.
+    state_dir: str | None = None
     # None: serving's default (about 250,000, with jitter); 0: never recycle.
     max_requests: int | None = None
     # OpenTelemetry: on when an OTLP endpoint is set; the SDK reads the other OTEL_* itself.
@@ -200,6 +206,7 @@ class Config:
             log_level=env.choice("GATEWAY_LOG_LEVEL", LOG_LEVELS, default="info"),
             library_log_level=env.optional_choice("GATEWAY_LIBRARY_LOG_LEVEL", LOG_LEVELS),
             metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR") or None,
+            state_root=env.directory("GATEWAY_STATE_DIR"),
             max_requests=env.whole("GATEWAY_MAX_REQUESTS", high=1_000_000_000),
             tracing=env.tracing(),
             trace_service_name=env.text("OTEL_SERVICE_NAME") or "ews-gateway",
@@ -447,6 +454,18 @@ class _Env:
         if value and not Path(value).is_file():
             raise ConfigError(f"{name} names {value!r}, which is not a readable file")
         return value or None
+
+    def directory(self, name: str) -> str | None:
+        """Read an existing directory the gateway may create files in, made absolute."""
+        value = self.text(name)
+        if not value:
+            return None
+        path = Path(value)
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"{name} names {value!r}, which is not a directory the gateway can write"
+            )
+        return str(path.absolute())
 
     def dial_patterns(self, name: str) -> tuple[str, ...] | None:
         """Read comma-separated dial patterns (None when unset); refuse one no dial string fits."""

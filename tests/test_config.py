@@ -225,6 +225,31 @@ def test_a_directory_is_not_a_ca_bundle(tmp_path: Path) -> None:
 # Secrets and EWS_AUTH
 
 
+def test_the_state_directory_is_unset_by_default_and_never_the_stores_own() -> None:
+    config = from_env()
+
+    # serve fills in state_dir (the instance's store); the environment only names its parent.
+    assert (config.state_root, config.state_dir) == (None, None)
+
+
+def test_gateway_state_dir_names_an_existing_directory_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "state").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    assert from_env(GATEWAY_STATE_DIR="state").state_root == str(tmp_path / "state")
+
+
+def test_gateway_state_dir_must_be_a_directory(tmp_path: Path) -> None:
+    not_a_directory = secret_file(tmp_path, "x")
+
+    for value in (str(tmp_path / "missing"), not_a_directory):
+        message = rejects(GATEWAY_STATE_DIR=value)
+        assert message.startswith("GATEWAY_STATE_DIR names")
+        assert "not a directory the gateway can write" in message
+
+
 def test_the_password_is_read_from_its_file_without_the_trailing_newline(tmp_path: Path) -> None:
     password_file = secret_file(tmp_path, "s3cret pass\n")
 

@@ -749,6 +749,15 @@ def test_metric_files_and_tmp_live_in_memory_volumes() -> None:
     assert "emptyDir" in mounts["/tmp"]
 
 
+def test_the_embedded_store_lives_on_a_disk_volume_of_its_own() -> None:
+    """Without Redis, a day of idempotency keys may outgrow the memory-backed volumes."""
+    volumes = {volume["name"]: volume for volume in pod_template()["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in gateway_container()["volumeMounts"]}
+    state = mounts[container_env()["GATEWAY_STATE_DIR"]]
+    assert "medium" not in state["emptyDir"]
+    assert state["emptyDir"]["sizeLimit"]
+
+
 def test_the_pod_has_resources_for_the_workers_it_sets() -> None:
     """Inside a container the default worker count follows the node's cores, not the limit."""
     resources = gateway_container()["resources"]
@@ -775,19 +784,20 @@ def example_environment(root: Path, documents: list[dict[str, Any]]) -> dict[str
         volume = volumes[mount["name"]]
         kind, key = ("Secret", "secretName") if "secret" in volume else ("ConfigMap", "name")
         spec = volume.get("secret") or volume.get("configMap")
-        if spec is None or spec.get("optional"):
-            continue  # an emptyDir, or a source the example leaves to the operator
-        if (kind, spec[key]) in OPERATOR_CREATED:
-            files = OPERATOR_CREATED[kind, spec[key]]
-        else:
-            resource = only(documents, kind, spec[key])
-            files = resource.get("stringData") or resource.get("data") or {}
+        if spec is not None and spec.get("optional"):
+            continue  # a source the example leaves to the operator
         directory = root / mount["mountPath"].lstrip("/")
         directory.mkdir(parents=True)
-        for name, content in files.items():
-            (directory / name).write_text(content, encoding="utf-8")
+        if spec is not None:  # else an emptyDir: empty, as the pod starts
+            if (kind, spec[key]) in OPERATOR_CREATED:
+                files = OPERATOR_CREATED[kind, spec[key]]
+            else:
+                resource = only(documents, kind, spec[key])
+                files = resource.get("stringData") or resource.get("data") or {}
+            for name, content in files.items():
+                (directory / name).write_text(content, encoding="utf-8")
         for variable, value in environment.items():
-            if value.startswith(mount["mountPath"] + "/"):
+            if value == mount["mountPath"] or value.startswith(mount["mountPath"] + "/"):
                 environment[variable] = str(directory) + value[len(mount["mountPath"]) :]
     return environment
 

@@ -17,10 +17,12 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.guards.embeddedstore import FILE_NAME, EmbeddedStore, SqliteKeys
 from gateway.serving.server import (
     GatewayServer,
     GatewayThreadWorker,
     _close_gently,
+    _fresh_state_dir,
     ensure_can_listen,
     gunicorn_options,
 )
@@ -112,13 +114,35 @@ def test_library_debug_lines_reach_gunicorn_only_when_asked_for() -> None:
     assert settings["logconfig_dict"]["root"]["level"] == 10
 
 
-def test_the_master_removes_the_metrics_directory_serve_made_when_it_exits(tmp_path: Path) -> None:
-    scratch = tmp_path / "ews-gateway-metrics"
-    scratch.mkdir()
-    (scratch / "counter_1234.db").write_bytes(b"\0" * 8)
-    server = GatewayServer(Config.from_env(BASE_ENV), scratch_dir=str(scratch))
+def test_the_master_removes_the_directories_serve_made_when_it_exits(tmp_path: Path) -> None:
+    metrics = tmp_path / "ews-gateway-metrics"
+    metrics.mkdir()
+    (metrics / "counter_1234.db").write_bytes(b"\0" * 8)
+    state = _fresh_state_dir(str(tmp_path))
+    server = GatewayServer(Config.from_env(BASE_ENV), scratch_dirs=(str(metrics), state))
     server.cfg.on_exit(server)
-    assert not scratch.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_each_instance_gets_a_private_directory_with_a_new_store(tmp_path: Path) -> None:
+    first, second = (Path(_fresh_state_dir(str(tmp_path))) for _ in range(2))
+
+    assert first != second
+    assert first.parent == second.parent == tmp_path
+    assert first.stat().st_mode & 0o777 == 0o700
+    assert (first / FILE_NAME).is_file()
+    assert SqliteKeys(EmbeddedStore(first)).claim("k", "r", 60) is None
+
+
+def test_a_state_directory_that_cannot_be_made_stops_serve_naming_gateway_state_dir(
+    tmp_path: Path,
+) -> None:
+    gone = tmp_path / "removed-after-start-up-checked-it"
+
+    with pytest.raises(ConfigError) as refused:
+        _fresh_state_dir(str(gone))
+
+    assert str(refused.value).startswith("GATEWAY_STATE_DIR: cannot create a directory in")
 
 
 def test_python_warnings_are_logged_as_json_lines_like_everything_else() -> None:

@@ -16,12 +16,14 @@ placed a call: the key then answers `409` (`idempotency-outcome-unknown`) for it
 and is never replayed as a success; the client checks the phone and, to dial again, sends a
 new key.
 
-Storage is Redis with GATEWAY_REDIS_URL, else this process's memory. Redis unreachable:
-requests with a key fail CLOSED with `503` (dialing without the key's protection could dial
-twice); requests without one never touch Redis. A claim whose answer Redis lost is taken back
-at once if Redis answers that, so the key is free for the retry.
+Storage is Redis with GATEWAY_REDIS_URL (every replica); else, under `serve`, the instance's
+embedded store (gateway.guards.embeddedstore: every worker of the instance); else this
+process's memory. Either store unavailable: requests with a key fail CLOSED with `503`
+(dialing without the key's protection could dial twice); requests without one never touch it.
+A claim whose answer Redis lost is taken back at once if Redis answers that, so the key is
+free for the retry.
 
-After a failover or on a stale connection each command is sent once more on a fresh one
+After a failover or on a stale connection each Redis command is sent once more on a fresh one
 (gateway.guards.sharedstate), so it may run twice; every command here allows that. A claim's
 record carries a random token of its request, so a claim that finds its own record there knows
 its first try stored it, and dials; a key is freed only by compare and delete of that record,
@@ -258,8 +260,8 @@ def fingerprint(fields: dict[str, Any]) -> str:
 
 
 class MemoryKeys:
-    """Keys in this process's memory (no GATEWAY_REDIS_URL): duplicates sent to another
-    process or replica are not recognised."""
+    """Keys in this process's memory (a single process, outside `serve`): duplicates sent to
+    another process are not recognised."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._records: dict[str, tuple[str, float]] = {}

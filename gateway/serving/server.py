@@ -36,6 +36,7 @@ from gateway.app import caller_authenticator, create_app
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
 from gateway.guards.dialing import DialPolicy
+from gateway.guards.embeddedstore import EmbeddedStore
 from gateway.serving import frontdoor
 from gateway.telemetry import metrics, tracing
 from gateway.telemetry.logs import LogLevels, configure_logging, logging_config
@@ -374,9 +375,9 @@ class GatewayLogger(Logger):  # type: ignore[misc]
 class GatewayServer(BaseApplication):  # type: ignore[misc]
     """gunicorn application that builds the gateway in each worker."""
 
-    def __init__(self, config: Config, *, scratch_dir: str | None = None) -> None:
+    def __init__(self, config: Config, *, scratch_dirs: tuple[str, ...] = ()) -> None:
         self.config = config
-        self._scratch_dir = scratch_dir
+        self._scratch_dirs = scratch_dirs
         self.state = ServiceState()
         super().__init__()
 
@@ -386,9 +387,10 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         if "control_socket_disable" in self.cfg.settings:
             # One shared control socket path would collide between instances on a host.
             self.cfg.set("control_socket_disable", True)
-        if self._scratch_dir is not None:
-            # Only the master runs on_exit: workers exiting must not remove their siblings' samples.
-            self.cfg.set("on_exit", _remover(self._scratch_dir))
+        if self._scratch_dirs:
+            # Only the master runs on_exit: a worker exiting must not remove what its siblings
+            # share (metric samples, the embedded store).
+            self.cfg.set("on_exit", _remover(self._scratch_dirs))
 
     def load(self) -> Any:
         return create_app(self.config, state=self.state)
@@ -417,17 +419,22 @@ def serve(config: Config) -> None:
             "path can read the service credentials"
         )
     metrics_dir = _fresh_metrics_dir(config.metrics_dir)
-    metrics.share_across_processes(metrics_dir)
-    # A directory serve made itself is removed at exit; a configured one is left for inspection.
-    scratch_dir = metrics_dir if config.metrics_dir is None else None
+    # What serve made itself is removed at exit; a configured metrics dir is left for inspection.
+    scratch_dirs = [metrics_dir] if config.metrics_dir is None else []
     master = os.getpid()
     try:
-        GatewayServer(replace(config, metrics_dir=metrics_dir), scratch_dir=scratch_dir).run()
+        metrics.share_across_processes(metrics_dir)
+        # Without Redis, the instance's workers share one embedded store, made before they fork.
+        state_dir = None if config.redis_url else _fresh_state_dir(config.state_root)
+        scratch_dirs += [state_dir] if state_dir else []
+        config = replace(config, metrics_dir=metrics_dir, state_dir=state_dir)
+        GatewayServer(config, scratch_dirs=tuple(scratch_dirs)).run()
     finally:
         # gunicorn runs on_exit only after a clean start; a start that failed (the port
         # taken meanwhile) leaves here too. Workers, forked from this frame, leave it as well.
-        if scratch_dir is not None and os.getpid() == master:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
+        if os.getpid() == master:
+            for directory in scratch_dirs:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def ensure_can_listen(bind: str, setting: str) -> None:
@@ -457,8 +464,8 @@ def _check_guards(config: Config) -> Config:
         LOG.warning("GATEWAY_DIAL_ALLOW allows every dial string (*): toll fraud is not limited")
     if config.redis_url is None:
         LOG.warning(
-            "GATEWAY_REDIS_URL is not set: rate limits and idempotency keys hold per process, "
-            "not across workers and replicas"
+            "GATEWAY_REDIS_URL is not set: rate limits and idempotency keys are shared by this "
+            "instance's workers (the embedded store), not across replicas"
         )
     if config.call_id_key:
         return config
@@ -480,6 +487,24 @@ def _fresh_metrics_dir(configured: str | None) -> str:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return str(path)
+
+
+def _fresh_state_dir(parent: str | None) -> str:
+    """Return a new private directory holding a new embedded store for this instance."""
+    try:
+        # The pid tells which process a directory belongs to; mkdtemp makes it private (0700).
+        directory = tempfile.mkdtemp(prefix=f"ews-gateway-state-{os.getpid()}-", dir=parent)
+    except OSError as error:
+        where = parent or tempfile.gettempdir()
+        raise ConfigError(
+            f"GATEWAY_STATE_DIR: cannot create a directory in {where}: {error.strerror}"
+        ) from None
+    try:
+        EmbeddedStore.create(directory)
+    except ConfigError as error:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ConfigError(f"GATEWAY_STATE_DIR: {error}") from None
+    return directory
 
 
 def _worker_exited(metrics_dir: str | None) -> Callable[[Any, Any], None]:
@@ -506,9 +531,10 @@ def _tracing_hooks(config: Config) -> dict[str, Callable[..., None]]:
     return {"post_fork": start, "worker_exit": stop}
 
 
-def _remover(directory: str) -> Callable[[Any], None]:
+def _remover(directories: tuple[str, ...]) -> Callable[[Any], None]:
     def remove(_server: Any) -> None:
-        shutil.rmtree(directory, ignore_errors=True)
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
 
     return remove
 

@@ -34,6 +34,7 @@ from tests.integration.processes import (
     simulator_requests,
     start,
     wait_until,
+    worker_holding,
     worker_pids,
 )
 
@@ -74,25 +75,6 @@ def booted_workers(gateway: Server, count: int, dead: int | None = None) -> set[
     """Return the workers once there are COUNT of them and DEAD is gone."""
     pids = set(worker_pids(gateway.process.pid))
     return pids if len(pids) == count and dead not in pids else None
-
-
-def worker_holding(client: socket.socket, workers: set[int]) -> int:
-    """Return the worker that holds the server end of CLIENT's TCP connection (IPv4)."""
-    client_port, server_port = client.getsockname()[1], client.getpeername()[1]
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local_port, remote_port = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
-        if (local_port, remote_port) == (server_port, client_port):
-            inodes.add(f"socket:[{fields[9]}]")
-    for pid in workers:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if os.readlink(fd) in inodes:
-                    return pid
-            except OSError:
-                continue
-    raise AssertionError(f"no worker of {sorted(workers)} holds the connection from {client_port}")
 
 
 def scrape(server: Server) -> Samples:
