@@ -72,4 +72,4 @@ def test_the_client_places_watches_and_hangs_up_calls_on_a_real_demo(
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "# fail 0" in result.stdout
-    assert "# pass 8" in result.stdout
+    assert "# pass 10" in result.stdout
