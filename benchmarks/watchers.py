@@ -150,6 +150,8 @@ def _run(plan: Plan, workdir: Path, services: list[Service]) -> str:
         "GATEWAY_BIND": f"127.0.0.1:{gw_port}",
         "GATEWAY_WORKERS": "2",
         "GATEWAY_EVENTS_POLL_SECONDS": str(POLL_S),
+        # GATEWAY_AUTH=none: every watcher is the same caller.
+        "GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER": str(plan.watchers),
     }
     gateway = start_service(
         "gateway",

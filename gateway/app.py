@@ -74,7 +74,10 @@ def create_app(
         ews,
         poll_interval_s=config.events_poll_s,
         max_streams=config.events_max_streams,
+        max_streams_per_caller=config.events_max_streams_per_caller,
         poll_threads=config.poll_threads,
+        # The next poll is due within an interval; then Exchange has its deadline.
+        first_state_wait_s=config.events_poll_s + config.ews_timeout_s + 1,
         observer=metrics,
     )
     app.extensions[EXTENSION] = build_services(

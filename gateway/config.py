@@ -139,6 +139,8 @@ class Config:
     ews_proxy: Proxy | None = None
     events_poll_s: float = 1.0
     events_max_streams: int = 1000
+    # Of a worker's streams, those one caller may hold: a browser tab per call, a few tabs.
+    events_max_streams_per_caller: int = 20
     # Set by `ews-gateway demo` only (never from the environment): serve the call screen.
     demo_page: bool = False
 
@@ -240,6 +242,9 @@ class Config:
             ),
             events_max_streams=env.count_in(
                 "GATEWAY_EVENTS_MAX_STREAMS", default=1000, low=1, high=100_000
+            ),
+            events_max_streams_per_caller=env.count_in(
+                "GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER", default=20, low=1, high=100_000
             ),
         )
         config.check_consistency()

@@ -9,6 +9,7 @@ attributes, so each class *is* a row of the contract's mapping table. The tree:
     ├── CallerError                 4xx: what the caller sent or asked for
     │   ├── InvalidRequest, Unauthenticated, Forbidden, UnsupportedMediaType, ...
     │   ├── DialStringNotAllowed, RateLimited, Idempotency*           (the guards)
+    │   ├── CallerStreamLimitReached                     (one caller's event streams)
     │   ├── RouteNotFound, MethodNotAllowed, BodyTooLarge, ...        (HTTP itself)
     │   └── CallNotFound, MailboxNotFound, ExchangeAccessDenied,
     │       ExchangeUnprocessable                  (Exchange refused what was asked)
@@ -329,6 +330,12 @@ class ExchangeTimeout(ExchangeError):
 
 
 # Event streams (GET /calls/{callId}/events).
+
+
+class CallerStreamLimitReached(CallerError):
+    status = 429
+    slug = "too-many-streams-for-caller"
+    title = "This caller holds as many event streams as it may"
 
 
 class StreamLimitReached(ServiceUnavailable):

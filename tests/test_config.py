@@ -525,22 +525,28 @@ def test_a_connection_limit_that_is_not_a_sane_whole_number_is_rejected_naming_i
     assert name in rejects(**{name: raw})
 
 
-# GATEWAY_EVENTS_POLL_SECONDS, GATEWAY_EVENTS_MAX_STREAMS
+# GATEWAY_EVENTS_POLL_SECONDS, GATEWAY_EVENTS_MAX_STREAMS, GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER
 
 
-def test_event_streams_poll_every_second_and_hold_a_thousand_streams_by_default() -> None:
+def test_event_streams_poll_each_second_and_hold_1000_streams_20_a_caller_by_default() -> None:
     config = from_env()
 
     assert config.events_poll_s == 1.0
     assert config.events_max_streams == 1000
+    assert config.events_max_streams_per_caller == 20
     assert config.demo_page is False
 
 
 def test_event_stream_settings_are_read() -> None:
-    config = from_env(GATEWAY_EVENTS_POLL_SECONDS="0.5", GATEWAY_EVENTS_MAX_STREAMS="5000")
+    config = from_env(
+        GATEWAY_EVENTS_POLL_SECONDS="0.5",
+        GATEWAY_EVENTS_MAX_STREAMS="5000",
+        GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER="50",
+    )
 
     assert config.events_poll_s == 0.5
     assert config.events_max_streams == 5000
+    assert config.events_max_streams_per_caller == 50
 
 
 @pytest.mark.parametrize("raw", ["0", "0.05", "61", "fast", "nan"])
@@ -548,9 +554,14 @@ def test_a_poll_interval_out_of_range_is_rejected_naming_the_variable(raw: str) 
     assert "GATEWAY_EVENTS_POLL_SECONDS" in rejects(GATEWAY_EVENTS_POLL_SECONDS=raw)
 
 
+@pytest.mark.parametrize(
+    "name", ["GATEWAY_EVENTS_MAX_STREAMS", "GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER"]
+)
 @pytest.mark.parametrize("raw", ["0", "-1", "1.5", "many", "100001", "\u00b2"])
-def test_a_stream_limit_that_is_not_a_sane_whole_number_is_rejected_naming_it(raw: str) -> None:
-    assert "GATEWAY_EVENTS_MAX_STREAMS" in rejects(GATEWAY_EVENTS_MAX_STREAMS=raw)
+def test_a_stream_limit_that_is_not_a_sane_whole_number_is_rejected_naming_it(
+    name: str, raw: str
+) -> None:
+    assert name in rejects(**{name: raw})
 
 
 def test_half_the_bulkhead_polls_watched_calls() -> None:

@@ -18,10 +18,12 @@ import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
+from gateway.api import events
 from gateway.api.handoff import HandedOff
 from gateway.api.services import ServiceState
 from gateway.app import create_app
 from gateway.config import Config
+from gateway.errors import CallNotFound
 from gateway.exchange.client import CallInformation, EwsClient
 from gateway.guards.callers import Caller
 from gateway.guards.ownership import CallIds
@@ -38,6 +40,16 @@ CALL = "/calls/" + quote(
     ),
     safe="",
 )
+# Another call of the same caller, and a call of the caller with the key "other".
+OTHER_CALL = CallIds(CALL_ID_KEY).issue(
+    "call-2", Caller(subject="apikey:" + hashlib.sha256(b"k3y").hexdigest()[:16])
+)
+THEIR_CALL = "/calls/" + quote(
+    CallIds(CALL_ID_KEY).issue(
+        "call-3", Caller(subject="apikey:" + hashlib.sha256(b"other").hexdigest()[:16])
+    ),
+    safe="",
+)
 
 
 @pytest.fixture
@@ -49,7 +61,9 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     watcher_end.close()
 
 
-def build(tmp_path: Path, **settings: object) -> tuple[Flask, ServiceState]:
+def build(
+    tmp_path: Path, exchange: FakeExchange | None = None, **settings: object
+) -> tuple[Flask, ServiceState]:
     keys = tmp_path / "keys"
     keys.write_text(
         hashlib.sha256(b"k3y").hexdigest() + "\n" + hashlib.sha256(b"other").hexdigest()
@@ -64,7 +78,10 @@ def build(tmp_path: Path, **settings: object) -> tuple[Flask, ServiceState]:
     )
     state = ServiceState()
     app = create_app(
-        config, ews=cast(EwsClient, FakeExchange()), registry=CollectorRegistry(), state=state
+        config,
+        ews=cast(EwsClient, exchange or FakeExchange()),
+        registry=CollectorRegistry(),
+        state=state,
     )
     return app, state
 
@@ -96,7 +113,7 @@ def test_the_stream_head_carries_cors_and_the_request_id_and_the_first_state(
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert f"Access-Control-Allow-Origin: {ORIGIN}".encode() in head
     assert b"X-Request-ID: watch-1\r\n" in head
-    assert b"Cache-Control: no-store\r\n" in head
+    assert b"Cache-Control: no-store, no-transform\r\n" in head
     assert b"X-Accel-Buffering: no\r\n" in head
     data = head.split(b"data: ", 1)[1].split(b"\n", 1)[0]
     assert json.loads(data)["state"] == "Connected"
@@ -114,7 +131,10 @@ def test_without_credentials_it_is_401_before_any_stream(
     assert_problem(response, 401)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("last_event_id", ["abc", "1-XYZ", "99999999999-0123456789ab"])
+@pytest.mark.parametrize(
+    "last_event_id",
+    ["abc", "1.XYZ", "9.0123456789ab", "3-0123456789ab", "99999999999-0123456789ab"],
+)
 def test_a_last_event_id_this_gateway_never_sent_is_400(
     tmp_path: Path, pair: tuple[socket.socket, socket.socket], last_event_id: str
 ) -> None:
@@ -192,7 +212,7 @@ def test_a_server_that_lends_no_socket_gets_the_stream_relayed_through_its_threa
     assert response.status_code == 200  # type: ignore[attr-defined]
     assert response.mimetype == "text/event-stream"  # type: ignore[attr-defined]
     text = response.get_data(as_text=True)  # type: ignore[attr-defined]
-    assert text.startswith("id: 1-")
+    assert text.startswith("id: 4."), "the rank of Disconnected"
     assert "event: state\n" in text
     data = json.loads(text.split("data: ", 1)[1].split("\n", 1)[0])
     assert data["state"] == "Disconnected"
@@ -214,3 +234,92 @@ def test_a_browser_may_send_last_event_id_across_origins(tmp_path: Path) -> None
     allowed = response.headers["Access-Control-Allow-Headers"].lower()
     assert "last-event-id" in allowed
     assert "x-api-key" in allowed
+
+
+def test_a_reconnection_after_the_end_is_204_and_asks_exchange_nothing(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    exchange = FakeExchange()
+    app, _ = build(tmp_path, exchange)
+    ended = events.snapshot(
+        CallInformation(
+            state="Disconnected",
+            connection_failure_cause="None",
+            sip_response_code=None,
+            sip_response_text=None,
+            ews_code="NoError",
+        )
+    )
+    response = watch(
+        app,
+        f"{CALL}/events",
+        pair[0],
+        **{"X-API-Key": "k3y", "Origin": ORIGIN, "Last-Event-ID": ended.position.event_id},
+    )
+
+    assert response.status_code == 204  # type: ignore[attr-defined]
+    assert response.data == b""  # type: ignore[attr-defined]
+    assert "Content-Type" not in response.headers  # type: ignore[attr-defined]
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN  # type: ignore[attr-defined]
+    assert exchange.calls == [], "Exchange is not asked about a call the watcher saw end"
+
+
+def test_an_unknown_call_is_its_404_problem_not_a_stream(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    exchange = FakeExchange()
+    exchange.error = CallNotFound(
+        "Exchange answered ErrorInvalidPhoneCallId", ews_code="ErrorInvalidPhoneCallId"
+    )
+    app, state = build(tmp_path, exchange, events_max_streams=1)
+    response = watch(app, f"{CALL}/events", pair[0], **{"X-API-Key": "k3y", "Origin": ORIGIN})
+
+    body = assert_problem(response, 404)  # type: ignore[arg-type]
+    assert body["type"] == "urn:ews-gateway:problem:call-not-found"
+    assert body["ewsResponseCode"] == "ErrorInvalidPhoneCallId"
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN  # type: ignore[attr-defined]
+    assert len(exchange.calls) == 1
+    assert state.streams is not None
+    assert state.streams.wait_closed(0), "the stream's slot was given back"
+
+
+def test_head_reads_the_call_like_get_without_a_stream(
+    tmp_path: Path, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    exchange = FakeExchange()
+    app, _ = build(tmp_path, exchange)
+    known = app.test_client().head(f"{CALL}/events", headers={"X-API-Key": "k3y"})
+    exchange.error = CallNotFound("Exchange answered ErrorInvalidPhoneCallId")
+    unknown = app.test_client().head(
+        "/calls/" + quote(OTHER_CALL, safe="") + "/events", headers={"X-API-Key": "k3y"}
+    )
+
+    assert known.status_code == 200
+    assert known.mimetype == "text/event-stream"
+    assert known.headers["Cache-Control"] == "no-store, no-transform"
+    assert unknown.status_code == 404
+
+
+def test_beyond_the_callers_own_limit_it_is_429_and_another_caller_still_watches(
+    tmp_path: Path,
+) -> None:
+    app, state = build(tmp_path, events_max_streams=10, events_max_streams_per_caller=2)
+    ends = [socket.socketpair() for _ in range(4)]
+    try:
+        for server_end, _ in ends[:2]:
+            with pytest.raises(HandedOff):
+                watch(app, f"{CALL}/events", server_end, **{"X-API-Key": "k3y"})
+        refused = watch(app, f"{CALL}/events", ends[2][0], **{"X-API-Key": "k3y", "Origin": ORIGIN})
+        body = assert_problem(refused, 429)  # type: ignore[arg-type]
+        assert body["type"] == "urn:ews-gateway:problem:too-many-streams-for-caller"
+        assert refused.headers["Retry-After"] == "2"  # type: ignore[attr-defined]
+        assert refused.headers["Access-Control-Allow-Origin"] == ORIGIN  # type: ignore[attr-defined]
+        with pytest.raises(HandedOff):
+            watch(app, f"{THEIR_CALL}/events", ends[3][0], **{"X-API-Key": "other"})
+    finally:
+        assert state.streams is not None
+        state.streams.drain()
+        assert state.streams.wait_closed(2)
+        for server_end, watcher_end in ends:
+            server_end.close()
+            watcher_end.close()

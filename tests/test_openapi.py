@@ -65,6 +65,8 @@ def test_every_status_the_mapping_table_can_produce_is_documented_for_each_call_
         ("/calls/{callId}", "get"),
         ("/calls/{callId}", "delete"),
         ("/calls", "post"),
+        # The stream's first state is read before its status is chosen.
+        ("/calls/{callId}/events", "get"),
     ]:
         documented = set(spec["paths"][path][method]["responses"])
         assert statuses <= documented, (path, method, statuses - documented)

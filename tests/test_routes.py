@@ -277,6 +277,7 @@ STATUS_BY_ERROR: dict[type[errors.GatewayError], int] = {
     errors.MalformedRequest: 400,
     errors.TransferCodingNotImplemented: 501,
     errors.StreamLimitReached: 503,
+    errors.CallerStreamLimitReached: 429,
     errors.ShuttingDown: 503,
 }
 

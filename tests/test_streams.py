@@ -13,15 +13,17 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from gateway.api import events
-from gateway.api.events import Resume
+from gateway.api.events import Position
 from gateway.api.handoff import HandedOff, response_head
 from gateway.api.streams import EventStreams, Watch
 from gateway.errors import (
+    CallerStreamLimitReached,
     CallNotFound,
     ExchangeBusy,
     GatewayError,
@@ -43,10 +45,15 @@ def info(state: str) -> CallInformation:
     )
 
 
+# A script item that holds the call's next answer until the test sets it.
+Hold = threading.Event
+Answer = CallInformation | GatewayError | Hold
+
+
 class ScriptedExchange:
     """Answers each call's polls with the next item of its script (the last one repeats)."""
 
-    def __init__(self, scripts: dict[str, list[CallInformation | GatewayError]]) -> None:
+    def __init__(self, scripts: dict[str, list[Answer]]) -> None:
         self.scripts = scripts
         self.polls: dict[str, int] = defaultdict(int)
         self.mailboxes: list[str | None] = []
@@ -61,9 +68,13 @@ class ScriptedExchange:
         assert call_id.startswith("ews-")
         call_id = call_id.removeprefix("ews-")
         script = self.scripts[call_id]
-        answer = script[min(self.polls[call_id], len(script) - 1)]
         self.polls[call_id] += 1
         self.mailboxes.append(mailbox)
+        answer = script.pop(0) if len(script) > 1 else script[0]
+        if isinstance(answer, Hold):
+            answer.wait(5)
+            answer = script.pop(0) if len(script) > 1 else script[0]
+        assert not isinstance(answer, Hold)
         if isinstance(answer, GatewayError):
             raise answer
         return answer
@@ -95,13 +106,16 @@ def streams() -> Iterator[EventStreams]:
 
 
 def open_stream(
-    streams: EventStreams, call_id: str = "call-1", resume: Resume | None = None
+    streams: EventStreams,
+    call_id: str = "call-1",
+    resume: Position | None = None,
+    owner: str = "alice",
 ) -> socket.socket:
     """Start watching CALL_ID as a request thread would; return the watcher's end."""
     server_end, watcher_end = socket.socketpair()
     watcher_end.settimeout(5)
     _WATCHERS.append(watcher_end)
-    watch = Watch(call_id, f"ews-{call_id}", "alice@example.com", f"req-{call_id}", resume)
+    watch = Watch(call_id, f"ews-{call_id}", "alice@example.com", f"req-{call_id}", resume, owner)
     try:
         response = streams.response(watch, server_end, "HTTP/1.1")
     except GatewayError:
@@ -154,7 +168,8 @@ def test_a_watcher_gets_every_state_in_order_then_the_end(streams: EventStreams)
     assert b"Content-Length" not in head
     assert [json.loads(event["data"])["state"] for event in received] == list(STATES)
     assert [event["event"] for event in received] == ["state"] * 4
-    assert [event["id"].split("-")[0] for event in received] == ["1", "2", "3", "4"]
+    # Each id starts with the rank of its state in a call's life.
+    assert [event["id"].split(".")[0] for event in received] == ["1", "2", "3", "4"]
     first = json.loads(received[0]["data"])
     assert first == {
         "callId": "call-1",
@@ -164,13 +179,15 @@ def test_a_watcher_gets_every_state_in_order_then_the_end(streams: EventStreams)
     }
 
 
-def test_watchers_of_one_call_share_its_polls() -> None:
+def test_watchers_of_one_call_share_its_polls_and_the_first_one() -> None:
     exchange = ScriptedExchange({"call-1": [info(state) for state in STATES]})
-    exchange.gate.clear()  # hold the first poll until every watcher has joined
+    exchange.gate.clear()  # hold the first poll until every watcher waits for it
     pump = EventStreams(exchange, poll_interval_s=0.05, max_streams=10, poll_threads=4)
-    watchers = [open_stream(pump) for _ in range(5)]
-    time.sleep(0.2)
-    exchange.gate.set()
+    with ThreadPoolExecutor(5) as requests:
+        opening = [requests.submit(open_stream, pump) for _ in range(5)]
+        time.sleep(0.2)
+        exchange.gate.set()
+        watchers = [future.result() for future in opening]
 
     for watcher in watchers:
         _, received = read_all(watcher)
@@ -198,47 +215,107 @@ def test_resuming_with_the_last_event_id_does_not_repeat_that_event() -> None:
     pump = EventStreams(
         ScriptedExchange({"call-1": script}), poll_interval_s=0.02, max_streams=1, poll_threads=1
     )
-    seen = events.snapshot(info("Connected"))
-    _, received = read_all(open_stream(pump, resume=Resume(7, seen.fingerprint)))
+    seen = events.snapshot(info("Connected")).position
+    _, received = read_all(open_stream(pump, resume=seen))
 
     assert len(received) == 1
     assert json.loads(received[0]["data"])["state"] == "Disconnected"
-    assert received[0]["id"].startswith("8-"), "the sequence goes on from the last id"
+    assert received[0]["id"].startswith("4."), "the id names the rank of Disconnected"
 
 
-def test_an_unknown_call_is_an_error_event_with_the_problem_then_the_end() -> None:
+def test_a_resumed_watcher_never_gets_a_state_older_than_the_one_it_saw() -> None:
+    later = Hold()
+    script = [info("Connecting"), later, info("Connected"), info("Disconnected")]
+    exchange = ScriptedExchange({"call-1": script})
+    pump = EventStreams(exchange, poll_interval_s=0.05, max_streams=2, poll_threads=1)
+    early = open_stream(pump)  # this instance's poller has read Connecting, and waits
+    assert b'"state":"Connecting"' in early.recv(65536)
+    # The watcher saw Connected on another instance, and comes back here.
+    seen = events.snapshot(info("Connected")).position
+    with ThreadPoolExecutor(1) as requests:
+        resuming = requests.submit(open_stream, pump, resume=seen)
+        time.sleep(0.2)
+        assert not resuming.done(), "an older last answer does not start the stream"
+        later.set()
+        resumed = resuming.result()
+    _, received = read_all(resumed)
+
+    assert [json.loads(event["data"])["state"] for event in received] == ["Disconnected"]
+
+
+def test_a_same_rank_state_read_before_the_watcher_came_back_is_not_taken_for_news() -> None:
+    ringing = CallInformation(
+        state="Alerted",
+        connection_failure_cause="None",
+        sip_response_code=180,
+        sip_response_text="Ringing",
+        ews_code="NoError",
+    )
+    script = [info("Alerted"), ringing, info("Disconnected")]
+    pump = EventStreams(
+        ScriptedExchange({"call-1": script}), poll_interval_s=0.5, max_streams=2, poll_threads=1
+    )
+    early = open_stream(pump)
+    assert b'"state":"Alerted"' in early.recv(65536)
+    # Elsewhere the watcher saw the ringing Alerted: the Alerted read here may be older.
+    seen = events.snapshot(ringing).position
+    _, received = read_all(open_stream(pump, resume=seen))
+
+    assert [json.loads(event["data"])["state"] for event in received] == ["Disconnected"]
+
+
+def test_an_unknown_call_is_its_404_before_any_stream_and_frees_its_slot() -> None:
     unknown = CallNotFound(
         "Exchange answered ErrorInvalidPhoneCallId", ews_code="ErrorInvalidPhoneCallId"
     )
-    pump = EventStreams(
-        ScriptedExchange({"nope": [unknown]}), poll_interval_s=0.02, max_streams=1, poll_threads=1
-    )
-    _, received = read_all(open_stream(pump, "nope"))
+    exchange = ScriptedExchange({"nope": [unknown], "call-1": [info("Disconnected")]})
+    pump = EventStreams(exchange, poll_interval_s=0.02, max_streams=1, poll_threads=1)
 
-    assert len(received) == 1
-    assert received[0]["event"] == "error"
-    assert "id" not in received[0]
-    assert json.loads(received[0]["data"]) == {
-        "type": "urn:ews-gateway:problem:call-not-found",
-        "title": "Phone call not found",
-        "status": 404,
-        "detail": "Exchange answered ErrorInvalidPhoneCallId",
-        "requestId": "req-nope",
-        "ewsResponseCode": "ErrorInvalidPhoneCallId",
-    }
+    with pytest.raises(CallNotFound) as refused:
+        open_stream(pump, "nope")
+    assert refused.value.status == 404
+    assert refused.value.ews_code == "ErrorInvalidPhoneCallId"
+    assert pump.wait_closed(0), "no slot is held"
+    read_all(open_stream(pump, "call-1"))
 
 
-def test_throttling_carries_its_retry_after_as_the_reconnect_time() -> None:
+def test_a_throttled_first_read_is_its_503_with_retry_after_before_any_stream() -> None:
     busy = ExchangeBusy(
         "Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3
     )
     pump = EventStreams(
         ScriptedExchange({"call-1": [busy]}), poll_interval_s=0.02, max_streams=1, poll_threads=1
     )
+
+    with pytest.raises(ExchangeBusy) as refused:
+        open_stream(pump)
+    assert refused.value.retry_after_s == 3
+
+
+def test_a_problem_during_a_stream_is_a_problem_event_with_its_retry_then_the_end() -> None:
+    busy = ExchangeBusy(
+        "Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3
+    )
+    pump = EventStreams(
+        ScriptedExchange({"call-1": [info("Connected"), busy]}),
+        poll_interval_s=0.02,
+        max_streams=1,
+        poll_threads=1,
+    )
     _, received = read_all(open_stream(pump))
 
-    assert received[0]["retry"] == "3000"
-    assert json.loads(received[0]["data"])["retryAfter"] == 3
+    assert [event["event"] for event in received] == ["state", "problem"]
+    assert "id" not in received[1]
+    assert received[1]["retry"] == "3000"
+    assert json.loads(received[1]["data"]) == {
+        "type": "urn:ews-gateway:problem:exchange-busy",
+        "title": "Exchange is throttling requests",
+        "status": 503,
+        "detail": "Exchange answered ErrorServerBusy",
+        "requestId": "req-call-1",
+        "ewsResponseCode": "ErrorServerBusy",
+        "retryAfter": 3,
+    }
 
 
 def closing_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -255,7 +332,9 @@ def test_a_stream_ended_by_a_problem_logs_what_its_watcher_was_told(
         "Exchange answered ErrorServerBusy", ews_code="ErrorServerBusy", retry_after_s=3
     )
     busy.upstream_status = 500
-    exchange = ScriptedExchange({"nope": [unknown], "busy": [busy]})
+    exchange = ScriptedExchange(
+        {"nope": [info("Connected"), unknown], "busy": [info("Connected"), busy]}
+    )
     pump = EventStreams(exchange, poll_interval_s=0.02, max_streams=2, poll_threads=1)
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         read_all(open_stream(pump, "nope"))
@@ -305,21 +384,52 @@ def test_draining_ends_each_stream_with_a_retry_hint_and_refuses_new_ones() -> N
 
 
 def test_the_stream_limit_refuses_one_more_and_frees_slots_as_streams_end() -> None:
-    exchange = ScriptedExchange({"call-1": [info("Connected")], "call-2": [info("Disconnected")]})
-    exchange.gate.clear()  # no poll answers (and so no stream ends) until the limit is hit
-    pump = EventStreams(exchange, poll_interval_s=0.05, max_streams=2, poll_threads=2)
+    ending = Hold()
+    exchange = ScriptedExchange(
+        {"call-1": [info("Connected")], "call-2": [info("Connected"), ending, info("Disconnected")]}
+    )
+    pump = EventStreams(
+        exchange, poll_interval_s=0.02, max_streams=2, max_streams_per_caller=2, poll_threads=2
+    )
     open_stream(pump)
-    ending = open_stream(pump, "call-2")
+    last = open_stream(pump, "call-2", owner="bob")
 
     with pytest.raises(StreamLimitReached) as refused:
-        open_stream(pump)
+        open_stream(pump, owner="carol")
     assert refused.value.status == 503
     assert refused.value.retry_after_s == 2
 
-    exchange.gate.set()
-    read_all(ending)  # call-2 is over: its slot is free again
-    open_stream(pump)
+    ending.set()
+    read_all(last)  # call-2 is over: its slot is free again
+    open_stream(pump, owner="carol")
     pump.drain()
+
+
+def test_one_caller_beyond_its_own_limit_is_429_and_leaves_the_others_their_slots() -> None:
+    exchange = ScriptedExchange({"call-1": [info("Connected")], "call-2": [info("Connected")]})
+    pump = EventStreams(
+        exchange, poll_interval_s=0.05, max_streams=10, max_streams_per_caller=3, poll_threads=2
+    )
+    alices = [open_stream(pump, owner="alice") for _ in range(3)]
+
+    with pytest.raises(CallerStreamLimitReached) as refused:
+        open_stream(pump, owner="alice")
+    assert refused.value.status == 429
+    assert refused.value.retry_after_s == 2
+    bobs = open_stream(pump, "call-2", owner="bob")
+    assert b'"state":"Connected"' in bobs.recv(65536)
+
+    alices[0].close()  # hanging up gives the caller its slot back
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            open_stream(pump, owner="alice")
+            break
+        except CallerStreamLimitReached:
+            assert time.monotonic() < deadline, "the slot came back"
+            time.sleep(0.01)
+    pump.drain()
+    assert pump.wait_closed(2)
 
 
 def test_polling_stops_when_the_last_watcher_hangs_up() -> None:
@@ -393,13 +503,13 @@ def test_each_change_a_poll_saw_is_timed_to_its_watcher_but_a_late_joiner_s_firs
 
 
 class FlappingExchange(ScriptedExchange):
-    """A call whose state changes at every poll, for as long as anyone asks."""
+    """A connected call transferred back and forth at every poll, for as long as anyone asks."""
 
     def get_call_information(
         self, call_id: str, *, request_id: str, mailbox: str | None = None
     ) -> CallInformation:
         self.polls[call_id] += 1
-        return info("Alerted" if self.polls[call_id] % 2 else "Connecting")
+        return info("Transferring" if self.polls[call_id] % 2 else "Connected")
 
 
 def test_a_watcher_that_stops_reading_is_dropped_and_its_slot_freed() -> None:
@@ -409,7 +519,9 @@ def test_a_watcher_that_stops_reading_is_dropped_and_its_slot_freed() -> None:
     for end in (server_end, watcher_end):  # small buffers: the backlog builds up in the pump
         end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    response = pump.response(Watch("c", "ews-c", None, "slow", None), server_end, "HTTP/1.1")
+    response = pump.response(
+        Watch("c", "ews-c", None, "slow", None, "alice"), server_end, "HTTP/1.1"
+    )
     with pytest.raises(HandedOff):
         response({}, lambda *args: None)
 
@@ -431,28 +543,3 @@ def test_a_response_head_for_http_1_0_has_no_chunking() -> None:
     assert b"Transfer-Encoding" not in head
     assert b"Content-Length" not in head
     assert head.endswith(b"X-Request-ID: r\r\n\r\n")
-
-
-def test_last_event_id_is_read_or_refused() -> None:
-    assert events.parse_last_event_id(None) is None
-    assert events.parse_last_event_id("3-0123456789ab") == Resume(3, "0123456789ab")
-    with pytest.raises(GatewayError) as refused:
-        events.parse_last_event_id("3-<script>")
-    assert refused.value.status == 400
-
-
-def test_a_fingerprint_follows_the_call_not_its_warning() -> None:
-    plain = events.snapshot(info("Alerted"))
-    warned = events.snapshot(
-        CallInformation(
-            state="Alerted",
-            connection_failure_cause="None",
-            sip_response_code=None,
-            sip_response_text=None,
-            ews_code="NoError",
-            warning="slow",
-        ),
-    )
-
-    assert plain.fingerprint == warned.fingerprint
-    assert plain.fingerprint != events.snapshot(info("Connected")).fingerprint

@@ -25,8 +25,10 @@ from flask import Response
 
 # Takes the rendered head, and the function that frees the stream's reservation.
 Adopt = Callable[[bytes, Callable[[], None]], None]
-# no-store: no cache keeps a stream; X-Accel-Buffering: nginx passes each event on.
-STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+# no-store: no cache keeps a stream. no-transform: no proxy compresses it, which would hold
+# events back in its compressor (RFC 9111 5.2.2.6; Express's `compression` honours it).
+# X-Accel-Buffering: nginx passes each event on.
+STREAM_HEADERS = {"Cache-Control": "no-store, no-transform", "X-Accel-Buffering": "no"}
 
 
 class HandedOff(StopIteration):

@@ -26,10 +26,12 @@ from werkzeug.exceptions import (
 from werkzeug.routing import BaseConverter, MapAdapter, Rule
 
 from gateway.api import events, rendering
+from gateway.api.handoff import STREAM_HEADERS
 from gateway.api.services import EXTENSION, RequestState, Services
 from gateway.api.streams import Watch
 from gateway.errors import (
     ERROR_BY_REQUEST_STATUS,
+    CallerStreamLimitReached,
     CallNotFound,
     DialStringNotAllowed,
     GatewayError,
@@ -68,6 +70,7 @@ REFUSAL_BY_ERROR: dict[type[GatewayError], str] = {
     IdempotencyKeyInUse: "idempotency_in_use",
     IdempotencyOutcomeUnknown: "idempotency_uncertain",
     IdempotencyKeyReused: "idempotency_mismatch",
+    CallerStreamLimitReached: "caller_streams",
 }
 _CONVERTER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 # A content coding named in a problem's detail: a short RFC 9110 token, never arbitrary text.
@@ -195,7 +198,12 @@ def get_call(call_id: str) -> Response:
 
 @bp.get("/calls/<call_id:call_id>/events")
 def watch_call(call_id: str) -> Response:
-    """Stream the call's state: the current one, then each change, until Disconnected."""
+    """Stream the call's state: the current one, then each change, until Disconnected.
+
+    The status is chosen once the first state is read: an unknown call is its 404 problem,
+    and a reconnection after the end (its Last-Event-ID names Disconnected) is 204, which
+    tells a browser's EventSource to stop reconnecting.
+    """
     state = request_state()
     watch = Watch(
         call_id,
@@ -203,12 +211,19 @@ def watch_call(call_id: str) -> Response:
         state.caller.mailbox,
         state.request_id,
         events.parse_last_event_id(request.headers.get("Last-Event-ID")),
+        owner_of(state.caller),
     )
+    if watch.resume is not None and watch.resume.final:
+        ended = Response(status=204, headers={"Cache-Control": "no-store"})
+        del ended.headers["Content-Type"]  # no content, so no type
+        return ended
+    streams = services().streams
     if request.method == "HEAD":
-        return Response(status=200, mimetype="text/event-stream")
+        streams.first_state(watch)
+        return Response(status=200, mimetype="text/event-stream", headers=STREAM_HEADERS)
     # gunicorn lends its socket so the pump can take the connection over from this thread.
     sock = request.environ.get("gunicorn.socket")
-    return services().streams.response(watch, sock, request.environ.get("SERVER_PROTOCOL", ""))
+    return streams.response(watch, sock, request.environ.get("SERVER_PROTOCOL", ""))
 
 
 @bp.get("/livez")

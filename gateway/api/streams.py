@@ -1,16 +1,19 @@
 """Open event streams: one pump per worker writes every watcher's events.
 
-A request thread answers `GET /calls/{callId}/events` up to the response head,
-then hands the socket to the pump and is free again: a watcher never holds a
-request thread. The pump is one selector thread that owns the streaming
-sockets from then on. It starts the polls of gateway.api.pollers, writes each
-change to every watcher of the call, sends heartbeats, notices watchers that
+A request thread answers `GET /calls/{callId}/events` up to the response head: it
+reserves a stream (within the worker's limit and the caller's), waits for the
+call's first state from the call's poller (so an unknown call is its 404, not a
+stream), then hands the socket to the pump and is free again: a watcher never holds
+a request thread while it watches. The pump is one selector thread that owns the
+streaming sockets from then on. It starts the polls of gateway.api.pollers, writes
+each change to every watcher of the call, sends heartbeats, notices watchers that
 hang up, and ends every stream with a reconnect hint when the worker stops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import queue
@@ -26,10 +29,11 @@ from typing import Any, Protocol
 from flask import Response
 
 from gateway.api import events, rendering
-from gateway.api.events import Resume, Snapshot
+from gateway.api.events import Position, Progress
 from gateway.api.handoff import HandOffResponse, relayed_response
 from gateway.api.pollers import Pollers, PollKey, PollOutcome
-from gateway.errors import GatewayError, ShuttingDown, StreamLimitReached
+from gateway.api.slots import StreamSlots, shutting_down
+from gateway.errors import ExchangeTimeout, GatewayError
 from gateway.exchange.client import PhoneCalls
 
 LOG = logging.getLogger("gateway.access")
@@ -41,8 +45,6 @@ HEARTBEAT_S = 15.0
 MAX_UNSENT_BYTES = 64 * 1024
 # A stopping worker tells its watchers to come back after this long (to another instance).
 RECONNECT_MS = 1000
-# Seconds a watcher over the stream limit is asked to wait; streams end as calls end.
-STREAM_LIMIT_RETRY_S = 2
 _READ = selectors.EVENT_READ
 _READ_WRITE = selectors.EVENT_READ | selectors.EVENT_WRITE
 
@@ -71,29 +73,65 @@ class Watch:
     ews_call_id: str  # as Exchange knows it, polled
     mailbox: str | None
     request_id: str
-    resume: Resume | None
+    resume: Position | None
+    owner: str  # the caller, as its calls and quotas know it (gateway.guards.ownership)
+
+    @property
+    def key(self) -> PollKey:
+        return (self.mailbox, self.ews_call_id)
+
+
+@dataclass(frozen=True)
+class FirstState:
+    """The call's state a stream starts from, read before the answer's status was chosen."""
+
+    outcome: PollOutcome
+    progress: Progress
 
 
 @dataclass(eq=False)
 class _Stream:
     sock: socket.socket
     watch: Watch
+    first: FirstState
     chunked: bool
     release: Callable[[], None]
     out: bytearray = field(default_factory=bytearray)
-    sequence: int = 0
-    fingerprint: str | None = None
     ending: bool = False
     last_write: float = 0.0
     events: int = 0
-    # The failure an `error` event ended the stream with, for its log line.
+    # The failure a `problem` event ended the stream with, for its log line.
     problem: GatewayError | None = None
     # When Exchange's answer behind each unsent event was read (for the delivery metric).
     answered: list[float] = field(default_factory=list)
 
     @property
     def key(self) -> PollKey:
-        return (self.watch.mailbox, self.watch.ews_call_id)
+        return self.watch.key
+
+    @property
+    def progress(self) -> Progress:
+        return self.first.progress
+
+
+class _FirstStateWaiter:
+    """A request thread waiting for an outcome of the call's poller to start its stream from."""
+
+    def __init__(self, progress: Progress, max_age_s: float) -> None:
+        self.progress = progress
+        self._max_age_s = max_age_s
+        self.outcome: PollOutcome | None = None
+        self.answered = threading.Event()
+
+    def __call__(self, outcome: PollOutcome) -> bool:
+        """Take OUTCOME if it stands for the call's state now (called on the pump thread)."""
+        if not self.progress.can_start_from(
+            outcome.snapshot, outcome.started_at, outcome.answered_at, self._max_age_s
+        ):
+            return False
+        self.outcome = outcome
+        self.answered.set()
+        return True
 
 
 class EventStreams:
@@ -106,45 +144,78 @@ class EventStreams:
         poll_interval_s: float,
         max_streams: int,
         poll_threads: int,
+        max_streams_per_caller: int | None = None,
+        first_state_wait_s: float = 30.0,
         observer: StreamObserver | None = None,
         heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
-        self.max_streams = max_streams
+        self.slots = StreamSlots(max_streams, max_streams_per_caller or max_streams)
+        self._first_state_wait_s = first_state_wait_s
+        self._poll_interval_s = poll_interval_s
         self._heartbeat_s = heartbeat_s
         self._observer = observer
         self._pollers = Pollers(
             ews, interval_s=poll_interval_s, threads=poll_threads, deliver=self._post_outcome
         )
         self._lock = threading.Lock()
-        self._reserved = 0
-        self._draining = False
         self._handed_off: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
         self._selector: selectors.BaseSelector | None = None
         self._streams: set[_Stream] = set()
-        self._all_closed = threading.Event()
-        self._all_closed.set()
 
     def response(self, watch: Watch, sock: socket.socket | None, protocol: str) -> Response:
-        """Reserve a stream for WATCH and return the response that hands SOCK to the pump.
+        """Reserve a stream for WATCH, read its first state and return the response that
+        hands SOCK to the pump.
 
         Without SOCK (a server that lends no socket) the pump's writing is relayed through
-        the request thread. Raises StreamLimitReached (503) when this worker holds
-        max_streams already and ShuttingDown (503) while it drains: before anything is sent.
+        the request thread. Before anything is sent, raises CallerStreamLimitReached (429)
+        when the caller holds max_streams_per_caller of this worker's streams already,
+        StreamLimitReached (503) when the worker holds max_streams, ShuttingDown (503)
+        while it drains, and the error reading the first state met (404 for an unknown call).
         """
-        release = self._reserve()
+        release = self.slots.reserve(watch.owner)
+        try:
+            first = self.first_state(watch)
+        except BaseException:
+            release()
+            raise
         if sock is None:
             return relayed_response(
-                lambda pump_end: self.adopt(pump_end, b"", watch, chunked=False, release=release)
+                lambda pump_end: self.adopt(
+                    pump_end, b"", watch, first, chunked=False, release=release
+                )
             )
         chunked = protocol == "HTTP/1.1"
 
         def adopt(head: bytes, release: Callable[[], None]) -> None:
-            self.adopt(sock, head, watch, chunked=chunked, release=release)
+            self.adopt(sock, head, watch, first, chunked=chunked, release=release)
 
         return HandOffResponse(adopt, release, chunked=chunked)
+
+    def first_state(self, watch: Watch) -> FirstState:
+        """Wait for the call's state now, as its poller reads it; raise the error it met.
+
+        The poller's last answer serves when it is at most one interval old and not older
+        than what the watcher has seen; otherwise the request waits for the next poll,
+        which is due within an interval (so however many watchers come and go, Exchange is
+        asked once an interval).
+        """
+        self.slots.check_open()
+        waiter = _FirstStateWaiter(Progress(watch.resume, time.monotonic()), self._poll_interval_s)
+        self._start()
+        self._post(lambda: self._wait(watch, waiter))
+        if not waiter.answered.wait(self._first_state_wait_s):
+            self._post(lambda: self._pollers.forget(watch.key, waiter))
+            raise ExchangeTimeout(
+                f"the call's state was not read within {self._first_state_wait_s:g} seconds"
+            )
+        assert waiter.outcome is not None  # set before answered
+        if waiter.outcome.error is not None:
+            # Every request waiting on this poll gets the error: each raises its own copy.
+            raise copy.copy(waiter.outcome.error)
+        return FirstState(waiter.outcome, waiter.progress)
 
     def handed_off(self, sock: Any) -> bool:
         """Whether SOCK belongs to the pump now (the worker must leave it alone)."""
@@ -152,52 +223,29 @@ class EventStreams:
 
     def drain(self) -> None:
         """End every open stream with a reconnect hint and refuse new ones."""
-        with self._lock:
-            self._draining = True
+        self.slots.refuse_new()
         if self._thread is not None:
             self._post(self._end_all)
 
     def wait_closed(self, timeout_s: float) -> bool:
         """Wait until every stream has ended; False if some are still open after TIMEOUT_S."""
-        return self._all_closed.wait(timeout_s)
+        return self.slots.wait_all_free(timeout_s)
 
     # Request threads.
-
-    def _reserve(self) -> Callable[[], None]:
-        with self._lock:
-            if self._draining:
-                raise ShuttingDown("this instance is shutting down; connect again", retry_after_s=1)
-            if self._reserved >= self.max_streams:
-                raise StreamLimitReached(
-                    f"this worker already holds its limit of {self.max_streams} event streams",
-                    retry_after_s=STREAM_LIMIT_RETRY_S,
-                )
-            self._reserved += 1
-            self._all_closed.clear()
-        released = threading.Event()
-
-        def release() -> None:
-            with self._lock:
-                if not released.is_set():
-                    released.set()
-                    self._reserved -= 1
-                    if self._reserved == 0:
-                        self._all_closed.set()
-
-        return release
 
     def adopt(
         self,
         sock: socket.socket,
         head: bytes,
         watch: Watch,
+        first: FirstState,
         *,
         chunked: bool,
         release: Callable[[], None],
     ) -> None:
         """Take over SOCK, whose response head is HEAD (called by the request thread)."""
         self._handed_off.add(sock)
-        stream = _Stream(sock, watch, chunked, release, bytearray(head))
+        stream = _Stream(sock, watch, first, chunked, release, bytearray(head))
         self._start()
         self._post(lambda: self._open(stream))
 
@@ -264,6 +312,14 @@ class EventStreams:
             except Exception:  # the pump must outlive any one stream's failure
                 LOG.exception("event pump task failed")
 
+    def _wait(self, watch: Watch, waiter: _FirstStateWaiter) -> None:
+        if self.slots.draining:
+            now = time.monotonic()
+            waiter(PollOutcome(watch.key, now, now, error=shutting_down()))
+            return
+        self._pollers.wait(watch.key, watch.request_id, waiter)
+        self._observe_pollers()
+
     def _open(self, stream: _Stream) -> None:
         assert self._selector is not None
         stream.sock.setblocking(False)
@@ -272,38 +328,39 @@ class EventStreams:
         self._selector.register(stream.sock, _READ_WRITE, stream)
         if self._observer is not None:
             self._observer.stream_opened()
-        if stream.watch.resume is not None:
-            stream.sequence = stream.watch.resume.sequence
-            stream.fingerprint = stream.watch.resume.fingerprint
-        if self._draining:
+        if self.slots.draining:
             self._end(stream, events.retry_hint(RECONNECT_MS))
             return
         poller = self._pollers.watch(stream.key, stream, stream.watch.request_id)
         self._observe_pollers()
-        if poller.latest is not None:
-            # An earlier poll's answer: not a change seen now, so not a delivery to time.
-            self._send_state(stream, poller.latest, None)
-        else:
-            self._flush(stream)
+        first = stream.first.outcome
+        # Read for this watcher: a change it sees now. An earlier answer is not timed.
+        self._offer(stream, first, timed=first.started_at >= stream.progress.asked_at)
+        latest = poller.last
+        if latest is not None and latest.answered_at > first.answered_at and not stream.ending:
+            self._offer(stream, latest, timed=False)  # polled while the head was on its way
+        self._flush(stream)
 
     def _settle(self, outcome: PollOutcome) -> None:
         poller = self._pollers.settle(outcome)
         if poller is None:
             return
         for stream in list(poller.watchers):
-            if outcome.error is not None:
-                stream.problem = outcome.error
-                self._end(stream, events.error_event(outcome.error, stream.watch.request_id))
-            elif outcome.snapshot is not None:
-                self._send_state(stream, outcome.snapshot, outcome.answered_at)
+            self._offer(stream, outcome, timed=True)
+        self._observe_pollers()
 
-    def _send_state(self, stream: _Stream, state: Snapshot, answered_at: float | None) -> None:
-        if state.fingerprint != stream.fingerprint:
-            stream.sequence += 1
-            stream.fingerprint = state.fingerprint
-            if answered_at is not None:
-                stream.answered.append(answered_at)
-            self._write(stream, events.state_event(stream.sequence, stream.watch.call_id, state))
+    def _offer(self, stream: _Stream, outcome: PollOutcome, *, timed: bool) -> None:
+        """Send a poll's outcome if it is news to the watcher; a failure or the end ends it."""
+        if outcome.error is not None:
+            stream.problem = outcome.error
+            self._end(stream, events.problem_event(outcome.error, stream.watch.request_id))
+            return
+        state = outcome.snapshot
+        assert state is not None  # an outcome holds a snapshot or an error
+        if stream.progress.offer(state, outcome.started_at, outcome.answered_at):
+            if timed:
+                stream.answered.append(outcome.answered_at)
+            self._write(stream, events.state_event(stream.watch.call_id, state))
         if state.ended:
             self._end(stream)
 
@@ -328,6 +385,7 @@ class EventStreams:
     def _end_all(self) -> None:
         for stream in list(self._streams):
             self._end(stream, events.retry_hint(RECONNECT_MS))
+        self._pollers.fail_waiters(shutting_down())
         self._pollers.close()
 
     def _flush(self, stream: _Stream) -> None:

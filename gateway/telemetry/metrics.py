@@ -70,6 +70,7 @@ REFUSAL_REASONS = (
     "idempotency_in_use",
     "idempotency_uncertain",
     "idempotency_mismatch",
+    "caller_streams",
 )
 REDIS_FEATURES = ("rate_limit", "idempotency")
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

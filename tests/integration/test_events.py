@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pytest
 
@@ -29,72 +25,28 @@ from tests.integration.processes import (
     http,
     port_of,
     set_faults,
-    simulator_requests,
     start,
     wait_until,
+)
+from tests.integration.streams import (
+    Watcher,
+    events_url,
+    hang_up,
+    place_call,
+    polls_by_call,
+    start_watchers,
+    stepping_simulator,
 )
 
 STEP_S = 1.5
 POLL_S = 0.5
 WORKERS = 2
 ORDER = ["Connecting", "Alerted", "Connected", "Disconnected"]
-CALL_ID_IN_BODY = re.compile(r'PhoneCallId Id="([^"]+)"')
-
-
-@dataclass
-class Watcher:
-    """Reads one event stream to its end in a thread, keeping every event."""
-
-    url: str
-    request_id: str
-    last_event_id: str | None = None
-    events: list[dict[str, str]] = field(default_factory=list)
-    ended_cleanly: bool = False
-    status: int | None = None
-    error: str | None = None
-
-    def run(self) -> None:
-        parts = urlsplit(self.url)
-        connection = HTTPConnection(parts.hostname or "", parts.port, timeout=30)
-        headers = {"X-Request-ID": self.request_id}
-        if self.last_event_id:
-            headers["Last-Event-ID"] = self.last_event_id
-        try:
-            connection.request("GET", parts.path, headers=headers)
-            response = connection.getresponse()
-            self.status = response.status
-            block: dict[str, str] = {}
-            # readline raises IncompleteRead if the body is cut before its last chunk.
-            while line := response.readline():
-                text = line.decode().rstrip("\n")
-                if text:
-                    name, _, value = text.partition(":")
-                    block[name] = value.removeprefix(" ")
-                elif block:
-                    self.events.append(block)
-                    block = {}
-            self.ended_cleanly = True
-        except (OSError, HTTPException) as error:
-            self.error = repr(error)
-        finally:
-            connection.close()
-
-    def states(self) -> list[str]:
-        return [json.loads(e["data"])["state"] for e in self.events if e.get("event") == "state"]
-
-
-def start_watchers(watchers: list[Watcher]) -> list[threading.Thread]:
-    threads = [threading.Thread(target=watcher.run, daemon=True) for watcher in watchers]
-    for thread in threads:
-        thread.start()
-    return threads
 
 
 @pytest.fixture
 def slow_simulator(tmp_path: Path) -> Iterator[Server]:
-    port = free_port()
-    args = ["simulator", "--bind", f"127.0.0.1:{port}", "--step-seconds", str(STEP_S)]
-    server = start(args, {}, f"http://127.0.0.1:{port}", "/simulator/health", tmp_path / "sim.log")
+    server = stepping_simulator(STEP_S, tmp_path / "sim.log")
     yield server
     server.stop()
 
@@ -105,10 +57,11 @@ def serve(slow_simulator: Server, tmp_path: Path) -> Iterator[Callable[..., Serv
 
     def start_gateway(**env: str) -> Server:
         port = free_port()
-        environ = gateway_env(slow_simulator, port, GATEWAY_EVENTS_POLL_SECONDS=str(POLL_S), **env)
-        server = start(
-            ["serve"], environ, f"http://127.0.0.1:{port}", "/readyz", tmp_path / "gw.log"
+        environ = gateway_env(
+            slow_simulator, port, **{"GATEWAY_EVENTS_POLL_SECONDS": str(POLL_S), **env}
         )
+        log_path = tmp_path / f"gw-{len(started)}.log"
+        server = start(["serve"], environ, f"http://127.0.0.1:{port}", "/readyz", log_path)
         started.append(server)
         return server
 
@@ -117,38 +70,11 @@ def serve(slow_simulator: Server, tmp_path: Path) -> Iterator[Callable[..., Serv
         server.stop()
 
 
-def place_call(gateway: Server) -> str:
-    placed = http("POST", f"{gateway.url}/calls", {"itemId": "AAMkVoice", "dialString": "+1555"})
-    assert placed.status == 201, placed.body
-    call_id: str = placed.json()["callId"]
-    return call_id
-
-
-def events_url(gateway: Server, call_id: str) -> str:
-    return f"{gateway.url}/calls/{quote(call_id, safe='')}/events"
-
-
-def polls_by_call(simulator: Server, request_id_prefix: str) -> dict[str, dict[str, list[float]]]:
-    """The arrival times of the polls watchers caused, by call id and poller.
-
-    A poller sends the request id of the watcher that started it, and each worker has
-    its own poller of a call: the request id tells the workers' polls apart.
-    """
-    polls: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for seen in simulator_requests(simulator):
-        if seen["operation"] == "GetPhoneCallInformation" and (seen["requestId"] or "").startswith(
-            request_id_prefix
-        ):
-            match = CALL_ID_IN_BODY.search(seen["body"])
-            assert match is not None
-            polls[match[1]][seen["requestId"]].append(seen["receivedAt"])
-    return polls
-
-
 def test_200_watchers_of_20_calls_see_every_state_from_one_poll_per_call_per_worker(
     serve: Callable[..., Server], slow_simulator: Server
 ) -> None:
-    gateway = serve(GATEWAY_WORKERS=str(WORKERS))
+    # GATEWAY_AUTH=none: every watcher is the same caller.
+    gateway = serve(GATEWAY_WORKERS=str(WORKERS), GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER="1000")
     call_ids = [place_call(gateway) for _ in range(20)]
     watchers = [Watcher(events_url(gateway, call_ids[n % 20]), f"watch-{n}") for n in range(200)]
     probes: list[tuple[int, float]] = []
@@ -181,8 +107,8 @@ def test_200_watchers_of_20_calls_see_every_state_from_one_poll_per_call_per_wor
         assert watcher.status == 200
         assert watcher.states() == ORDER, watcher.request_id
         assert watcher.ended_cleanly, "the stream ends after Disconnected"
-        ids = [int(event["id"].split("-")[0]) for event in watcher.events]
-        assert ids == [1, 2, 3, 4]
+        ranks = [int(event["id"].split(".")[0]) for event in watcher.events]
+        assert ranks == [1, 2, 3, 4]
     assert probes, "/livez was asked while the streams were open"
     assert all(status == 200 for status, _ in probes)
     polls = polls_by_call(slow_simulator, "watch-")
@@ -220,9 +146,13 @@ def test_resuming_with_last_event_id_does_not_repeat_what_was_seen(
     first_thread.join(timeout=30)
 
     assert resumed.states() == ["Alerted", "Connected", "Disconnected"]
-    assert [event["id"].split("-")[0] for event in resumed.events] == ["2", "3", "4"]
+    assert [event["id"].split(".")[0] for event in resumed.events] == ["2", "3", "4"]
     assert resumed.ended_cleanly
     assert first.states() == ORDER
+    after_the_end = Watcher(url, "resume-3", last_event_id=resumed.events[-1]["id"])
+    after_the_end.run()
+    assert after_the_end.status == 204, "a reconnection after the end is told to stop"
+    assert after_the_end.events == []
 
 
 def test_sigterm_ends_every_open_stream_with_a_retry_hint_and_loses_no_request(
@@ -286,27 +216,66 @@ def test_beyond_the_stream_limit_a_watcher_gets_503_with_retry_after(
     )
 
 
-def test_a_throttled_exchange_is_an_error_event_with_the_problem_and_its_retry(
+def test_a_throttled_exchange_is_the_503_of_the_first_read_then_a_problem_event_in_a_stream(
     serve: Callable[..., Server], slow_simulator: Server
 ) -> None:
     gateway = serve()
     call_id = place_call(gateway)
-    set_faults(
-        slow_simulator,
-        {"kind": "busy", "backOffMs": 3000, "operation": "GetPhoneCallInformation"},
-    )
-    watcher = Watcher(events_url(gateway, call_id), "throttled-1")
-    watcher.run()
+    busy = {"kind": "busy", "backOffMs": 3000, "operation": "GetPhoneCallInformation"}
+    set_faults(slow_simulator, {**busy, "count": 1})
+
+    refused = http("GET", events_url(gateway, call_id), headers={"X-Request-ID": "throttled-1"})
+
+    assert refused.status == 503
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    assert refused.headers["Retry-After"] == "3"
+    assert refused.json()["type"] == "urn:ews-gateway:problem:exchange-busy"
+
+    watcher = Watcher(events_url(gateway, call_id), "throttled-2")
+    thread = start_watchers([watcher])[0]
+    wait_until(lambda: bool(watcher.events), "the first state")
+    set_faults(slow_simulator, busy)
+    thread.join(timeout=30)
 
     assert watcher.status == 200
     assert watcher.ended_cleanly
-    assert len(watcher.events) == 1
-    [event] = watcher.events
-    assert event["event"] == "error"
-    assert event["retry"] == "3000"
-    problem = json.loads(event["data"])
+    assert [event["event"] for event in watcher.events] == ["state", "problem"]
+    problem_event = watcher.events[-1]
+    assert problem_event["retry"] == "3000"
+    problem = json.loads(problem_event["data"])
     assert problem["status"] == 503
     assert problem["type"] == "urn:ews-gateway:problem:exchange-busy"
     assert problem["ewsResponseCode"] == "ErrorServerBusy"
     assert problem["retryAfter"] == 3
-    assert problem["requestId"] == "throttled-1"
+    assert problem["requestId"] == "throttled-2"
+
+
+def test_a_watcher_resumed_on_another_instance_never_gets_a_state_again_or_an_older_one(
+    serve: Callable[..., Server],
+) -> None:
+    here = serve(GATEWAY_WORKERS="1", GATEWAY_EVENTS_POLL_SECONDS="0.25")
+    # The other instance polls slowly: when the watcher comes, its last answer is Connecting.
+    there = serve(GATEWAY_WORKERS="1", GATEWAY_EVENTS_POLL_SECONDS="4")
+    call_id = place_call(here)
+    keeper = Watcher(events_url(there, call_id), "keeps-there-polling")
+    keeper_thread = start_watchers([keeper])[0]
+    wait_until(lambda: keeper.states() == ["Connecting"], "the other instance to read Connecting")
+    seen_here = Watcher(events_url(here, call_id), "tab-here", stop_at="Connected")
+    seen_here.run()
+    assert seen_here.states() == ["Connecting", "Alerted", "Connected"]
+
+    resumed = Watcher(
+        events_url(there, call_id), "tab-there", last_event_id=seen_here.events[-1]["id"]
+    )
+    resumed_thread = start_watchers([resumed])[0]
+    wait_until(lambda: resumed.status is not None, "the resumed stream's head")
+    hang_up(here, call_id)
+    resumed_thread.join(timeout=30)
+    keeper_thread.join(timeout=30)
+
+    assert resumed.status == 200
+    assert resumed.states() == ["Disconnected"], "nothing it saw, nothing older"
+    assert resumed.ended_cleanly
+    assert [*seen_here.states(), *resumed.states()] == ORDER
+    ranks = [int(event["id"].split(".")[0]) for event in [*seen_here.events, *resumed.events]]
+    assert ranks == [1, 2, 3, 4]

@@ -80,7 +80,7 @@ def test_the_client_places_watches_and_hangs_up_calls_on_a_real_demo(
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "# fail 0" in result.stdout
-    assert "# pass 8" in result.stdout
+    assert "# pass 10" in result.stdout
 
 
 def test_the_packed_client_installs_into_another_project_and_runs_the_readme_example(

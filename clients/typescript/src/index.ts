@@ -71,13 +71,13 @@ export class GatewayProblem extends Error {
 /** What watching a call yields. */
 export type CallEvent =
   | { type: "state"; id: string; call: CallInformation }
-  /** The gateway could not read the call's state; the watch ends after this. */
+  /** Reading the call's state failed during the watch (a `problem` event); the watch ends after this. */
   | { type: "problem"; problem: Problem; retryAfterSeconds?: number }
   /** The stream broke or the instance is stopping: watchCall reconnects after `retryMs`. */
   | { type: "reconnecting"; retryMs: number; lastEventId?: string };
 
 export interface WatchOptions {
-  /** Resume after this event id (the `id` of the last state you saw). */
+  /** Resume after this event id (the `id` of the last state you saw): only later states follow. */
   lastEventId?: string;
   /** Stop watching. */
   signal?: AbortSignal;
@@ -90,9 +90,10 @@ const DEFAULT_RETRY_MS = 1000;
 /**
  * Follow a call's state: its current state, then each change, until it is Disconnected.
  *
- * Reconnects by itself (with Last-Event-ID, so no state is repeated) when the stream breaks
- * or the instance stops. Throws GatewayProblem when the watch is refused before it starts
- * (a bad call id, missing credentials, too many streams).
+ * Reconnects by itself (with Last-Event-ID, so no state is repeated or goes back) when the
+ * stream breaks or the instance stops, and ends at once when that id was the call's end (204).
+ * Throws GatewayProblem when the watch is refused before it starts (a bad call id, an unknown
+ * call, missing credentials, too many streams, a throttled Exchange).
  */
 export async function* watchCall(
   options: GatewayOptions,
@@ -115,6 +116,8 @@ export async function* watchCall(
       await sleep(retryMs, watch.signal);
       continue;
     }
+    // 204: the last event seen was the call's end; there is nothing more to watch.
+    if (response.status === 204) return;
     if (!response.ok || !response.body) throw await problemOf(response);
     failures = 0;
     try {
@@ -125,7 +128,7 @@ export async function* watchCall(
           const call = JSON.parse(event.data) as CallInformation;
           yield { type: "state", id: event.id, call };
           if (call.state === "Disconnected") return;
-        } else if (event.event === "error") {
+        } else if (event.event === "problem") {
           const problem = JSON.parse(event.data) as Problem & { retryAfter?: number };
           yield { type: "problem", problem, retryAfterSeconds: problem.retryAfter };
           return;

@@ -68,9 +68,13 @@ export interface paths {
                 "X-Request-ID"?: components["parameters"]["RequestId"];
                 /**
                  * @description The `id` of the last event you received, to resume after a
-                 *     reconnection (browsers' `EventSource` sends it by itself). The state
-                 *     that event showed is not sent again; the next change is. An id this
-                 *     gateway did not send is 400.
+                 *     reconnection (browsers' `EventSource` sends it by itself). The id says
+                 *     how far you saw the call (`<rank>.<fingerprint>`): on any instance,
+                 *     only states after it are sent, never the one you saw or an earlier
+                 *     one. When it names `Disconnected` the answer is `204`. An id this
+                 *     gateway did not send is 400; so is the `<sequence>-<fingerprint>`
+                 *     form earlier versions sent (streams are short-lived: watch again
+                 *     without it).
                  */
                 "Last-Event-ID"?: string;
             };
@@ -93,26 +97,41 @@ export interface paths {
          *     the call's current state first, then one event at each change, until
          *     the call is `Disconnected`, after which the stream ends.
          *
-         *     - `event: state`, with an `id` (`<sequence>-<fingerprint>`) and as
+         *     The call's state is read before the status is chosen (from this
+         *     worker's poll of the call when it is fresh, else by asking Exchange),
+         *     so what stops a watch is an ordinary answer, not a stream: an unknown
+         *     call, or another caller's, is `404`; a throttled Exchange `503` with
+         *     `Retry-After`; a reconnection whose `Last-Event-ID` names
+         *     `Disconnected` is `204 No Content`. Any answer but `200` tells a
+         *     browser's `EventSource` to stop reconnecting.
+         *
+         *     - `event: state`, with an `id` (`<rank>.<fingerprint>`: the rank of
+         *       the state in a call's life, Idle 0, Connecting 1, Alerted 2,
+         *       Connected 3, Disconnected 4, and a fingerprint of the state) and as
          *       `data` the same JSON as `GET /calls/{callId}` (`CallInformation`).
-         *     - `event: error`, with as `data` the problem+json body the same failure
-         *       would get from `GET /calls/{callId}` (an unknown call is a 404 problem,
-         *       a throttled Exchange a 503 with `retryAfter`, and so on), then the end.
-         *       When the problem has a `retryAfter`, a `retry:` field carries it in
-         *       milliseconds.
+         *       Ranks never go down along a stream, or across reconnections.
+         *     - `event: problem`, when reading the call fails during the stream,
+         *       with as `data` the problem+json body the same failure would get
+         *       from `GET /calls/{callId}` (the call no longer known is a 404
+         *       problem, a throttled Exchange a 503 with `retryAfter`), then the
+         *       end. When the problem has a `retryAfter`, a `retry:` field carries
+         *       it in milliseconds. (Not `error`: `EventSource` fires its own
+         *       `error` when a connection fails.)
          *     - A comment (`: heartbeat`) every 15 seconds keeps proxies from closing
          *       a quiet stream.
          *     - When the instance shuts down, the stream ends with a comment and
          *       `retry: 1000`: reconnect (with `Last-Event-ID`) and a balancer sends
          *       you to another instance.
          *
-         *     The gateway asks Exchange (`GetPhoneCallInformation`) once per call
-         *     every `GATEWAY_EVENTS_POLL_SECONDS` in each worker, however many
-         *     watch the call. Failures known before the stream starts (a bad
-         *     `callId` or `Last-Event-ID`, missing credentials, too many streams)
-         *     are ordinary problem+json answers. Browsers: `EventSource` cannot send
-         *     `Authorization` or `X-API-Key`; read the stream with `fetch` (the
-         *     TypeScript client in `clients/typescript` does).
+         *     The gateway asks Exchange (`GetPhoneCallInformation`) at most once per
+         *     call every `GATEWAY_EVENTS_POLL_SECONDS` in each worker, however many
+         *     watch the call or open and close streams of it, and never for a call
+         *     nobody watches. Each caller holds at most
+         *     `GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER` streams in a worker (`429`
+         *     beyond), each worker `GATEWAY_EVENTS_MAX_STREAMS` (`503` beyond).
+         *     Browsers: `EventSource` cannot send `Authorization` or `X-API-Key`;
+         *     with credentials, read the stream with `fetch` (the TypeScript client
+         *     in `clients/typescript` does).
          */
         get: operations["watchCall"];
         put?: never;
@@ -252,14 +271,14 @@ export interface components {
         StateEvent: {
             /** @constant */
             event: "state";
-            /** @description `<sequence>-<fingerprint>`; send it back as `Last-Event-ID` to resume. */
+            /** @description `<rank>.<fingerprint>`: the rank of the state in a call's life (Idle 0, Connecting 1, Alerted 2, Connected 3, Disconnected 4; Incoming 1, Forwarding 2, Transferring 3) and a fingerprint of the state; send it back as `Last-Event-ID` to resume. */
             id: string;
             data: string;
         };
-        /** @description The `error` event that ends a stream: the problem `GET /calls/{callId}` would have answered. */
-        ErrorEvent: {
+        /** @description The `problem` event that ends a stream when reading the call fails: the problem `GET /calls/{callId}` would have answered. */
+        ProblemEvent: {
             /** @constant */
-            event: "error";
+            event: "problem";
             /** @description The last state event's id (event streams carry it over). */
             id?: string;
             /** @description Milliseconds to wait, when the problem has `retryAfter`. */
@@ -280,7 +299,7 @@ export interface components {
             requestId: string;
             /** @description The EWS ResponseCode when Exchange gave one. */
             ewsResponseCode?: string;
-            /** @description In an event stream's `error` event only: the seconds a `Retry-After` header would have said. */
+            /** @description In an event stream's `problem` event only: the seconds a `Retry-After` header would have said. */
             retryAfter?: number;
         };
     };
@@ -743,9 +762,13 @@ export interface operations {
                 "X-Request-ID"?: components["parameters"]["RequestId"];
                 /**
                  * @description The `id` of the last event you received, to resume after a
-                 *     reconnection (browsers' `EventSource` sends it by itself). The state
-                 *     that event showed is not sent again; the next change is. An id this
-                 *     gateway did not send is 400.
+                 *     reconnection (browsers' `EventSource` sends it by itself). The id says
+                 *     how far you saw the call (`<rank>.<fingerprint>`): on any instance,
+                 *     only states after it are sent, never the one you saw or an earlier
+                 *     one. When it names `Disconnected` the answer is `204`. An id this
+                 *     gateway did not send is 400; so is the `<sequence>-<fingerprint>`
+                 *     form earlier versions sent (streams are short-lived: watch again
+                 *     without it).
                  */
                 "Last-Event-ID"?: string;
             };
@@ -768,24 +791,33 @@ export interface operations {
             200: {
                 headers: {
                     "X-Request-ID": components["headers"]["RequestId"];
-                    /** @description `no-store`: no cache keeps a stream. */
-                    "Cache-Control"?: "no-store";
+                    /** @description `no-store, no-transform`: no cache keeps a stream, and no proxy compresses it (a compressor would hold events back until the call ended). */
+                    "Cache-Control"?: "no-store, no-transform";
                     /** @description `no`: nginx passes each event on as it comes, unbuffered. */
                     "X-Accel-Buffering"?: "no";
                     [name: string]: unknown;
                 };
                 content: {
                     /**
-                     * @example id: 1-c2e89ad921a5
+                     * @example id: 1.c2e89ad921a5
                      *     event: state
                      *     data: {"callId":"MDM2OWVl","state":"Connecting","connectionFailureCause":"None","ewsResponseCode":"NoError"}
                      *
-                     *     id: 2-2ba7a052b9c3
+                     *     id: 2.2ba7a052b9c3
                      *     event: state
                      *     data: {"callId":"MDM2OWVl","state":"Alerted","connectionFailureCause":"None","ewsResponseCode":"NoError"}
                      */
-                    "text/event-stream": components["schemas"]["StateEvent"] | components["schemas"]["ErrorEvent"];
+                    "text/event-stream": components["schemas"]["StateEvent"] | components["schemas"]["ProblemEvent"];
                 };
+            };
+            /** @description The `Last-Event-ID` names `Disconnected`, the end of the call, which the watcher has seen; there is nothing more to send. A browser's `EventSource` stops reconnecting. Exchange is not asked. */
+            204: {
+                headers: {
+                    "X-Request-ID": components["headers"]["RequestId"];
+                    "Cache-Control"?: "no-store";
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             400: components["responses"]["InvalidRequest"];
             401: components["responses"]["Unauthenticated"];
@@ -793,12 +825,40 @@ export interface operations {
             404: components["responses"]["CallNotFound"];
             408: components["responses"]["RequestTimeout"];
             414: components["responses"]["UriTooLong"];
-            429: components["responses"]["TooManyRequests"];
+            422: components["responses"]["Unprocessable"];
+            /**
+             * @description This caller already holds `GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER`
+             *     of this worker's streams (`too-many-streams-for-caller`,
+             *     `Retry-After: 2`): close one, or wait for a call to end. Or the
+             *     caller's request quota is spent (`rate-limited`).
+             */
+            429: {
+                headers: {
+                    "Retry-After": components["headers"]["RetryAfter"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    /**
+                     * @example {
+                     *       "type": "urn:ews-gateway:problem:too-many-streams-for-caller",
+                     *       "title": "This caller holds as many event streams as it may",
+                     *       "status": 429,
+                     *       "detail": "this caller already holds its limit of 20 event streams here; close one, or wait for a call to end",
+                     *       "requestId": "5f2b0c6e9d3a4e0b8f1a2c3d4e5f6a7b"
+                     *     }
+                     */
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             431: components["responses"]["HeadersTooLarge"];
+            502: components["responses"]["BadGateway"];
             /**
              * @description This worker already holds `GATEWAY_EVENTS_MAX_STREAMS` streams
              *     (`too-many-streams`, `Retry-After: 2`), or the instance is shutting
-             *     down (`shutting-down`, `Retry-After: 1`).
+             *     down (`shutting-down`, `Retry-After: 1`); or reading the call's
+             *     first state met one of the failures of `GET /calls/{callId}`'s
+             *     `503` (Exchange busy, with `Retry-After`, or unavailable; the
+             *     circuit breaker open; too many calls to Exchange in flight).
              */
             503: {
                 headers: {
@@ -809,6 +869,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            504: components["responses"]["GatewayTimeout"];
         };
     };
     livez: {

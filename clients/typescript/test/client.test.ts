@@ -43,7 +43,21 @@ test("watching a call yields Connecting, Alerted, Connected, then Disconnected a
     }
   }
   assert.deepEqual(states, ["Connecting", "Alerted", "Connected", "Disconnected"]);
-  assert.deepEqual(ids.map((id) => id.split("-")[0]), ["1", "2", "3", "4"]);
+  // Each id starts with the rank of its state in a call's life.
+  assert.deepEqual(ids.map((id) => id.split(".")[0]), ["1", "2", "3", "4"]);
+});
+
+test("a watch resumed from the call's end ends at once, with nothing more", async () => {
+  const callId = await placeCall();
+  await client.DELETE("/calls/{callId}", { params: { path: { callId } } });
+  let lastEventId = "";
+  for await (const event of watchCall(options, callId)) {
+    if (event.type === "state") lastEventId = event.id;
+  }
+  assert.match(lastEventId, /^4\./);
+  const resumed: CallEvent[] = [];
+  for await (const event of watchCall(options, callId, { lastEventId })) resumed.push(event);
+  assert.deepEqual(resumed, []);
 });
 
 test("resuming with the last event id does not repeat that state", async () => {
@@ -58,20 +72,20 @@ test("resuming with the last event id does not repeat that state", async () => {
   const event = next.value as CallEvent & { type: "state" };
   assert.equal(event.type, "state");
   assert.notEqual(event.call.state, "Connecting");
-  assert.equal(event.id.split("-")[0], "2");
+  assert.ok(Number(event.id.split(".")[0]) > 1, "only states after the one seen");
   await resumed.return(undefined);
   await client.DELETE("/calls/{callId}", { params: { path: { callId } } });
 });
 
-test("an unknown call ends the watch with its 404 problem", async () => {
-  const events: CallEvent[] = [];
-  for await (const event of watchCall(options, "no-such-call")) events.push(event);
-  assert.equal(events.length, 1);
-  const [only] = events;
-  assert.ok(only && only.type === "problem");
-  assert.equal(only.problem.status, 404);
-  assert.equal(only.problem.type, "urn:ews-gateway:problem:call-not-found");
-  assert.equal(only.problem.ewsResponseCode, "ErrorInvalidPhoneCallId");
+test("an unknown call is refused with its 404 problem before any stream", async () => {
+  await assert.rejects(
+    watchCall(options, "no-such-call").next(),
+    (error: unknown) =>
+      error instanceof GatewayProblem &&
+      error.status === 404 &&
+      error.problem.type === "urn:ews-gateway:problem:call-not-found" &&
+      error.problem.ewsResponseCode === "ErrorInvalidPhoneCallId",
+  );
 });
 
 test("a watch refused before it starts throws the problem", async () => {
@@ -106,8 +120,8 @@ test("the event reader joins data lines and takes CR, LF and CRLF line ends", as
 test("a stream that ends with a retry hint is resumed with Last-Event-ID after that long", async () => {
   const seen: Array<string | null> = [];
   const bodies = [
-    'id: 1-aaaaaaaaaaaa\nevent: state\ndata: {"callId":"c","state":"Connected","connectionFailureCause":"None","ewsResponseCode":"NoError"}\n\n: this instance is stopping; reconnect\nretry: 20\n\n',
-    'id: 2-bbbbbbbbbbbb\nevent: state\ndata: {"callId":"c","state":"Disconnected","connectionFailureCause":"None","ewsResponseCode":"NoError"}\n\n',
+    'id: 3.aaaaaaaaaaaa\nevent: state\ndata: {"callId":"c","state":"Connected","connectionFailureCause":"None","ewsResponseCode":"NoError"}\n\n: this instance is stopping; reconnect\nretry: 20\n\n',
+    'id: 4.bbbbbbbbbbbb\nevent: state\ndata: {"callId":"c","state":"Disconnected","connectionFailureCause":"None","ewsResponseCode":"NoError"}\n\n',
   ];
   const fakeFetch = (async (_url: string | URL | Request, init?: RequestInit) => {
     seen.push(new Headers(init?.headers).get("Last-Event-ID"));
@@ -121,6 +135,31 @@ test("a stream that ends with a retry hint is resumed with Last-Event-ID after t
     events.map((event) => event.type === "state" ? event.call.state : event.type),
     ["Connected", "reconnecting", "Disconnected"],
   );
-  assert.deepEqual(events[1], { type: "reconnecting", retryMs: 20, lastEventId: "1-aaaaaaaaaaaa" });
-  assert.deepEqual(seen, [null, "1-aaaaaaaaaaaa"]);
+  assert.deepEqual(events[1], { type: "reconnecting", retryMs: 20, lastEventId: "3.aaaaaaaaaaaa" });
+  assert.deepEqual(seen, [null, "3.aaaaaaaaaaaa"]);
+});
+
+test("a problem event ends the watch with the problem and its wait", async () => {
+  const state = { callId: "c", state: "Connected", connectionFailureCause: "None", ewsResponseCode: "NoError" };
+  const problem = {
+    type: "urn:ews-gateway:problem:exchange-busy",
+    title: "Exchange is throttling requests",
+    status: 503,
+    detail: "Exchange answered ErrorServerBusy",
+    requestId: "r",
+    retryAfter: 3,
+  };
+  const body = `id: 3.aaaaaaaaaaaa\nevent: state\ndata: ${JSON.stringify(state)}\n\n` +
+    `retry: 3000\nevent: problem\ndata: ${JSON.stringify(problem)}\n\n`;
+  const fakeFetch = (async () =>
+    new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } })) as typeof fetch;
+  const events: CallEvent[] = [];
+  for await (const event of watchCall({ baseUrl: "http://gateway.invalid", fetch: fakeFetch }, "c")) {
+    events.push(event);
+  }
+  assert.deepEqual(events.map((event) => event.type), ["state", "problem"]);
+  const last = events[1];
+  assert.ok(last && last.type === "problem");
+  assert.equal(last.problem.status, 503);
+  assert.equal(last.retryAfterSeconds, 3);
 });
