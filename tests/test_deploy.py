@@ -780,6 +780,7 @@ def example_environment(root: Path, documents: list[dict[str, Any]]) -> dict[str
             secret = only(documents, "Secret", source["secretRef"]["name"])
             environment.update(secret["stringData"])
     volumes = {volume["name"]: volume for volume in pod_template(documents)["spec"]["volumes"]}
+    mounted: dict[str, Path] = {}
     for mount in gateway_container(documents)["volumeMounts"]:
         volume = volumes[mount["name"]]
         kind, key = ("Secret", "secretName") if "secret" in volume else ("ConfigMap", "name")
@@ -796,9 +797,13 @@ def example_environment(root: Path, documents: list[dict[str, Any]]) -> dict[str
                 files = resource.get("stringData") or resource.get("data") or {}
             for name, content in files.items():
                 (directory / name).write_text(content, encoding="utf-8")
-        for variable, value in environment.items():
-            if value == mount["mountPath"] or value.startswith(mount["mountPath"] + "/"):
-                environment[variable] = str(directory) + value[len(mount["mountPath"]) :]
+        mounted[mount["mountPath"]] = directory
+    # Each path the pod would see is rewritten once, by the deepest mount that holds it.
+    for variable, value in environment.items():
+        holders = [path for path in mounted if value == path or value.startswith(path + "/")]
+        if holders:
+            path = max(holders, key=len)
+            environment[variable] = str(mounted[path]) + value[len(path) :]
     return environment
 
 
