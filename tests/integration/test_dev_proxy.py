@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.processes import Server, free_port, gateway_env, http, start
+from tests.integration.processes import Server, free_port, gateway_env, http, start, wait_until
 from tests.integration.streams import (
     Watcher,
     hang_up,
     place_call,
     start_watchers,
     stepping_simulator,
-    wait_until,
 )
 
 SCRIPT = Path(__file__).parent / "js" / "dev_proxy.js"

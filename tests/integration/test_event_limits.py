@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.integration.processes import Server, free_port, gateway_env, http, start
+from tests.integration.processes import Server, free_port, gateway_env, http, start, wait_until
 from tests.integration.streams import (
     Watcher,
     events_url,
@@ -23,7 +23,6 @@ from tests.integration.streams import (
     poll_times,
     start_watchers,
     stepping_simulator,
-    wait_until,
 )
 
 STEP_S = 1.5

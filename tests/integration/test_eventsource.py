@@ -21,14 +21,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.processes import Server, free_port, gateway_env, http, start
+from tests.integration.processes import Server, free_port, gateway_env, http, start, wait_until
 from tests.integration.streams import (
     events_url,
     ews_id,
     place_call,
     poll_times,
     stepping_simulator,
-    wait_until,
 )
 
 CHROMIUM = Path("/usr/bin/chromium")
