@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from gateway.config import Config, check_bind
+from gateway.config import Config, check_bind, variables_help
 from gateway.errors import ConfigError
 from gateway.serving.server import ensure_can_listen, serve
 from gateway.simulator import serve_forever
@@ -44,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="ews-gateway", description="JSON/HTTP gateway to Exchange Unified Messaging calls."
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the gateway in production (gunicorn)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway in production (gunicorn)",
+        description="Run the gateway under gunicorn, configured by the environment.",
+        epilog=variables_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.set_defaults(run=_serve)
     demo = commands.add_parser(
         "demo",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import caller_authenticator
-from gateway.config import Config
-from gateway.errors import ERROR_BY_RESPONSE_CODE, ExchangeBusy, metric_code
+from gateway.config import VARIABLES, Config
+from gateway.errors import ERROR_BY_RESPONSE_CODE, ConfigError, ExchangeBusy, metric_code
 from gateway.serving.server import gunicorn_options
 from tests.integration.processes import free_port, gateway_env, http, start
 
@@ -541,10 +542,25 @@ def example_environment(root: Path) -> dict[str, str]:
     return environment
 
 
-def test_the_example_configuration_is_one_the_gateway_accepts(tmp_path: Path) -> None:
-    config = Config.from_env(example_environment(tmp_path))
+def test_the_example_configuration_is_one_the_gateway_accepts_once_its_key_is_replaced(
+    tmp_path: Path,
+) -> None:
+    environment = example_environment(tmp_path)
+    with pytest.raises(ConfigError, match=r"^GATEWAY_CALL_ID_KEY is the example placeholder"):
+        Config.from_env(environment)
+
+    config = Config.from_env({**environment, "GATEWAY_CALL_ID_KEY": secrets.token_urlsafe(48)})
+
     caller_authenticator(config)
     assert config.workers == int(configmap_data()["GATEWAY_WORKERS"])
+    assert config.warnings == ()
+
+
+def test_the_readme_documents_every_variable_the_gateway_reads() -> None:
+    own = {
+        variable.name for variable in VARIABLES if variable.name.startswith(("EWS_", "GATEWAY_"))
+    }
+    assert own - readme_variables() == set()
 
 
 def test_the_examples_mention_every_variable_of_the_readme() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway import cli
-from gateway.config import Config
+from gateway.config import PLACEHOLDER_CALL_ID_KEY, Config
 from gateway.errors import ConfigError
+
+SECRETS_EXAMPLE = Path(__file__).parents[1] / "deploy" / "kubernetes" / "secret.yaml"
 
 MINIMAL = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
 
@@ -125,10 +128,34 @@ def test_a_bad_redis_url_is_refused_without_repeating_it(url: str) -> None:
 def test_the_call_id_key_must_be_long_enough_and_is_never_shown() -> None:
     assert "GATEWAY_CALL_ID_KEY" in rejects(GATEWAY_CALL_ID_KEY="short")
 
-    config = from_env(GATEWAY_CALL_ID_KEY="k" * 32)
+    config = from_env(GATEWAY_CALL_ID_KEY="a-call-id-key-of-32-bytes-or-more")
 
-    assert config.call_id_key == b"k" * 32
-    assert "kkkk" not in repr(config)
+    assert config.call_id_key == b"a-call-id-key-of-32-bytes-or-more"
+    assert "32-bytes" not in repr(config)
+
+
+def test_the_placeholder_key_of_the_kubernetes_example_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    secrets = next(yaml.safe_load_all(SECRETS_EXAMPLE.read_text(encoding="utf-8")))
+    placeholder = secrets["stringData"]["GATEWAY_CALL_ID_KEY"]
+    key_file = tmp_path / "call-id-key"
+    key_file.write_text(placeholder + "\n", encoding="utf-8")
+
+    assert placeholder == PLACEHOLDER_CALL_ID_KEY
+    for message in (
+        rejects(GATEWAY_CALL_ID_KEY=placeholder),
+        rejects(GATEWAY_CALL_ID_KEY_FILE=str(key_file)),
+    ):
+        assert message.startswith("GATEWAY_CALL_ID_KEY is the example placeholder")
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["k" * 32, "0" * 64, "é" * 32])
+def test_a_key_of_one_repeated_character_is_refused(key: str) -> None:
+    assert rejects(GATEWAY_CALL_ID_KEY=key).startswith(
+        "GATEWAY_CALL_ID_KEY is one character repeated"
+    )
 
 
 def test_the_operator_claim_is_claim_equals_value_and_needs_jwt() -> None:

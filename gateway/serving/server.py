@@ -405,6 +405,9 @@ def serve(config: Config) -> None:
     # to bind or in every worker after the port is bound.
     ensure_can_listen(config.bind, "GATEWAY_BIND")
     caller_authenticator(config)
+    # Only after every refusal above: a configuration error stays the one line it says.
+    for warning in config.warnings:
+        LOG.warning(warning)
     if config.gateway_auth == "none":
         LOG.warning(
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
