@@ -4,8 +4,8 @@
 raises `ConfigError` with one line naming the variable at fault; what is
 valid but likely a mistake (an unknown EWS_* or GATEWAY_* name, a password
 sent in clear text) becomes one warning each in `Config.warnings`, which
-`serve` logs at start. VARIABLES is the one list of the variables read here,
-with their defaults as `serve --help` shows them.
+`serve` logs and `check` prints. VARIABLES is the one list of the variables
+read here, with their defaults as `serve --help` and `check --help` show them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import limits
 
@@ -82,7 +82,7 @@ FALSE_WORDS = ("0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class Variable:
-    """An environment variable the gateway reads, as `serve --help` lists it."""
+    """An environment variable the gateway reads, as `serve --help` and `check --help` list it."""
 
     name: str
     default: str
@@ -156,6 +156,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GATEWAY_AUDIT_DIAL_DIGITS", str(DIAL_DIGITS_SHOWN), "dial string digits audited"),
     Variable("GATEWAY_EVENTS_POLL_SECONDS", "1", "how often a watched call's state is read"),
     Variable("GATEWAY_EVENTS_MAX_STREAMS", "1000", "event streams open per worker"),
+    Variable("GATEWAY_CHECK_AT_START", "false", "serve runs `ews-gateway check` first"),
     Variable("PROMETHEUS_MULTIPROC_DIR", "a fresh directory", "where workers share metrics"),
     Variable("OTEL_EXPORTER_OTLP_ENDPOINT", "no tracing", "an OTLP/HTTP collector: tracing on"),
     Variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", "the same, for traces only"),
@@ -270,6 +271,8 @@ class Config:
     events_max_streams: int = 1000
     # Set by `ews-gateway demo` only (never from the environment): serve the call screen.
     demo_page: bool = False
+    # serve runs `ews-gateway check` before it starts, and refuses to start if it fails.
+    check_at_start: bool = False
     # Settings that are valid but likely mistakes: one sentence each, logged at start.
     warnings: tuple[str, ...] = ()
 
@@ -287,6 +290,18 @@ class Config:
     def poll_threads(self) -> int:
         """Threads one worker polls watched calls on: half the bulkhead, the rest for requests."""
         return max(1, self.upstream_slots // 2)
+
+    def summary(self) -> dict[str, str | int]:
+        """Say where Exchange is and how the gateway is set up, without a secret (start-up)."""
+        parts = urlsplit(self.ews_url)
+        return {
+            # The URL carries no credentials (refused at start); its query could carry anything.
+            "ewsUrl": urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
+            "ewsAuth": self.ews_auth,
+            "ewsProxy": self.ews_proxy.address if self.ews_proxy else "none",
+            "sharedState": "redis" if self.redis_url else "embedded",
+            "dialPatterns": len(self.dial_allow or ()),
+        }
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -369,6 +384,7 @@ class Config:
             events_max_streams=env.count_in(
                 "GATEWAY_EVENTS_MAX_STREAMS", default=1000, low=1, high=100_000
             ),
+            check_at_start=env.flag("GATEWAY_CHECK_AT_START", default=False),
         )
         config.check_consistency()
         return replace(config, warnings=(*unknown_variables(environ), *config.likely_mistakes()))

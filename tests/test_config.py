@@ -601,7 +601,7 @@ def test_the_variables_table_names_every_variable_from_env_reads_and_no_other() 
     assert table - names_read == set()
 
 
-@pytest.mark.parametrize("command", ["serve"])
+@pytest.mark.parametrize("command", ["serve", "check"])
 def test_help_lists_the_variables_required_first_with_their_defaults(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -670,3 +670,30 @@ def test_ntlm_over_http_is_not_warned_as_clear_text() -> None:
     )
 
     assert config.warnings == ()
+
+
+def test_the_check_at_start_is_off_unless_asked_for() -> None:
+    assert from_env().check_at_start is False
+    assert from_env(GATEWAY_CHECK_AT_START="true").check_at_start is True
+    assert "GATEWAY_CHECK_AT_START" in rejects(GATEWAY_CHECK_AT_START="maybe")
+
+
+def test_the_start_up_summary_names_exchange_and_the_setup_without_a_secret() -> None:
+    config = from_env(
+        EWS_URL="https://mail.example.com:8443/EWS/Exchange.asmx?token=abc",
+        EWS_AUTH="ntlm",
+        EWS_USERNAME="EXAMPLE\\svc",
+        EWS_PASSWORD="pw-secret",
+        HTTPS_PROXY="http://user:proxy-secret@proxy.example.com:3128",
+        GATEWAY_REDIS_URL="redis://redis.example.com:6379/0",
+        GATEWAY_DIAL_ALLOW="+1555*,4???",
+    )
+
+    assert config.summary() == {
+        "ewsUrl": "https://mail.example.com:8443/EWS/Exchange.asmx",
+        "ewsAuth": "ntlm",
+        "ewsProxy": "proxy.example.com:3128",
+        "sharedState": "redis",
+        "dialPatterns": 2,
+    }
+    assert from_env().summary()["sharedState"] == "embedded"

@@ -167,7 +167,7 @@ def test_the_demo_sets_a_permissive_dial_policy_and_says_so(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served: list[Config] = []
-    monkeypatch.setattr(cli, "serve", served.append)
+    monkeypatch.setattr(cli, "serve", lambda config: served.append(config) or 0)
     monkeypatch.setattr(cli, "_wait_until_up", lambda *_args: None)
     monkeypatch.setattr(cli, "_free_loopback_port", lambda: 9)
     monkeypatch.setattr(cli, "ensure_can_listen", lambda *_args: None)

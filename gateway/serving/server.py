@@ -32,9 +32,10 @@ from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from gateway.api.services import EXTENSION, ServiceState
-from gateway.app import caller_authenticator, create_app
+from gateway.app import build_check, caller_authenticator, create_app
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
+from gateway.exchange.check import StepResult
 from gateway.guards.dialing import DialPolicy
 from gateway.serving import frontdoor
 from gateway.telemetry import metrics, tracing
@@ -393,8 +394,12 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         return create_app(self.config, state=self.state)
 
 
-def serve(config: Config) -> None:
-    """Run the gateway under gunicorn until it is told to stop."""
+def serve(config: Config) -> int:
+    """Run the gateway under gunicorn until it is told to stop; return the exit status.
+
+    With GATEWAY_CHECK_AT_START, `ews-gateway check` runs first, and a failed check ends
+    serve (status 1) before gunicorn starts: the instance never answers /readyz.
+    """
     if config.dial_allow is None:
         raise ConfigError(
             "GATEWAY_DIAL_ALLOW is required: comma-separated patterns of the numbers callers "
@@ -406,6 +411,7 @@ def serve(config: Config) -> None:
     ensure_can_listen(config.bind, "GATEWAY_BIND")
     caller_authenticator(config)
     # Only after every refusal above: a configuration error stays the one line it says.
+    LOG.info("ews-gateway starting", extra=config.summary())
     for warning in config.warnings:
         LOG.warning(warning)
     if config.gateway_auth == "none":
@@ -418,6 +424,9 @@ def serve(config: Config) -> None:
             "EWS_VERIFY_TLS=false: Exchange's certificate is not checked, so anyone on the "
             "path can read the service credentials"
         )
+    if config.check_at_start and not build_check(config).run(_log_check_step):
+        LOG.error("GATEWAY_CHECK_AT_START: the check of Exchange failed; not starting")
+        return 1
     metrics_dir = _fresh_metrics_dir(config.metrics_dir)
     metrics.share_across_processes(metrics_dir)
     # A directory serve made itself is removed at exit; a configured one is left for inspection.
@@ -430,6 +439,15 @@ def serve(config: Config) -> None:
         # taken meanwhile) leaves here too. Workers, forked from this frame, leave it as well.
         if scratch_dir is not None and os.getpid() == master:
             shutil.rmtree(scratch_dir, ignore_errors=True)
+    return 0
+
+
+def _log_check_step(result: StepResult) -> None:
+    """Log one step of the check at start: what passed, or what to change."""
+    if result.passed:
+        LOG.info("check: %s", result.sentence, extra={"checkStep": result.step})
+    else:
+        LOG.error("check failed: %s", result.sentence, extra={"checkStep": result.step})
 
 
 def ensure_can_listen(bind: str, setting: str) -> None:
