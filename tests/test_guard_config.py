@@ -80,6 +80,7 @@ def test_a_pattern_no_dial_string_can_match_is_refused_in_one_line_naming_it(pat
         "4???",
         "#*",
         "+?*",
+        "*+1555*",  # the first * can only stand for nothing
         "?" * 32,
         "sip:*@pbx.example.com",
         "sips:*-*@*.example.com",
