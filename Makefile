@@ -20,7 +20,17 @@ DEMO_BIND ?=
 SIMULATOR_BIND ?= 127.0.0.1:8081
 
 demo: $(STAMP)
-	$(BIN)/ews-gateway demo $(if $(DEMO_BIND),--bind $(DEMO_BIND) )--simulator-bind $(SIMULATOR_BIND)
+	@$(BIN)/ews-gateway demo $(if $(DEMO_BIND),--bind $(DEMO_BIND) )--simulator-bind $(SIMULATOR_BIND)
+
+# What `make test` costs and needs, said before anything runs (also under make -j).
+SCHEMA_DIR := $(or $(EWS_SCHEMA_DIR),../shared/ews-schema)
+SCHEMA_FOUND := $(if $(wildcard $(SCHEMA_DIR)/messages.xsd),found,not found: they will skip)
+ifneq ($(filter test,$(MAKECMDGOALS)),)
+$(info make test: lint, then every test (unit and integration) with coverage: about 10 minutes on 2 cores.)
+$(info The EWS schema tests need the schema in EWS_SCHEMA_DIR (now $(SCHEMA_DIR), $(SCHEMA_FOUND)):)
+$(info messages.xsd and types.xsd, which any Exchange serves at /EWS/messages.xsd and /EWS/types.xsd,)
+$(info and xml.xsd, the XML namespace schema (https://www.w3.org/2001/xml.xsd).)
+endif
 
 test: $(STAMP) lint
 	$(BIN)/pytest --cov --cov-report=term
@@ -77,16 +87,23 @@ VENV_LOCK := $(if $(shell command -v flock),flock $(VENV).lock,)
 # such as coverage[toml] would reach past the pin for a newer release and refuse it unhashed).
 # GSSAPI (the kerberos extra, not locked: it builds with a C compiler against libkrb5-dev)
 # is added where it can be; without it the Kerberos tests skip.
+# The recipe is not echoed: it says what it does, and pip shows its progress on the locked
+# packages. PYTHONWARNINGS=ignore: setuptools warns, at length, on every editable install of
+# a package whose folder sits in the working directory, as this one's always does.
 $(STAMP): pyproject.toml $(DEV_LOCK)
-	$(VENV_LOCK) sh -ec '\
+	@$(VENV_LOCK) sh -ec '\
 	test -f $@ && exit 0; \
+	echo "Building the environment in $(VENV) (about 3 minutes; pip shows its progress)"; \
 	$(PYTHON) -m venv $(VENV); \
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r $(DEV_LOCK); \
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .; \
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,kerberos]" >/dev/null 2>&1 \
+	$(BIN)/pip install --disable-pip-version-check --no-deps --require-hashes -r $(DEV_LOCK); \
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check --no-deps \
+	  --no-build-isolation -e .; \
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check \
+	  -e ".[dev,kerberos]" >/dev/null 2>&1 \
 	  || echo "note: the kerberos extra was not built (needs a C compiler and libkrb5-dev)"; \
 	rm -f $(VENV)/.installed-*; \
-	touch $@'
+	touch $@; \
+	echo "The environment in $(VENV) is ready."'
 
 clean:
 	rm -rf $(VENV) $(VENV).lock .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis

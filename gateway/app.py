@@ -17,9 +17,10 @@ from gateway.api.services import EXTENSION, Services, ServiceState
 from gateway.api.streams import EventStreams
 from gateway.config import Config
 from gateway.exchange import auth
+from gateway.exchange.check import CheckTarget, ExchangeCheck
 from gateway.exchange.client import EwsClient, PhoneCalls, Transport
 from gateway.exchange.resilience import Bulkhead, CircuitBreaker, ExchangePolicy
-from gateway.exchange.transport import ExchangeTransport
+from gateway.exchange.transport import ConnectTrace, ExchangeTransport
 from gateway.guards import sharedstate
 from gateway.guards.audit import AuditTrail
 from gateway.guards.callers import (
@@ -194,18 +195,22 @@ def build_policy(config: Config, metrics: Metrics, bulkhead: Bulkhead) -> Exchan
     )
 
 
-def build_transport(config: Config) -> Transport:
-    """Build the HTTP transport to Exchange with the configured credentials."""
+def build_transport(
+    config: Config, *, authenticated: bool = True, trace: ConnectTrace | None = None
+) -> ExchangeTransport:
+    """Build the HTTP transport to Exchange with the configured credentials (or none)."""
     host = urlsplit(config.ews_url).hostname or ""
-    credentials = auth.ExchangeCredentials(
-        mode=config.ews_auth,
-        username=config.ews_username,
-        password=config.ews_password,
-        bearer_token=config.ews_bearer_token,
-        bearer_token_file=config.ews_bearer_token_file,
-        keytab=config.ews_keytab,
-        spn=config.ews_spn,
-    )
+    credentials = auth.ExchangeCredentials()
+    if authenticated:
+        credentials = auth.ExchangeCredentials(
+            mode=config.ews_auth,
+            username=config.ews_username,
+            password=config.ews_password,
+            bearer_token=config.ews_bearer_token,
+            bearer_token_file=config.ews_bearer_token_file,
+            keytab=config.ews_keytab,
+            spn=config.ews_spn,
+        )
     return ExchangeTransport(
         config.ews_url,
         timeout_s=config.ews_timeout_s,
@@ -216,7 +221,37 @@ def build_transport(config: Config) -> Transport:
         pool_size=config.upstream_slots,
         idle_s=config.connection_idle_s,
         proxy=config.ews_proxy,
+        trace=trace,
     )
+
+
+def build_check(config: Config) -> ExchangeCheck:
+    """Build `ews-gateway check`: the transport and EWS client serve builds, tried step by step."""
+    target = CheckTarget(
+        url=config.ews_url,
+        auth_mode=config.ews_auth,
+        server_version=config.ews_server_version,
+        timeout_s=config.ews_timeout_s,
+        verify_tls=config.ews_verify_tls,
+        proxy=config.ews_proxy,
+    )
+
+    def transport_for(*, authenticated: bool, trace: ConnectTrace | None) -> ExchangeTransport:
+        return build_transport(config, authenticated=authenticated, trace=trace)
+
+    def client_for(transport: Transport) -> PhoneCalls:
+        # No breaker and no bulkhead: the check asks once, and says what each failure was.
+        return EwsClient(
+            transport,
+            server_version=config.ews_server_version,
+            anchor_mailbox=config.anchor_mailbox,
+            impersonation_id=config.ews_impersonation_id,
+            policy=ExchangePolicy(
+                timeout_s=config.ews_timeout_s, max_retry_back_off_s=config.retry_max_back_off_s
+            ),
+        )
+
+    return ExchangeCheck(target, transport_for=transport_for, client_for=client_for)
 
 
 def caller_authenticator(config: Config) -> CallerAuthenticator:

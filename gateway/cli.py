@@ -1,4 +1,4 @@
-"""The `ews-gateway` command: serve, demo and simulator."""
+"""The `ews-gateway` command: serve, check, demo and simulator."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from gateway.config import Config, check_bind
+from gateway.app import build_check
+from gateway.config import Config, check_bind, variables_help
 from gateway.errors import ConfigError
+from gateway.exchange.check import StepResult
 from gateway.serving.server import ensure_can_listen, serve
 from gateway.simulator import serve_forever
 from gateway.simulator.acceptor import AUTH_MODES, acceptor_for
 from gateway.simulator.idle import IDLE_ACTIONS, InvalidIdlePolicy, idle_policy
 from gateway.simulator.server import TlsIdentity
+from gateway.telemetry.logs import LogLevels, configure_logging
 
 DEMO_BIND = "127.0.0.1:8080"
 SIMULATOR_BIND = "127.0.0.1:8081"
@@ -44,8 +47,28 @@ def _parser() -> argparse.ArgumentParser:
         prog="ews-gateway", description="JSON/HTTP gateway to Exchange Unified Messaging calls."
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the gateway in production (gunicorn)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway in production (gunicorn)",
+        description="Run the gateway under gunicorn, configured by the environment.",
+        epilog=variables_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.set_defaults(run=_serve)
+    check = commands.add_parser(
+        "check",
+        help="try the configured way to Exchange once, step by step, and exit",
+        description="With serve's configuration, resolve and connect to EWS_URL (through the "
+        "proxy if one is set), complete TLS, see which authentication schemes Exchange "
+        "offers, authenticate, and send one harmless EWS request (GetPhoneCallInformation "
+        "for a call that cannot exist). Each step prints one line: ok, or FAIL and what to "
+        "change. Exit status: 0 when every step passed, 1 when one failed, 2 for a "
+        "configuration error. Each request is bounded by EWS_TIMEOUT_SECONDS; no secret is "
+        "printed.",
+        epilog=variables_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.set_defaults(run=_check)
     demo = commands.add_parser(
         "demo",
         help="run the gateway against the built-in EWS simulator",
@@ -162,8 +185,22 @@ def _listen_address(option: str) -> Callable[[str], str]:
 
 
 def _serve(_args: argparse.Namespace) -> int:
-    serve(Config.from_env(os.environ))
-    return 0
+    return serve(Config.from_env(os.environ))
+
+
+def _check(_args: argparse.Namespace) -> int:
+    config = Config.from_env(os.environ)
+    # Log lines (the transport's, the security library's) go to stderr; the steps to stdout.
+    configure_logging(LogLevels.named(config.log_level, config.library_log_level))
+    summary = " ".join(f"{name}={value}" for name, value in config.summary().items())
+    print(f"ews-gateway check: {summary}", flush=True)
+    for warning in config.warnings:
+        print(f"warn config   {warning}", flush=True)
+    return 0 if build_check(config).run(_print_step) else 1
+
+
+def _print_step(result: StepResult) -> None:
+    print(f"{'ok' if result.passed else 'FAIL':<4} {result.step:<9}{result.sentence}", flush=True)
 
 
 def _simulator(args: argparse.Namespace) -> int:
@@ -216,11 +253,10 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         _wait_until_up(f"http://{simulator_bind}/simulator/health", simulator)
         _print_demo_banner(config, simulator_bind)
-        serve(config)
+        return serve(config)
     finally:
         simulator.terminate()
         simulator.wait(timeout=10)
-    return 0
 
 
 def _free_loopback_port() -> int:

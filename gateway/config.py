@@ -1,19 +1,24 @@
 """Configuration: the only module that reads the environment.
 
 `Config.from_env(os.environ)` validates everything once at start-up and
-raises `ConfigError` with one line naming the variable at fault.
+raises `ConfigError` with one line naming the variable at fault; what is
+valid but likely a mistake (an unknown EWS_* or GATEWAY_* name, a password
+sent in clear text) becomes one warning each in `Config.warnings`, which
+`serve` logs and `check` prints. VARIABLES is the one list of the variables
+read here, with their defaults as `serve --help` and `check --help` show them.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import limits
 
@@ -66,8 +71,143 @@ RESERVED_THREADS = 4
 DIAL_DIGITS_SHOWN = 4
 # A signing key shorter than this is guessable offline from one call id.
 MIN_KEY_BYTES = 32
+# The example key in deploy/kubernetes/secret.yaml (tests hold the two equal): a deployment
+# applied unedited would share it with everyone who read the example.
+PLACEHOLDER_CALL_ID_KEY = "CHANGE-ME-to-48-random-bytes-shared-by-every-replica"
+MAKE_A_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+# Modes whose credentials travel as they are, readable on a plain http:// connection.
+CLEAR_TEXT_MODES = {"basic": "password", "bearer": "token"}
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Variable:
+    """An environment variable the gateway reads, as `serve --help` and `check --help` list it."""
+
+    name: str
+    default: str
+    meaning: str
+    required: bool = False
+    # Also read from the file NAME_FILE names (a mounted secret).
+    from_file: bool = False
+    # Other names read for the same setting (curl's lower-case proxy variables).
+    aliases: tuple[str, ...] = ()
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "EWS_URL", "", "Exchange's EWS endpoint: https://mail.example.com/EWS/Exchange.asmx", True
+    ),
+    Variable("GATEWAY_AUTH", "", "how callers authenticate: jwt, apikey or none", True),
+    Variable("GATEWAY_DIAL_ALLOW", "", "patterns dial strings must match: +1555*,4???", True),
+    Variable(
+        "EWS_AUTH", "none", "the gateway's credentials at Exchange: " + ", ".join(EWS_AUTH_MODES)
+    ),
+    Variable("EWS_USERNAME", "", "DOMAIN\\user (basic, ntlm) or user@REALM (kerberos, negotiate)"),
+    Variable("EWS_PASSWORD", "", "the account's password", from_file=True),
+    Variable("EWS_KEYTAB", "", "kerberos, negotiate: the account's keytab, instead of a password"),
+    Variable("EWS_SPN", "HTTP/<host of EWS_URL>", "kerberos, negotiate: Exchange's principal"),
+    Variable(
+        "EWS_BEARER_TOKEN", "", "bearer: an OAuth access token (its file re-read)", from_file=True
+    ),
+    Variable("EWS_SERVER_VERSION", "Exchange2010", "RequestServerVersion, an ExchangeVersionType"),
+    Variable("EWS_TIMEOUT_SECONDS", "10", "the deadline of each call to Exchange"),
+    Variable("EWS_VERIFY_TLS", "true", "verify Exchange's certificate and name"),
+    Variable("EWS_CA_BUNDLE", "system CAs", "a PEM file of the CAs to trust for Exchange"),
+    Variable("EWS_ANCHOR_MAILBOX", "", "X-AnchorMailbox for calls that impersonate nobody"),
+    Variable("EWS_CONNECTION_IDLE_SECONDS", "30", "a connection idle longer is closed, not reused"),
+    Variable("EWS_IMPERSONATION", "none", "token: each call acts as the caller's own mailbox"),
+    Variable("EWS_IMPERSONATION_ID", "follows the mailbox claim", "smtp, upn or sid"),
+    Variable("EWS_MAX_IN_FLIGHT", "GATEWAY_THREADS - 4", "calls to Exchange in flight per worker"),
+    Variable("EWS_BREAKER_FAILURES", "5", "failures in a row that open the circuit breaker"),
+    Variable("EWS_BREAKER_COOLDOWN_SECONDS", "30", "how long an open circuit breaker answers 503"),
+    Variable("EWS_RETRY_MAX_BACKOFF_SECONDS", "2", "the longest back-off of Exchange's waited out"),
+    Variable("HTTPS_PROXY", "", "proxy to an https EWS_URL", aliases=("https_proxy",)),
+    Variable("HTTP_PROXY", "", "proxy to an http EWS_URL", aliases=("http_proxy",)),
+    Variable("ALL_PROXY", "", "proxy for either scheme", aliases=("all_proxy",)),
+    Variable("NO_PROXY", "", "hosts reached without the proxy", aliases=("no_proxy",)),
+    Variable("GATEWAY_API_KEYS_FILE", "", "apikey: SHA-256 digests of callers' keys, re-read"),
+    Variable("GATEWAY_JWT_JWKS_URL", "", "jwt: the identity provider's JWKS URL"),
+    Variable("GATEWAY_JWT_PUBLIC_KEY", "", "jwt: one PEM public key instead", from_file=True),
+    Variable("GATEWAY_JWT_ISSUER", "", "jwt: the required iss"),
+    Variable("GATEWAY_JWT_AUDIENCE", "", "jwt: the required aud"),
+    Variable("GATEWAY_JWT_MAILBOX_CLAIM", "email", "the claim naming the caller's mailbox"),
+    Variable("GATEWAY_OPERATOR_CLAIM", "", "claim=value: its callers may act on any call"),
+    Variable("GATEWAY_CORS_ORIGINS", "", "exact browser origins allowed, comma-separated"),
+    Variable("GATEWAY_BIND", "0.0.0.0:8080", "where serve listens: HOST:PORT"),
+    Variable("GATEWAY_READ_TIMEOUT_SECONDS", "10", "time a client has to send a request"),
+    Variable("GATEWAY_MAX_CONNECTIONS", "1000", "open client connections per worker"),
+    Variable("GATEWAY_MAX_CONNECTIONS_PER_CLIENT", "256", "of those, from one client address"),
+    Variable("GATEWAY_WORKERS", "one per core, at least 2", "gunicorn worker processes"),
+    Variable("GATEWAY_THREADS", str(DEFAULT_THREADS), "threads per worker"),
+    Variable("GATEWAY_LOG_LEVEL", "info", ", ".join(LOG_LEVELS)),
+    Variable("GATEWAY_MAX_REQUESTS", "250000", "requests before a worker is recycled; 0: never"),
+    Variable("GATEWAY_RATE_LIMIT_CALLS", "10/minute", "calls each caller may place, or off"),
+    Variable("GATEWAY_RATE_LIMIT_REQUESTS", "off", "requests each caller may send"),
+    Variable("GATEWAY_REDIS_URL", "an embedded store", "redis:// or rediss://, shared by replicas"),
+    Variable("GATEWAY_REDIS_PASSWORD", "", "Redis's AUTH password", from_file=True),
+    Variable("GATEWAY_REDIS_CA_BUNDLE", "system CAs", "a PEM file of the CAs to trust for Redis"),
+    Variable(
+        "GATEWAY_CALL_ID_KEY",
+        "a random key per instance",
+        f"{MIN_KEY_BYTES} bytes or more, the same on every replica",
+        from_file=True,
+    ),
+    Variable("GATEWAY_AUDIT_DIAL_DIGITS", str(DIAL_DIGITS_SHOWN), "dial string digits audited"),
+    Variable("GATEWAY_EVENTS_POLL_SECONDS", "1", "how often a watched call's state is read"),
+    Variable("GATEWAY_EVENTS_MAX_STREAMS", "1000", "event streams open per worker"),
+    Variable("GATEWAY_CHECK_AT_START", "false", "serve runs `ews-gateway check` first"),
+    Variable("PROMETHEUS_MULTIPROC_DIR", "a fresh directory", "where workers share metrics"),
+    Variable("OTEL_EXPORTER_OTLP_ENDPOINT", "no tracing", "an OTLP/HTTP collector: tracing on"),
+    Variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", "the same, for traces only"),
+    Variable("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", "the only protocol spoken"),
+    Variable("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf", "the same, for traces only"),
+    Variable("OTEL_TRACES_EXPORTER", "otlp", "otlp, or none: no tracing"),
+    Variable("OTEL_SDK_DISABLED", "false", "true: no tracing"),
+    Variable("OTEL_SERVICE_NAME", "ews-gateway", "the service name on spans"),
+)
+# The prefixes whose unknown names are warned; names of the project's tools that share them.
+OWN_PREFIXES = ("EWS_", "GATEWAY_")
+TOOL_VARIABLES = frozenset({"EWS_SCHEMA_DIR"})
+
+
+def known_variables() -> frozenset[str]:
+    """Return every name the gateway reads: VARIABLES, their aliases and their _FILE forms."""
+    names = set(TOOL_VARIABLES)
+    for variable in VARIABLES:
+        names.add(variable.name)
+        names.update(variable.aliases)
+        if variable.from_file:
+            names.add(f"{variable.name}_FILE")
+    return frozenset(names)
+
+
+def variables_help() -> str:
+    """Return the variables as `--help` lists them: the required ones first, with defaults."""
+    lines = ["environment variables (required first; (_FILE): also NAME_FILE, a file to read):"]
+    for variable in sorted(VARIABLES, key=lambda variable: not variable.required):
+        label = variable.name + (" (_FILE)" if variable.from_file else "")
+        if variable.required:
+            label += "  required"
+        elif variable.default:
+            label += f"  default: {variable.default}"
+        lines += [f"  {label}", f"      {variable.meaning}"]
+    return "\n".join(lines)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warn of each EWS_* or GATEWAY_* name the gateway does not read, naming the closest one."""
+    known = known_variables()
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(OWN_PREFIXES) or name in known:
+            continue
+        # Above difflib's 0.6: the shared prefix alone makes any two names 0.6 alike.
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else " (serve --help lists them)"
+        warnings.append(f"{name} is not a variable the gateway reads{hint}")
+    return warnings
 
 
 @dataclass(frozen=True)
@@ -143,6 +283,10 @@ class Config:
     events_max_streams_per_caller: int = 20
     # Set by `ews-gateway demo` only (never from the environment): serve the call screen.
     demo_page: bool = False
+    # serve runs `ews-gateway check` before it starts, and refuses to start if it fails.
+    check_at_start: bool = False
+    # Settings that are valid but likely mistakes: one sentence each, logged at start.
+    warnings: tuple[str, ...] = ()
 
     @property
     def threads_per_worker(self) -> int:
@@ -158,6 +302,18 @@ class Config:
     def poll_threads(self) -> int:
         """Threads one worker polls watched calls on: half the bulkhead, the rest for requests."""
         return max(1, self.upstream_slots // 2)
+
+    def summary(self) -> dict[str, str | int]:
+        """Say where Exchange is and how the gateway is set up, without a secret (start-up)."""
+        parts = urlsplit(self.ews_url)
+        return {
+            # The URL carries no credentials (refused at start); its query could carry anything.
+            "ewsUrl": urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
+            "ewsAuth": self.ews_auth,
+            "ewsProxy": self.ews_proxy.address if self.ews_proxy else "none",
+            "sharedState": "redis" if self.redis_url else "embedded",
+            "dialPatterns": len(self.dial_allow or ()),
+        }
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -246,9 +402,21 @@ class Config:
             events_max_streams_per_caller=env.count_in(
                 "GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER", default=20, low=1, high=100_000
             ),
+            check_at_start=env.flag("GATEWAY_CHECK_AT_START", default=False),
         )
         config.check_consistency()
-        return config
+        return replace(config, warnings=(*unknown_variables(environ), *config.likely_mistakes()))
+
+    def likely_mistakes(self) -> list[str]:
+        """Return a sentence for each valid setting that is likely a mistake."""
+        mistakes = []
+        secret = CLEAR_TEXT_MODES.get(self.ews_auth)
+        if secret and urlsplit(self.ews_url).scheme == "http":
+            mistakes.append(
+                f"EWS_AUTH={self.ews_auth} over http:// sends the {secret} to Exchange in clear "
+                "text; start EWS_URL with https://"
+            )
+        return mistakes
 
     def check_consistency(self) -> None:
         """Reject combinations of settings that cannot work together."""
@@ -520,11 +688,18 @@ class _Env:
         return value
 
     def key(self, name: str) -> bytes:
-        """Read a shared signing key (NAME or NAME_FILE) of at least 32 bytes."""
-        value = self.secret(name).encode("utf-8")
-        if value and len(value) < MIN_KEY_BYTES:
+        """Read a shared signing key (NAME or NAME_FILE) of at least 32 bytes, no placeholder."""
+        value = self.secret(name)
+        if value == PLACEHOLDER_CALL_ID_KEY:
+            raise ConfigError(
+                f"{name} is the example placeholder of deploy/kubernetes/secret.yaml; set a random "
+                f"key the same on every replica: {MAKE_A_KEY}"
+            )
+        if value and len(value.encode("utf-8")) < MIN_KEY_BYTES:
             raise ConfigError(f"{name} must be at least {MIN_KEY_BYTES} bytes long")
-        return value
+        if len(set(value)) == 1:
+            raise ConfigError(f"{name} is one character repeated; set a random key: {MAKE_A_KEY}")
+        return value.encode("utf-8")
 
     def claim(self, name: str) -> tuple[str, str] | None:
         """Read `claim=value`, e.g. `roles=call-operator`."""

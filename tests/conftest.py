@@ -14,6 +14,7 @@ pytest.register_assert_rewrite(
     "tests.fake_ews",
     "tests.problems",
     "tests.integration.processes",
+    "tests.integration.tinyproxy",
     "tests.integration.witness",
 )
 

@@ -1,4 +1,5 @@
-"""The real EWS schema (../shared/ews-schema), to check what the SOAP layer sends.
+"""The real EWS schema (EWS_SCHEMA_DIR, else ../shared/ews-schema), to check what the SOAP
+layer sends.
 
 Not a test module: test modules import `assert_envelope_valid` and
 `requires_schema` from here. The schema loads lazily, once per process.
@@ -21,6 +22,12 @@ SCHEMA_DIR = Path(
     or Path(__file__).resolve().parents[2] / "shared" / "ews-schema"
 )
 SCHEMA_FILES = ("messages.xsd", "types.xsd", "xml.xsd")
+# Where to get them: the Makefile's `make test` says the same.
+SKIP_REASON = (
+    f"EWS schema not found in {SCHEMA_DIR}: set EWS_SCHEMA_DIR to a folder holding "
+    "messages.xsd and types.xsd (any Exchange serves them at /EWS/messages.xsd and "
+    "/EWS/types.xsd) and xml.xsd (https://www.w3.org/2001/xml.xsd)"
+)
 
 _XS_NS = "http://www.w3.org/2001/XMLSchema"
 _XML_NS = "http://www.w3.org/XML/1998/namespace"
@@ -46,10 +53,7 @@ def schema_available() -> bool:
     return all((SCHEMA_DIR / name).is_file() for name in SCHEMA_FILES)
 
 
-requires_schema = pytest.mark.skipif(
-    not schema_available(),
-    reason="EWS schema not found at ../shared/ews-schema (needed for conformance tests)",
-)
+requires_schema = pytest.mark.skipif(not schema_available(), reason=SKIP_REASON)
 
 
 def _wrapper_xsd() -> bytes:

@@ -131,6 +131,66 @@ def test_an_empty_keys_file_is_refused(tmp_path: Path) -> None:
         ApiKeys.from_file(str(path))
 
 
+def accepts(keys: ApiKeys, key: str) -> bool:
+    try:
+        keys.authenticate({"X-API-Key": key})  # type: ignore[arg-type]
+    except Unauthenticated:
+        return False
+    return True
+
+
+@pytest.fixture
+def moment(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The keys file's check interval runs on this clock, starting at 1000 s."""
+    clock = Clock()
+    monkeypatch.setattr(callers, "time", clock)
+    return clock
+
+
+def test_a_key_added_to_the_file_is_accepted_and_a_removed_one_refused_a_second_later(
+    tmp_path: Path, moment: Clock
+) -> None:
+    keys = ApiKeys.from_file(str(keys_file(tmp_path, KEY)))
+    # Another size too: file times can be as coarse as the kernel's tick.
+    keys_file(tmp_path, "new-key", "other-key")
+
+    assert accepts(keys, KEY)  # checked at most once a second
+    moment.advance(1.0)
+    assert accepts(keys, "new-key")
+    assert not accepts(keys, KEY)
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda path: path.write_text("# emptied while a new list is written\n"),
+        lambda path: path.write_text("plain-text-key\n"),
+        lambda path: path.write_bytes(b"\xff\xfe not text"),
+        lambda path: path.unlink(),
+    ],
+    ids=["empty", "not a digest", "not text", "removed"],
+)
+def test_a_keys_file_that_cannot_be_used_keeps_the_keys_read_before(
+    tmp_path: Path,
+    moment: Clock,
+    rewrite: Callable[[Path], object],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = keys_file(tmp_path, KEY)
+    keys = ApiKeys.from_file(str(path))
+    rewrite(path)
+    moment.advance(1.0)
+
+    assert accepts(keys, KEY)
+    if path.exists():
+        assert "keeping the keys read before" in caplog.text
+        assert KEY not in caplog.text
+
+    keys_file(tmp_path, "new-key", "other-key", "third-key")
+    moment.advance(1.0)
+    assert accepts(keys, "new-key")
+
+
 # GATEWAY_AUTH=jwt with a static public key (GATEWAY_JWT_PUBLIC_KEY)
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 
-from gateway.config import Config
+from gateway import cli
+from gateway.config import VARIABLES, Config, known_variables
 from gateway.errors import ConfigError
 
 EWS_URL = "https://mail.example.com/EWS/Exchange.asmx"
@@ -603,3 +605,137 @@ def test_a_chosen_impersonation_id_type_wins_over_the_claim(impersonation_id: st
 def test_an_unknown_impersonation_id_type_is_one_line_naming_the_variable(raw: str) -> None:
     message = rejects(EWS_IMPERSONATION_ID=raw)
     assert message == f"EWS_IMPERSONATION_ID must be one of smtp, upn, sid, got {raw!r}"
+
+
+class RecordingEnviron(dict[str, str]):
+    """An environment that remembers every name looked up in it."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
+def test_the_variables_table_names_every_variable_from_env_reads_and_no_other() -> None:
+    names_read: set[str] = set()
+    for extra in (
+        {},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
+        {"EWS_URL": "http://mail.example.com/EWS/Exchange.asmx"},
+    ):
+        environ = RecordingEnviron({**MINIMAL, **extra})
+        Config.from_env(environ)
+        names_read |= environ.read
+
+    assert names_read <= known_variables()
+    table = {name for variable in VARIABLES for name in (variable.name, *variable.aliases)}
+    assert table - names_read == set()
+
+
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_help_lists_the_variables_required_first_with_their_defaults(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main([command, "--help"])
+
+    assert exit_status.value.code == 0
+    text = capsys.readouterr().out
+    listed = re.findall(r"^  ([A-Z][A-Z0-9_]+)", text, re.MULTILINE)
+    assert listed[:3] == ["EWS_URL", "GATEWAY_AUTH", "GATEWAY_DIAL_ALLOW"]
+    assert set(listed) == {variable.name for variable in VARIABLES}
+    assert "  EWS_URL  required\n" in text
+    assert "  EWS_TIMEOUT_SECONDS  default: 10\n" in text
+    assert "  GATEWAY_CALL_ID_KEY (_FILE)  default: a random key per instance\n" in text
+
+
+def test_an_unknown_variable_is_warned_with_the_closest_known_name() -> None:
+    config = from_env(
+        GATEWAY_DIAL_ALOW="+1555*",
+        EWS_PASSWROD="not-shown-anywhere",
+        EWS_PASSWORD_FILE="",
+        GATEWAY_ZZZ="1",
+        EWS_SCHEMA_DIR="/schema",
+        https_proxy="",
+    )
+
+    assert config.warnings == (
+        "EWS_PASSWROD is not a variable the gateway reads; did you mean EWS_PASSWORD?",
+        "GATEWAY_DIAL_ALOW is not a variable the gateway reads; did you mean GATEWAY_DIAL_ALLOW?",
+        "GATEWAY_ZZZ is not a variable the gateway reads (serve --help lists them)",
+    )
+    assert "not-shown-anywhere" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("environ", "warning"),
+    [
+        (
+            {"EWS_AUTH": "basic", "EWS_USERNAME": "svc", "EWS_PASSWORD": "pw"},
+            "EWS_AUTH=basic over http:// sends the password to Exchange in clear text; "
+            "start EWS_URL with https://",
+        ),
+        (
+            {"EWS_AUTH": "bearer", "EWS_BEARER_TOKEN": "t0ken"},
+            "EWS_AUTH=bearer over http:// sends the token to Exchange in clear text; "
+            "start EWS_URL with https://",
+        ),
+    ],
+)
+def test_credentials_in_clear_text_over_http_are_warned(
+    environ: dict[str, str], warning: str
+) -> None:
+    plain = from_env(EWS_URL="http://mail.example.com/EWS/Exchange.asmx", **environ)
+    encrypted = from_env(**environ)
+
+    assert plain.warnings == (warning,)
+    assert encrypted.warnings == ()
+
+
+def test_ntlm_over_http_is_not_warned_as_clear_text() -> None:
+    config = from_env(
+        EWS_URL="http://mail.example.com/EWS/Exchange.asmx",
+        EWS_AUTH="ntlm",
+        EWS_USERNAME="EXAMPLE\\svc",
+        EWS_PASSWORD="pw",
+    )
+
+    assert config.warnings == ()
+
+
+def test_the_check_at_start_is_off_unless_asked_for() -> None:
+    assert from_env().check_at_start is False
+    assert from_env(GATEWAY_CHECK_AT_START="true").check_at_start is True
+    assert "GATEWAY_CHECK_AT_START" in rejects(GATEWAY_CHECK_AT_START="maybe")
+
+
+def test_the_start_up_summary_names_exchange_and_the_setup_without_a_secret() -> None:
+    config = from_env(
+        EWS_URL="https://mail.example.com:8443/EWS/Exchange.asmx?token=abc",
+        EWS_AUTH="ntlm",
+        EWS_USERNAME="EXAMPLE\\svc",
+        EWS_PASSWORD="pw-secret",
+        HTTPS_PROXY="http://user:proxy-secret@proxy.example.com:3128",
+        GATEWAY_REDIS_URL="redis://redis.example.com:6379/0",
+        GATEWAY_DIAL_ALLOW="+1555*,4???",
+    )
+
+    assert config.summary() == {
+        "ewsUrl": "https://mail.example.com:8443/EWS/Exchange.asmx",
+        "ewsAuth": "ntlm",
+        "ewsProxy": "proxy.example.com:3128",
+        "sharedState": "redis",
+        "dialPatterns": 2,
+    }
+    assert from_env().summary()["sharedState"] == "embedded"

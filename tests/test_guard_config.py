@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway import cli
-from gateway.config import Config
+from gateway.config import PLACEHOLDER_CALL_ID_KEY, Config
 from gateway.errors import ConfigError
+
+SECRETS_EXAMPLE = Path(__file__).parents[1] / "deploy" / "kubernetes" / "secret.yaml"
 
 MINIMAL = {"EWS_URL": "https://mail.example.com/EWS/Exchange.asmx", "GATEWAY_AUTH": "none"}
 
@@ -77,6 +80,7 @@ def test_a_pattern_no_dial_string_can_match_is_refused_in_one_line_naming_it(pat
         "4???",
         "#*",
         "+?*",
+        "*+1555*",  # the first * can only stand for nothing
         "?" * 32,
         "sip:*@pbx.example.com",
         "sips:*-*@*.example.com",
@@ -167,10 +171,34 @@ def test_a_sentinel_password_needs_a_sentinel_url_and_sentinel_takes_no_ca_bundl
 def test_the_call_id_key_must_be_long_enough_and_is_never_shown() -> None:
     assert "GATEWAY_CALL_ID_KEY" in rejects(GATEWAY_CALL_ID_KEY="short")
 
-    config = from_env(GATEWAY_CALL_ID_KEY="k" * 32)
+    config = from_env(GATEWAY_CALL_ID_KEY="a-call-id-key-of-32-bytes-or-more")
 
-    assert config.call_id_key == b"k" * 32
-    assert "kkkk" not in repr(config)
+    assert config.call_id_key == b"a-call-id-key-of-32-bytes-or-more"
+    assert "32-bytes" not in repr(config)
+
+
+def test_the_placeholder_key_of_the_kubernetes_example_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    secrets = next(yaml.safe_load_all(SECRETS_EXAMPLE.read_text(encoding="utf-8")))
+    placeholder = secrets["stringData"]["GATEWAY_CALL_ID_KEY"]
+    key_file = tmp_path / "call-id-key"
+    key_file.write_text(placeholder + "\n", encoding="utf-8")
+
+    assert placeholder == PLACEHOLDER_CALL_ID_KEY
+    for message in (
+        rejects(GATEWAY_CALL_ID_KEY=placeholder),
+        rejects(GATEWAY_CALL_ID_KEY_FILE=str(key_file)),
+    ):
+        assert message.startswith("GATEWAY_CALL_ID_KEY is the example placeholder")
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["k" * 32, "0" * 64, "é" * 32])
+def test_a_key_of_one_repeated_character_is_refused(key: str) -> None:
+    assert rejects(GATEWAY_CALL_ID_KEY=key).startswith(
+        "GATEWAY_CALL_ID_KEY is one character repeated"
+    )
 
 
 def test_the_operator_claim_is_claim_equals_value_and_needs_jwt() -> None:
@@ -182,7 +210,7 @@ def test_the_demo_sets_a_permissive_dial_policy_and_says_so(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served: list[Config] = []
-    monkeypatch.setattr(cli, "serve", served.append)
+    monkeypatch.setattr(cli, "serve", lambda config: served.append(config) or 0)
     monkeypatch.setattr(cli, "_wait_until_up", lambda *_args: None)
     monkeypatch.setattr(cli, "_free_loopback_port", lambda: 9)
     monkeypatch.setattr(cli, "ensure_can_listen", lambda *_args: None)

@@ -28,7 +28,7 @@ from gateway.simulator.faults import FaultBook
 from gateway.simulator.journal import RecordedRequest, RequestJournal
 from gateway.simulator.outcomes import Reply
 from gateway.simulator.schema import EwsSchema
-from tests.ews_schema import SCHEMA_DIR, requires_schema, schema_available
+from tests.ews_schema import SCHEMA_DIR, SKIP_REASON, requires_schema, schema_available
 
 pytestmark = pytest.mark.network
 
@@ -1110,7 +1110,7 @@ def test_serve_forever_announces_a_simulator_and_stops_on_sigterm() -> None:
 @pytest.fixture(scope="module")
 def schema_checked() -> Iterator[SimulatorServer]:
     if not schema_available():
-        pytest.skip(f"EWS schema not found at {SCHEMA_DIR} (set EWS_SCHEMA_DIR)")
+        pytest.skip(SKIP_REASON)
     server = start_in_thread("127.0.0.1", 0, schema_dir=SCHEMA_DIR)
     yield server
     server.stop()

@@ -17,7 +17,7 @@ from lxml import etree
 
 from gateway.simulator import SimulatorServer
 from gateway.simulator.acceptor import BasicAcceptor, NtlmAcceptor
-from tests.ews_schema import SCHEMA_DIR, requires_schema, schema_available
+from tests.ews_schema import SCHEMA_DIR, SKIP_REASON, requires_schema, schema_available
 
 pytestmark = pytest.mark.network
 
@@ -59,7 +59,7 @@ def basic_simulator() -> Iterator[SimulatorServer]:
 def schema_simulator() -> Iterator[SimulatorServer]:
     """Basic authentication, with the real schema folder."""
     if not schema_available():
-        pytest.skip(f"EWS schema not found at {SCHEMA_DIR} (set EWS_SCHEMA_DIR)")
+        pytest.skip(SKIP_REASON)
     acceptor = BasicAcceptor({USER: PASSWORD})
     with SimulatorServer(acceptor=acceptor, schema_dir=SCHEMA_DIR).start() as server:
         yield server

@@ -55,6 +55,13 @@ SCHEME_OF_MODE = {"basic": "Basic", "bearer": "Bearer"} | {
     mode: scheme for mode, (scheme, _) in SCHEMES.items()
 }
 
+# The scheme each EWS_AUTH mode answers a 401's challenge with.
+MODE_SCHEMES = {
+    "basic": "Basic",
+    "bearer": "Bearer",
+    **{mode: scheme for mode, (scheme, _protocol) in SCHEMES.items()},
+}
+
 # HTTP authentication schemes by lower-case name (IANA's registry, those IIS offers).
 KNOWN_SCHEMES = {
     name.lower(): name for name in ("Basic", "Bearer", "Digest", "Negotiate", "NTLM", "Kerberos")
@@ -392,8 +399,13 @@ def offered_schemes(answer: HttpAnswer) -> list[str]:
 
     Only known names: they go into problem details, and Exchange's text does not.
     """
+    return schemes_in(answer.header("WWW-Authenticate"))
+
+
+def schemes_in(www_authenticate: str | None) -> list[str]:
+    """Return the known schemes a WWW-Authenticate value offers, in its order, once each."""
     offered: list[str] = []
-    for challenge in (answer.header("WWW-Authenticate") or "").split(","):
+    for challenge in (www_authenticate or "").split(","):
         name = KNOWN_SCHEMES.get(challenge.strip().partition(" ")[0].lower())
         if name is not None and name not in offered:
             offered.append(name)

@@ -38,6 +38,8 @@ class Proxy:
     port: int
     # Never logged or shown in a repr: it is a credential.
     authorization: str | None = field(default=None, repr=False)
+    # The environment variable that named it (HTTPS_PROXY, http_proxy, ...), for messages.
+    variable: str = field(default="", compare=False)
 
     @property
     def address(self) -> str:
@@ -80,7 +82,7 @@ def parse_proxy_url(value: str, name: str) -> Proxy:
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         authorization = "Basic " + base64.b64encode(pair).decode("ascii")
-    return Proxy(host, port, authorization)
+    return Proxy(host, port, authorization, name)
 
 
 def bypasses_proxy(no_proxy: str, host: str) -> bool:

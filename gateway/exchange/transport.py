@@ -23,6 +23,11 @@ of an answer came back. PlayOnPhone is never sent twice.
 Authentication plugs in per connection (ExchangeAuthenticator): it sees each new
 connection after TLS (its peer certificate, for channel binding), gives the
 Authorization for each request and may answer a 401 on the same connection.
+
+A ConnectTrace, when given, hears how each step of opening a connection ended
+(name resolution, TCP, the proxy's tunnel, TLS) with the step's own result or
+error, before the transport translates it: `ews-gateway check` names the step
+that failed and why.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -72,6 +78,27 @@ class ExchangeReply:
     body: bytes
     # Exchange's diagnostic fields that were present, by lower-case name.
     diagnostics: Mapping[str, str] = field(default_factory=dict)
+    # The challenges of a 401 (the schemes Exchange offers), as Exchange sent them.
+    www_authenticate: str | None = None
+
+
+class ConnectStep(StrEnum):
+    """The steps of opening a connection to Exchange, in their order."""
+
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    TUNNEL = "proxy"
+    TLS = "tls"
+
+
+class ConnectTrace(Protocol):
+    """Hears how each step of opening a connection ended (`ews-gateway check` reports them)."""
+
+    def passed(self, step: ConnectStep, result: object) -> None:
+        """The step succeeded with this result: the addresses, the socket, the TLS socket."""
+
+    def failed(self, step: ConnectStep, error: BaseException) -> None:
+        """The step raised this error, as raised (an OSError, an ssl.SSLError, a GatewayError)."""
 
 
 class Connection:
@@ -161,6 +188,7 @@ class ExchangeTransport:
         idle_s: float = 30.0,
         proxy: Proxy | None = None,
         resolver: connector.Resolver = connector.system_resolver,
+        trace: ConnectTrace | None = None,
     ) -> None:
         parts = urlsplit(url)
         default_port = 443 if parts.scheme == "https" else 80
@@ -173,6 +201,7 @@ class ExchangeTransport:
         self._tls = _tls_context(verify_tls, ca_bundle) if parts.scheme == "https" else None
         self._proxy = proxy
         self._resolver = resolver
+        self._trace = trace
         # return-client-request-id: Exchange echoes the client-request-id, for its logs and ours.
         own_headers = {
             "User-Agent": USER_AGENT,
@@ -355,12 +384,16 @@ class ExchangeTransport:
         """Open a new connection (proxy tunnel and TLS handshake included) in the time left."""
         proxy = self._proxy
         host, port = (proxy.host, proxy.port) if proxy else (self._host, self._port)
-        addresses = connector.resolve(host, port, deadline, self._resolver)
-        sock: Any = connector.connect_first(addresses, deadline)
+        addresses = self._step(
+            ConnectStep.RESOLVE, lambda: connector.resolve(host, port, deadline, self._resolver)
+        )
+        sock: Any = self._step(
+            ConnectStep.CONNECT, lambda: connector.connect_first(addresses, deadline)
+        )
         try:
             connector.tune(sock)
             if proxy is not None and self._tls is not None:
-                self._tunnel(sock, proxy, deadline)
+                self._step(ConnectStep.TUNNEL, lambda: self._tunnel(sock, proxy, deadline))
             certificate = None
             if self._tls is not None:
                 arm_timeout(sock, _time_left(deadline))
@@ -374,6 +407,19 @@ class ExchangeTransport:
             sock.close()
             raise
         return connection
+
+    def _step(self, step: ConnectStep, run: Callable[[], StepT]) -> StepT:
+        """Run one step of opening a connection, telling the trace how it ended."""
+        trace = self._trace
+        if trace is None:
+            return run()
+        try:
+            result = run()
+        except BaseException as error:
+            trace.failed(step, error)
+            raise
+        trace.passed(step, result)
+        return result
 
     def _tunnel(self, sock: Any, proxy: Proxy, deadline: float) -> None:
         """Ask the proxy for a tunnel to Exchange; a refusal is a connection error."""
@@ -396,9 +442,12 @@ class ExchangeTransport:
 
     def _handshake(self, sock: Any) -> ssl.SSLSocket:
         """Run the TLS handshake; a failure is logged with its reason."""
-        assert self._tls is not None
+        tls = self._tls
+        assert tls is not None
         try:
-            return self._tls.wrap_socket(sock, server_hostname=self._host)
+            return self._step(
+                ConnectStep.TLS, lambda: tls.wrap_socket(sock, server_hostname=self._host)
+            )
         except ssl.SSLError as error:
             reason = tls_reason(error)
             LOG.warning(
@@ -442,6 +491,7 @@ def _reply(answer: http1.HttpAnswer) -> ExchangeReply:
         location=headers.get("location"),
         body=http1.decode_content(answer.body, headers.get("content-encoding"), MAX_REPLY_BYTES),
         diagnostics={name: headers[name] for name in DIAGNOSTIC_FIELDS if name in headers},
+        www_authenticate=headers.get("www-authenticate") if answer.status == 401 else None,
     )
 
 

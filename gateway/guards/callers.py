@@ -83,32 +83,32 @@ class OpenGateway:
 
 
 class ApiKeys:
-    """GATEWAY_AUTH=apikey: `X-API-Key` must hash to one of the configured SHA-256 digests."""
+    """GATEWAY_AUTH=apikey: `X-API-Key` must hash to one of the configured SHA-256 digests.
+
+    The file is read again when it changes, so keys are added and revoked without a restart:
+    its identity (inode, size, modification time) is checked at most every CHECK_INTERVAL_S
+    on the request path, as EWS_BEARER_TOKEN_FILE's is. A new file that cannot be read, holds
+    a line that is no digest or holds none keeps the keys read before, and is warned.
+    """
 
     challenge: str | None = 'APIKey header="X-API-Key"'
+    CHECK_INTERVAL_S = 1.0
 
-    def __init__(self, digests: frozenset[bytes]) -> None:
+    def __init__(self, digests: frozenset[bytes], path: str | None = None) -> None:
         self._digests = digests
+        self._path = Path(path) if path else None
+        self._reload_lock = threading.Lock()
+        self._seen = _file_identity(self._path)
+        self._checked_at = time.monotonic()
 
     @classmethod
     def from_file(cls, path: str) -> ApiKeys:
         """Read one hex SHA-256 digest per line; blank lines and `#` comments are skipped."""
-        digests = set()
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            entry = line.split("#", 1)[0].strip().lower()
-            if not entry:
-                continue
-            if not _SHA256_HEX.fullmatch(entry):
-                raise ConfigError(
-                    f"GATEWAY_API_KEYS_FILE line {number} is not a SHA-256 hex digest"
-                )
-            digests.add(bytes.fromhex(entry))
-        if not digests:
-            raise ConfigError("GATEWAY_API_KEYS_FILE holds no key digests")
-        return cls(frozenset(digests))
+        return cls(read_key_digests(Path(path)), path)
 
     def authenticate(self, headers: RequestHeaders) -> Caller:
         """Accept the caller if its key's digest matches, comparing in constant time."""
+        self._follow_file()
         key = headers.get("X-API-Key", "")
         if not key:
             raise Unauthenticated("send an API key in the X-API-Key header")
@@ -121,6 +121,58 @@ class ApiKeys:
             raise Unauthenticated("the API key is not valid")
         # The digest's prefix names the key in audit lines and call ownership, never the key.
         return Caller(subject="apikey:" + presented.hex()[:API_KEY_ID_HEX_DIGITS])
+
+    def _follow_file(self) -> None:
+        """Read the keys file again if it changed since it was last read (checked once a second)."""
+        now = time.monotonic()
+        if self._path is None or now - self._checked_at < self.CHECK_INTERVAL_S:
+            return
+        self._checked_at = now
+        if _file_identity(self._path) == self._seen:
+            return
+        with self._reload_lock:
+            identity = _file_identity(self._path)
+            if identity == self._seen:
+                return  # another thread read it meanwhile
+            self._seen = identity
+            try:
+                self._digests = read_key_digests(self._path)
+            except (OSError, UnicodeDecodeError) as error:
+                LOG.warning(
+                    "GATEWAY_API_KEYS_FILE cannot be read (%s); keeping the keys read before",
+                    type(error).__name__,
+                )
+                return
+            except ConfigError as error:
+                LOG.warning("%s; keeping the keys read before", error)
+                return
+            LOG.info("GATEWAY_API_KEYS_FILE changed: %d keys read", len(self._digests))
+
+
+def read_key_digests(path: Path) -> frozenset[bytes]:
+    """Read an API keys file: one hex SHA-256 digest per line, `#` comments; ConfigError if none."""
+    digests = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.split("#", 1)[0].strip().lower()
+        if not entry:
+            continue
+        if not _SHA256_HEX.fullmatch(entry):
+            raise ConfigError(f"GATEWAY_API_KEYS_FILE line {number} is not a SHA-256 hex digest")
+        digests.add(bytes.fromhex(entry))
+    if not digests:
+        raise ConfigError("GATEWAY_API_KEYS_FILE holds no key digests")
+    return frozenset(digests)
+
+
+def _file_identity(path: Path | None) -> tuple[int, int, int] | None:
+    """Return what changes when a file is replaced or rewritten: inode, size, mtime."""
+    if path is None:
+        return None
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 class KeySource(Protocol):

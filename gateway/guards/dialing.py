@@ -99,7 +99,11 @@ def _fixed(segment: str) -> str:
 
 
 def _fits_a_number(pattern: str) -> bool:
-    # A wildcard stands for digits here, never for '+' or the DTMF keys.
+    # A wildcard stands for digits here, never for '+' or the DTMF keys; so wildcards before
+    # the '+' can only stand for nothing ("*+1555" matches "+1555").
+    stars, plus, after = pattern.partition("+")
+    if plus and not stars.strip("*"):
+        pattern = plus + after
     keys = pattern.removeprefix("+")
     return bool(NUMBER_PATTERN.fullmatch(pattern)) and len(keys.replace("*", "")) <= MAX_DIAL_KEYS
 

@@ -32,9 +32,10 @@ from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from gateway.api.services import EXTENSION, ServiceState
-from gateway.app import caller_authenticator, create_app
+from gateway.app import build_check, caller_authenticator, create_app
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
+from gateway.exchange.check import StepResult
 from gateway.guards.dialing import DialPolicy
 from gateway.guards.embeddedstore import EmbeddedStore
 from gateway.serving import frontdoor
@@ -396,8 +397,12 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         return create_app(self.config, state=self.state)
 
 
-def serve(config: Config) -> None:
-    """Run the gateway under gunicorn until it is told to stop."""
+def serve(config: Config) -> int:
+    """Run the gateway under gunicorn until it is told to stop; return the exit status.
+
+    With GATEWAY_CHECK_AT_START, `ews-gateway check` runs first, and a failed check ends
+    serve (status 1) before gunicorn starts: the instance never answers /readyz.
+    """
     if config.dial_allow is None:
         raise ConfigError(
             "GATEWAY_DIAL_ALLOW is required: comma-separated patterns of the numbers callers "
@@ -408,6 +413,10 @@ def serve(config: Config) -> None:
     # to bind or in every worker after the port is bound.
     ensure_can_listen(config.bind, "GATEWAY_BIND")
     caller_authenticator(config)
+    # Only after every refusal above: a configuration error stays the one line it says.
+    LOG.info("ews-gateway starting", extra=config.summary())
+    for warning in config.warnings:
+        LOG.warning(warning)
     if config.gateway_auth == "none":
         LOG.warning(
             "GATEWAY_AUTH=none: any caller that reaches this port can place and hang up calls"
@@ -418,6 +427,9 @@ def serve(config: Config) -> None:
             "EWS_VERIFY_TLS=false: Exchange's certificate is not checked, so anyone on the "
             "path can read the service credentials"
         )
+    if config.check_at_start and not build_check(config).run(_log_check_step):
+        LOG.error("GATEWAY_CHECK_AT_START: the check of Exchange failed; not starting")
+        return 1
     metrics_dir = _fresh_metrics_dir(config.metrics_dir)
     # What serve made itself is removed at exit; a configured metrics dir is left for inspection.
     scratch_dirs = [metrics_dir] if config.metrics_dir is None else []
@@ -435,6 +447,15 @@ def serve(config: Config) -> None:
         if os.getpid() == master:
             for directory in scratch_dirs:
                 shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
+def _log_check_step(result: StepResult) -> None:
+    """Log one step of the check at start: what passed, or what to change."""
+    if result.passed:
+        LOG.info("check: %s", result.sentence, extra={"checkStep": result.step})
+    else:
+        LOG.error("check failed: %s", result.sentence, extra={"checkStep": result.step})
 
 
 def ensure_can_listen(bind: str, setting: str) -> None:

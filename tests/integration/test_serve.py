@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.ews_schema import assert_envelope_valid, schema_available
+from tests.ews_schema import SKIP_REASON, assert_envelope_valid, schema_available
 from tests.integration.processes import (
     Server,
     free_port,
@@ -100,7 +100,7 @@ def test_the_request_id_reaches_exchange_and_comes_back(gateway: Server, simulat
     assert simulator_requests(simulator)[-1]["requestId"] == "trace-42"
 
 
-@pytest.mark.skipif(not schema_available(), reason="EWS schema not found at ../shared/ews-schema")
+@pytest.mark.skipif(not schema_available(), reason=SKIP_REASON)
 def test_every_envelope_that_reached_the_simulator_is_schema_valid(
     gateway: Server, simulator: Server
 ) -> None:
