@@ -142,11 +142,21 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GATEWAY_WORKERS", "one per core, at least 2", "gunicorn worker processes"),
     Variable("GATEWAY_THREADS", str(DEFAULT_THREADS), "threads per worker"),
     Variable("GATEWAY_LOG_LEVEL", "info", ", ".join(LOG_LEVELS)),
+    Variable(
+        "GATEWAY_LIBRARY_LOG_LEVEL",
+        "warning",
+        "third-party libraries' lines, scrubbed of secrets",
+    ),
     Variable("GATEWAY_MAX_REQUESTS", "250000", "requests before a worker is recycled; 0: never"),
     Variable("GATEWAY_RATE_LIMIT_CALLS", "10/minute", "calls each caller may place, or off"),
     Variable("GATEWAY_RATE_LIMIT_REQUESTS", "off", "requests each caller may send"),
-    Variable("GATEWAY_REDIS_URL", "an embedded store", "redis:// or rediss://, shared by replicas"),
+    Variable(
+        "GATEWAY_REDIS_URL",
+        "an embedded store",
+        "redis://, rediss:// or redis+sentinel://, shared by replicas",
+    ),
     Variable("GATEWAY_REDIS_PASSWORD", "", "Redis's AUTH password", from_file=True),
+    Variable("GATEWAY_REDIS_SENTINEL_PASSWORD", "", "the Sentinels' own password", from_file=True),
     Variable("GATEWAY_REDIS_CA_BUNDLE", "system CAs", "a PEM file of the CAs to trust for Redis"),
     Variable(
         "GATEWAY_CALL_ID_KEY",
@@ -157,6 +167,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GATEWAY_AUDIT_DIAL_DIGITS", str(DIAL_DIGITS_SHOWN), "dial string digits audited"),
     Variable("GATEWAY_EVENTS_POLL_SECONDS", "1", "how often a watched call's state is read"),
     Variable("GATEWAY_EVENTS_MAX_STREAMS", "1000", "event streams open per worker"),
+    Variable("GATEWAY_EVENTS_MAX_STREAMS_PER_CALLER", "20", "of those, one caller's"),
+    Variable(
+        "GATEWAY_STATE_DIR", "the system's temporary directory", "where the embedded store lives"
+    ),
     Variable("GATEWAY_CHECK_AT_START", "false", "serve runs `ews-gateway check` first"),
     Variable("PROMETHEUS_MULTIPROC_DIR", "a fresh directory", "where workers share metrics"),
     Variable("OTEL_EXPORTER_OTLP_ENDPOINT", "no tracing", "an OTLP/HTTP collector: tracing on"),
