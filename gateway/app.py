@@ -217,7 +217,11 @@ def build_transport(
         verify_tls=config.ews_verify_tls,
         ca_bundle=config.ews_ca_bundle,
         authorization=auth.static_authorization(credentials),
-        authenticator=auth.build_exchange_authenticator(credentials, host),
+        # Unauthenticated (the check asking which schemes Exchange offers): no authenticator,
+        # so a 401 comes back as Exchange's answer rather than as a refusal.
+        authenticator=auth.build_exchange_authenticator(credentials, host)
+        if authenticated
+        else None,
         pool_size=config.upstream_slots,
         idle_s=config.connection_idle_s,
         proxy=config.ews_proxy,
