@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.npm import npm_scratch
 from tests.integration.processes import Server, free_port, gateway_env, http, start, wait_until
 from tests.integration.streams import (
     Watcher,
@@ -30,7 +30,6 @@ from tests.integration.streams import (
 SCRIPT = Path(__file__).parent / "js" / "dev_proxy.js"
 # As webpack-dev-server 5 depends on them.
 PACKAGES = ("express@4.21.2", "compression@1.8.1", "http-proxy-middleware@3.0.5")
-NPM_TIMEOUT_S = 300
 STEP_S = 1.5
 # What a browser accepts: the proxy compresses for it whatever it may.
 BROWSER_ENCODINGS = {"Accept-Encoding": "gzip, deflate, br"}
@@ -39,22 +38,7 @@ BROWSER_ENCODINGS = {"Accept-Encoding": "gzip, deflate, br"}
 @pytest.fixture(scope="module")
 def dev_server_packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A scratch folder with Express, compression and http-proxy-middleware from npm."""
-    for tool in ("node", "npm"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: nodejs, npm)")
-    folder = tmp_path_factory.mktemp("dev-proxy")
-    (folder / "package.json").write_text('{"name": "dev-proxy", "private": true}\n')
-    installed = subprocess.run(
-        ["npm", "install", "--no-audit", "--no-fund", "--no-save", *PACKAGES],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=NPM_TIMEOUT_S,
-        check=False,
-    )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    shutil.copy(SCRIPT, folder)
-    return folder
+    return npm_scratch(tmp_path_factory, "dev-proxy", PACKAGES, [SCRIPT])
 
 
 @pytest.fixture

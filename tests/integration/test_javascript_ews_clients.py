@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +19,12 @@ from typing import Any
 import pytest
 
 from tests.ews_schema import SCHEMA_DIR, requires_schema, schema_available
+from tests.integration.npm import npm_scratch
 from tests.integration.processes import Server, free_port, http, simulator_requests, start
 
 SCRIPTS = Path(__file__).parent / "js"
 # node-ews 3.5.0 requires a package it does not declare (ntlm-client); 3.4.2 installs whole.
 PACKAGES = ("ews-javascript-api@0.15.3", "node-ews@3.4.2")
-NPM_TIMEOUT_S = 300
 CLIENT_TIMEOUT_S = 60
 USER, PASSWORD = "svc-um", "Um-Password-1"
 DOMAIN = "CONTOSO"
@@ -35,23 +34,7 @@ DIAL_STRING = "+15551234567"
 @pytest.fixture(scope="module")
 def node_clients(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A scratch folder with both clients installed from npm and the test scripts beside them."""
-    for tool in ("node", "npm"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: nodejs, npm)")
-    folder = tmp_path_factory.mktemp("node-ews-clients")
-    (folder / "package.json").write_text('{"name": "ews-clients", "private": true}\n')
-    installed = subprocess.run(
-        ["npm", "install", "--no-audit", "--no-fund", "--no-save", *PACKAGES],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=NPM_TIMEOUT_S,
-        check=False,
-    )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    for script in SCRIPTS.glob("*.js"):
-        shutil.copy(script, folder)
-    return folder
+    return npm_scratch(tmp_path_factory, "ews-clients", PACKAGES, SCRIPTS.glob("*.js"))
 
 
 def simulator_with(auth_args: list[str], env: dict[str, str], tmp_path: Path) -> Server:
