@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.chromium import headless_chromium
 from tests.integration.processes import (
     Server,
     free_port,
@@ -32,8 +31,6 @@ from tests.integration.processes import (
 ROOT = Path(__file__).parents[2]
 PAGE_DIR = ROOT / "gateway" / "demo"
 ARTEFACTS = ROOT / "test-artefacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 API_KEY = "call-screen-key"
 WAIT_S = 20
 
@@ -86,31 +83,8 @@ def gateway(step_simulator: Server, page_origin: str, tmp_path: Path) -> Iterato
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    for tool in (CHROMIUM, CHROMEDRIVER):
-        if not tool.exists():
-            pytest.skip(f"{tool.name} is not installed (Debian: chromium, chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="call-screen-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=900,1000",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options
-    )
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with headless_chromium() as driver:
+        yield driver
 
 
 def wait_for(driver: Any, condition: Any, what: str) -> Any:

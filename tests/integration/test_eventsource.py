@@ -10,8 +10,6 @@ as the tab stays open.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.chromium import headless_chromium
 from tests.integration.processes import Server, free_port, gateway_env, http, start, wait_until
 from tests.integration.streams import (
     events_url,
@@ -30,8 +29,6 @@ from tests.integration.streams import (
     stepping_simulator,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # Chromium reconnects a closed stream after 3 s unless told otherwise: watch for longer.
 QUIET_S = 8.0
 PAGE = """<!doctype html><html><body><script>
@@ -99,21 +96,8 @@ def gateway(simulator: Server, page_origin: str, tmp_path: Path) -> Iterator[Ser
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    for tool in (CHROMIUM, CHROMEDRIVER):
-        if not tool.exists():
-            pytest.skip(f"{tool.name} is not installed (Debian: chromium, chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="eventsource-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options
-    )
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with headless_chromium() as driver:
+        yield driver
 
 
 def stream_requests(gateway: Server) -> dict[str, int]:
