@@ -54,6 +54,7 @@ def create_app(
 ) -> Flask:
     """Build the gateway's Flask app from validated configuration."""
     app = Flask("gateway")
+    app.json = rendering.JsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     # An EWS id may contain "//"; merging slashes would change the id.
     app.url_map.merge_slashes = False

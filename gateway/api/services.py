@@ -66,6 +66,7 @@ class RequestState:
     span: ServerSpan | None
     # Exchange's correlation ids, which the EWS client's observer adds for the log line.
     upstream_log_fields: dict[str, str]
+    services: Services  # what the app factory wired, read once rather than per use
     caller: Caller = ANONYMOUS
     ews_code: str | None = None
     upstream_outcome: ExchangeOutcome | None = None
