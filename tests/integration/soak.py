@@ -484,11 +484,14 @@ def _check(
     witnessed = read_witness(witness_path)
     expected_by_label = {case.label: case.expected for case in fault_cases(settings.timeout_s)}
     labels_seen: Counter[str] = Counter()
+    # Every attempt's fault, counted before a resend hides the reset that caused it.
+    faults_fired: Counter[str] = Counter()
     statuses: Counter[tuple[str, int]] = Counter()
     wrong_answers: list[str] = []
     rejected = late = 0
     for exchange in exchanges:
         attempts = witnessed.get(exchange.request_id, [])
+        faults_fired.update(attempt.label for attempt in attempts)
         if _resent_after_reset(exchange, attempts):
             # A reused connection reset before any answer: GET and DELETE go once more on a
             # fresh one, and the caller gets what that second attempt met.
@@ -522,7 +525,7 @@ def _check(
         growth,
     )
     report.wrong_answers = wrong_answers
-    report.faults_missing = _faults_never_injected(settings, len(exchanges), labels_seen)
+    report.faults_missing = _faults_never_injected(settings, len(exchanges), faults_fired)
     report.memory_growth = _memory_problems(sampler.samples, growth)
     return report
 
@@ -574,9 +577,13 @@ def _mismatches(exchange: Exchange, label: str, expected: Expected | None) -> li
 
 
 def _faults_never_injected(
-    settings: SoakSettings, requests: int, labels_seen: Counter[str]
+    settings: SoakSettings, requests: int, faults_fired: Counter[str]
 ) -> list[str]:
-    """Name the fault kinds that never fired although the run was long enough for them to."""
+    """Name the fault kinds that never fired although the run was long enough for them to.
+
+    FAULTS_FIRED counts every witnessed attempt: a reset on a reused connection fired even
+    when the gateway's resend answered the caller (idempotent calls go once more).
+    """
     cases = fault_cases(settings.timeout_s)
     expected_each = requests * settings.fault_share / len(cases)
     if expected_each < SURE_FIRES:
@@ -584,7 +591,7 @@ def _faults_never_injected(
     return [
         f"{case.label} never fired in {requests} requests (about {expected_each:.0f} expected)"
         for case in cases
-        if labels_seen[case.label] == 0
+        if faults_fired[case.label] == 0
     ]
 
 

@@ -76,6 +76,12 @@ def stray_files(metrics_dir: Path, master_pid: int) -> list[str]:
     return strays
 
 
+def log_lines_naming(gateway: Server, files: list[str]) -> str:
+    """The gateway's log lines that name the pids of FILES: what became of those processes."""
+    pids = {match["pid"] for match in map(WORKER_FILE.fullmatch, files) if match}
+    return "\n".join(line for line in gateway.log().splitlines() if any(p in line for p in pids))
+
+
 def test_after_hundreds_of_worker_restarts_files_stay_bounded_and_counts_exact(
     recycling_gateway: tuple[Server, Path],
 ) -> None:
@@ -92,7 +98,8 @@ def test_after_hundreds_of_worker_restarts_files_stay_bounded_and_counts_exact(
     deadline = time.monotonic() + 10
     while stray_files(metrics_dir, gateway.process.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert stray_files(metrics_dir, gateway.process.pid) == []
+    strays = stray_files(metrics_dir, gateway.process.pid)
+    assert strays == [], log_lines_naming(gateway, strays)
     assert len(list(metrics_dir.glob("*.db"))) <= (WORKERS + 1) * KINDS_PER_WORKER
     text = get_until_answered(f"{gateway.url}/metrics").decode()
     assert sample(text, LIVEZ) == answered
