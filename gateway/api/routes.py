@@ -136,7 +136,8 @@ def disconnect_call(call_id: str) -> Response:
 @bp.post("/calls")
 def place_call() -> Response:
     """Start a call that plays a voice item on a phone."""
-    wired, state = services(), request_state()
+    state = request_state()
+    wired = state.services
     order = validation.parse_place_call(_json_body())
     state.dial_string = order.dial_string
     wired.dial_policy.check(order.dial_string)
@@ -167,7 +168,8 @@ def place_call() -> Response:
 
 def _dial(order: validation.PlaceCall) -> StoredAnswer:
     """Charge the caller's call quota, have Exchange dial and sign the call id for the caller."""
-    wired, state = services(), request_state()
+    state = request_state()
+    wired = state.services
     _charge(CALLS)
     result = wired.ews.play_on_phone(
         order.item_id,

@@ -3,7 +3,8 @@
 `Services` holds what the app factory wired (one per app, at `app.extensions["gateway"]`);
 `RequestState` holds what one request learns as it runs (one per request, on `flask.g`).
 Routes and hooks reach both through gateway.api.routes' `services()` and `request_state()`,
-by attribute, never by string key.
+by attribute, never by string key; once a request has its state, `state.services` is the
+same `Services`, read without another lookup.
 """
 
 from __future__ import annotations
