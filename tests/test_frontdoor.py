@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -9,10 +10,13 @@ import socket
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
+import hypothesis
 import pytest
 from gunicorn.config import Config as GunicornConfig
 from gunicorn.http import errors as parse_errors
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from gateway import errors
@@ -266,3 +270,171 @@ def test_a_chunked_body_is_read_as_sent(gunicorn_config: Any, pair: Any) -> None
     )
 
     assert next(parser(gunicorn_config, server)).body.read() == b"{}"
+
+
+# A plain head is read by llhttp, any other by gunicorn's parser: both must read alike.
+
+_PLAIN_METHODS = ["GET", "DELETE", "POST", "OPTIONS", "HEAD", "PUT", "PATCH"]
+_ODD_METHODS = ["get", "BREW", "CONNECT", "TRACE", "M", ""]
+_PLAIN_TARGETS = ["/calls/abc", "/calls/a%2Fb?x=1&y=%20#frag", "//two//slashes", "/?", "/livez"]
+_ODD_TARGETS = ["*", "http://host/x", "host:443", "/a b", "/caf\xe9", "", "/" + "a" * 8200]
+_PLAIN_VERSIONS = ["HTTP/1.1", "HTTP/1.0"]
+_ODD_VERSIONS = ["HTTP/2.0", "HTTP/1.10", "http/1.1", "HTTP/0.9", "HTTP/1"]
+_PLAIN_NAMES = [
+    "Host",
+    "host",
+    "Content-Length",
+    "Expect",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Ssl",
+    "X_Forwarded_For",
+    "Content-Type",
+    "Origin",
+    "X-Request-ID",
+    "Connection",
+    "Authorization",
+]
+_ODD_NAMES = ["Transfer-Encoding", "Upgrade", "Bad Name", "Name ", "", "X-\x7f", "X-\xe9"]
+_PLAIN_VALUES = [
+    "g",
+    "5",
+    "0",
+    "100-continue",
+    "something-else",
+    "https",
+    "http",
+    "on",
+    "close",
+    "keep-alive",
+    "  padded\t ",
+    "\x80\xff",
+]
+_ODD_VALUES = ["chunked", "gzip, chunked", "a\x00b", "a\x7fb", "5, 5", "-1", "+5", "t" * 17000]
+_BODIES = [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"GET /livez HTTP/1.1\r\nHost: g\r\n\r\n"]
+
+_latin1 = st.text(st.characters(max_codepoint=255), max_size=12)
+
+
+def _mostly(plain: list[str], odd: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """One of PLAIN 19 times in 20, else something from ODD."""
+    return st.integers(0, 19).flatmap(lambda roll: odd if roll == 0 else st.sampled_from(plain))
+
+
+def _odd(values: list[str]) -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(values), _latin1)
+
+
+_field = st.tuples(
+    _mostly(_PLAIN_NAMES, _odd(_ODD_NAMES)),
+    _mostly([": ", ":"], st.sampled_from([" : ", ":\t", ""])),
+    _mostly(_PLAIN_VALUES, _odd(_ODD_VALUES)),
+    _mostly(["\r\n"], st.sampled_from(["\n", "\r\n continued\r\n", "\r\n\tmore\r\n", "\r"])),
+)
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> bytes:
+    """A request head with a body or a next request after it, mostly plain, odd here and there."""
+    line = "{}{}{}{}{}".format(
+        draw(_mostly(_PLAIN_METHODS, _odd(_ODD_METHODS))),
+        draw(_mostly([" "], st.sampled_from(["  ", "\t"]))),
+        draw(_mostly(_PLAIN_TARGETS, st.one_of(st.sampled_from(_ODD_TARGETS), _latin1))),
+        draw(_mostly([" "], st.just("  "))),
+        draw(_mostly(_PLAIN_VERSIONS, st.sampled_from(_ODD_VERSIONS))),
+    )
+    fields = "".join("".join(field) for field in draw(st.lists(_field, max_size=6)))
+    start = draw(_mostly([""], st.sampled_from(["\r\n", "\n"])))
+    end = draw(_mostly(["\r\n"], st.sampled_from(["\n", ""])))
+    head = f"{start}{line}\r\n{fields}{end}".encode("latin-1")
+    return head + draw(st.sampled_from(_BODIES))
+
+
+def reading(cfg: Any, raw: bytes, *, plain: bool) -> list[Any]:
+    """What the parser makes of RAW, request by request: what it read, or how it refused."""
+    read: list[Any] = []
+    server, client = socket.socketpair()
+    with server, client, contextlib.ExitStack() as stack:
+        if not plain:
+            stack.enter_context(
+                mock.patch.object(frontdoor.GatewayRequest, "_parse_plain", return_value=None)
+            )
+        client.sendall(raw)
+        client.shutdown(socket.SHUT_WR)
+        requests = parser(cfg, server, timeout_s=1.0)
+        try:
+            for request in requests:
+                read.append(
+                    (
+                        request.method,
+                        request.uri,
+                        (request.path, request.query, request.fragment),
+                        request.version,
+                        request.headers,
+                        request.scheme,
+                        request._expected_100_continue,
+                        request.should_close(),
+                        type(request.body.reader).__name__,
+                        request.body.read(),
+                    )
+                )
+        except Exception as error:
+            read.append(("refused", type(error).__name__, str(error)))
+    return read
+
+
+@hypothesis.settings(max_examples=1000, deadline=None)
+@hypothesis.given(raw=heads())
+def test_a_head_is_read_alike_whether_llhttp_or_gunicorns_parser_reads_it(raw: bytes) -> None:
+    cfg = GunicornConfig()
+    for name, value in LIMITS.items():
+        cfg.set(name, value)
+
+    assert reading(cfg, raw, plain=True) == reading(cfg, raw, plain=False)
+
+
+LIMITS = {
+    name: value
+    for name, value in server.gunicorn_options(
+        Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
+    ).items()
+    if name.startswith("limit_request")
+}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"DELETE /calls/abc HTTP/1.1\r\nHost: g\r\n\r\n",
+        b"GET /calls/abc?x=1 HTTP/1.0\r\nHost: g\r\nAccept: application/json\r\n"
+        b"Authorization: Bearer " + b"t" * 6000 + b"\r\nOrigin: https://app.example.com\r\n\r\n",
+        b"POST /calls HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nIdempotency-Key: k-1\r\n\r\n{}",
+        b"OPTIONS /calls HTTP/1.1\r\nOrigin: https://app.example.com\r\n"
+        b"Access-Control-Request-Method: POST\r\n\r\n",
+    ],
+)
+def test_the_heads_browsers_and_clients_send_are_read_by_llhttp(
+    gunicorn_config: Any, pair: Any, raw: bytes
+) -> None:
+    server, client = pair
+    client.sendall(raw)
+    with mock.patch.object(
+        frontdoor.GatewayRequest, "_parse_python", side_effect=AssertionError("not plain")
+    ):
+        request = next(parser(gunicorn_config, server))
+
+    assert request.method == raw.split(b" ", 1)[0].decode()
+    assert ("HOST", "g") in request.headers or request.method == "OPTIONS"
+
+
+@pytest.mark.parametrize(("peer", "scheme"), [("127.0.0.1", "https"), ("203.0.113.5", "http")])
+def test_only_a_trusted_peer_sets_the_scheme_on_every_request_of_its_connection(
+    gunicorn_config: Any, pair: Any, peer: str, scheme: str
+) -> None:
+    server, client = pair
+    client.sendall(b"GET /livez HTTP/1.1\r\nHost: g\r\nX-Forwarded-Proto: https\r\n\r\n" * 3)
+    requests = frontdoor.GatewayRequestParser(
+        gunicorn_config, server, (peer, 1), read_timeout_s=1.0
+    )
+
+    assert [next(requests).scheme for _ in range(3)] == [scheme] * 3

@@ -9,7 +9,9 @@ body, so a client that trickles bytes gets 408 and gives its thread back.
 
 Rests on gunicorn 27's HTTP/1 parser (gunicorn.http.parser, gunicorn.http.message): the
 Python parser reads the head through `Request.read_into`, and bodies through the unreader's
-`chunk`.
+`chunk`. A plain head (the kind browsers, clients and balancers send) that arrived whole is
+read by llhttp through httptools instead, and given gunicorn's header policy; gunicorn's
+parser reads every other head, so each refusal is its own.
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 
+import httptools
 from gunicorn.http import errors as parse_errors
 from gunicorn.http.body import Body, ChunkedReader
-from gunicorn.http.message import Request
+from gunicorn.http.message import (
+    RFC9110_5_5_INVALID_AND_DANGEROUS,
+    RFC9112_TARGET_INVALID,
+    TOKEN_RE,
+    Request,
+)
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import SocketUnreader
+from gunicorn.util import split_request_uri
 
 from gateway import errors
 from gateway.api import rendering
@@ -52,6 +61,10 @@ LIMIT_REQUEST_FIELD_SIZE = 16 * 1024
 # How much more of a refused head is read to find its Origin and X-Request-ID headers.
 MAX_EXTRA_HEAD_BYTES = 64 * 1024
 EXTRA_HEAD_WAIT_S = 0.5
+
+# The methods whose heads llhttp may read (below): each passes gunicorn's method checks.
+_PLAIN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
+_PLAIN_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
 
 _HEADER = re.compile(rb"^(origin|x-request-id)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M)
 
@@ -122,6 +135,8 @@ class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
         self.timeout_s = timeout_s
         self.started = time.monotonic()
         self.deadline = self.started + timeout_s
+        # What this connection's peer may say in forwarding headers (GatewayRequest).
+        self.peer_trust: tuple[Any, Any] | None = None
 
     def start_request(self) -> None:
         """Start the clock for the next request on this connection."""
@@ -183,6 +198,67 @@ class GatewayRequest(Request):  # type: ignore[misc]
             setattr(error, _FACTS, replace(facts, started=unreader.started))
             raise
 
+    def parse(self, unreader: Any) -> bytes:
+        """Read the head; return what followed it. A plain head is read by llhttp (httptools),
+        anything else by gunicorn's parser, which refuses it or reads it as it always has."""
+        buf = bytearray()
+        self.read_into(unreader, buf, stop=True)
+        if self.cfg.proxy_protocol != "off" and self.req_number == 1:
+            buf = self._handle_proxy_protocol(unreader, buf, self.cfg.proxy_protocol)
+        if self._use_fast:
+            return cast(bytes, self._parse_fast(unreader, buf))
+        rest = self._parse_plain(buf)
+        if rest is None:
+            rest = self._parse_python(unreader, buf)
+        return cast(bytes, rest)
+
+    def _parse_plain(self, buf: bytearray) -> bytes | None:
+        """Read a plain head whole from BUF and return what followed it; None leaves the head
+        to gunicorn's parser.
+
+        Plain: all of it came in the first read (8 KiB), within every limit, with a request
+        line of a common method, an origin-form target and HTTP/1.0 or 1.1, single-spaced, and
+        field lines that end in CRLF, none folded, each accepted by llhttp and by gunicorn's own
+        checks. Both parsers read such a head alike, llhttp in a fraction of the time
+        (benchmarks/RESULTS.md); every refusal still comes from gunicorn's parser, word for word.
+        """
+        end = buf.find(b"\r\n\r\n")
+        if end <= 0 or end + 4 > self.limit_request_field_size:
+            return None
+        read = _read_plain_head(bytes(buf[: end + 4]), self.limit_request_line)
+        if read is None or len(read.fields) > self.limit_request_fields:
+            return None
+        fields = _plain_fields(read.fields)
+        if fields is None:
+            return None
+        self.method, self.uri, self.version = read.method.decode(), read.uri, read.version_info
+        self.path, self.query, self.fragment = read.uri_parts
+        self.headers = self._kept_by_policy(fields)
+        return bytes(buf[end + 4 :])
+
+    def _kept_by_policy(self, fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Apply gunicorn's header policy to checked fields, as its own parser does."""
+        kept = []
+        scheme_state = [False]
+        seen: set[str] = set()
+        secure_scheme_headers, forwarder_headers = self._peer_trusted_for_forwarded()
+        for name, value in fields:
+            field = self._apply_header_policy(
+                name, value, scheme_state, seen, secure_scheme_headers, forwarder_headers
+            )
+            if field is not None:
+                kept.append(field)
+        return kept
+
+    def _peer_trusted_for_forwarded(self) -> tuple[Any, Any]:
+        """gunicorn's answer, asked once per connection rather than once per request: it
+        parses the peer's address each time, a sixth of reading a head (benchmarks/RESULTS.md),
+        and a connection's peer and the worker's settings never change."""
+        trust = self.unreader.peer_trust
+        if trust is None:
+            trust = self.unreader.peer_trust = super()._peer_trusted_for_forwarded()
+        return cast(tuple[Any, Any], trust)
+
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         self.head = buf  # the buffer the head is read into: kept for a refusal's answer
         super().read_into(unreader, buf, stop)
@@ -215,6 +291,84 @@ class GatewayRequest(Request):  # type: ignore[misc]
                 self.head.extend(data)
         except (OSError, errors.GatewayError):
             return
+
+
+class _PlainHead:
+    """What llhttp read of one request head: the request line's parts and the field lines."""
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = ""
+        # Set once the request line is found plain: as gunicorn's Request holds them.
+        self.uri = ""
+        self.uri_parts = ("", "", "")
+        self.version_info = (1, 1)
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _read_plain_head(head: bytes, limit_request_line: int) -> _PlainHead | None:
+    """Read HEAD with llhttp; None unless its lines end in CRLF, none folded, and its request
+    line is plain (see _plain_request_line)."""
+    if head.count(b"\n") != head.count(b"\r\n") or b"\n " in head or b"\n\t" in head:
+        return None
+    read = _PlainHead()
+    parser = httptools.HttpRequestParser(read)
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # left to gunicorn
+        return None
+    read.method = parser.get_method()
+    read.version = parser.get_http_version()
+    line = head[: head.find(b"\r\n")]
+    return read if read.complete and _plain_request_line(read, line, limit_request_line) else None
+
+
+def _plain_request_line(read: _PlainHead, line: bytes, limit: int) -> bool:
+    """Whether LINE, as llhttp READ it, is a common method, an origin-form target gunicorn
+    accepts and HTTP/1.0 or 1.1, single-spaced, within LIMIT; if so, complete READ."""
+    version_info = _PLAIN_VERSIONS.get(read.version)
+    if (
+        version_info is None
+        or read.method not in _PLAIN_METHODS
+        or len(line) > limit
+        or line != b"%s %s HTTP/%s" % (read.method, read.target, read.version.encode())
+    ):
+        return False
+    uri = read.target.decode("latin-1")
+    if not uri.startswith("/") or RFC9112_TARGET_INVALID.search(uri):
+        return False
+    try:
+        parts = split_request_uri(uri)
+    except ValueError:
+        return False
+    read.uri, read.version_info = uri, version_info
+    read.uri_parts = (parts.path, parts.query, parts.fragment)
+    return True
+
+
+def _plain_fields(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]] | None:
+    """Return field lines as gunicorn names them (upper case, value trimmed), or None if one has
+    a name or value gunicorn's parser refuses. The body is framed alike either way, by
+    `set_body_reader`."""
+    fields = []
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("latin-1").strip(" \t")
+        if not TOKEN_RE.fullmatch(name) or RFC9110_5_5_INVALID_AND_DANGEROUS.search(value):
+            return None
+        fields.append((name.upper(), value))
+    return fields
 
 
 class GatewayRequestParser(RequestParser):  # type: ignore[misc]
