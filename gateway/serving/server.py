@@ -109,6 +109,10 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "limit_request_line": frontdoor.LIMIT_REQUEST_LINE,
         "limit_request_fields": frontdoor.LIMIT_REQUEST_FIELDS,
         "limit_request_field_size": frontdoor.LIMIT_REQUEST_FIELD_SIZE,
+        # The gateway is never mounted under a prefix: no peer, not even a proxy on the same
+        # host (which gunicorn trusts), may move the path it routes on with SCRIPT_NAME or
+        # PATH_INFO headers (such headers are dropped, as any with an underscore).
+        "forwarder_headers": "",
         # Bound slow leaks; the jitter staggers the restarts.
         "max_requests": max_requests,
         "max_requests_jitter": int(max_requests * MAX_REQUESTS_JITTER_SHARE),

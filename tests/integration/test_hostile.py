@@ -318,6 +318,21 @@ def test_an_xml_breaking_call_id_reaches_exchange_byte_for_byte_in_the_id_attrib
     assert sent_phone_call_id(simulator, request_id) == call_id
 
 
+def test_a_caller_on_the_same_host_cannot_move_the_path_with_script_name_headers(
+    gateway: Server,
+) -> None:
+    """gunicorn trusts 127.0.0.1, where a sidecar proxy would connect from, with SCRIPT_NAME
+    and PATH_INFO headers: they would route `/calls/metrics` to `/metrics` past a proxy that
+    only lets `/calls` through, or answer 500 to a SCRIPT_NAME the path does not start with."""
+    moved = raw_request(
+        gateway, "GET", "/calls/metrics", headers={"SCRIPT_NAME": "/calls", "PATH_INFO": "/metrics"}
+    )
+    elsewhere = raw_request(gateway, "GET", "/livez", headers={"SCRIPT_NAME": "/elsewhere"})
+
+    assert_problem(moved, 404)  # the call id "metrics", not the metrics page
+    assert elsewhere.status == 200
+
+
 def test_a_percent_encoded_path_traversal_is_just_an_unknown_call_id(
     gateway: Server, simulator: Server
 ) -> None:
