@@ -569,6 +569,39 @@ def test_an_unsupported_method_is_a_405_problem_listing_the_allowed_ones(
     assert fake.calls == []
 
 
+WEBSOCKET_HANDSHAKE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/livez"),
+        ("POST", "/livez"),
+        ("GET", "/calls/abc"),
+        ("PUT", "/calls/abc"),
+        ("GET", "/calls/abc/events"),
+        ("DELETE", "/calls/abc/events"),
+        ("GET", "/no/such/route"),
+    ],
+)
+def test_a_websocket_handshake_is_answered_as_the_plain_request(
+    client: FlaskClient, method: str, path: str
+) -> None:
+    """The gateway upgrades to nothing; it answers what the same request without Upgrade gets
+    (RFC 9110 section 7.8), never a 500 from routing a WebSocket request."""
+    plain = client.open(path, method=method)
+    handshake = client.open(path, method=method, headers=WEBSOCKET_HANDSHAKE)
+
+    assert handshake.status_code == plain.status_code < 500
+    assert handshake.headers.get("Allow") == plain.headers.get("Allow")
+    assert handshake.mimetype == plain.mimetype
+
+
 def test_a_body_over_16_kib_is_a_413_problem_and_exchange_is_not_contacted(
     client: FlaskClient, fake: FakeExchange
 ) -> None:

@@ -12,8 +12,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
 from werkzeug.datastructures import Headers
@@ -596,3 +598,20 @@ def register(app: Flask) -> None:
     app.register_error_handler(GatewayError, handle_gateway_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)
+    app.wsgi_app = _as_plain_http(app.wsgi_app)  # type: ignore[assignment,method-assign]
+
+
+def _as_plain_http(wsgi_app: WSGIApplication) -> WSGIApplication:
+    """Route a WebSocket handshake as the plain HTTP request it also is.
+
+    The gateway upgrades to no other protocol, and a server may ignore Upgrade (RFC 9110
+    section 7.8): a WebSocket client then reads the route's usual answer (events stream over
+    Server-Sent Events). Werkzeug would instead match such a request against WebSocket
+    routes only, of which there are none, and fail while finding a 405's route.
+    """
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ.pop("HTTP_UPGRADE", None)
+        return wsgi_app(environ, start_response)
+
+    return serve
