@@ -333,6 +333,23 @@ def test_a_caller_on_the_same_host_cannot_move_the_path_with_script_name_headers
     assert elsewhere.status == 200
 
 
+@pytest.mark.parametrize(("method", "status"), [("GET", 200), ("POST", 405)])
+def test_a_websocket_handshake_gets_the_plain_answer_through_the_server(
+    gateway: Server, method: str, status: int
+) -> None:
+    handshake = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+
+    answer = raw_request(gateway, method, "/livez", headers=handshake)
+
+    assert answer.status == status
+    assert still_serving(gateway)
+
+
 def test_a_percent_encoded_path_traversal_is_just_an_unknown_call_id(
     gateway: Server, simulator: Server
 ) -> None:
