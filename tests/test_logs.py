@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.telemetry.logs import REDACTED, LevelGate, LogLevels, SecretScrubber, scrub
+from gateway.telemetry.logs import (
+    REDACTED,
+    LevelGate,
+    LineHandler,
+    LogLevels,
+    SecretScrubber,
+    json_formatter,
+    scrub,
+)
 
 DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
 NTLM_CHALLENGE = base64.b64encode(b"NTLMSSP\x00\x02\x00\x00\x00" + bytes(range(40))).decode()
@@ -185,3 +193,22 @@ def test_a_whole_ntlm_handshake_at_debug_logs_no_ntlm_message(
         assert "NTLM step output: [REDACTED]" in [line["message"] for line in library]
     else:
         assert library == []
+
+
+def test_a_field_holding_half_a_surrogate_pair_is_written_escaped_in_one_json_line(
+    tmp_path: Path,
+) -> None:
+    """JSON (and orjson) cannot carry a lone surrogate; the line is kept, the value escaped."""
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        handler = LineHandler(stream)
+        handler.setFormatter(json_formatter())
+        line = logging.makeLogRecord(
+            {"name": "gateway.audit", "levelno": INFO, "levelname": "INFO", "msg": "call-control"}
+        )
+        line.subject = "caller-\ud800"
+        handler.handle(line)
+
+    written = path.read_text().splitlines()
+    assert len(written) == 1
+    assert json.loads(written[0])["subject"] == "caller-\\ud800"

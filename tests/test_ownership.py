@@ -202,3 +202,15 @@ def test_a_token_without_a_subject_is_refused_since_its_calls_could_belong_to_no
     answer = client.delete(call_path(), headers=bearer(signer.token(claims(without=["sub"]))))
 
     assert answer.status_code == 401
+
+
+def test_a_token_whose_subject_is_half_a_surrogate_pair_is_refused(signer: SigningKey) -> None:
+    """JSON allows "\\ud800" in a string; no store, Redis key or log line can hold it."""
+    client = client_for(
+        jwt_environ(GATEWAY_JWT_PUBLIC_KEY=signer.public_pem()), RecordingExchange()
+    )
+
+    answer = client.delete(call_path(), headers=bearer(signer.token(claims(sub="\ud800"))))
+
+    assert answer.status_code == 401
+    assert "sub claim" in answer.get_json()["detail"]

@@ -602,6 +602,13 @@ def test_a_websocket_handshake_is_answered_as_the_plain_request(
     assert handshake.mimetype == plain.mimetype
 
 
+@pytest.mark.parametrize("host", [".", "a..b", "x" * 64 + ".example.com"])
+def test_a_host_header_naming_no_host_is_a_400_that_says_so(client: FlaskClient, host: str) -> None:
+    problem = assert_problem(client.get("/livez", headers={"Host": host}), 400)
+
+    assert "Host header" in problem["detail"]
+
+
 def test_a_body_over_16_kib_is_a_413_problem_and_exchange_is_not_contacted(
     client: FlaskClient, fake: FakeExchange
 ) -> None:

@@ -20,6 +20,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import (
+    BadHost,
     HTTPException,
     MethodNotAllowed,
     NotFound,
@@ -524,10 +525,13 @@ def handle_http_exception(error: HTTPException) -> Response:
             status, "http-error", "Request cannot be served", str(error.name), state.request_id
         )
         return _problem_response(body, state)
+    if isinstance(error, BadHost):
+        return handle_gateway_error(problem(_BAD_HOST))
     detail = _DETAIL_BY_STATUS.get(status, problem.title)
     return handle_gateway_error(problem(detail.format(method=request.method, path=request.path)))
 
 
+_BAD_HOST = "the Host header must name a host whose labels are 1 to 63 characters (RFC 1035)"
 # What a caller reads for each of Werkzeug's errors, instead of Werkzeug's own sentences.
 _DETAIL_BY_STATUS = {
     400: "the request body could not be read",

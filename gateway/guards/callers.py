@@ -356,6 +356,9 @@ class JwtBearer:
         if not isinstance(subject, str) or not subject:
             # Calls belong to their caller's subject: a token naming nobody could own nothing.
             raise Unauthenticated("the bearer token has no sub claim")
+        if not _is_text(subject):
+            # JSON lets a string hold half a surrogate pair, which no store or log line can.
+            raise Unauthenticated("the bearer token's sub claim is not valid Unicode text")
         mailbox = None if self._mailbox_claim is None else self._mailbox(claims)
         return Caller(subject=subject, mailbox=mailbox, operator=self._is_operator(claims))
 
@@ -377,6 +380,15 @@ class JwtBearer:
         if not isinstance(mailbox, str) or not fits(mailbox):
             raise Forbidden(f"the token's {self._mailbox_claim!r} claim names no {expected}")
         return mailbox
+
+
+def _is_text(value: str) -> bool:
+    """Whether VALUE is Unicode text UTF-8 can carry: no lone surrogate (RFC 8259 section 8.2)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_address(value: str) -> bool:

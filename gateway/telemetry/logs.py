@@ -60,7 +60,7 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            line = (self._format_text(record) + "\n").encode("utf-8", "backslashreplace")
             if len(line) <= select.PIPE_BUF:
                 _write_all(self._fd, line)
             else:
@@ -68,6 +68,22 @@ class LineHandler(logging.Handler):
                     _write_all(self._fd, line)
         except Exception:
             self.handleError(record)
+
+    def _format_text(self, record: logging.LogRecord) -> str:
+        """Format RECORD; a string holding half a surrogate pair, which JSON text cannot carry
+        and orjson refuses, is written escaped (`\\ud800`) rather than losing the line."""
+        try:
+            return self.format(record)
+        except TypeError:
+            escaped = {
+                name: _escape_surrogates(value) if isinstance(value, str) else value
+                for name, value in record.__dict__.items()
+            }
+            return self.format(logging.makeLogRecord(escaped))
+
+
+def _escape_surrogates(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _write_all(fd: int, data: bytes) -> None:
