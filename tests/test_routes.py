@@ -609,6 +609,17 @@ def test_a_host_header_naming_no_host_is_a_400_that_says_so(client: FlaskClient,
     assert "Host header" in problem["detail"]
 
 
+def test_a_number_too_long_to_read_is_a_400_in_the_gateways_words(
+    client: FlaskClient, fake: FakeExchange
+) -> None:
+    body = b'{"itemId": "item-1", "dialString": "100", "n": ' + b"9" * 5000 + b"}"
+
+    problem = assert_problem(client.post("/calls", data=body, content_type="application/json"), 400)
+
+    assert problem["detail"] == "a number in the body has more than 4300 digits"
+    assert fake.calls == []
+
+
 def test_a_body_over_16_kib_is_a_413_problem_and_exchange_is_not_contacted(
     client: FlaskClient, fake: FakeExchange
 ) -> None:

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -280,7 +281,10 @@ def _json_body() -> Any:
     data = _body_bytes()
     try:
         return json.loads(
-            data, parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicates
+            data,
+            parse_constant=_refuse_constant,
+            parse_int=_bounded_int,
+            object_pairs_hook=_refuse_duplicates,
         )
     except RecursionError:  # deep nesting: a few kilobytes can exhaust the parser's stack
         raise InvalidRequest("the body nests too deeply") from None
@@ -336,6 +340,14 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise InvalidRequest(f"the body names {name!r} twice; name each field once")
             seen.add(name)
     return members
+
+
+def _bounded_int(digits: str) -> int:
+    """Read an integer within Python's bound on digits, refused in the gateway's own words."""
+    bound = sys.get_int_max_str_digits()
+    if bound and len(digits.lstrip("-")) > bound:
+        raise InvalidRequest(f"a number in the body has more than {bound} digits")
+    return int(digits)
 
 
 def _refuse_constant(name: str) -> Any:
