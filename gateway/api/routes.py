@@ -543,13 +543,14 @@ def handle_http_exception(error: HTTPException) -> Response:
     return handle_gateway_error(problem(detail.format(method=request.method, path=request.path)))
 
 
-_BAD_HOST = "the Host header must name a host whose labels are 1 to 63 characters (RFC 1035)"
 # What a caller reads for each of Werkzeug's errors, instead of Werkzeug's own sentences.
 _DETAIL_BY_STATUS = {
     400: "the request body could not be read",
     404: "no route matches {method} {path}; see /openapi.yaml",
     413: "the body is larger than the 16 KiB a request may carry",
 }
+# A Host that Werkzeug cannot encode as IDNA (BadHost) is a 400 about the head, not the body.
+_BAD_HOST = "the Host header must name a host whose labels are 1 to 63 characters (RFC 1035)"
 
 
 def _method_not_allowed(error: MethodNotAllowed) -> Response:
