@@ -145,6 +145,11 @@ def test_a_pipelined_request_already_read_is_served_without_waiting_for_the_sock
 
 @pytest.fixture
 def gunicorn_config() -> Any:
+    return limited_config()
+
+
+def limited_config() -> Any:
+    """gunicorn's settings with the gateway's limits on what a request head may hold."""
     cfg = GunicornConfig()
     for name, value in server.gunicorn_options(
         Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
@@ -385,20 +390,9 @@ def reading(cfg: Any, raw: bytes, *, plain: bool) -> list[Any]:
 @hypothesis.settings(max_examples=1000, deadline=None)
 @hypothesis.given(raw=heads())
 def test_a_head_is_read_alike_whether_llhttp_or_gunicorns_parser_reads_it(raw: bytes) -> None:
-    cfg = GunicornConfig()
-    for name, value in LIMITS.items():
-        cfg.set(name, value)
+    cfg = limited_config()
 
     assert reading(cfg, raw, plain=True) == reading(cfg, raw, plain=False)
-
-
-LIMITS = {
-    name: value
-    for name, value in server.gunicorn_options(
-        Config(ews_url="http://exchange.invalid/EWS/Exchange.asmx", gateway_auth="none")
-    ).items()
-    if name.startswith("limit_request")
-}
 
 
 @pytest.mark.parametrize(
