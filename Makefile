@@ -54,6 +54,7 @@ benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.watchers
 	$(BIN)/python -m benchmarks.silent
+	$(BIN)/python -m benchmarks.silent --trickle
 	$(BIN)/python -m benchmarks.profiling
 
 # Where one worker's CPU goes under scenario 1's load (py-spy; also the last step of benchmark).

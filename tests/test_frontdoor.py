@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import socket
@@ -123,6 +122,13 @@ def test_a_failure_of_the_gateway_itself_is_not_taken_for_the_callers() -> None:
     assert frontdoor.as_gateway_error(parse_errors.ConfigurationProblem("x")) is None
 
 
+def pipelined(sock: socket.socket, data: bytes) -> SimpleNamespace:
+    """A connection on SOCK whose parser already read DATA along with the last request."""
+    unreader = frontdoor.DeadlineUnreader(sock, 10.0)
+    unreader.buf.write(data)
+    return SimpleNamespace(sock=sock, parser=SimpleNamespace(unreader=unreader), arrival=None)
+
+
 def test_a_pipelined_request_already_read_is_served_without_waiting_for_the_socket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -130,14 +136,141 @@ def test_a_pipelined_request_already_read_is_served_without_waiting_for_the_sock
     monkeypatch.setattr(server, "NEXT_REQUEST_WAIT_S", 5.0)
     quiet, peer = socket.socketpair()
     with quiet, peer:
-        buffered = io.BytesIO()
-        buffered.write(b"GET /livez HTTP/1.1\r\n\r\n")
-        conn = SimpleNamespace(
-            sock=quiet, parser=SimpleNamespace(unreader=SimpleNamespace(buf=buffered))
-        )
+        conn = pipelined(quiet, b"GET /livez HTTP/1.1\r\n\r\n")
         worker = SimpleNamespace(alive=True, _waiting_for_thread=0)
 
         assert server.GatewayThreadWorker._next_request_is_here(worker, conn) is True
+
+
+def test_a_pipelined_request_read_only_in_part_is_left_to_arrive_in_the_poller() -> None:
+    """The thread that answered does not wait for the rest of a request that trickles."""
+    quiet, peer = socket.socketpair()
+    with quiet, peer:
+        conn = pipelined(quiet, b"POST /calls HTTP/1.1\r\nContent-Length: 40\r\n\r\n{")
+        worker = SimpleNamespace(alive=True, _waiting_for_thread=0)
+
+        assert server.GatewayThreadWorker._next_request_is_here(worker, conn) is False
+        assert server._partly_arrived(conn)
+
+
+# Requests arriving: when the worker's main thread hands one to a thread
+
+ARRIVAL_BODY = b'{"itemId": "AAMkADemo", "dialString": "100"}'
+WHOLE_WHEN_ALL_HERE = [
+    b"DELETE /calls/abc HTTP/1.1\r\nHost: x\r\nX-Request-ID: r-1\r\n\r\n",
+    b"GET /livez HTTP/1.0\r\n\r\n",
+    b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(ARRIVAL_BODY), ARRIVAL_BODY),
+    b"POST /calls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\n"
+    + ARRIVAL_BODY[:5]
+    + b"\r\n%x;ext=1\r\n%s\r\n0\r\nTrailer: t\r\n\r\n" % (len(ARRIVAL_BODY) - 5, ARRIVAL_BODY[5:]),
+]
+# Requests whose head is enough: the client waits for 100 Continue, or the body is refused.
+WHOLE_ONCE_THE_HEAD_IS_HERE = [
+    (b"POST /calls HTTP/1.1\r\nHost: x\r\nExpect: something\r\nContent-Length: 40\r\n\r\n", b"{"),
+    (b"POST /calls HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", b"5\r\n"),
+    (b"POST /calls HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\n"),
+    (
+        b"POST /calls HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 40\r\n\r\n",
+        b"{",
+    ),
+    (b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 16385\r\n\r\n", b"{" * 100),
+    (b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b""),
+]
+
+
+def arrival() -> frontdoor.RequestArrival:
+    return frontdoor.RequestArrival(max_body=16 * 1024, max_bytes=96 * 1024)
+
+
+@pytest.mark.parametrize("request_bytes", WHOLE_WHEN_ALL_HERE)
+def test_a_request_is_handed_to_a_thread_once_its_last_byte_is_here(request_bytes: bytes) -> None:
+    for split in range(1, len(request_bytes)):
+        arriving = arrival()
+        assert not arriving.feed(request_bytes[:split]), request_bytes[:split]
+        assert arriving.feed(request_bytes[split:]), split
+
+
+# Requests gunicorn's parser answers before it reads on: llhttp cannot read them, or a line
+# or the fields are over the limits.
+ANSWERED_AT_ONCE = [
+    b"G@T /livez HTTP/1.1\r\nX-Request-ID: r-1\r\n",
+    b"hello\r\n",
+    b"GET /livez HTTP/1.1\nHost: x\n",
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 5555 80\r\n",
+    b"GET /livez HTTP/1.1\r\nHost x\r\nOther: y\r\n",
+    b"GET /" + b"a" * frontdoor.LIMIT_REQUEST_LINE,
+    b"GET /livez HTTP/1.1\r\nX-Padding: " + b"a" * frontdoor.LIMIT_REQUEST_FIELD_SIZE,
+    b"GET /livez HTTP/1.1\r\n" + b"X-Field: a\r\n" * (frontdoor.LIMIT_REQUEST_FIELDS + 2),
+]
+
+
+@pytest.mark.parametrize("first_bytes", ANSWERED_AT_ONCE)
+def test_a_request_gunicorn_answers_early_is_handed_over_as_soon_as_it_can(
+    first_bytes: bytes,
+) -> None:
+    assert arrival().feed(first_bytes)
+    byte_by_byte = arrival()
+    assert any(byte_by_byte.feed(first_bytes[at : at + 1]) for at in range(len(first_bytes)))
+
+
+@pytest.mark.parametrize(("head", "body"), WHOLE_ONCE_THE_HEAD_IS_HERE)
+def test_a_request_whose_head_is_enough_is_handed_over_with_its_head(
+    head: bytes, body: bytes
+) -> None:
+    for split in range(1, len(head)):
+        arriving = arrival()
+        assert not arriving.feed(head[:split])
+        assert arriving.feed(head[split:] + body[:1])
+
+
+def test_a_chunked_body_over_the_limit_is_handed_over_once_it_is() -> None:
+    arriving = arrival()
+    assert not arriving.feed(
+        b"POST /calls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert not arriving.feed(b"4000\r\n" + b"a" * 0x4000 + b"\r\n")
+    assert arriving.feed(b"1\r\na")
+
+
+def test_a_request_is_handed_over_once_more_than_the_most_read_ahead_has_come() -> None:
+    arriving = frontdoor.RequestArrival(max_body=16 * 1024, max_bytes=1024)
+    assert not arriving.feed(b"GET /livez HTTP/1.1\r\nX-Padding: " + b"a" * 990)
+    assert arriving.feed(b"a" * 10)
+
+
+def test_pipelined_requests_behind_a_whole_one_are_not_read() -> None:
+    """Each request's arrival reads only its own bytes: pipelined ones cost nothing twice."""
+    fields: list[bytes] = []
+
+    class Counting(frontdoor.RequestArrival):
+        def on_header(self, name: bytes, value: bytes) -> None:
+            fields.append(name)
+            super().on_header(name, value)
+
+    arriving = Counting(max_body=16 * 1024, max_bytes=96 * 1024)
+    assert arriving.feed(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n" * 100 + b"GET /readyz HT")
+    assert fields == [b"Host"]
+
+
+def test_a_request_read_ahead_is_read_whole_by_the_parser_and_timed_from_its_first_byte() -> None:
+    sock, peer = socket.socketpair()
+    with sock, peer:
+        parser = frontdoor.GatewayRequestParser(
+            limited_config(), sock, ("127.0.0.1", 1), read_timeout_s=10.0
+        )
+        parser.unreader.arrived_at = 1000.0
+        peer.sendall(WHOLE_WHEN_ALL_HERE[2])
+        while parser.unreader.read_arrived(64 * 1024) is None:
+            pass
+
+        request = next(parser)
+
+        assert (request.method, request.path) == ("POST", "/calls")
+        assert request.body.read() == ARRIVAL_BODY
+        assert request.unreader.started == 1000.0
+        assert request.unreader.deadline == 1010.0
 
 
 # The parser on a socket pair: what gunicorn would hand the worker

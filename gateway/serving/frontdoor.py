@@ -5,7 +5,9 @@ or URL over its limits, a malformed request line or chunked body) with its own H
 Here the gateway takes that over: its parser keeps what it read of a refused head, so the
 answer is a problem+json with the caller's X-Request-ID and, for an allowed origin, CORS
 headers a browser needs to read it; and one deadline bounds reading a request's head and
-body, so a client that trickles bytes gets 408 and gives its thread back.
+body, so a client that trickles bytes gets 408. While a request arrives, its bytes wait in the
+worker's main thread (RequestArrival says when it is whole), so a trickling client holds no
+thread meanwhile.
 
 Rests on gunicorn 27's HTTP/1 parser (gunicorn.http.parser, gunicorn.http.message): the
 Python parser reads the head through `Request.read_into`, and bodies through the unreader's
@@ -17,6 +19,7 @@ parser reads every other head, so each refusal is its own.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import re
@@ -124,8 +127,9 @@ def as_gateway_error(error: BaseException) -> errors.GatewayError | None:
 class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
     """Read a request off its socket, all of it (head and body) within TIMEOUT_S seconds.
 
-    The clock starts when a thread begins reading the request, which gthread does once its
-    first bytes have arrived; an idle kept-alive connection waits in the poller instead.
+    The clock starts when the request's first bytes arrive (the worker reads a request ahead
+    in its main thread until it is whole, see RequestArrival); an idle connection waits in
+    the poller instead.
     Bytes already waiting are read as gunicorn reads them, with no timeout to arm, so the
     deadline costs a kept-alive request no measurable CPU (benchmarks/RESULTS.md).
     """
@@ -135,13 +139,31 @@ class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
         self.timeout_s = timeout_s
         self.started = time.monotonic()
         self.deadline = self.started + timeout_s
+        # When the first bytes of the next request arrived, if the worker read them ahead.
+        self.arrived_at: float | None = None
         # What this connection's peer may say in forwarding headers (GatewayRequest).
         self.peer_trust: tuple[Any, Any] | None = None
 
     def start_request(self) -> None:
-        """Start the clock for the next request on this connection."""
-        self.started = time.monotonic()
+        """Start the clock for the next request on this connection: from when its first bytes
+        arrived, if the worker read them ahead (`arrived_at`), else now."""
+        self.started = self.arrived_at or time.monotonic()
+        self.arrived_at = None
         self.deadline = self.started + self.timeout_s
+
+    def read_arrived(self, size: int) -> bytes | None:
+        """Buffer, for the request's parser, up to SIZE bytes that have arrived, without waiting.
+
+        Returns them (b"" once the peer has closed), or None if nothing had arrived.
+        Raises OSError if the connection failed.
+        """
+        try:
+            data = cast(bytes, self.sock.recv(size, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return None
+        self.buf.seek(0, io.SEEK_END)
+        self.buf.write(data)
+        return data
 
     def chunk(self, size_hint: int | None = None) -> bytes:
         size = self.mxchunk
@@ -167,6 +189,92 @@ class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
         return errors.RequestTimeout(
             f"the whole request must arrive within {self.timeout_s:g} seconds"
         )
+
+
+class RequestArrival:
+    """One request arriving on a connection, followed by llhttp (httptools) as its bytes come,
+    so that they can wait in the worker's main thread, holding no thread, until all are here.
+
+    `feed` says when a thread should take the request over: once it is whole (the head, and a
+    body framed by Content-Length or chunked), and before that as soon as gunicorn's parser
+    would answer it without reading further, so each refusal comes as early as it always did:
+    a request line or field line over its limit, too many fields, bytes llhttp cannot read,
+    any Expect (a client expecting `100-continue` waits for it before it sends the body), a
+    transfer coding other than chunked, a body declared or chunked over MAX_BODY bytes. Past
+    MAX_BYTES it is handed over too. Bytes pipelined behind the request come along unread.
+    """
+
+    def __init__(self, *, max_body: int, max_bytes: int) -> None:
+        self.started = time.monotonic()
+        self.size = 0
+        self.ready = False
+        self._max_body = max_body
+        self._max_bytes = max_bytes
+        self._head_done = False
+        self._line_start = 0  # where the head's line being read began (0: the request line)
+        self._fields = 0
+        self._codings: list[bytes] = []
+        self._answer_early = False
+        self._body = 0
+        self._parser = httptools.HttpRequestParser(self)
+
+    def feed(self, data: bytes) -> bool:
+        """Take the next bytes of the request; return whether a thread should take it now."""
+        start, self.size = self.size, self.size + len(data)
+        line_too_long = not self._head_done and self._line_too_long(start, data)
+        if line_too_long or self.size > self._max_bytes:
+            self.ready = True
+            return True
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Stopped here (_stop), or llhttp cannot read it: gunicorn's parser answers it.
+            self.ready = True
+        return self.ready
+
+    def _line_too_long(self, start: int, data: bytes) -> bool:
+        newline = data.rfind(b"\n")
+        if newline >= 0:
+            self._line_start = start + newline + 1
+        limit = LIMIT_REQUEST_FIELD_SIZE if self._line_start else LIMIT_REQUEST_LINE
+        return self.size - self._line_start > limit
+
+    def _stop(self) -> None:
+        """Hand the request over now; llhttp reads nothing more of it (not the next one either)."""
+        self.ready = True
+        raise _Arrived
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        name, value = name.lower(), value.strip(b" \t")
+        if name == b"expect":
+            self._answer_early = True
+        elif name == b"transfer-encoding":
+            self._codings.append(value.lower())
+        elif name == b"content-length" and value.isdigit():
+            self._answer_early |= len(value) > 18 or int(value) > self._max_body
+        if self._fields > LIMIT_REQUEST_FIELDS:
+            self._stop()
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        plain = not self._codings or (
+            self._codings == [b"chunked"] and self._parser.get_http_version() == "1.1"
+        )
+        if self._answer_early or not plain:
+            self._stop()
+
+    def on_body(self, body: bytes) -> None:
+        self._body += len(body)
+        if self._body > self._max_body:
+            self._stop()
+
+    def on_message_complete(self) -> None:
+        self._stop()
+
+
+class _Arrived(Exception):
+    """Raised in an llhttp callback to stop reading a request that a thread should take now."""
 
 
 class CallerBody(Body):  # type: ignore[misc]

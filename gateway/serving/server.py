@@ -20,7 +20,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -33,7 +33,7 @@ from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from gateway.api.services import EXTENSION, ServiceState
-from gateway.app import build_check, caller_authenticator, create_app
+from gateway.app import MAX_BODY_BYTES, build_check, caller_authenticator, create_app
 from gateway.config import Config
 from gateway.errors import ConfigError, GatewayError
 from gateway.exchange.check import StepResult
@@ -68,6 +68,12 @@ MAX_REQUESTS_JITTER_SHARE = 0.1
 # A pipelined request already read is served at once, without waiting: that halves the
 # worker's CPU per pipelined request (benchmarks/RESULTS.md).
 NEXT_REQUEST_WAIT_S = 0.002
+# What the main thread reads of one arriving request before a thread takes it over, whole or
+# not (frontdoor.RequestArrival): a head of up to 64 KiB, far above real ones (a 12 KB bearer
+# token included), and the largest body the app reads, twice over for chunked framing.
+ARRIVAL_MAX_BYTES = 64 * 1024 + 2 * MAX_BODY_BYTES
+# The most one read in the main thread takes off a connection at a time.
+ARRIVAL_READ_BYTES = 64 * 1024
 # How long, and for how many bytes, a closing connection reads what its client still sends.
 CLOSE_LINGER_S = 1.0
 CLOSE_LINGER_MAX_BYTES = 64 * 1024
@@ -160,7 +166,13 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     Accepting: a new connection waits in the main thread's poller until its first byte
     arrives (or GATEWAY_READ_TIMEOUT_SECONDS pass, and it is closed), as a kept-alive one does
-    between requests, so a client that connects and says nothing holds no thread. Past
+    between requests, so a client that connects and says nothing holds no thread.
+
+    Arriving: the main thread reads a request's bytes as they come, until the request is whole
+    (frontdoor.RequestArrival), and only then hands it to a thread, so a client that trickles
+    its head or body holds no thread either. One whose request is not whole
+    GATEWAY_READ_TIMEOUT_SECONDS after its first byte goes to a thread then, which answers 408.
+    Past
     GATEWAY_MAX_CONNECTIONS open connections in the worker, or
     GATEWAY_MAX_CONNECTIONS_PER_CLIENT from one address, a new connection is closed at once
     and counted (ews_gateway_connections_refused_total).
@@ -175,6 +187,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         self._waiting_lock = threading.Lock()
         # Open connections by client address; touched by the main thread only.
         self._by_client: Counter[str] = Counter()
+        # Connections whose request is arriving, oldest first; touched by the main thread only.
+        self._arriving: deque[Any] = deque()
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -191,12 +205,14 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
 
         gunicorn decides keep-alive before the app runs, and drops a Connection header the app
         sets: a worker told to stop meanwhile, or a body that could not be read to its end,
-        must still say close (RFC 9112 section 9.6).
+        must still say close (RFC 9112 section 9.6). So must the answer to a body declared
+        over the limit (413), which would otherwise be drained from a client that may still
+        be trickling it, in this thread (RFC 9110 section 15.5.14 lets the server close).
         """
 
         def serve(environ: Any, start_response: Any) -> Any:
             body = app(environ, start_response)
-            if not self.alive or environ["wsgi.input"].failed:
+            if not self.alive or environ["wsgi.input"].failed or _declares_too_long_a_body(environ):
                 start_response.__self__.force_close()
             return body
 
@@ -240,6 +256,67 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         waiting = list(self.pending_conns)
         super().murder_pending()
         self._forget_closed(waiting)
+        self._hand_over_late_arrivals()
+
+    def on_pending_socket_readable(self, conn: Any, client: Any) -> None:
+        """A new connection's first bytes came: read them, and what follows, in this thread."""
+        self._read_arriving(conn, self.pending_conns)
+
+    def on_client_socket_readable(self, conn: Any, client: Any) -> None:
+        """A kept-alive connection's next request began: read it in this thread."""
+        self._read_arriving(conn, self.keepalived_conns)
+
+    def _read_arriving(self, conn: Any, waiting: deque[Any]) -> None:
+        """Read what came of CONN's request (WAITING held CONN until its first bytes); hand
+        the request to a thread once it is whole."""
+        if conn.arrival is None:
+            waiting.remove(conn)
+            if conn.parser is None:
+                conn.parser = self._parser_for(conn)
+            _begin_arrival(conn)
+            self._arriving.append(conn)
+        if self._take_arrived(conn):
+            self.poller.unregister(conn.sock)
+            self._arriving.remove(conn)
+            conn.data_ready = True
+            self.enqueue_req(conn)
+
+    def _parser_for(self, conn: Any) -> frontdoor.GatewayRequestParser:
+        return frontdoor.GatewayRequestParser(
+            self.cfg, conn.sock, conn.client, read_timeout_s=self.app.config.read_timeout_s
+        )
+
+    @staticmethod
+    def _take_arrived(conn: Any) -> bool:
+        """Buffer what came of CONN's request; return whether a thread should take it now (also
+        when the connection ended or failed, which that thread then meets)."""
+        try:
+            data = conn.parser.unreader.read_arrived(ARRIVAL_READ_BYTES)
+        except OSError:
+            return True
+        if data is None:
+            return False
+        return not data or bool(conn.arrival.feed(data))
+
+    def _hand_over_late_arrivals(self) -> None:
+        """Give each request still arriving past its deadline to a thread, which answers 408."""
+        deadline = time.monotonic() - self.app.config.read_timeout_s
+        while self._arriving and self._arriving[0].arrival.started <= deadline:
+            conn = self._arriving.popleft()
+            self.poller.unregister(conn.sock)
+            # Its time ran from its first byte; a request handed over earlier (whole, or to be
+            # answered early) has its time start when a thread takes it, as it always did.
+            conn.parser.unreader.arrived_at = conn.arrival.started
+            conn.data_ready = True
+            self.enqueue_req(conn)
+
+    def _wait_for_rest(self, conn: Any) -> None:
+        """Let the rest of a request that began to arrive in a thread arrive in the poller."""
+        conn.sock.setblocking(False)
+        self._arriving.append(conn)
+        self.poller.register(
+            conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn)
+        )
 
     def murder_keepalived(self, force: bool = False) -> None:
         waiting = list(self.keepalived_conns)
@@ -254,9 +331,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     def enqueue_req(self, conn: Any) -> None:
         if conn.parser is None:
-            conn.parser = frontdoor.GatewayRequestParser(
-                self.cfg, conn.sock, conn.client, read_timeout_s=self.app.config.read_timeout_s
-            )
+            conn.parser = self._parser_for(conn)
         with self._waiting_lock:
             self._waiting_for_thread += 1
         super().enqueue_req(conn)
@@ -264,6 +339,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     def handle(self, conn: Any) -> Any:
         with self._waiting_lock:
             self._waiting_for_thread -= 1
+        conn.arrival = None
         keep_alive = super().handle(conn)
         # `True` only: gunicorn also returns False (close) and a marker (wait in the poller).
         while keep_alive is True and self._next_request_is_here(conn):
@@ -276,7 +352,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         return keep_alive
 
     def finish_request(self, conn: Any, fs: Any) -> None:
-        if not fs.cancelled() and fs.exception() is None and fs.result() is HANDED_OFF:
+        if _result(fs) is HANDED_OFF:
             # An event stream: the pump writes, watches and closes it from now on.
             self.nr_conns -= 1
             _forget(conn)
@@ -285,6 +361,12 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
             self.nr_conns -= 1
             _forget(conn)
             return
+        if self.alive and _partly_arrived(conn) and _result(fs) is True:
+            # Part of the next request came while the thread waited for it: the rest arrives
+            # in the poller. (gunicorn would hand a connection with bytes read back at once.)
+            self._wait_for_rest(conn)
+            return
+        conn.arrival = None
         super().finish_request(conn, fs)
         if conn.sock.fileno() == -1:  # gunicorn closed it
             _forget(conn)
@@ -298,11 +380,16 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
             streams.wait_closed(STREAMS_CLOSE_WAIT_S)
 
     def _next_request_is_here(self, conn: Any) -> bool:
+        """Whether the next request on CONN is here whole, for this thread to serve it."""
+        arrival = _begin_arrival(conn)
+        pipelined = conn.parser.unreader.buf.getvalue()  # read along with the last request
+        if pipelined:
+            arrival.feed(pipelined)
         if not self.alive or self._waiting_for_thread:
             return False
-        if conn.parser.unreader.buf.getbuffer().nbytes:
-            return True  # pipelined: read along with the request just answered
-        return _readable_within(conn.sock, NEXT_REQUEST_WAIT_S)
+        if arrival.ready:
+            return True
+        return _readable_within(conn.sock, NEXT_REQUEST_WAIT_S) and self._take_arrived(conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         frontdoor.refuse(
@@ -355,6 +442,8 @@ class _Connection(TConn):  # type: ignore[misc]
         super().__init__(cfg, sock, client, server)
         self._counts = counts
         self._address: str | None = address
+        # The request arriving on this connection, while it does (GatewayThreadWorker).
+        self.arrival: frontdoor.RequestArrival | None = None
 
     def forget(self) -> None:
         """Take the connection off its client's count (once; it ended or left for the pump)."""
@@ -364,6 +453,31 @@ class _Connection(TConn):  # type: ignore[misc]
         if self._counts[self._address] <= 0:
             del self._counts[self._address]
         self._address = None
+
+
+def _begin_arrival(conn: Any) -> frontdoor.RequestArrival:
+    """Follow the next request on CONN, whose parser exists, from now on."""
+    arrival = conn.arrival = frontdoor.RequestArrival(
+        max_body=MAX_BODY_BYTES, max_bytes=ARRIVAL_MAX_BYTES
+    )
+    return arrival
+
+
+def _declares_too_long_a_body(environ: dict[str, Any]) -> bool:
+    """Whether the request's Content-Length (digits: gunicorn checked) is over the limit."""
+    length: str = environ.get("CONTENT_LENGTH") or ""
+    return len(length) > 18 or (length.isdigit() and int(length) > MAX_BODY_BYTES)
+
+
+def _result(fs: Any) -> Any:
+    """What handle() returned for a connection; None if it raised or was cancelled."""
+    return None if fs.cancelled() or fs.exception() is not None else fs.result()
+
+
+def _partly_arrived(conn: Any) -> bool:
+    """Whether some, not all, of the next request on CONN has been read ahead."""
+    arrival = conn.arrival
+    return arrival is not None and arrival.size > 0 and not arrival.ready
 
 
 def _forget(conn: Any) -> None:

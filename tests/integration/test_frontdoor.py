@@ -385,6 +385,100 @@ def test_a_client_trickling_its_head_gets_408_and_frees_its_thread(gateway: Serv
         assert answer.headers["x-request-id"] == "slow-head"
 
 
+@pytest.fixture(scope="module")
+def patient_gateway(
+    simulator: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One worker with two threads that gives each request a minute to arrive."""
+    port = free_port()
+    env = gateway_env(
+        simulator, port, GATEWAY_WORKERS="1", GATEWAY_THREADS="2", GATEWAY_READ_TIMEOUT_SECONDS="60"
+    )
+    log = tmp_path_factory.mktemp("frontdoor") / "patient-gateway.log"
+    server = start(["serve"], env, f"http://127.0.0.1:{port}", "/readyz", log)
+    yield server
+    server.stop()
+
+
+def test_clients_trickling_their_requests_hold_no_thread(
+    patient_gateway: Server, simulator: Server
+) -> None:
+    """Three times as many clients as threads, each still sending its head or its body (framed
+    by Content-Length or chunked): other clients are answered meanwhile, and each slow request
+    is served whole once its last bytes arrive."""
+    body = b'{"itemId": "AAMkADemo", "dialString": "100"}'
+    post = ("POST /calls HTTP/1.1", "Content-Type: application/json")
+    slow_requests = [
+        head("GET /livez HTTP/1.1", "X-Request-ID: slow-head", "X-Padding: " + "a" * 100),
+        head(*post, f"Content-Length: {len(body)}") + body,
+        head(*post, "Transfer-Encoding: chunked") + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+    ] * 2
+    last_bytes = 8
+    slow = [connect(patient_gateway) for _ in slow_requests]
+    try:
+        for sock, raw in zip(slow, slow_requests, strict=True):
+            sock.sendall(raw[:-last_bytes])
+        time.sleep(0.5)  # time for the worker to take them up (before, each held a thread)
+
+        for path in ("/livez", "/readyz", "/livez"):
+            assert http("GET", f"{patient_gateway.url}{path}", timeout=10).status == 200
+        for sock in slow:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)  # no answer yet: each request is still arriving
+            sock.setblocking(True)
+
+        for sock, raw in zip(slow, slow_requests, strict=True):
+            for byte in raw[-last_bytes:]:
+                sock.send(bytes([byte]))
+                time.sleep(0.02)
+        answers = [read_answers(sock)[0] for sock in slow]
+    finally:
+        for sock in slow:
+            sock.close()
+
+    assert [answer.status for answer in answers] == [200, 201, 201] * 2
+    operations = [request["operation"] for request in simulator_requests(simulator)]
+    assert operations == ["PlayOnPhone"] * 4
+
+
+@pytest.mark.parametrize(
+    ("first_bytes", "status"),
+    [
+        (b"G@T /livez HTTP/1.1\r\nX-Request-ID: early-1\r\n", 400),
+        (b"GET /livez HTTP/1.1\nX-Request-ID: early-2\n", 400),
+        (b"GET /" + b"a" * 9000, 414),
+        (head("POST /calls HTTP/1.1", "Expect: 200-ok", "Content-Length: 45"), 417),
+        (head("POST /calls HTTP/1.1", "Transfer-Encoding: gzip, chunked"), 501),
+        (head("POST /calls HTTP/1.0", "Transfer-Encoding: chunked"), 400),
+    ],
+)
+def test_a_request_refused_by_its_first_bytes_is_answered_before_the_rest_comes(
+    patient_gateway: Server, first_bytes: bytes, status: int
+) -> None:
+    """The rest never comes: the answer does not wait for the read timeout (a minute)."""
+    with connect(patient_gateway, timeout=20) as sock:
+        sock.sendall(first_bytes)
+        answer = read_answers(sock)[0]
+
+    answer.problem(status)
+
+
+def test_a_body_declared_over_the_limit_is_refused_and_the_connection_closed(
+    patient_gateway: Server,
+) -> None:
+    """Its client may still be sending it: it is not drained (by a thread) for the next request."""
+    with connect(patient_gateway, timeout=20) as sock:
+        sock.sendall(
+            head("POST /calls HTTP/1.1", "Content-Type: application/json", "Content-Length: 20000")
+            + b"{" * 100
+        )
+        answer = read_answers(sock)[0]
+
+    answer.problem(413)
+    assert answer.headers["connection"] == "close"
+
+
 def test_a_client_trickling_its_body_gets_408(gateway: Server, simulator: Server) -> None:
     request_id = f"slow-body-{time.monotonic_ns()}"
     body = b'{"itemId": "AAMkADemo", "dialString": "100"}'
