@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
+from collections import deque
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,10 +21,11 @@ from gunicorn.workers.gthread import ThreadWorker
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.guards.embeddedstore import FILE_NAME, EmbeddedStore, SqliteKeys
+from gateway.serving import server as server_module
 from gateway.serving.server import (
     GatewayServer,
     GatewayThreadWorker,
-    _close_gently,
+    _begin_close,
     _fresh_state_dir,
     ensure_can_listen,
     gunicorn_options,
@@ -187,10 +191,66 @@ def test_a_closing_connection_sends_fin_and_is_closed_by_the_thread_that_answere
         client.sendall(b"what the client still sent")
         client.shutdown(socket.SHUT_WR)
 
-        _close_gently(server)
+        assert _begin_close(server) is False  # nothing left to wait for
 
         assert server.fileno() == -1
         assert client.recv(100) == b""  # FIN: the client sees the end of the answer
+
+
+def lingering_worker() -> SimpleNamespace:
+    """The part of a worker that lingers on closing connections, with a real poller."""
+    worker = SimpleNamespace(poller=selectors.DefaultSelector(), _closing=deque(), nr_conns=1)
+    for name in ("_linger", "_on_closing", "_end_linger", "_end_late_lingers"):
+        setattr(worker, name, partial(getattr(GatewayThreadWorker, name), worker))
+    return worker
+
+
+def dispatch(worker: SimpleNamespace) -> None:
+    for key, _ in worker.poller.select(5):
+        key.data(key.fileobj)
+
+
+def test_what_a_client_sends_after_its_last_answer_is_dropped_by_the_main_thread() -> None:
+    """The thread that answered sends FIN and is free; the poller reads on until the client
+    closes too, so its late bytes never turn the close into a reset."""
+    server, client = socket.socketpair()
+    with client:
+        client.sendall(b"a request the client sent before it saw Connection: close")
+        worker = lingering_worker()
+        conn = SimpleNamespace(sock=server, linger_until=0.0, linger_left=64 * 1024)
+
+        assert _begin_close(server) is True  # the client has not closed: linger
+        assert client.recv(100) == b""  # FIN already sent
+        worker._linger(conn)
+        client.sendall(b"and more")
+        dispatch(worker)
+        assert server.fileno() != -1
+        assert worker.nr_conns == 1
+
+        client.close()
+        dispatch(worker)
+
+    assert server.fileno() == -1
+    assert worker.nr_conns == 0
+    assert not worker._closing
+
+
+def test_a_client_that_keeps_sending_after_its_last_answer_is_closed_after_the_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server_module, "CLOSE_LINGER_S", 0.0)
+    server, client = socket.socketpair()
+    with client:
+        worker = lingering_worker()
+        conn = SimpleNamespace(sock=server, linger_until=0.0, linger_left=64 * 1024)
+        assert _begin_close(server) is True
+        worker._linger(conn)
+        client.sendall(b"still sending")
+
+        worker._end_late_lingers()
+
+    assert server.fileno() == -1
+    assert worker.nr_conns == 0
 
 
 def test_a_connection_closed_by_its_thread_is_counted_off_once() -> None:

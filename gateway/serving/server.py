@@ -81,6 +81,9 @@ CLOSE_LINGER_MAX_BYTES = 64 * 1024
 STREAMS_CLOSE_WAIT_S = 2.0
 # What handle() returns for a connection the event stream pump took over.
 HANDED_OFF = object()
+# What handle() returns for a connection closing after its answer whose client may still be
+# sending: the main thread reads and drops what comes (GatewayThreadWorker._linger).
+CLOSING = object()
 
 
 def default_workers() -> int:
@@ -161,8 +164,10 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     unless other connections are waiting for a thread or the worker is stopping; a pipelined
     request already read is served at once.
 
-    Closing: a connection that ends is closed by the thread that answered on it
-    (_close_gently), not by the main thread, which a slow client would otherwise stall.
+    Closing: after the last answer on a connection, the thread that answered sends FIN and
+    drops what the client already sent; if the client has not closed its end yet, the main
+    thread's poller reads and drops what it still sends for up to CLOSE_LINGER_S, then closes
+    (RFC 9112 section 9.6), so neither a thread nor the main thread waits on a slow client.
 
     Accepting: a new connection waits in the main thread's poller until its first byte
     arrives (or GATEWAY_READ_TIMEOUT_SECONDS pass, and it is closed), as a kept-alive one does
@@ -189,6 +194,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         self._by_client: Counter[str] = Counter()
         # Connections whose request is arriving, oldest first; touched by the main thread only.
         self._arriving: deque[Any] = deque()
+        # Connections closing after their answer, oldest first; the main thread's too.
+        self._closing: deque[Any] = deque()
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -257,6 +264,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         super().murder_pending()
         self._forget_closed(waiting)
         self._hand_over_late_arrivals()
+        self._end_late_lingers()
 
     def on_pending_socket_readable(self, conn: Any, client: Any) -> None:
         """A new connection's first bytes came: read them, and what follows, in this thread."""
@@ -310,6 +318,30 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
             conn.data_ready = True
             self.enqueue_req(conn)
 
+    def _linger(self, conn: Any) -> None:
+        """Read and drop what the client of a closing connection still sends, for a while."""
+        conn.linger_until = time.monotonic() + CLOSE_LINGER_S
+        self._closing.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_closing, conn))
+
+    def _on_closing(self, conn: Any, _sock: Any) -> None:
+        done, dropped = _drop_what_came(conn.sock, conn.linger_left)
+        conn.linger_left -= dropped
+        if done:
+            self._end_linger(conn)
+
+    def _end_linger(self, conn: Any) -> None:
+        self.poller.unregister(conn.sock)
+        self._closing.remove(conn)
+        conn.sock.close()
+        self.nr_conns -= 1
+        _forget(conn)
+
+    def _end_late_lingers(self) -> None:
+        now = time.monotonic()
+        while self._closing and self._closing[0].linger_until <= now:
+            self._end_linger(self._closing[0])
+
     def _wait_for_rest(self, conn: Any) -> None:
         """Let the rest of a request that began to arrive in a thread arrive in the poller."""
         conn.sock.setblocking(False)
@@ -347,8 +379,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         streams = self.app.state.streams
         if keep_alive is False and streams is not None and streams.handed_off(conn.sock):
             return HANDED_OFF
-        if keep_alive is False:
-            _close_gently(conn.sock)
+        if keep_alive is False and _begin_close(conn.sock):
+            return CLOSING
         return keep_alive
 
     def finish_request(self, conn: Any, fs: Any) -> None:
@@ -357,7 +389,10 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
             self.nr_conns -= 1
             _forget(conn)
             return
-        if conn.sock.fileno() == -1:  # closed by the thread that answered: _close_gently
+        if _result(fs) is CLOSING:
+            self._linger(conn)
+            return
+        if conn.sock.fileno() == -1:  # closed by the thread that answered: _begin_close
             self.nr_conns -= 1
             _forget(conn)
             return
@@ -444,6 +479,9 @@ class _Connection(TConn):  # type: ignore[misc]
         self._address: str | None = address
         # The request arriving on this connection, while it does (GatewayThreadWorker).
         self.arrival: frontdoor.RequestArrival | None = None
+        # Once it closes: until when, and how much more, what the client sends is dropped.
+        self.linger_until = 0.0
+        self.linger_left = CLOSE_LINGER_MAX_BYTES
 
     def forget(self) -> None:
         """Take the connection off its client's count (once; it ended or left for the pump)."""
@@ -684,31 +722,41 @@ def _remover(directories: tuple[str, ...]) -> Callable[[Any], None]:
     return remove
 
 
-def _close_gently(sock: socket.socket) -> None:
-    """Close a connection in the thread that answered on it, after the answer has left.
+def _begin_close(sock: socket.socket) -> bool:
+    """Send FIN after the answer and drop what the client already sent; close the connection
+    if the client is done too. Return whether it is still open, for the main thread to read
+    what the client still sends.
 
-    As RFC 9112 section 9.6 asks: send FIN, read what the client still sends for a moment (so
-    unread bytes do not turn the close into a reset that can destroy the answer), then close.
-    gunicorn does this in the worker's main thread for up to 2 s, where a slow client would
-    stall accepting and every other connection; here it holds only this thread, and briefly.
+    As RFC 9112 section 9.6 asks: unread bytes must not turn the close into a reset that can
+    destroy the answer. gunicorn waits for them in the worker's main thread for up to 2 s,
+    where a slow client would stall every other connection; here nothing waits.
     """
-    deadline = time.monotonic() + CLOSE_LINGER_S
-    drained = 0
-    try:
+    with contextlib.suppress(OSError):  # the client is gone: nothing to send it
         sock.shutdown(socket.SHUT_WR)
-        while drained < CLOSE_LINGER_MAX_BYTES:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            sock.settimeout(remaining)
-            data = sock.recv(8192)
-            if not data:
-                break
-            drained += len(data)
-    except OSError:
-        pass  # the client is gone: nothing to wait for
-    finally:
+    done, _ = _drop_what_came(sock, CLOSE_LINGER_MAX_BYTES)
+    if done:
         sock.close()
+    return not done
+
+
+def _drop_what_came(sock: socket.socket, limit: int) -> tuple[bool, int]:
+    """Read and drop, without waiting, what the client sent, up to LIMIT bytes.
+
+    Returns whether the connection is done with (the client closed its end, the connection
+    failed, or LIMIT bytes came) and how many bytes were dropped.
+    """
+    dropped = 0
+    try:
+        while dropped < limit:
+            data = sock.recv(8192, socket.MSG_DONTWAIT)
+            if not data:
+                return True, dropped
+            dropped += len(data)
+    except BlockingIOError:
+        return False, dropped
+    except OSError:
+        return True, dropped
+    return True, dropped
 
 
 def _readable_within(sock: Any, seconds: float) -> bool:
