@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -255,22 +256,54 @@ def test_pipelined_requests_behind_a_whole_one_are_not_read() -> None:
 
 
 def test_a_request_read_ahead_is_read_whole_by_the_parser_and_timed_from_its_first_byte() -> None:
+    """The time it spent arriving counts toward its read deadline."""
     sock, peer = socket.socketpair()
     with sock, peer:
         parser = frontdoor.GatewayRequestParser(
             limited_config(), sock, ("127.0.0.1", 1), read_timeout_s=10.0
         )
-        parser.unreader.arrived_at = 1000.0
+        parser.unreader.spent_arriving = 4.0
         peer.sendall(WHOLE_WHEN_ALL_HERE[2])
         while parser.unreader.read_arrived(64 * 1024) is None:
             pass
 
+        before = time.monotonic()
         request = next(parser)
 
         assert (request.method, request.path) == ("POST", "/calls")
         assert request.body.read() == ARRIVAL_BODY
-        assert request.unreader.started == 1000.0
-        assert request.unreader.deadline == 1010.0
+        assert before - 4.0 <= request.unreader.started <= time.monotonic() - 4.0
+        assert request.unreader.deadline == request.unreader.started + 10.0
+
+
+def test_a_body_left_unread_is_drained_only_as_far_as_it_has_arrived() -> None:
+    """No thread waits for the rest of it: the connection closes instead."""
+    sock, peer = socket.socketpair()
+    with sock, peer:
+        parser = frontdoor.GatewayRequestParser(
+            limited_config(), sock, ("127.0.0.1", 1), read_timeout_s=10.0
+        )
+        peer.sendall(b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        next(parser)
+
+        parser.unreader.start_drain()
+
+        with pytest.raises(errors.RequestTimeout):
+            parser.finish_body(deadline=time.monotonic() + 10)
+
+
+def test_a_body_left_unread_that_has_all_arrived_is_drained() -> None:
+    sock, peer = socket.socketpair()
+    with sock, peer:
+        parser = frontdoor.GatewayRequestParser(
+            limited_config(), sock, ("127.0.0.1", 1), read_timeout_s=10.0
+        )
+        peer.sendall(b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n1234567890")
+        next(parser)
+
+        parser.unreader.start_drain()
+
+        assert parser.finish_body(deadline=time.monotonic() + 10) is True
 
 
 # The parser on a socket pair: what gunicorn would hand the worker

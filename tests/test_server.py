@@ -191,7 +191,7 @@ def test_a_closing_connection_sends_fin_and_is_closed_by_the_thread_that_answere
         client.sendall(b"what the client still sent")
         client.shutdown(socket.SHUT_WR)
 
-        assert _begin_close(server) is False  # nothing left to wait for
+        assert _begin_close(server) is None  # nothing left to wait for
 
         assert server.fileno() == -1
         assert client.recv(100) == b""  # FIN: the client sees the end of the answer
@@ -215,11 +215,12 @@ def test_what_a_client_sends_after_its_last_answer_is_dropped_by_the_main_thread
     closes too, so its late bytes never turn the close into a reset."""
     server, client = socket.socketpair()
     with client:
-        client.sendall(b"a request the client sent before it saw Connection: close")
+        sent = b"a request the client sent before it saw Connection: close"
+        client.sendall(sent)
         worker = lingering_worker()
         conn = SimpleNamespace(sock=server, linger_until=0.0, linger_left=64 * 1024)
 
-        assert _begin_close(server) is True  # the client has not closed: linger
+        assert _begin_close(server) == len(sent)  # dropped; the client has not closed: linger
         assert client.recv(100) == b""  # FIN already sent
         worker._linger(conn)
         client.sendall(b"and more")
@@ -243,7 +244,7 @@ def test_a_client_that_keeps_sending_after_its_last_answer_is_closed_after_the_l
     with client:
         worker = lingering_worker()
         conn = SimpleNamespace(sock=server, linger_until=0.0, linger_left=64 * 1024)
-        assert _begin_close(server) is True
+        assert _begin_close(server) == 0
         worker._linger(conn)
         client.sendall(b"still sending")
 

@@ -139,17 +139,27 @@ class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
         self.timeout_s = timeout_s
         self.started = time.monotonic()
         self.deadline = self.started + timeout_s
-        # When the first bytes of the next request arrived, if the worker read them ahead.
-        self.arrived_at: float | None = None
+        # How long the next request took to arrive, if the worker read it ahead (seconds).
+        self.spent_arriving = 0.0
+        # Whether a read waits for bytes to come (False while draining: see start_drain).
+        self._waits = True
         # What this connection's peer may say in forwarding headers (GatewayRequest).
         self.peer_trust: tuple[Any, Any] | None = None
 
     def start_request(self) -> None:
-        """Start the clock for the next request on this connection: from when its first bytes
-        arrived, if the worker read them ahead (`arrived_at`), else now."""
-        self.started = self.arrived_at or time.monotonic()
-        self.arrived_at = None
+        """Start the clock for the next request on this connection, counting the time it spent
+        arriving while the worker read it ahead (`spent_arriving`), not the time it then
+        waited for a thread."""
+        self.started = time.monotonic() - self.spent_arriving
+        self.spent_arriving = 0.0
         self.deadline = self.started + self.timeout_s
+        self._waits = True
+
+    def start_drain(self) -> None:
+        """Read on only what has arrived (the rest of a body the app left unread): a read that
+        would wait raises RequestTimeout instead, so no thread waits on a slow client."""
+        self.start_request()
+        self._waits = False
 
     def read_arrived(self, size: int) -> bytes | None:
         """Buffer, for the request's parser, up to SIZE bytes that have arrived, without waiting.
@@ -174,14 +184,16 @@ class DeadlineUnreader(SocketUnreader):  # type: ignore[misc]
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise self._too_slow()
-        try:
-            # What has arrived costs no more than gunicorn's own read: no timeout to set.
-            return cast(bytes, self.sock.recv(size, socket.MSG_DONTWAIT))
-        except BlockingIOError:
-            pass
+        if self._waits:
+            try:
+                # What has arrived costs no more than gunicorn's own read: no timeout to set.
+                return cast(bytes, self.sock.recv(size, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                pass
+        # Draining, gunicorn gives the socket a timeout, which makes even MSG_DONTWAIT wait.
         poll = select.poll()
         poll.register(self.sock, select.POLLIN)
-        if not poll.poll(remaining * 1000):
+        if not poll.poll(remaining * 1000 if self._waits else 0):
             raise self._too_slow()
         return cast(bytes, self.sock.recv(size))
 
@@ -197,7 +209,7 @@ class RequestArrival:
 
     `feed` says when a thread should take the request over: once it is whole (the head, and a
     body framed by Content-Length or chunked), and before that as soon as gunicorn's parser
-    would answer it without reading further, so each refusal comes as early as it always did:
+    would answer it without reading further, so its refusals come as early as they always did:
     a request line or field line over its limit, too many fields, bytes llhttp cannot read,
     any Expect (a client expecting `100-continue` waits for it before it sends the body), a
     transfer coding other than chunked, a body declared or chunked over MAX_BODY bytes. Past
@@ -208,6 +220,8 @@ class RequestArrival:
         self.started = time.monotonic()
         self.size = 0
         self.ready = False
+        # Seconds it spent arriving before it was handed to a thread (hand_over).
+        self.spent = 0.0
         self._max_body = max_body
         self._max_bytes = max_bytes
         self._head_done = False
@@ -224,13 +238,18 @@ class RequestArrival:
         line_too_long = not self._head_done and self._line_too_long(start, data)
         if line_too_long or self.size > self._max_bytes:
             self.ready = True
-            return True
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # Stopped here (_stop), or llhttp cannot read it: gunicorn's parser answers it.
-            self.ready = True
+        else:
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                # Stopped here (_stop), or llhttp cannot read it: gunicorn's parser answers it.
+                self.ready = True
         return self.ready
+
+    def hand_over(self) -> None:
+        """Note that the request goes to a thread now: the time it spent arriving counts
+        toward its read deadline, the time it may wait for a thread does not."""
+        self.spent = time.monotonic() - self.started
 
     def _line_too_long(self, start: int, data: bytes) -> bool:
         newline = data.rfind(b"\n")

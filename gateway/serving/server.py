@@ -227,6 +227,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     def accept(self, listener: Any) -> None:
         """Accept one connection and let it wait for its first byte in the poller."""
+        self._end_late_lingers()  # they count against the limits until they end
         try:
             sock, client = listener.accept()
         except OSError as error:
@@ -301,10 +302,11 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         try:
             data = conn.parser.unreader.read_arrived(ARRIVAL_READ_BYTES)
         except OSError:
-            return True
-        if data is None:
+            data = b""
+        if data is None or (data and not conn.arrival.feed(data)):
             return False
-        return not data or bool(conn.arrival.feed(data))
+        conn.arrival.hand_over()
+        return True
 
     def _hand_over_late_arrivals(self) -> None:
         """Give each request still arriving past its deadline to a thread, which answers 408."""
@@ -312,9 +314,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         while self._arriving and self._arriving[0].arrival.started <= deadline:
             conn = self._arriving.popleft()
             self.poller.unregister(conn.sock)
-            # Its time ran from its first byte; a request handed over earlier (whole, or to be
-            # answered early) has its time start when a thread takes it, as it always did.
-            conn.parser.unreader.arrived_at = conn.arrival.started
+            conn.arrival.hand_over()  # all its time spent: the thread answers 408 at once
             conn.data_ready = True
             self.enqueue_req(conn)
 
@@ -336,6 +336,18 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         conn.sock.close()
         self.nr_conns -= 1
         _forget(conn)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        # Wake when the next arriving request's deadline passes or a linger ends (murder_pending
+        # then acts), not up to a second later.
+        due = []
+        if self._arriving:
+            due.append(self._arriving[0].arrival.started + self.app.config.read_timeout_s)
+        if self._closing:
+            due.append(self._closing[0].linger_until)
+        if due:
+            timeout = max(0.0, min(timeout, min(due) - time.monotonic()))
+        super().wait_for_and_dispatch_events(timeout)
 
     def _end_late_lingers(self) -> None:
         now = time.monotonic()
@@ -371,17 +383,26 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     def handle(self, conn: Any) -> Any:
         with self._waiting_lock:
             self._waiting_for_thread -= 1
-        conn.arrival = None
-        keep_alive = super().handle(conn)
+        keep_alive = self._serve_one(conn)
         # `True` only: gunicorn also returns False (close) and a marker (wait in the poller).
         while keep_alive is True and self._next_request_is_here(conn):
-            keep_alive = super().handle(conn)
+            keep_alive = self._serve_one(conn)
         streams = self.app.state.streams
         if keep_alive is False and streams is not None and streams.handed_off(conn.sock):
             return HANDED_OFF
-        if keep_alive is False and _begin_close(conn.sock):
-            return CLOSING
+        if keep_alive is False:
+            dropped = _begin_close(conn.sock)
+            if dropped is not None:
+                conn.linger_left = CLOSE_LINGER_MAX_BYTES - dropped
+                return CLOSING
         return keep_alive
+
+    def _serve_one(self, conn: Any) -> Any:
+        """Serve the request that arrived on CONN; its read deadline counts its arrival."""
+        if conn.arrival is not None:
+            conn.parser.unreader.spent_arriving = conn.arrival.spent
+            conn.arrival = None
+        return super().handle(conn)
 
     def finish_request(self, conn: Any, fs: Any) -> None:
         if _result(fs) is HANDED_OFF:
@@ -418,8 +439,8 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         """Whether the next request on CONN is here whole, for this thread to serve it."""
         arrival = _begin_arrival(conn)
         pipelined = conn.parser.unreader.buf.getvalue()  # read along with the last request
-        if pipelined:
-            arrival.feed(pipelined)
+        if pipelined and arrival.feed(pipelined):
+            arrival.hand_over()
         if not self.alive or self._waiting_for_thread:
             return False
         if arrival.ready:
@@ -436,9 +457,10 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         )
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
-        # A body the app left unread is drained against a fresh deadline: the app's own
-        # time (a slow Exchange) is not the client's.
-        conn.parser.unreader.start_request()
+        # A body the app left unread is drained as far as it has arrived (a body up to the
+        # limit has, RequestArrival waited for it); one still coming closes the connection,
+        # whose linger in the poller reads the rest, so no thread waits on a slow client.
+        conn.parser.unreader.start_drain()
         try:
             return bool(super()._keepalive_after(conn, keepalive))
         except GatewayError:
@@ -722,10 +744,10 @@ def _remover(directories: tuple[str, ...]) -> Callable[[Any], None]:
     return remove
 
 
-def _begin_close(sock: socket.socket) -> bool:
+def _begin_close(sock: socket.socket) -> int | None:
     """Send FIN after the answer and drop what the client already sent; close the connection
-    if the client is done too. Return whether it is still open, for the main thread to read
-    what the client still sends.
+    if the client is done too. Return None if it is closed, else how many bytes were dropped,
+    for the main thread to read what the client still sends.
 
     As RFC 9112 section 9.6 asks: unread bytes must not turn the close into a reset that can
     destroy the answer. gunicorn waits for them in the worker's main thread for up to 2 s,
@@ -733,10 +755,11 @@ def _begin_close(sock: socket.socket) -> bool:
     """
     with contextlib.suppress(OSError):  # the client is gone: nothing to send it
         sock.shutdown(socket.SHUT_WR)
-    done, _ = _drop_what_came(sock, CLOSE_LINGER_MAX_BYTES)
+    done, dropped = _drop_what_came(sock, CLOSE_LINGER_MAX_BYTES)
     if done:
         sock.close()
-    return not done
+        return None
+    return dropped
 
 
 def _drop_what_came(sock: socket.socket, limit: int) -> tuple[bool, int]:

@@ -479,6 +479,49 @@ def test_a_body_declared_over_the_limit_is_refused_and_the_connection_closed(
     assert answer.headers["connection"] == "close"
 
 
+def test_a_request_handed_to_a_thread_before_it_is_whole_keeps_one_deadline(
+    gateway: Server, simulator: Server
+) -> None:
+    """The time its head took to arrive counts: its body, sent after 100 Continue but past the
+    read timeout from the request's first byte, is too late."""
+    body = b'{"itemId": "AAMkADemo", "dialString": "100"}'
+    raw = head(
+        "POST /calls HTTP/1.1",
+        "Content-Type: application/json",
+        "Expect: 100-continue",
+        f"Content-Length: {len(body)}",
+    )
+    with connect(gateway) as sock:
+        sock.sendall(raw[:-1])
+        time.sleep(READ_TIMEOUT_S * 0.8)
+        sock.sendall(raw[-1:])
+        assert read_answers(sock)[0].status == 100
+        time.sleep(READ_TIMEOUT_S * 0.4)
+        sock.sendall(body)
+        answer = read_answers(sock)[0]
+
+    answer.problem(408)
+    assert simulator_requests(simulator) == []
+
+
+def test_a_body_left_unread_and_still_arriving_holds_no_thread(patient_gateway: Server) -> None:
+    """Answered without its body (a method llhttp does not know goes to a thread with its head),
+    the rest of the body is not waited for by a thread: the connection closes instead."""
+    raw = head("FOO /livez HTTP/1.1", "Content-Length: 10")
+    slow = [connect(patient_gateway) for _ in range(2)]  # one for each of its threads
+    try:
+        for sock in slow:
+            sock.sendall(raw + b"12")
+        assert [read_answers(sock)[0].status for sock in slow] == [405] * 2
+
+        assert http("GET", f"{patient_gateway.url}/livez", timeout=3).status == 200
+        for sock in slow:
+            assert sock.recv(100) == b""  # closed, not kept waiting for the body
+    finally:
+        for sock in slow:
+            sock.close()
+
+
 def test_a_client_trickling_its_body_gets_408(gateway: Server, simulator: Server) -> None:
     request_id = f"slow-body-{time.monotonic_ns()}"
     body = b'{"itemId": "AAMkADemo", "dialString": "100"}'
