@@ -30,6 +30,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
+from gunicorn.http.errors import NoMoreData
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from gateway.api.services import EXTENSION, ServiceState
@@ -213,14 +214,22 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         gunicorn decides keep-alive before the app runs, and drops a Connection header the app
         sets: a worker told to stop meanwhile, or a body that could not be read to its end,
         must still say close (RFC 9112 section 9.6). So must the answer to a body declared
-        over the limit (413), which would otherwise be drained from a client that may still
-        be trickling it, in this thread (RFC 9110 section 15.5.14 lets the server close).
+        over the limit (413), and to one the app left unread that has not all arrived (a
+        client told `100 Continue` sends it a round trip later): no thread waits for the rest
+        of a body, which the closing connection's linger drops instead (RFC 9110 sections
+        10.1.1 and 15.5.14 let the server close).
         """
 
         def serve(environ: Any, start_response: Any) -> Any:
             body = app(environ, start_response)
-            if not self.alive or environ["wsgi.input"].failed or _declares_too_long_a_body(environ):
-                start_response.__self__.force_close()
+            response = start_response.__self__
+            if (
+                not self.alive
+                or environ["wsgi.input"].failed
+                or _declares_too_long_a_body(environ)
+                or not _rest_of_body_here(response.req)
+            ):
+                response.force_close()
             return body
 
         return serve
@@ -527,6 +536,22 @@ def _declares_too_long_a_body(environ: dict[str, Any]) -> bool:
     """Whether the request's Content-Length (digits: gunicorn checked) is over the limit."""
     length: str = environ.get("CONTENT_LENGTH") or ""
     return len(length) > 18 or (length.isdigit() and int(length) > MAX_BODY_BYTES)
+
+
+def _rest_of_body_here(request: Any) -> bool:
+    """Drop what the app left unread of REQUEST's body, as far as it has arrived (64 KiB at
+    most); return whether that was all of it, so that the connection may serve another."""
+    request.unreader.start_drain()
+    dropped = 0
+    try:
+        while dropped <= CLOSE_LINGER_MAX_BYTES:
+            data = request.body.read(8192)
+            if not data:
+                return True
+            dropped += len(data)
+    except (GatewayError, NoMoreData, OSError):
+        pass
+    return False
 
 
 def _result(fs: Any) -> Any:

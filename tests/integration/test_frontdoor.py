@@ -522,6 +522,35 @@ def test_a_body_left_unread_and_still_arriving_holds_no_thread(patient_gateway: 
             sock.close()
 
 
+def test_an_answer_given_before_the_body_arrived_says_the_connection_closes(
+    patient_gateway: Server,
+) -> None:
+    """Told 100 Continue, the client sends its body a round trip later, after the answer
+    (405): the answer must not promise a connection that the gateway then closes."""
+    raw = head("POST /livez HTTP/1.1", "Expect: 100-continue", "Content-Length: 20")
+    with connect(patient_gateway, timeout=20) as sock:
+        sock.sendall(raw)
+        assert read_answers(sock)[0].status == 100
+        answer = read_answers(sock)[0]
+        sock.sendall(b"a" * 20)
+
+    answer.problem(405)
+    assert answer.headers["connection"] == "close"
+
+
+def test_a_body_left_unread_that_has_all_arrived_keeps_the_connection(
+    patient_gateway: Server,
+) -> None:
+    raw = head("POST /livez HTTP/1.1", "Content-Length: 20") + b"a" * 20
+    with connect(patient_gateway, timeout=20) as sock:
+        sock.sendall(raw + head("GET /livez HTTP/1.1"))
+        refused, served = read_answers(sock, 2)
+
+    refused.problem(405)
+    assert refused.headers["connection"] == "keep-alive"
+    assert served.status == 200
+
+
 def test_a_client_trickling_its_body_gets_408(gateway: Server, simulator: Server) -> None:
     request_id = f"slow-body-{time.monotonic_ns()}"
     body = b'{"itemId": "AAMkADemo", "dialString": "100"}'
