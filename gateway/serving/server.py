@@ -330,6 +330,7 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
     def _linger(self, conn: Any) -> None:
         """Read and drop what the client of a closing connection still sends, for a while."""
         conn.linger_until = time.monotonic() + CLOSE_LINGER_S
+        conn.sock.setblocking(False)  # a timeout left on it would make a read here wait
         self._closing.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_closing, conn))
 
@@ -466,9 +467,9 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         )
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
-        # A body the app left unread is drained as far as it has arrived (a body up to the
-        # limit has, RequestArrival waited for it); one still coming closes the connection,
-        # whose linger in the poller reads the rest, so no thread waits on a slow client.
+        # What the app left of a body was dropped before the answer went out, as far as it
+        # had arrived (_rest_of_body_here); gunicorn's drain then only meets its end, and
+        # never waits on a slow client.
         conn.parser.unreader.start_drain()
         try:
             return bool(super()._keepalive_after(conn, keepalive))
