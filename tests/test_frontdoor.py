@@ -276,33 +276,28 @@ def test_a_request_read_ahead_is_read_whole_by_the_parser_and_timed_from_its_fir
         assert request.unreader.deadline == request.unreader.started + 10.0
 
 
-def test_a_body_left_unread_is_drained_only_as_far_as_it_has_arrived() -> None:
-    """No thread waits for the rest of it: the connection closes instead."""
+@contextlib.contextmanager
+def draining(body_sent: bytes) -> Iterator[frontdoor.GatewayRequestParser]:
+    """A parser that read a POST of a 10-byte body, of which BODY_SENT came, left unread."""
     sock, peer = socket.socketpair()
     with sock, peer:
         parser = frontdoor.GatewayRequestParser(
             limited_config(), sock, ("127.0.0.1", 1), read_timeout_s=10.0
         )
-        peer.sendall(b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        peer.sendall(b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + body_sent)
         next(parser)
-
         parser.unreader.start_drain()
+        yield parser
 
-        with pytest.raises(errors.RequestTimeout):
-            parser.finish_body(deadline=time.monotonic() + 10)
+
+def test_a_body_left_unread_is_drained_only_as_far_as_it_has_arrived() -> None:
+    """No thread waits for the rest of it: the connection closes instead."""
+    with draining(b"12345") as parser, pytest.raises(errors.RequestTimeout):
+        parser.finish_body(deadline=time.monotonic() + 10)
 
 
 def test_a_body_left_unread_that_has_all_arrived_is_drained() -> None:
-    sock, peer = socket.socketpair()
-    with sock, peer:
-        parser = frontdoor.GatewayRequestParser(
-            limited_config(), sock, ("127.0.0.1", 1), read_timeout_s=10.0
-        )
-        peer.sendall(b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n1234567890")
-        next(parser)
-
-        parser.unreader.start_drain()
-
+    with draining(b"1234567890") as parser:
         assert parser.finish_body(deadline=time.monotonic() + 10) is True
 
 
