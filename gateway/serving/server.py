@@ -415,19 +415,20 @@ class GatewayThreadWorker(ThreadWorker):  # type: ignore[misc]
         return super().handle(conn)
 
     def finish_request(self, conn: Any, fs: Any) -> None:
-        if _result(fs) is HANDED_OFF:
+        result = _result(fs)
+        if result is HANDED_OFF:
             # An event stream: the pump writes, watches and closes it from now on.
             self.nr_conns -= 1
             _forget(conn)
             return
-        if _result(fs) is CLOSING:
+        if result is CLOSING:
             self._linger(conn)
             return
         if conn.sock.fileno() == -1:  # closed by the thread that answered: _begin_close
             self.nr_conns -= 1
             _forget(conn)
             return
-        if self.alive and _partly_arrived(conn) and _result(fs) is True:
+        if self.alive and _partly_arrived(conn) and result is True:
             # Part of the next request came while the thread waited for it: the rest arrives
             # in the poller. (gunicorn would hand a connection with bytes read back at once.)
             self._wait_for_rest(conn)
